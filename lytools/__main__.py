@@ -1,0 +1,3 @@
+from lytools.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""The errors a user can see. Each becomes one stderr line and an exit code in cli.py."""
+
+from __future__ import annotations
+
+
+class LytoolsError(Exception):
+    """A failure the user can act on; its message is the whole one-line report."""
+
+    exit_code = 1
+
+
+class FileFormatError(LytoolsError):
+    """A file is not what it claims to be: bad header, truncated, unknown dtype, bad pickle."""
+
+
+class UnsafeFileError(FileFormatError):
+    """A pickled file asks to run code or build objects beyond tensors."""
+
+
+class NetworkError(LytoolsError):
+    """A network module is incomplete, inconsistent, or of an algorithm lytools cannot apply."""
+
+
+class UnsupportedError(LytoolsError):
+    """A valid input that lytools deliberately refuses (e.g. T-LoRA merge)."""
+
+
+class MatchError(LytoolsError):
+    """Network modules or checkpoint keys that do not line up."""
+
+
+class OutputExistsError(LytoolsError):
+    """The output exists and --overwrite was not given."""
+
+
+class DeviceError(LytoolsError):
+    """The requested compute device is not available."""
