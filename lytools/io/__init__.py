@@ -1,1 +1,124 @@
+"""Reading and writing model files one tensor at a time.
 
+    open_file(path)            -> SafetensorsFile | ShardedFile | PickledFile
+        .keys() .info(name) .infos() .get(name) .get_rows(name, a, b) .metadata .path
+    read_header(path)          -> Header (validated; no tensor data touched)
+    SafetensorsWriter(out, [plan_entry(name, dtype, shape), ...], metadata, overwrite=...)
+        with writer: for name in writer.order: writer.write(name, tensor)
+    write_safetensors(out, {name: tensor}, metadata, overwrite=...)
+    file_hashes(path), sd_scripts_hashes(tensors, metadata), with_sshs_hashes(...)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lytools.errors import FileFormatError
+from lytools.io.dtypes import parse_save_dtype, st_name
+from lytools.io.hashes import FileHashes, file_hashes, modelspec_hash, sd_scripts_hashes, with_sshs_hashes
+from lytools.io.pickled import PickledFile, load_pickled_state_dict
+from lytools.io.safetensors import Header, SafetensorsFile, TensorInfo, read_header
+from lytools.io.writer import (
+    PlannedTensor,
+    SafetensorsWriter,
+    check_output_path,
+    plan_entry,
+    write_safetensors,
+)
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+class ShardedFile:
+    """A `*.safetensors.index.json` (weight_map name -> shard) opened as one file."""
+
+    def __init__(self, index_path: str | os.PathLike):
+        self.path = Path(index_path)
+        try:
+            index = json.loads(self.path.read_text())
+            weight_map = index["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FileFormatError(f"{self.path}: not a safetensors index ({type(exc).__name__})") from None
+        self._shards: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
+        self.metadata = {k: str(v) for k, v in (index.get("metadata") or {}).items()}
+        for name, shard in weight_map.items():
+            if shard not in self._shards:
+                self._shards[shard] = SafetensorsFile(self.path.parent / shard)
+            opened = self._shards[shard]
+            if name not in opened:
+                raise FileFormatError(f"{self.path}: index names {name!r} in {shard}, which lacks it")
+            self._where[name] = opened
+
+    def __enter__(self) -> "ShardedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self._where:
+            raise FileFormatError(f"{self.path}: no tensor named {name!r}")
+        return self._where[name].info(name)
+
+    def infos(self):
+        return (self._where[name].info(name) for name in self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        self.info(name)
+        return self._where[name].get(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(name)[start:stop]
+
+
+def open_file(path: str | os.PathLike) -> SafetensorsFile | ShardedFile | PickledFile:
+    """Open any supported input: .safetensors, a sharded index, or a weights-only pickle."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(f"{path}: is a directory, not a model file")
+    if not path.exists():
+        raise FileFormatError(f"{path}: no such file")
+    if path.name.endswith(".index.json"):
+        return ShardedFile(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return PickledFile(path)
+    return SafetensorsFile(path)
+
+
+__all__ = [
+    "FileHashes",
+    "Header",
+    "PickledFile",
+    "PlannedTensor",
+    "SafetensorsFile",
+    "SafetensorsWriter",
+    "ShardedFile",
+    "TensorInfo",
+    "check_output_path",
+    "file_hashes",
+    "load_pickled_state_dict",
+    "modelspec_hash",
+    "open_file",
+    "parse_save_dtype",
+    "plan_entry",
+    "read_header",
+    "sd_scripts_hashes",
+    "st_name",
+    "with_sshs_hashes",
+    "write_safetensors",
+]

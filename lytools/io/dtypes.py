@@ -1,0 +1,93 @@
+"""safetensors dtype names, their sizes, and the torch dtypes they map to (FORMATS.md 1.2)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+
+from lytools.errors import LytoolsError
+
+# name -> bytes per element (F4 and F6 are sub-byte: stored as a Fraction)
+ITEM_SIZES: dict[str, Fraction] = {
+    "BOOL": Fraction(1), "U8": Fraction(1), "I8": Fraction(1),
+    "I16": Fraction(2), "U16": Fraction(2), "F16": Fraction(2), "BF16": Fraction(2),
+    "I32": Fraction(4), "U32": Fraction(4), "F32": Fraction(4),
+    "I64": Fraction(8), "U64": Fraction(8), "F64": Fraction(8), "C64": Fraction(8),
+    "F8_E4M3": Fraction(1), "F8_E5M2": Fraction(1), "F8_E8M0": Fraction(1),
+    "F4": Fraction(1, 2), "F6_E2M3": Fraction(3, 4), "F6_E3M2": Fraction(3, 4),
+}
+
+
+def _torch_dtype(name: str) -> torch.dtype | None:
+    return getattr(torch, name, None)
+
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+        "I16": torch.int16, "U16": _torch_dtype("uint16"), "F16": torch.float16,
+        "BF16": torch.bfloat16, "I32": torch.int32, "U32": _torch_dtype("uint32"),
+        "F32": torch.float32, "I64": torch.int64, "U64": _torch_dtype("uint64"),
+        "F64": torch.float64, "C64": torch.complex64,
+        "F8_E4M3": _torch_dtype("float8_e4m3fn"), "F8_E5M2": _torch_dtype("float8_e5m2"),
+        "F8_E8M0": _torch_dtype("float8_e8m0fnu"), "F4": _torch_dtype("float4_e2m1fn_x2"),
+    }.items()
+    if dtype is not None
+}
+
+SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+FLOAT_NAMES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+FP8_NAMES = frozenset({"F8_E4M3", "F8_E5M2"})
+
+# user-facing --save-dtype spellings
+SAVE_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp64": torch.float64,
+    "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+}
+
+# writing order (FORMATS.md 1.4): wider dtypes first so each tensor stays naturally aligned
+_ORDER_RANK = {name: -float(size) for name, size in ITEM_SIZES.items()}
+
+
+def order_key(dtype_name: str, tensor_name: str) -> tuple:
+    """Sort key for the file order safetensors' own writer uses: size descending, then name."""
+    return (_ORDER_RANK[dtype_name], tensor_name)
+
+
+def st_name(dtype: torch.dtype) -> str:
+    """Return the safetensors name of a torch dtype."""
+    try:
+        return SAFETENSORS_NAMES[dtype]
+    except KeyError:
+        raise LytoolsError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def parse_save_dtype(name: str | None) -> torch.dtype | None:
+    """Return the torch dtype for a --save-dtype value (None keeps the input dtype)."""
+    if name is None:
+        return None
+    try:
+        return SAVE_DTYPES[name.lower()]
+    except KeyError:
+        raise LytoolsError(
+            f"--save-dtype {name}: expected one of fp32, fp16, bf16, fp8_e4m3, fp8_e5m2"
+        ) from None
+
+
+def byte_size(dtype_name: str, shape: tuple[int, ...]) -> Fraction:
+    """Return the exact byte size of a tensor (a Fraction for sub-byte dtypes)."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return ITEM_SIZES[dtype_name] * numel
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    """True for the floating dtypes lytools computes on or casts (fp8 included)."""
+    return dtype.is_floating_point and dtype in SAFETENSORS_NAMES and st_name(dtype) in FLOAT_NAMES

@@ -1,0 +1,113 @@
+"""Safe loading of pickled checkpoints (.ckpt, .pt, .pth, .bin): weights only, never code.
+
+Only `torch.load(..., weights_only=True)` is used (FORMATS.md 6). A pickle that asks for any
+global beyond tensors and plain containers is refused with a clear message; there is no
+fallback to full unpickling.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+from lytools.errors import FileFormatError, UnsafeFileError
+from lytools.io.dtypes import st_name
+from lytools.io.safetensors import TensorInfo
+
+NESTING_KEYS = ("state_dict", "model", "module", "ema", "model_state", "params")
+
+
+def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Return the tensors of a pickled checkpoint, unwrapped from `state_dict`-style nesting."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file")
+    mmap_ok = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise UnsafeFileError(
+            f"refusing to load {path}: it contains Python objects beyond tensors; "
+            f"convert it with a trusted tool ({first_line[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileFormatError(f"{path}: not a readable checkpoint ({message[:200]})") from None
+    return _unwrap(path, loaded)
+
+
+def _tensor_dict(candidate: object) -> dict[str, torch.Tensor] | None:
+    if not isinstance(candidate, dict):
+        return None
+    tensors = {key: value for key, value in candidate.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
+    return tensors or None
+
+
+def _unwrap(path: Path, loaded: object) -> dict[str, torch.Tensor]:
+    if isinstance(loaded, dict) and "string_to_param" in loaded:
+        raise FileFormatError(f"{path}: a textual-inversion embedding, not a checkpoint or network")
+    current = loaded
+    for _ in range(4):
+        if not isinstance(current, dict):
+            break
+        nested = next((current[key] for key in NESTING_KEYS if isinstance(current.get(key), dict)), None)
+        direct = _tensor_dict(current)
+        if nested is not None and (direct is None or len(_tensor_dict(nested) or {}) >= len(direct)):
+            current = nested
+            continue
+        break
+    tensors = _tensor_dict(current)
+    if tensors is None:
+        raise FileFormatError(f"{path}: holds no tensors at the top level or under state_dict")
+    return tensors
+
+
+class PickledFile:
+    """A pickled checkpoint behind the same interface as SafetensorsFile (no metadata)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._tensors = load_pickled_state_dict(self.path)
+        self.metadata: dict[str, str] = {}
+        self._infos = {
+            name: TensorInfo(name, st_name(tensor.dtype), tuple(tensor.shape)) for name, tensor in self._tensors.items()
+        }
+
+    def __enter__(self) -> "PickledFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._tensors = {}
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise FileFormatError(f"{self.path}: no tensor named {name!r}") from None
+
+    def infos(self):
+        return iter(self._infos.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        self.info(name)
+        return self._tensors[name]
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(name)[start:stop]

@@ -1,0 +1,252 @@
+"""Incremental, atomic safetensors writer (FORMATS.md 1.4 and 1.6).
+
+The header is computed up front from the planned names, dtypes and shapes; tensor bytes are
+then written one at a time as they are produced, so a 7 GB checkpoint needs memory for one
+tensor. Output goes to `<out>.tmp-<pid>` in the target folder, is fsynced and renamed into
+place only when every planned tensor has been written; on any error or interrupt the
+temporary file is removed and an existing output is left untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from lytools.errors import LytoolsError, OutputExistsError
+from lytools.io.dtypes import byte_size, order_key, st_name
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor as planned before any math runs."""
+
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(byte_size(self.dtype, self.shape))
+
+
+def plan_entry(name: str, dtype: torch.dtype | str, shape: Iterable[int]) -> PlannedTensor:
+    """Return a PlannedTensor from a torch dtype or safetensors dtype name."""
+    dtype_name = dtype if isinstance(dtype, str) else st_name(dtype)
+    return PlannedTensor(name, dtype_name, tuple(int(d) for d in shape))
+
+
+def file_order(entries: Iterable[PlannedTensor]) -> list[PlannedTensor]:
+    """Return entries in the order safetensors' own writer uses (dtype size desc, then name)."""
+    return sorted(entries, key=lambda e: order_key(e.dtype, e.name))
+
+
+def build_header(ordered: list[PlannedTensor], metadata: Mapping[str, str] | None) -> bytes:
+    """Return the 8-byte length prefix plus the padded JSON header for tensors in file order."""
+    header: dict[str, object] = {}
+    if metadata:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise LytoolsError(f"metadata {key!r}: safetensors metadata must be str -> str")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for entry in ordered:
+        size = entry.nbytes
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * ((8 - (8 + len(text)) % 8) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Return a tensor's bytes in little-endian row-major order, without a copy when contiguous."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Return the output path after refusing pickle suffixes, missing folders and existing files."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LytoolsError(f"{path}: outputs are always .safetensors (refusing a {path.suffix} name)")
+    if path.exists() and path.is_dir():
+        raise LytoolsError(f"{path}: is a directory")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LytoolsError(f"{path}: folder {parent} does not exist")
+    return path
+
+
+class SafetensorsWriter:
+    """Write a planned safetensors file tensor by tensor; atomic on success, nothing on failure.
+
+    Tensors may be written in any order; writing them in `order` keeps the disk sequential
+    and lets the writer hash the data section (sd-scripts model hash / AutoV3) on the fly.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        entries: Iterable[PlannedTensor],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        overwrite: bool = False,
+    ):
+        self.path = check_output_path(path, overwrite)
+        self.overwrite = overwrite
+        planned = list(entries)
+        names = [entry.name for entry in planned]
+        if len(set(names)) != len(names):
+            duplicate = next(name for name in names if names.count(name) > 1)
+            raise LytoolsError(f"{self.path}: two output tensors are both named {duplicate!r}")
+        self.entries = file_order(planned)
+        self.header = build_header(self.entries, metadata)
+        self.metadata = dict(metadata or {})
+        self._offsets: dict[str, tuple[int, PlannedTensor]] = {}
+        position = len(self.header)
+        for entry in self.entries:
+            self._offsets[entry.name] = (position, entry)
+            position += entry.nbytes
+        self.total_size = position
+        self.temp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._handle = None
+        self._written: set[str] = set()
+        self._next_index = 0
+        self._sha = hashlib.sha256()
+        self._in_order = True
+        self.data_sha256: str | None = None
+
+    @property
+    def order(self) -> list[str]:
+        """Names in file order: the order that keeps writes sequential."""
+        return [entry.name for entry in self.entries]
+
+    def __enter__(self) -> "SafetensorsWriter":
+        self._handle = open(self.temp_path, "wb")
+        try:
+            self._handle.write(self.header)
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor's bytes; its dtype and shape must match the plan."""
+        if self._handle is None:
+            raise LytoolsError(f"{self.path}: writer is not open")
+        try:
+            offset, entry = self._offsets[name]
+        except KeyError:
+            raise LytoolsError(f"{self.path}: tensor {name!r} was not planned") from None
+        if name in self._written:
+            raise LytoolsError(f"{self.path}: tensor {name!r} written twice")
+        actual = st_name(tensor.dtype)
+        shape = tuple(tensor.shape)
+        if actual == "F4" and shape:
+            shape = shape[:-1] + (shape[-1] * 2,)
+        if actual != entry.dtype or shape != entry.shape:
+            raise LytoolsError(
+                f"{self.path}: tensor {name!r} is {actual} {list(shape)} but was planned as {entry.dtype} {list(entry.shape)}"
+            )
+        data = tensor_bytes(tensor)
+        in_sequence = self._in_order and self.entries[self._next_index].name == name
+        if in_sequence:
+            self._sha.update(data)
+            self._next_index += 1
+        else:
+            self._in_order = False
+        self._handle.seek(offset)
+        self._handle.write(data)
+        self._written.add(name)
+
+    def close(self) -> None:
+        """Check every tensor was written, fsync, and rename into place."""
+        if self._handle is None:
+            return
+        missing = [entry.name for entry in self.entries if entry.name not in self._written]
+        if missing:
+            self.abort()
+            raise LytoolsError(f"{self.path}: {len(missing)} planned tensors were never written (first: {missing[0]!r})")
+        handle, self._handle = self._handle, None
+        try:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+            if self.path.exists() and not self.overwrite:
+                raise OutputExistsError(f"{self.path}: appeared while writing (use --overwrite to replace it)")
+            os.replace(self.temp_path, self.path)
+        except BaseException:
+            handle.close()
+            self._remove_temp()
+            raise
+        if self._in_order:
+            self.data_sha256 = self._sha.hexdigest()
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Drop the temporary file; the target is left as it was."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        try:
+            self.temp_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> SafetensorsWriter:
+    """Write a dict of tensors atomically (for outputs that fit in memory, such as networks)."""
+    entries = [plan_entry(name, tensor.dtype, _stored_shape(tensor)) for name, tensor in tensors.items()]
+    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite)
+    with writer:
+        for name in writer.order:
+            writer.write(name, tensors[name])
+    return writer
+
+
+def _stored_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    shape = tuple(tensor.shape)
+    if tensor.dtype == getattr(torch, "float4_e2m1fn_x2", None) and shape:
+        shape = shape[:-1] + (shape[-1] * 2,)
+    return shape

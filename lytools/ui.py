@@ -1,0 +1,44 @@
+"""Progress and log output on stderr (stdout carries results only), silenced by --quiet."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator, TypeVar
+
+from rich.console import Console
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+@dataclass
+class Reporter:
+    """Where a command's progress and logs go: stderr, at a verbosity level (0 quiet, 1 normal, 2 verbose)."""
+
+    verbosity: int = 1
+
+    def __post_init__(self) -> None:
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def log(self, message: str) -> None:
+        if self.verbosity >= 1:
+            self.console.print(message, markup=False)
+
+    def detail(self, message: str) -> None:
+        if self.verbosity >= 2:
+            self.console.print(message, markup=False)
+
+    def warn(self, message: str) -> None:
+        # warnings show even with --quiet: they change what the user should believe about the output
+        self.console.print(f"warning: {message}", markup=False, style="yellow")
+
+    def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+        """Yield items with a progress bar on stderr when not quiet and the run is interactive or long."""
+        if self.verbosity < 1:
+            yield from items
+            return
+        yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+QUIET = Reporter(0)
