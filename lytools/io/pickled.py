@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -33,10 +34,16 @@ def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise UnsafeFileError(
-            f"refusing to load {path}: it contains Python objects beyond tensors; "
-            f"convert it with a trusted tool ({first_line[:160]})"
+        text = str(exc)
+        found = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: [^\s]+|Unsupported class [^\s]+)", text)
+        if found:
+            raise UnsafeFileError(
+                f"refusing to load {path}: it contains Python objects beyond tensors "
+                f"({found.group(1)}); convert it with a trusted tool"
+            ) from None
+        detail = re.search(r"(Unsupported operand [^\n]*)", text)
+        raise FileFormatError(
+            f"{path}: not a readable checkpoint ({detail.group(1) if detail else 'corrupt pickle'})"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
