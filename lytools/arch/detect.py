@@ -177,7 +177,11 @@ def _detect_flux_diffusers(rel: Mapping[str, Shape], prefix: str) -> _Denoiser |
     hidden = rel["transformer_blocks.0.attn.add_k_proj.weight"][1]
     if "single_transformer_blocks.0.proj_mlp.weight" in rel:
         scale = _scale_from(hidden, (3072,)) or 1
-        variant = "dev" if "time_text_embed.guidance_embedder.linear_1.weight" in rel else "schnell"
+        variant = None  # a transformer file without its time embedders cannot tell
+        if "time_text_embed.guidance_embedder.linear_1.weight" in rel:
+            variant = "dev"
+        elif "time_text_embed.timestep_embedder.linear_1.weight" in rel:
+            variant = "schnell"
         found = _Denoiser("flux", "diffusers", prefix, variant, blocks=blocks, scale=scale)
         x_embedder = rel.get("x_embedder.weight")
         if x_embedder is not None and len(x_embedder) == 2:

@@ -169,6 +169,7 @@ class Resolver:
                 placements.append(Placement(actual, None, None))
             else:
                 placements.append(Placement(actual, None, _scale_rows(module_rows, piece_full, shape[0])))
+        placements.sort(key=lambda p: (p.module_rows or (0, 0))[0])
         return tuple(placements) or None
 
     def _actual_shape(self, target: CanonicalTarget, placements: tuple[Placement, ...]) -> Shape:
@@ -255,6 +256,8 @@ class Resolver:
                 for name in (module, f"{encoder.diffusers}.{path}", encoder.comfy + path):
                     add(name, module, Placement(key), shape, component)
         # 3. generic: every `.weight` key of the file
+        if prefix is None:  # no known denoiser: still strip a ComfyUI/LDM wrapper prefix
+            prefix = next((p for p in ("model.diffusion_model.", "diffusion_model.") if any(k.startswith(p) for k in self.shapes)), None)
         for key, shape in self.shapes.items():
             if not key.endswith(".weight"):
                 continue
