@@ -48,6 +48,7 @@ def _weight_delta(algo: Algorithm, module: NetworkModule, weight: torch.Tensor) 
     return algo.delta(module, weight.shape)
 
 
+@torch.no_grad()
 def apply_module(
     module: NetworkModule,
     weight: torch.Tensor,
@@ -117,6 +118,7 @@ def apply_to_rows(
     return Merged(new_weight, new_bias)
 
 
+@torch.no_grad()
 def delta(
     module: NetworkModule,
     target_shape: Sequence[int],

@@ -35,13 +35,13 @@ def describe(name: str, shapes: Shapes, scalars: Scalars) -> ModuleInfo:
     )
 
 
-def butterfly_order(out: int, half: int, device: torch.device) -> torch.Tensor:
-    """Return π: rows viewed as (g, s, j) with sizes (out/(2h), 2, h), reordered to (g, j, s)."""
-    return torch.arange(out, device=device).reshape(out // (2 * half), 2, half).transpose(1, 2).reshape(-1)
-
-
 def merge(module: NetworkModule, weight: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Return W after every butterfly stage (R applied untransposed), then rescaled."""
+    """Return W after every butterfly stage (R applied untransposed), then rescaled.
+
+    Stage t pairs rows h = 2^t·b/2 apart: viewing the row index as (g, s, j) with sizes
+    (out/(2h), 2, h), the rows reordered to (g, j, s) fall into the n blocks of b rows that R[t]
+    rotates; the reorder is undone afterwards.
+    """
     blocks = module["oft_blocks"]
     stages, count, size = blocks.shape[0], blocks.shape[1], blocks.shape[2]
     out = weight.shape[0]
@@ -49,10 +49,10 @@ def merge(module: NetworkModule, weight: torch.Tensor, ratio: float) -> torch.Te
         raise fail(module.name, f"boft has {count}x{size} output channels, target weight is {list(weight.shape)}")
     rotations = toward_identity(cayley(blocks, constraint_radius(module, out)), ratio)
     rows = weight.reshape(out, -1)
+    columns = rows.shape[1]
     for stage in range(stages):
-        order = butterfly_order(out, (2 ** stage) * size // 2, weight.device)
-        permuted = rows[order].reshape(count, size, -1)
-        permuted = torch.einsum("kij,kjx->kix", rotations[stage], permuted).reshape(out, -1)
-        rows = torch.empty_like(permuted)
-        rows[order] = permuted
+        half = (2 ** stage) * size // 2
+        grouped = rows.reshape(out // (2 * half), 2, half, columns).transpose(1, 2)
+        rotated = torch.matmul(rotations[stage], grouped.reshape(count, size, columns))
+        rows = rotated.reshape(out // (2 * half), half, 2, columns).transpose(1, 2).reshape(out, columns)
     return rescaled(module, rows.reshape(weight.shape))

@@ -82,8 +82,9 @@ def delta(module: NetworkModule, target_shape: Sequence[int], weight: torch.Tens
         low_rank = fit_to(module.name, flat2(b1) @ flat2(b2), target_shape)
     else:
         low_rank = fit_to(module.name, torch.einsum("ij...,oi,jc->oc...", bm, flat2(b1), flat2(b2)), target_shape)
-    mix = flat2(a1) @ flat2(a2)  # (in, in)
-    if weight.dim() < 2 or weight.shape[1] != mix.shape[0]:
-        raise fail(module.name, f"glora mixes {mix.shape[0]} input channels, target weight is {list(weight.shape)}")
-    mixed = torch.einsum("oi...,ic->oc...", weight, mix)
+    a1, a2 = flat2(a1), flat2(a2)  # (in, r), (r, in)
+    if weight.dim() < 2 or weight.shape[1] != a1.shape[0]:
+        raise fail(module.name, f"glora mixes {a1.shape[0]} input channels, target weight is {list(weight.shape)}")
+    # W·A contracts the input axis; through the rank (W a1) a2 costs O(out·in·r), not O(out·in²)
+    mixed = torch.einsum("or...,rc->oc...", torch.einsum("oi...,ir->or...", weight, a1), a2)
     return (low_rank + mixed) * scale

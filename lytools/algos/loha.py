@@ -63,9 +63,10 @@ def delta(module: NetworkModule, target_shape: Sequence[int]) -> torch.Tensor:
     """Return ΔW = s · (w1_a w1_b) ⊙ (w2_a w2_b), s applied once (the forward path's convention)."""
     w1a, w1b, w2a, w2b = (module[s] for s in FACTORS)
     scale = module_scale(module, w1b.shape[0])
+    w1a = w1a * scale  # the scale enters once, on the smallest factor
     if "hada_t1" in module:
         first = torch.einsum("ij...,io,jc->oc...", module["hada_t1"], w1a, w1b)
         second = torch.einsum("ij...,io,jc->oc...", module["hada_t2"], w2a, w2b)
     else:
         first, second = w1a @ w1b, w2a @ w2b
-    return fit_to(module.name, first * second * scale, target_shape)
+    return fit_to(module.name, first.mul_(second), target_shape)

@@ -100,7 +100,7 @@ def delta(module: NetworkModule, target_shape: Sequence[int]) -> torch.Tensor:
         scale = 1.0
     else:
         scale = module_scale(module, module[W1B].shape[0] if W1B in module else module[W2B].shape[0])
-    return fit_to(module.name, kron(w1, w2) * scale, target_shape)
+    return fit_to(module.name, kron(w1 * scale, w2), target_shape)
 
 
 def kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

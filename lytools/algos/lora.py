@@ -55,12 +55,13 @@ def delta(module: NetworkModule, target_shape: Sequence[int]) -> torch.Tensor:
     """Return ΔW = s · up @ down (through `lora_mid` for Tucker), plus any sparse correction."""
     up, down = flat2(module[UP]), flat2(module[DOWN])
     scale = module_scale(module, down.shape[0])
+    up = up * scale  # scaling the (out, r) factor is cheaper than scaling the product
     mid = module.get(MID)
     if mid is None:
         product = up @ down
     else:
         product = torch.einsum("ij...,oi,jc->oc...", mid, up, down)
-    weight_delta = fit_to(module.name, product * scale, target_shape)
+    weight_delta = fit_to(module.name, product, target_shape)
     if sparse.detect(module.tensors):
         weight_delta = weight_delta + sparse.delta(module, target_shape)
     return weight_delta

@@ -64,5 +64,6 @@ def merge(module: NetworkModule, weight: torch.Tensor, ratio: float) -> torch.Te
         raise fail(module.name, f"oft has {count}x{size} output channels, target weight is {list(weight.shape)}")
     rotation = blocks if legacy else cayley(blocks, constraint_radius(module, weight.shape[0]))
     rotation = toward_identity(rotation, ratio)
-    rotated = torch.einsum("kij,kix->kjx", rotation, weight.reshape(count, size, -1))
+    # W'[k, j] = Σ_i R_k[i, j] W[k, i]: each block's rows multiplied by R_kᵀ
+    rotated = torch.matmul(rotation.transpose(-1, -2), weight.reshape(count, size, -1))
     return rescaled(module, rotated.reshape(weight.shape))
