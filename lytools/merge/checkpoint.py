@@ -1,0 +1,385 @@
+"""Merge networks into a checkpoint, streaming: every output tensor is read, changed by all the
+networks that touch it (in input order), cast once, written and freed (STYLE.md pipeline).
+
+Memory stays near the largest group of tensors in flight (one layer, or the q/k/v pieces of a
+fused module), whatever the checkpoint's size. The base's AutoV3 hash for the provenance record
+is computed by a background thread reading the base sequentially (which also warms the page
+cache for the main loop) and patched into the header before the output is renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lytools.algos import apply_module
+from lytools.device import resolve_device
+from lytools.errors import LytoolsError, MatchError
+from lytools.io import SafetensorsFile, SafetensorsWriter, open_file, plan_entry
+from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES
+from lytools.io.metadata import add_provenance, carried, source_entry
+from lytools.io.writer import build_header
+from lytools.merge.fp8 import dequantize, requantize, surviving_share
+from lytools.merge.inputs import NetworkInput, load_network_input
+from lytools.merge.plan import CheckpointPlan, Group, Touch, plan_checkpoint_merge
+from lytools.merge.ratios import Ratios
+from lytools.ui import QUIET, Reporter
+
+HASH_PLACEHOLDER = "0" * 12
+LOSS_REPORT_BELOW = 0.5  # report fp8 tensors keeping less than half of their intended change
+CHUNK = 16 << 20
+
+
+@dataclass
+class Fp8Loss:
+    """An fp8 tensor whose change did not survive requantization (fully or mostly)."""
+
+    tensor: str
+    modules: list[str]
+    kept: float  # share of the intended change left (0 = lost entirely)
+
+    def as_dict(self) -> dict:
+        return {"tensor": self.tensor, "modules": self.modules, "kept": round(self.kept, 4)}
+
+
+@dataclass
+class CheckpointResult:
+    """What a merge into a checkpoint did."""
+
+    plan: CheckpointPlan
+    output: Path | None
+    seconds: float = 0.0
+    fp8_losses: list[Fp8Loss] = field(default_factory=list)
+    scale_raised: list[str] = field(default_factory=list)
+    saturated: list[str] = field(default_factory=list)
+    base_autov3: str | None = None
+
+    def as_dict(self) -> dict:
+        result = {"mode": "checkpoint", "output": str(self.output) if self.output else None, **self.plan.as_dict()}
+        result.update({
+            "seconds": round(self.seconds, 3),
+            "fp8_changes_lost": [loss.as_dict() for loss in self.fp8_losses],
+            "fp8_scale_raised": self.scale_raised,
+            "fp8_saturated": self.saturated,
+        })
+        return result
+
+
+class _BaseHash(threading.Thread):
+    """SHA-256 of a safetensors file's data section (AutoV3), read sequentially in the background."""
+
+    def __init__(self, path: Path, data_start: int):
+        super().__init__(daemon=True)
+        self.path, self.data_start = path, data_start
+        self.digest: str | None = None
+        self.error: BaseException | None = None
+        self._cancelled = threading.Event()
+
+    def run(self) -> None:
+        digest = hashlib.sha256()
+        try:
+            with open(self.path, "rb", buffering=0) as handle:
+                handle.seek(self.data_start)
+                buffer = bytearray(CHUNK)
+                view = memoryview(buffer)
+                while not self._cancelled.is_set():
+                    count = handle.readinto(buffer)
+                    if not count:
+                        break
+                    digest.update(view[:count])
+            if not self._cancelled.is_set():
+                self.digest = digest.hexdigest()
+        except OSError as exc:
+            self.error = exc
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+class _PatchableWriter(SafetensorsWriter):
+    """The lytools writer, plus rewriting metadata of the same byte length before the rename."""
+
+    def patch_metadata(self, metadata: dict[str, str]) -> None:
+        header = build_header(self.entries, metadata)
+        if len(header) != len(self.header) or self._handle is None:
+            raise LytoolsError(f"{self.path}: internal error: metadata patch changes the header length")
+        position = self._handle.tell()
+        self._handle.seek(0)
+        self._handle.write(header)
+        self._handle.seek(position)
+        self.header, self.metadata = header, dict(metadata)
+
+
+def merged_metadata(
+    base_meta: dict[str, str], base: Path, base_hash: str | None, networks: Sequence[NetworkInput], ratios: Ratios
+) -> dict[str, str]:
+    """Return the base's metadata (minus stale hashes) plus what was merged (lytools.*)."""
+    sources = [source_entry(base, base_hash)]
+    for index, network in enumerate(networks):
+        entry = dict(source_entry(network.path, network.autov3))
+        entry["ratio"] = format(ratios.per_input[index], "g")
+        sources.append(entry)
+    meta = add_provenance(carried(base_meta), sources=sources)
+    meta["lytools.merge"] = json.dumps(ratios.describe(), separators=(",", ":"))
+    return meta
+
+
+class _Engine:
+    """Executes a CheckpointPlan against an open checkpoint."""
+
+    def __init__(self, plan: CheckpointPlan, reader, networks: Sequence[NetworkInput], device: torch.device):
+        self.plan, self.reader, self.networks, self.device = plan, reader, networks, device
+        self.result_losses: list[Fp8Loss] = []
+        self.scale_raised: list[str] = []
+        self.saturated: list[str] = []
+        self.scale_keys = set(plan.fp8.scale_of.values())
+        self.dequantize_scaled = bool(plan.dropped)
+
+    # -- order -------------------------------------------------------------------------------
+    def processing_order(self, file_order: Sequence[str]) -> list[str]:
+        """File order, except that each changed fp8 weight's scale follows its weight (it may change)."""
+        late = {name for name in file_order if name in self.scale_keys and name in self.plan.group_of}
+        order: list[str] = []
+        for name in file_order:
+            if name in late:
+                continue
+            order.append(name)
+            scale = self.plan.fp8.scale_of.get(name)
+            if scale in late:
+                order.append(scale)
+        return order
+
+    # -- tensors ------------------------------------------------------------------------------
+    def out_dtype(self, name: str) -> torch.dtype:
+        return TORCH_DTYPES[self.plan.out_dtypes[name]]
+
+    def untouched(self, name: str) -> torch.Tensor:
+        stored = self.reader.get(name)
+        dtype = self.out_dtype(name)
+        scale_key = self.plan.fp8.scale_of.get(name)
+        if self.dequantize_scaled and scale_key is not None:
+            return dequantize(stored, self.reader.get(scale_key)).to(dtype)
+        return stored if stored.dtype == dtype else stored.to(dtype)
+
+    def _work_dtype(self, name: str) -> torch.dtype:
+        info = self.reader.info(name) if name in self.reader else None
+        return torch.float64 if info is not None and info.dtype == "F64" else torch.float32
+
+    def _load(self, name: str) -> torch.Tensor:
+        """Return a float working copy of a tensor on the device (fp8 scaled: the true weight)."""
+        if name not in self.reader:  # a bias a module creates
+            return torch.zeros(self.plan.shapes[name], dtype=torch.float32, device=self.device)
+        stored = self.reader.get(name).to(self.device)
+        scale_key = self.plan.fp8.scale_of.get(name)
+        scale = self.reader.get(scale_key) if scale_key else None
+        return dequantize(stored, scale, self._work_dtype(name))
+
+    # -- one group ------------------------------------------------------------------------------
+    def compute(self, group: Group) -> dict[str, torch.Tensor]:
+        working = {key: self._load(key) for key in group.keys if key not in self.scale_keys}
+        rows_touched: dict[str, list[tuple[int, int] | None]] = {}
+        modules_of: dict[str, list[str]] = {}
+        for touch in group.touches:
+            self._apply(touch, working)
+            for piece in touch.pieces:
+                rows_touched.setdefault(piece.key, []).append(piece.rows)
+                modules_of.setdefault(piece.key, []).append(touch.module)
+            for bias in touch.bias_keys:
+                if bias:
+                    rows_touched.setdefault(bias, []).append(None)
+        outputs: dict[str, torch.Tensor] = {}
+        for key, value in working.items():
+            outputs.update(self._finish(key, value, rows_touched.get(key, [None]), modules_of.get(key, [])))
+        return outputs
+
+    def _apply(self, touch: Touch, working: dict[str, torch.Tensor]) -> None:
+        network = self.networks[touch.network]
+        module, info = network.modules[touch.module], network.infos[touch.module]
+        precision = "float64" if working[touch.pieces[0].key].dtype == torch.float64 else "float32"
+        options = dict(device=self.device, precision=precision, info=info)
+        if len(touch.pieces) == 1:
+            piece = touch.pieces[0]
+            rows = slice(*piece.rows) if piece.rows else slice(None)
+            weight = working[piece.key]
+            target = weight[rows] if touch.pad_in is None else weight[rows, : touch.pad_in]
+            bias_key = touch.bias_keys[0]
+            bias = working[bias_key][rows] if bias_key else None
+            merged = apply_module(module, target, bias, touch.ratio, **options)
+            if touch.pad_in is None:
+                weight[rows] = merged.weight
+            else:
+                weight[rows, : touch.pad_in] = merged.weight
+            if bias_key and merged.bias is not None:
+                working[bias_key][rows] = merged.bias
+            return
+        pieces = sorted(touch.pieces, key=lambda p: p.module_rows[0] if p.module_rows else 0)
+        position = 0
+        for piece in pieces:
+            if piece.module_rows is None or piece.module_rows[0] != position:
+                raise MatchError(f"module {touch.module}: its pieces do not tile the fused weight change")
+            position = piece.module_rows[1]
+        parts = [working[p.key][slice(*p.rows) if p.rows else slice(None)] for p in pieces]
+        fused = torch.cat(parts)
+        bias = None
+        if any(touch.bias_keys):
+            by_key = dict(zip((p.key for p in touch.pieces), touch.bias_keys))
+            bias = torch.cat([working[by_key[p.key]][slice(*p.rows) if p.rows else slice(None)] for p in pieces])
+        merged = apply_module(module, fused, bias, touch.ratio, **options)
+        for piece in pieces:
+            a, b = piece.module_rows
+            rows = slice(*piece.rows) if piece.rows else slice(None)
+            working[piece.key][rows] = merged.weight[a:b]
+            if bias is not None and merged.bias is not None:
+                bias_key = dict(zip((p.key for p in touch.pieces), touch.bias_keys))[piece.key]
+                working[bias_key][rows] = merged.bias[a:b]
+
+    def _finish(
+        self, key: str, value: torch.Tensor, rows: list[tuple[int, int] | None], modules: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Return the output tensor(s) for one working tensor: cast once (fp8: requantize, with its scale)."""
+        dtype = self.out_dtype(key)
+        partial = None if any(r is None for r in rows) else _untouched_spans(rows, value.shape[0])
+        if self.plan.out_dtypes[key] not in FP8_NAMES:
+            out = value.to(dtype)
+            if partial:
+                original = self.untouched(key).to(self.device)
+                for a, b in partial:
+                    out[a:b] = original[a:b]
+            return {key: out.cpu()}
+        scale_key = self.plan.fp8.scale_of.get(key)
+        scale = self.reader.get(scale_key) if scale_key else None
+        stored = self.reader.get(key).to(self.device)
+        requantized = requantize(value, dtype, scale)
+        out = requantized.stored
+        if partial and not requantized.scale_raised:
+            for a, b in partial:
+                out[a:b] = stored[a:b]
+        if requantized.scale_raised:
+            self.scale_raised.append(key)
+        if requantized.saturated:
+            self.saturated.append(key)
+        before = dequantize(stored, scale)
+        intended = value - before
+        realized = dequantize(out, requantized.scale) - before
+        kept = surviving_share(intended, realized)
+        if kept < LOSS_REPORT_BELOW:
+            self.result_losses.append(Fp8Loss(key, sorted(set(modules)), kept))
+        outputs = {key: out.cpu()}
+        if scale_key is not None:
+            outputs[scale_key] = requantized.scale.cpu()
+        return outputs
+
+
+def _untouched_spans(rows: list[tuple[int, int] | None], total: int) -> list[tuple[int, int]]:
+    spans, position = [], 0
+    for a, b in sorted(r for r in rows if r is not None):
+        if a > position:
+            spans.append((position, a))
+        position = max(position, b)
+    if position < total:
+        spans.append((position, total))
+    return spans
+
+
+def merge_into_checkpoint(
+    base: str | Path,
+    network_paths: Sequence[str | Path],
+    output: str | Path | None,
+    *,
+    ratios: Sequence[float] | None = None,
+    ratio_for: Sequence[str] = (),
+    allow_unmatched: bool = False,
+    save_dtype: torch.dtype | None = None,
+    device: str = "auto",
+    dry_run: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter = QUIET,
+) -> CheckpointResult:
+    """Merge networks (any algorithm and key style) into a checkpoint; return what was done.
+
+    Each network is applied with its ratio (times every matching `ratio_for` rule), in input
+    order. With `dry_run` only the plan is made (headers and network files are read, nothing
+    is written). Errors leave no output file.
+    """
+    started = time.perf_counter()
+    base = Path(base)
+    where = resolve_device(device)
+    networks = [load_network_input(path, hash_file=not dry_run) for path in network_paths]
+    rule_set = Ratios.build(len(networks), ratios, ratio_for)
+    with open_file(base) as reader:
+        infos = {info.name: info for info in reader.infos()}
+        plan = plan_checkpoint_merge(
+            base, infos, dict(reader.metadata), networks, rule_set,
+            save_dtype=save_dtype, allow_unmatched=allow_unmatched,
+        )
+        for text in rule_set.unused_rules():
+            reporter.warn(f"--ratio-for {text} matched no module")
+        if plan.unmatched_count:
+            reporter.warn(f"{plan.unmatched_count} network module(s) matched no checkpoint tensor and were skipped")
+        for summary in plan.inputs:
+            if summary.padded:
+                reporter.warn(
+                    f"{Path(summary.path).name}: {len(summary.padded)} module(s) zero-padded into wider input "
+                    f"channels (inpainting conv_in, as A1111 does)"
+                )
+        if dry_run or output is None:
+            return CheckpointResult(plan, None, time.perf_counter() - started)
+        result = _execute(plan, reader, networks, rule_set, Path(output), where, overwrite, reporter)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporter) -> CheckpointResult:
+    hasher = None
+    if isinstance(reader, SafetensorsFile):
+        hasher = _BaseHash(reader.path, reader.header.data_start)
+    metadata = merged_metadata(dict(reader.metadata), plan.base, HASH_PLACEHOLDER if hasher else None, networks, rule_set)
+    entries = [plan_entry(name, dtype, plan.shapes[name]) for name, dtype in plan.out_dtypes.items()]
+    writer = _PatchableWriter(output, entries, metadata, overwrite=overwrite)
+    engine = _Engine(plan, reader, networks, where)
+    order = engine.processing_order(writer.order)
+    if hasher:
+        hasher.start()
+    try:
+        with writer:
+            ready: dict[str, torch.Tensor] = {}
+            for name in reporter.progress(order, total=len(order), desc="merge"):
+                if name not in ready:
+                    index = plan.group_of.get(name)
+                    if index is None:
+                        writer.write(name, engine.untouched(name))
+                        continue
+                    ready.update(engine.compute(plan.groups[index]))
+                writer.write(name, ready.pop(name))
+            if ready:
+                raise LytoolsError(f"{output}: internal error: {len(ready)} computed tensors were never written")
+            base_hash = None
+            if hasher:
+                hasher.join()
+                if hasher.error is not None:
+                    raise LytoolsError(f"{plan.base}: read error while hashing ({hasher.error})")
+                base_hash = hasher.digest
+                writer.patch_metadata(merged_metadata(dict(reader.metadata), plan.base, base_hash, networks, rule_set))
+    except BaseException:
+        if hasher:
+            hasher.cancel()
+        raise
+    for loss in engine.result_losses:
+        reporter.warn(
+            f"fp8: {loss.tensor}: only {loss.kept:.0%} of the change from {', '.join(loss.modules)} survives requantization"
+        )
+    if engine.scale_raised:
+        reporter.warn(f"fp8: {len(engine.scale_raised)} tensor scale(s) raised so the merged weights fit fp8")
+    if engine.saturated:
+        reporter.warn(f"fp8: {len(engine.saturated)} tensor(s) saturated at the fp8 limit")
+    return CheckpointResult(
+        plan, output, 0.0, engine.result_losses, engine.scale_raised, engine.saturated,
+        base_hash[:12] if base_hash else None,
+    )

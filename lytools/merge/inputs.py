@@ -1,0 +1,98 @@
+"""Merge inputs: which file is a checkpoint and which a network, and networks loaded as modules."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from lytools.algos import ModuleInfo, NetworkModule, describe_module
+from lytools.errors import LytoolsError, NetworkError
+from lytools.io import file_hashes, open_file
+
+# key endings that only network files use (kohya/LyCORIS, diffusers/peft, old diffusers)
+NETWORK_KEY_ENDINGS = (
+    ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", ".alpha", ".lora_A.weight", ".lora_B.weight",
+    ".lora.up.weight", ".lora.down.weight", "_lora.up.weight", "_lora.down.weight", ".lora_A", ".lora_B",
+    ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", ".hada_w1_a", ".hada_w1_b",
+    ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2",
+    ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".diff", ".diff_b", ".oft_blocks", ".oft_diag", ".rescale",
+    ".w_norm", ".b_norm", ".on_input", ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight", ".dora_scale",
+    ".lora_magnitude_vector", ".lambda_layer", ".q_layer.weight", ".p_layer.weight", ".bias_indices",
+    ".bias_values", ".bias_size", ".lora_B.bias",
+)
+
+
+def looks_like_network(keys: Iterable[str]) -> bool:
+    """True when most keys are network-module keys (a checkpoint has none of these endings)."""
+    keys = list(keys)
+    if not keys:
+        return False
+    hits = sum(1 for key in keys if key.endswith(NETWORK_KEY_ENDINGS))
+    return hits * 2 >= len(keys)
+
+
+def file_kind(path: Path) -> str:
+    """Return "network" or "checkpoint" from the file's keys (header only for safetensors)."""
+    with open_file(path) as handle:
+        return "network" if looks_like_network(handle.keys()) else "checkpoint"
+
+
+@dataclass
+class NetworkInput:
+    """One network file, loaded: canonical module names -> tensors (CPU), what each module is."""
+
+    path: Path
+    modules: dict[str, NetworkModule]
+    infos: dict[str, ModuleInfo]
+    metadata: dict[str, str]
+    stray: list[str] = field(default_factory=list)
+    autov3: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _load_modules(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str], list[str]]:
+    """Return (modules, metadata, stray keys) through lytools.convert's reader (any key style)."""
+    try:
+        from lytools.convert import load_network  # the one reader of every network key style
+    except ImportError:  # TEMPORARY until lytools.convert lands: kohya/LyCORIS key style only
+        from lytools.algos import group_keys
+
+        with open_file(path) as handle:
+            groups = group_keys(handle.keys())
+            modules = {
+                name: NetworkModule(name, {suffix: handle.get(key).clone() for suffix, key in keys.items()})
+                for name, keys in groups.modules.items()
+            }
+            return modules, dict(handle.metadata), groups.stray
+    network = load_network(path)
+    return dict(network.modules), dict(network.metadata), list(getattr(network, "stray", []))
+
+
+def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> NetworkInput:
+    """Return a network input with every module detected; errors name the file."""
+    path = Path(path)
+    try:
+        modules, metadata, stray = _load_modules(path)
+        infos = {name: describe_module(module) for name, module in modules.items()}
+    except NetworkError as exc:
+        raise NetworkError(f"{path}: {exc}") from None
+    if not modules:
+        raise LytoolsError(f"{path}: no network modules found (is it a checkpoint? checkpoints go first)")
+    autov3 = file_hashes(path).data_sha256 if hash_file and path.suffix == ".safetensors" else None
+    return NetworkInput(path, modules, infos, metadata, stray, autov3)
+
+
+def detach(modules: dict[str, NetworkModule]) -> dict[str, NetworkModule]:
+    """Return modules whose tensors own their memory (not views of a file map)."""
+    return {name: NetworkModule(name, {k: t.clone() for k, t in m.tensors.items()}) for name, m in modules.items()}
+
+
+def as_float(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor

@@ -1,0 +1,90 @@
+"""Ratios: one per network input (`--ratios`), scaled per module by `--ratio-for REGEX=R`."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from lytools.errors import LytoolsError
+
+
+@dataclass(frozen=True)
+class RatioRule:
+    """`--ratio-for REGEX=R`: modules whose name matches `pattern` (re.search) get `factor` on top."""
+
+    text: str
+    pattern: re.Pattern
+    factor: float
+
+
+def parse_float(text: str, what: str) -> float:
+    """Return a finite float from user text, or raise naming the option."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise LytoolsError(f"{what}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise LytoolsError(f"{what}: {text!r} is not a finite number")
+    return value
+
+
+def parse_ratios(values: Iterable[str]) -> list[float]:
+    """Return the ratios from `--ratios` values; each value may hold several, comma-separated."""
+    ratios: list[float] = []
+    for value in values:
+        for part in str(value).split(","):
+            if part.strip():
+                ratios.append(parse_float(part.strip(), "--ratios"))
+    return ratios
+
+
+def parse_rule(text: str) -> RatioRule:
+    """Return the rule of one `--ratio-for REGEX=R` (split at the last '=')."""
+    pattern_text, equals, factor_text = text.rpartition("=")
+    if not equals or not pattern_text:
+        raise LytoolsError(f"--ratio-for {text!r}: expected REGEX=R, e.g. 'input_blocks_[0-3]_=0.5'")
+    try:
+        pattern = re.compile(pattern_text)
+    except re.error as exc:
+        raise LytoolsError(f"--ratio-for {text!r}: bad regular expression ({exc})") from None
+    return RatioRule(text, pattern, parse_float(factor_text, f"--ratio-for {text!r}"))
+
+
+@dataclass
+class Ratios:
+    """The ratio of every (input, module) pair: the input's ratio times every matching rule's factor."""
+
+    per_input: list[float]
+    rules: list[RatioRule] = field(default_factory=list)
+    used: set[str] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, count: int, ratios: Sequence[float] | None, rules: Sequence[str] = ()) -> "Ratios":
+        """Return ratios for `count` network inputs; no --ratios means 1.0 each."""
+        if not ratios:
+            per_input = [1.0] * count
+        elif len(ratios) != count:
+            raise LytoolsError(
+                f"--ratios: {len(ratios)} value(s) given for {count} network input(s); give one per network"
+            )
+        else:
+            per_input = list(ratios)
+        return cls(per_input, [parse_rule(rule) for rule in rules])
+
+    def of(self, index: int, module_name: str) -> float:
+        """Return the ratio for module `module_name` of network input `index`."""
+        ratio = self.per_input[index]
+        for rule in self.rules:
+            if rule.pattern.search(module_name):
+                ratio *= rule.factor
+                self.used.add(rule.text)
+        return ratio
+
+    def unused_rules(self) -> list[str]:
+        """Return the `--ratio-for` rules that matched no module (worth a warning)."""
+        return [rule.text for rule in self.rules if rule.text not in self.used]
+
+    def describe(self) -> dict:
+        return {"ratios": self.per_input, "ratio_for": [[rule.pattern.pattern, rule.factor] for rule in self.rules]}
