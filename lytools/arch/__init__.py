@@ -16,10 +16,13 @@ Checkpoints (detect.py)
     shapes_of(anything above) -> {name: shape}
 
 Networks (network.py)
-    split_network_key(key) -> (module name, suffix) | None      (kohya, lycoris_, diffusers, peft, comfy)
+    split_network_key(key) -> (module name, suffix in LyCORIS spelling) | None
+        (kohya, lycoris_, diffusers lora_A/B and lora.down/up, old processor names, peft, comfy, xlabs)
+    group_network_keys(keys) -> ({module: {suffix: key}}, stray keys) ; layout_of_module(name)
     detect_network(header | shapes, metadata=None) -> NetworkArch
         .arch (sd1 | sd2 | sdxl | sd3 | flux | unknown), .layout (kohya | lycoris | diffusers | peft |
-        comfy | xlabs | unknown), .components, .modules {module: {suffix: shape}}, .scale, .notes
+        comfy | xlabs | mixed | unknown), .layouts, .components {unet|te|te1..: modules},
+        .modules {module: {suffix: key}}, .stray, .matched, .scale, .notes
 
 Key maps (keymap.py; sd1, sd2, sdxl, flux from the manifests, sd3 by rule from its checkpoint table)
     module_table(arch) -> {kohya module name: ModuleTarget(key, kind, shape, rows, fused_shape, parts,
@@ -64,6 +67,7 @@ from lytools.arch.keymap import (
     text_encoder_path,
 )
 from lytools.arch.manifests import checkpoint_manifest, diffusers_names, lora_names
+from lytools.arch.network import NetworkArch, detect_network, group_network_keys, layout_of_module, split_network_key
 from lytools.arch.resolve import Placement, Resolved, Resolver
 
 __all__ = [
@@ -73,6 +77,7 @@ __all__ = [
     "DiffusersTarget",
     "Encoder",
     "ModuleTarget",
+    "NetworkArch",
     "Placement",
     "Resolved",
     "Resolver",
@@ -80,14 +85,18 @@ __all__ = [
     "arch_from_metadata",
     "checkpoint_manifest",
     "detect_checkpoint",
+    "detect_network",
     "diffusers_names",
     "diffusers_table",
     "diffusers_to_kohya",
     "kind_of",
+    "group_network_keys",
     "kohya_to_diffusers",
+    "layout_of_module",
     "lora_names",
     "module_table",
     "openclip_key",
     "shapes_of",
+    "split_network_key",
     "text_encoder_path",
 ]

@@ -1,0 +1,272 @@
+"""Which architecture and key layout a network file uses, from its header (FORMATS.md 2.3, 3).
+
+`split_network_key` turns any supported key spelling into (module name, suffix) with the suffix
+in LyCORIS/kohya spelling (`lora_A.weight` -> `lora_down.weight`, `lora_magnitude_vector` ->
+`dora_scale`), so the algorithm detection in lytools.algos reads every layout alike.
+
+`detect_network` scores each architecture by how many modules resolve in its alias table
+(keymap.alias_table) *and* have the table's shape, at the shrink factor that fits best (1 for
+real files): sd1 and sd2 share UNet names but differ in cross-attention and text-encoder widths,
+SDXL diffusers-named files share names with SD1 but not widths or depth. No name hit: unknown.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from lytools.arch.detect import SCALES, arch_from_metadata, shapes_of
+from lytools.arch.keymap import NETWORK_ARCHS, alias_table
+from lytools.errors import LytoolsError
+
+Shape = tuple[int, ...]
+
+KOHYA_PREFIXES = (
+    "lora_prior_unet_", "lora_prior_te_", "lora_transformer_", "lora_unet_", "lora_te1_", "lora_te2_",
+    "lora_te3_", "lora_te_", "oft_unet_",
+)
+# dotted-layout suffixes (longest first) -> LyCORIS spelling
+_DOTTED_SUFFIXES = (
+    (".lora_linear_layer.down.weight", "lora_down.weight"),
+    (".lora_linear_layer.up.weight", "lora_up.weight"),
+    (".lora_A.default.weight", "lora_down.weight"),
+    (".lora_B.default.weight", "lora_up.weight"),
+    (".lora.down.weight", "lora_down.weight"),
+    (".lora.up.weight", "lora_up.weight"),
+    (".lora_A.weight", "lora_down.weight"),
+    (".lora_B.weight", "lora_up.weight"),
+    (".lora_B.bias", "lora_up.bias"),
+    (".lora_magnitude_vector", "dora_scale"),
+    (".lora_down.weight", "lora_down.weight"),
+    (".lora_up.weight", "lora_up.weight"),
+    (".lora_mid.weight", "lora_mid.weight"),
+    (".down.weight", "lora_down.weight"),  # xlabs processor modules
+    (".up.weight", "lora_up.weight"),
+)
+_LYCORIS_SUFFIXES = (
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "rescale", "on_input",
+    "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha", "dora_scale",
+)
+_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+_XLABS = re.compile(r"^double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])$")
+
+
+def _processor_module(module: str) -> str:
+    """Old diffusers attention-processor names -> module paths (`…attn1.processor.to_q_lora` -> `…attn1.to_q`)."""
+    found = _PROCESSOR.match(module)
+    if found:
+        sub = "to_out.0" if found.group(2) == "to_out" else found.group(2)
+        return f"{found.group(1)}.{sub}"
+    if module.endswith("_lora") and "." in module:  # text_encoder …self_attn.to_q_lora
+        head, _, tail = module.rpartition(".")
+        return f"{head}.{ {'to_q': 'q_proj', 'to_k': 'k_proj', 'to_v': 'v_proj', 'to_out': 'out_proj'}.get(tail[:-5], tail[:-5]) }"
+    return module
+
+
+def split_network_key(key: str) -> tuple[str, str] | None:
+    """Return (module name, LyCORIS-spelled suffix) for a network key of any layout, or None."""
+    if key.startswith(KOHYA_PREFIXES) or key.startswith("lycoris_"):
+        name, dot, suffix = key.partition(".")
+        return (name, suffix) if dot and suffix else None
+    for ending, suffix in _DOTTED_SUFFIXES:
+        if key.endswith(ending) and len(key) > len(ending):
+            module = key[: -len(ending)]
+            return _processor_module(module), suffix
+    for suffix in _LYCORIS_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    if key.endswith(".weight") and key.count(".") >= 2:  # IA³ stores its vector as `<module>.weight`
+        return key[: -len(".weight")], "weight"
+    return None
+
+
+def layout_of_module(name: str) -> str:
+    """Return kohya | lycoris | diffusers | peft | comfy | xlabs | unknown for one module name."""
+    if name.startswith("lycoris_"):
+        return "lycoris"
+    if name.startswith(KOHYA_PREFIXES):
+        return "kohya"
+    if name.startswith("base_model.model."):
+        return "peft"
+    if name.startswith(("diffusion_model.", "text_encoders.")):
+        return "comfy"
+    if _XLABS.match(name):
+        return "xlabs"
+    if name.startswith(("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.")):
+        return "diffusers"
+    if "." in name:
+        return "diffusers"  # bare module paths (diffusers/peft single-component files)
+    return "unknown"
+
+
+def lookup_names(name: str) -> tuple[str, ...]:
+    """Return the spellings to try in an alias table for a module name as stored in a file."""
+    if name.startswith("base_model.model."):
+        rest = name[len("base_model.model."):]
+        return (rest, "text_encoder." + rest)
+    found = _XLABS.match(name)
+    if found:
+        block, kind, side = found.groups()
+        stream = "img" if side == "1" else "txt"
+        return (f"lora_unet_double_blocks_{block}_{stream}_attn_{kind}",)
+    if name.startswith("oft_unet_"):
+        return ("lora_unet_" + name[len("oft_unet_"):],)
+    return (name,)
+
+
+@dataclass
+class NetworkArch:
+    """What a network file is: architecture, key layout, components and the modules found."""
+
+    arch: str  # sd1 | sd2 | sdxl | sd3 | flux | unknown
+    layout: str  # kohya | lycoris | diffusers | peft | comfy | xlabs | mixed | unknown
+    layouts: dict[str, int] = field(default_factory=dict)  # modules per layout
+    components: dict[str, int] = field(default_factory=dict)  # modules per component
+    modules: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> {suffix: key}
+    stray: list[str] = field(default_factory=list)
+    matched: int = 0  # modules whose name and shape fit `arch`
+    scale: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def group_network_keys(names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Return ({module: {suffix: key}}, stray keys) for keys of any layout."""
+    modules: dict[str, dict[str, str]] = {}
+    stray: list[str] = []
+    for key in names:
+        split = split_network_key(key)
+        if split is None:
+            stray.append(key)
+            continue
+        module, suffix = split
+        modules.setdefault(module, {})[suffix] = key
+    for module in list(modules):
+        suffixes = set(modules[module])
+        if suffixes <= {"alpha", "dora_scale"} or (suffixes == {"weight"} and layout_of_module(module) != "kohya"):
+            stray.extend(modules.pop(module).values())
+    return modules, stray
+
+
+def module_io(suffixes: Mapping[str, Shape]) -> tuple[int, int] | None:
+    """Return (out, flattened in) of a module's ΔW from its factor shapes, or None when unknown."""
+    if "lora_up.weight" in suffixes and "lora_down.weight" in suffixes:
+        up, down = suffixes["lora_up.weight"], suffixes["lora_down.weight"]
+        kernel = suffixes["lora_mid.weight"][2:] if "lora_mid.weight" in suffixes else down[2:]
+        return up[0], down[1] * math.prod(kernel)
+    if "hada_w1_a" in suffixes and "hada_w1_b" in suffixes and "hada_t1" not in suffixes:
+        return suffixes["hada_w1_a"][0], math.prod(suffixes["hada_w1_b"][1:])
+    if "diff" in suffixes and len(suffixes["diff"]) >= 2:
+        shape = suffixes["diff"]
+        return shape[0], math.prod(shape[1:])
+    w1 = suffixes.get("lokr_w1")
+    w2 = suffixes.get("lokr_w2")
+    if w1 is None and "lokr_w1_a" in suffixes and "lokr_w1_b" in suffixes:
+        w1 = (suffixes["lokr_w1_a"][0], suffixes["lokr_w1_b"][1])
+    if w2 is None and "lokr_w2_a" in suffixes and "lokr_w2_b" in suffixes:
+        w2 = (suffixes["lokr_w2_a"][0], math.prod(suffixes["lokr_w2_b"][1:]))
+    if w1 is not None and w2 is not None and len(w1) >= 2 and len(w2) >= 2:
+        return w1[0] * w2[0], w1[1] * math.prod(w2[1:])
+    return None
+
+
+@functools.lru_cache(maxsize=65536)
+def _describe_io(name: str, items: tuple[tuple[str, Shape], ...]) -> tuple[int, int] | None:
+    from lytools.algos import KNOWN_SUFFIXES, describe_shapes
+
+    known = {suffix: shape for suffix, shape in items if suffix in KNOWN_SUFFIXES}
+    try:
+        info = describe_shapes(name, known)
+    except LytoolsError:
+        return None
+    if not info.delta_shape or len(info.delta_shape) < 2:
+        return None
+    return info.delta_shape[0], math.prod(info.delta_shape[1:])
+
+
+def _io(name: str, suffixes: Mapping[str, Shape]) -> tuple[int, int] | None:
+    """(out, flattened in) of a module: lytools.algos' reading of the factors, else module_io."""
+    found = _describe_io(name, tuple(sorted(suffixes.items())))
+    return found if found is not None else module_io(suffixes)
+
+
+def _shrunk(dim: int, scale: int) -> int:
+    return dim // scale if scale > 1 and dim % 64 == 0 else dim
+
+
+def _fits(io: tuple[int, int], shape: Shape, scale: int) -> bool:
+    out, inp = io
+    if len(shape) < 2:
+        return False
+    return out == _shrunk(shape[0], scale) and inp == _shrunk(shape[1], scale) * math.prod(shape[2:])
+
+
+@functools.cache
+def _tables() -> dict[str, dict]:
+    return {arch: alias_table(arch) for arch in NETWORK_ARCHS}
+
+
+def _score(modules: Mapping[str, Mapping[str, Shape]], arch: str) -> tuple[int, int, int, dict[str, int]]:
+    """Return (shape hits, name hits, best scale, components) of the modules against `arch`."""
+    table = _tables()[arch]
+    hits: list[tuple[tuple[int, int] | None, Shape, str]] = []
+    for module, suffixes in modules.items():
+        target = next((table[n] for n in lookup_names(module) if n in table), None)
+        if target is not None:
+            hits.append((_io(module, suffixes), target.shape, target.component))
+    best_scale, best = 1, -1
+    for scale in SCALES:
+        count = sum(1 for io, shape, _ in hits if io is not None and _fits(io, shape, scale))
+        if count > best:
+            best_scale, best = scale, count
+    components: dict[str, int] = {}
+    for _, _, component in hits:
+        components[component] = components.get(component, 0) + 1
+    return max(best, 0), len(hits), best_scale, components
+
+
+def detect_network(tensors: Any, metadata: Mapping[str, str] | None = None) -> NetworkArch:
+    """Return the architecture, layout and modules of a network file from its header."""
+    shapes = shapes_of(tensors)
+    modules_keys, stray = group_network_keys(list(shapes))
+    result = NetworkArch("unknown", "unknown", modules=modules_keys, stray=stray)
+    if not modules_keys:
+        result.notes.append("no network modules found")
+        return result
+    for module in modules_keys:
+        layout = layout_of_module(module)
+        result.layouts[layout] = result.layouts.get(layout, 0) + 1
+    known = {k: v for k, v in result.layouts.items() if k != "unknown"}
+    if len(known) == 1:
+        result.layout = next(iter(known))
+    elif len(known) > 1:
+        result.layout = "mixed"
+        result.notes.append("mixed key layouts: " + ", ".join(f"{k} {v}" for k, v in sorted(known.items())))
+    module_shapes = {m: {s: shapes[k] for s, k in suffixes.items()} for m, suffixes in modules_keys.items()}
+    scores = {arch: _score(module_shapes, arch) for arch in NETWORK_ARCHS}
+    ranked = sorted(scores.items(), key=lambda item: (item[1][0], item[1][1]), reverse=True)
+    best_arch, (shape_hits, name_hits, scale, components) = ranked[0]
+    claimed = arch_from_metadata(metadata or {})
+    if name_hits == 0:
+        result.notes.append("no module name matches a known architecture")
+        return result
+    tied = [arch for arch, score in ranked if score[:2] == (shape_hits, name_hits)]
+    if len(tied) > 1:
+        if claimed in tied:
+            best_arch = claimed
+            shape_hits, name_hits, scale, components = scores[claimed]
+        else:
+            result.notes.append("modules fit " + " and ".join(tied) + " equally; say which with --arch")
+            return result
+    result.arch, result.matched, result.scale = best_arch, shape_hits, scale
+    result.components = components
+    unmatched = len(modules_keys) - name_hits
+    if unmatched:
+        result.notes.append(f"{unmatched} module names are not in the {best_arch} tables (full-preset or foreign)")
+    if claimed and claimed != best_arch:
+        result.notes.append(f"metadata says {claimed} but the shapes fit {best_arch}; trusting the shapes")
+    return result
