@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lytools.algos import NetworkModule, apply_module, describe_header, describe_module
+from lytools.algos import NetworkModule, apply_module, describe_header, describe_module, group_keys, load_module
+from lytools.io import open_file
 
 
 def shared_dir() -> Path | None:
@@ -72,15 +73,25 @@ def test_golden_float64_is_closer(path: Path):
 def test_golden_detection_header_only(path: Path):
     module, tensors = load_case(path)
     with safe_open(str(path), "pt") as handle:
-        headers = {
+        pairs = {
             key.split(".", 2)[2]: (handle.get_slice(key).get_shape(), handle.get_slice(key).get_dtype())
             for key in handle.keys() if key.startswith("network.")
         }
     alpha = float(module["alpha"].flatten()[0]) if "alpha" in module else None
     on_input = bool(module["on_input"]) if "on_input" in module else None
-    from_header = describe_header(module.name, headers, alpha=alpha, on_input=on_input)
-    assert from_header == describe_module(module)
+    from_pairs = describe_header(module.name, pairs, alpha=alpha, on_input=on_input)
+    assert from_pairs == describe_module(module)
     family = path.stem.split("-")[0] if not path.stem.startswith("diag-oft") else "diag-oft"
-    assert from_header.algo == EXPECTED_ALGO.get(family, family)
-    assert (from_header.dora is not None) == ("dora" in path.stem)
-    assert from_header.tucker == ("tucker" in path.stem)
+    assert from_pairs.algo == EXPECTED_ALGO.get(family, family)
+    assert (from_pairs.dora is not None) == ("dora" in path.stem)
+    assert from_pairs.tucker == ("tucker" in path.stem)
+    # the same through lytools.io: TensorInfo records, then the module's tensors
+    with open_file(path) as source:
+        groups = group_keys(key.removeprefix("network.") for key in source.keys())
+        assert set(groups.modules) == {module.name}
+        keys = {suffix: "network." + key for suffix, key in groups.modules[module.name].items()}
+        from_infos = describe_header(module.name, {s: source.info(k) for s, k in keys.items()},
+                                     alpha=alpha, on_input=on_input)
+        loaded = load_module(source, module.name, keys)  # views the file's map: use it while open
+        assert all(torch.equal(loaded[s], module[s]) for s in module)
+    assert from_infos == from_pairs

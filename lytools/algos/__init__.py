@@ -7,18 +7,23 @@ One file per algorithm, all of the same shape: `SUFFIXES`, `detect(shapes)`,
 `dora.py` and `sparse.py` add to those. `detect.ALGORITHMS` is the table algo -> functions.
 No classes with state, nothing registered at import.
 
-Typical use (what merge, resize, convert, extract and info call):
+Typical use (what merge, resize, convert, extract and info call), with `source` an open
+lytools.io file:
 
-    from lytools.algos import NetworkModule, group_keys, describe_header, apply_module, delta
+    from lytools.algos import apply_module, delta, describe_header, group_keys, load_module
 
-    groups = group_keys(reader.keys())          # {lora_name: {suffix: full key}}, .stray
-    info = describe_header(name, {suffix: (shape, dtype), ...}, alpha=2.0)   # header only
-    module = NetworkModule(name, {suffix: tensor, ...})
-    merged = apply_module(module, weight, bias, ratio=0.7, device="cuda", precision="float32")
-    merged.weight, merged.bias                  # cast back to the input dtypes
-    if is_additive(module):
-        change = delta(module, weight.shape)    # ΔW, scale included, ratio excluded, float32
-    fused = apply_to_rows(module, qkv_weight, slice(0, 3072), ratio=1.0)
+    groups = group_keys(source.keys())  # .modules {lora_name: {suffix: full key}}, .stray [keys]
+    for name, keys in groups.modules.items():
+        # header only (info): entries may be TensorInfo, (shape, dtype) or bare shapes
+        info = describe_header(name, {s: source.info(k) for s, k in keys.items()}, alpha=alpha)
+        module = load_module(source, name, keys)  # NetworkModule(name, {suffix: tensor})
+        merged = apply_module(module, weight, bias, ratio=0.7, device="cuda", precision="float32")
+        # merged.weight / merged.bias: cast once to the input dtypes, on weight's device
+        if info.additive:
+            change = delta(module, weight.shape)  # ΔW: scale in, ratio out; float32
+    fused = apply_to_rows(module, qkv_weight, slice(0, 3072), ratio=1.0)  # one part of q;k;v
+
+`apply_module(..., dora_mode="comfy")` selects ComfyUI's DoRA strength rule instead of LyCORIS's.
 
 Records:
 
@@ -40,11 +45,11 @@ from lytools.algos.detect import (
     ALGORITHMS, KNOWN_SUFFIXES, Algorithm, describe_header, describe_module, describe_shapes,
 )
 from lytools.algos.dora import DORA_MODES
-from lytools.algos.keys import KNOWN_PREFIXES, KeyGroups, group_keys, module_prefix, split_key
+from lytools.algos.keys import KNOWN_PREFIXES, KeyGroups, group_keys, load_module, module_prefix, split_key
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "DORA_MODES", "KNOWN_PREFIXES", "KNOWN_SUFFIXES", "KeyGroups", "Merged",
     "ModuleInfo", "NetworkModule", "apply_module", "apply_to_rows", "bias_delta", "delta",
     "describe_header", "describe_module", "describe_shapes", "group_keys", "is_additive",
-    "module_prefix", "read_scalar", "scale_for", "split_key",
+    "load_module", "module_prefix", "read_scalar", "scale_for", "split_key",
 ]

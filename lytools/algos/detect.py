@@ -44,7 +44,7 @@ KNOWN_SUFFIXES: frozenset[str] = frozenset(s for algo in ALGORITHMS for s in alg
 # keys that carry no weight by themselves
 SHARED_SUFFIXES: frozenset[str] = frozenset({ALPHA, DORA_SCALE})
 
-Header = tuple[Sequence[int], object] | Sequence[int]
+Header = object  # TensorInfo-like (.shape), (shape, dtype), or a bare shape
 
 
 def _out_channels(info: ModuleInfo) -> int | None:
@@ -77,7 +77,9 @@ def describe_shapes(name: str, shapes: Shapes, scalars: Scalars | None = None) -
 
 
 def _shape_of(header: Header) -> Sequence[int]:
-    # either a bare shape, or (shape, dtype) as a header reader gives it
+    # a header record with .shape (lytools.io TensorInfo), (shape, dtype), or a bare shape
+    if hasattr(header, "shape"):
+        return header.shape  # type: ignore[union-attr]
     if len(header) == 2 and not isinstance(header[0], int):
         return header[0]  # type: ignore[return-value]
     return header  # type: ignore[return-value]
@@ -86,7 +88,9 @@ def _shape_of(header: Header) -> Sequence[int]:
 def describe_header(
     name: str, headers: Mapping[str, Header], *, alpha: float | None = None, on_input: bool | None = None
 ) -> ModuleInfo:
-    """Return the ModuleInfo from header entries {suffix: (shape, dtype)} (or bare shapes), no tensor data.
+    """Return the ModuleInfo from header entries, no tensor data.
+
+    An entry is a record with `.shape` (lytools.io's TensorInfo), a `(shape, dtype)` pair or a bare shape.
 
     Pass the stored `alpha` value (a 2-byte read) to get the scale, `on_input` to get the ia3 axis.
     """

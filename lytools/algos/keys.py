@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
+from lytools.algos.common import NetworkModule
 from lytools.algos.detect import KNOWN_SUFFIXES, SHARED_SUFFIXES
 
 # longest first, so that lora_te1_ wins over lora_te_
@@ -56,3 +57,10 @@ def group_keys(keys: Iterable[str]) -> KeyGroups:
         if suffixes <= SHARED_SUFFIXES or lone_weight:
             groups.stray.extend(groups.modules.pop(name).values())
     return groups
+
+
+def load_module(source: Any, name: str, keys: Mapping[str, str]) -> NetworkModule:
+    """Return module `name` with its tensors read from `source` (anything with `.get(full_key)`,
+    e.g. an open lytools.io file); `keys` is its entry of `KeyGroups.modules`. The tensors may
+    view the source's memory map: use them while the source is open."""
+    return NetworkModule(name, {suffix: source.get(full_key) for suffix, full_key in keys.items()})
