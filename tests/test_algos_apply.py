@@ -155,8 +155,9 @@ def test_dora_modes():
     gain = magnitudes / (full.norm(dim=1, keepdim=True) + 1.1920929e-07)
     lycoris = apply_module(module, weight, None, 0.4).weight
     torch.testing.assert_close(lycoris, full * (0.4 * (gain - 1) + 1))
-    with pytest.raises(NetworkError, match="DoRA mode"):
-        apply_module(module, weight, None, 0.4, dora_mode="peft")
+    for target in (module, lora()):  # refused even where no DoRA key would use it
+        with pytest.raises(UnsupportedError, match="DoRA mode 'peft'"):
+            apply_module(target, weight, None, 0.4, dora_mode="peft")
 
 
 def test_dora_on_input_axis_and_on_oft():

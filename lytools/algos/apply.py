@@ -67,6 +67,7 @@ def apply_module(
     module changes but the layer lacks is created from zeros (dtype of `weight`). `weight` may be
     a row slice of a fused weight (see `apply_to_rows`). `info` skips detection when known.
     """
+    dora.check_mode(dora_mode)
     info = info or describe_module(module)
     algo = _algorithm(info)
     where = _device(device, weight.device)

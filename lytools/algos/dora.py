@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lytools.algos.common import DORA_SCALE, fail
+from lytools.errors import UnsupportedError
 
 SUFFIXES = (DORA_SCALE,)
 DORA_MODES = ("lycoris", "comfy")
@@ -46,12 +47,17 @@ def axis(name: str, shape: tuple[int, ...], out: int | None) -> str:
     return "in"
 
 
+def check_mode(mode: str) -> None:
+    """Raise unless `mode` is one of DORA_MODES."""
+    if mode not in DORA_MODES:
+        raise UnsupportedError(f"unknown DoRA mode {mode!r}: expected {' or '.join(DORA_MODES)}")
+
+
 def apply(
     name: str, weight: torch.Tensor, merged: torch.Tensor, dora_scale: torch.Tensor, ratio: float, mode: str = "lycoris"
 ) -> torch.Tensor:
     """Return the DoRA result from the base weight W, the full-strength result W* and the magnitudes."""
-    if mode not in DORA_MODES:
-        raise fail(name, f"unknown DoRA mode {mode!r}: expected {' or '.join(DORA_MODES)}")
+    check_mode(mode)
     side = axis(name, tuple(dora_scale.shape), merged.shape[0])
     channel_dim = 0 if side == "out" else 1
     if merged.dim() <= channel_dim or dora_scale.numel() != merged.shape[channel_dim]:
