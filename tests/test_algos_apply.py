@@ -8,7 +8,7 @@ import torch
 from lytools.algos import (
     NetworkModule, apply_module, apply_to_rows, bias_delta, delta, describe_module, is_additive,
 )
-from lytools.errors import DeviceError, NetworkError, UnsupportedError
+from lytools.errors import DeviceError, UnsupportedError
 
 N = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
 

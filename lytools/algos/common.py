@@ -168,6 +168,15 @@ def flat2(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
 
+def tucker(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
+    """Return Σ_ij core[i, j, …]·out_factor[i, o]·in_factor[j, c], shaped (out, in, …).
+
+    The Tucker/CP rebuild shared by `lora_mid`, `hada_t1/t2`, `lokr_t2` and GLoRA's `bm`:
+    `core` is (r, r, kh, kw), `out_factor` (r, out), `in_factor` (r, in).
+    """
+    return torch.einsum("ij...,io,jc->oc...", core, out_factor, in_factor)
+
+
 def fit_to(name: str, delta: torch.Tensor, target_shape: Sequence[int]) -> torch.Tensor:
     """Return ΔW reshaped to the target weight shape, or raise if they cannot be the same layer."""
     target = torch.Size(target_shape)

@@ -9,7 +9,7 @@ import torch
 
 from lytools.algos.common import (
     ALPHA, DORA_SCALE, ModuleInfo, NetworkModule, Scalars, Shapes, expect_ndim, fail, fit_to,
-    flat2, module_scale, reject_foreign, require, scale_from_scalars,
+    flat2, module_scale, reject_foreign, require, scale_from_scalars, tucker,
 )
 
 A1, A2, B1, B2, BM = "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"
@@ -81,7 +81,7 @@ def delta(module: NetworkModule, target_shape: Sequence[int], weight: torch.Tens
     if bm is None:
         low_rank = fit_to(module.name, flat2(b1) @ flat2(b2), target_shape)
     else:
-        low_rank = fit_to(module.name, torch.einsum("ij...,oi,jc->oc...", bm, flat2(b1), flat2(b2)), target_shape)
+        low_rank = fit_to(module.name, tucker(bm, flat2(b1).T, flat2(b2)), target_shape)
     a1, a2 = flat2(a1), flat2(a2)  # (in, r), (r, in)
     if weight.dim() < 2 or weight.shape[1] != a1.shape[0]:
         raise fail(module.name, f"glora mixes {a1.shape[0]} input channels, target weight is {list(weight.shape)}")

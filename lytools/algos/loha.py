@@ -8,7 +8,7 @@ import torch
 
 from lytools.algos.common import (
     ALPHA, DORA_SCALE, ModuleInfo, NetworkModule, Scalars, Shapes, expect_ndim, fail, fit_to,
-    module_scale, reject_foreign, require, scale_from_scalars,
+    module_scale, reject_foreign, require, scale_from_scalars, tucker,
 )
 
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -65,8 +65,8 @@ def delta(module: NetworkModule, target_shape: Sequence[int]) -> torch.Tensor:
     scale = module_scale(module, w1b.shape[0])
     w1a = w1a * scale  # the scale enters once, on the smallest factor
     if "hada_t1" in module:
-        first = torch.einsum("ij...,io,jc->oc...", module["hada_t1"], w1a, w1b)
-        second = torch.einsum("ij...,io,jc->oc...", module["hada_t2"], w2a, w2b)
+        first = tucker(module["hada_t1"], w1a, w1b)
+        second = tucker(module["hada_t2"], w2a, w2b)
     else:
         first, second = w1a @ w1b, w2a @ w2b
     return fit_to(module.name, first.mul_(second), target_shape)

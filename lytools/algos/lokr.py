@@ -9,7 +9,7 @@ import torch
 
 from lytools.algos.common import (
     ALPHA, DORA_SCALE, ModuleInfo, NetworkModule, Scalars, Shapes, expect_ndim, fail, fit_to,
-    module_scale, reject_foreign, scale_from_scalars,
+    module_scale, reject_foreign, scale_from_scalars, tucker,
 )
 
 W1, W1A, W1B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
@@ -93,7 +93,7 @@ def delta(module: NetworkModule, target_shape: Sequence[int]) -> torch.Tensor:
     if W2 in module:
         w2 = module[W2]
     elif T2 in module:
-        w2 = torch.einsum("ij...,io,jc->oc...", module[T2], module[W2A], module[W2B])
+        w2 = tucker(module[T2], module[W2A], module[W2B])
     else:
         w2 = module[W2A] @ module[W2B]
     if W1 in module and W2 in module:

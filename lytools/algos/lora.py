@@ -9,7 +9,7 @@ import torch
 from lytools.algos import sparse
 from lytools.algos.common import (
     ALPHA, DORA_SCALE, ModuleInfo, NetworkModule, Scalars, Shapes, expect_ndim, fail, fit_to,
-    flat2, module_scale, reject_foreign, require, scale_from_scalars,
+    flat2, module_scale, reject_foreign, require, scale_from_scalars, tucker,
 )
 
 UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
@@ -60,7 +60,7 @@ def delta(module: NetworkModule, target_shape: Sequence[int]) -> torch.Tensor:
     if mid is None:
         product = up @ down
     else:
-        product = torch.einsum("ij...,oi,jc->oc...", mid, up, down)
+        product = tucker(mid, up.T, down)
     weight_delta = fit_to(module.name, product, target_shape)
     if sparse.detect(module.tensors):
         weight_delta = weight_delta + sparse.delta(module, target_shape)
