@@ -65,6 +65,88 @@ def cli() -> None:
     merge, resize and convert. Every command streams tensors one at a time."""
 
 
+# -- resize -----------------------------------------------------------------------------------
+@cli.command("resize")
+@click.argument("source", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--rank", type=int, help="New rank (fixed) or rank cap (dynamic methods) of linear and 1x1 modules.")
+@click.option("--conv-rank", type=int, help="The same for kxk conv modules (default: --rank).")
+@click.option("--method", type=click.Choice(["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]), default="fixed",
+              show_default=True, help="Rank rule, as kohya's resize tool defines it.")
+@click.option("--method-param", type=float, metavar="F",
+              help="sv_ratio: largest/smallest kept singular value; sv_fro, sv_cumulative: share kept (0..1).")
+@click.option("--max-rank", type=int, help="Cap on the ranks the dynamic methods pick.")
+@click.option("--truncate", is_flag=True, help="DyLoRA / nested-rank files: keep the first N ranks, no SVD.")
+@click.option("--base", type=click.Path(dir_okay=False, path_type=Path), metavar="CHECKPOINT",
+              help="Base model: needed to flatten DoRA, IA3, OFT/BOFT and GLoRA modules.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json|FILE.csv",
+              help="Per-module rank, alpha and shares of the spectrum kept.")
+@click.option("--verify", is_flag=True, help="Reload the output and check every module against its input.")
+@device_option
+@save_dtype_option()
+@overwrite_option
+@json_option
+@verbosity_options
+def resize_command(source, output, rank, conv_rank, method, method_param, max_rank, truncate, base, report, verify,
+                   device, save_dtype, overwrite, as_json, quiet, verbose):
+    """Reduce the ranks of a LoRA/LoCon/DyLoRA network IN into OUT (other algorithms are flattened
+    into a LoRA). -v prints every module's rank and retained Frobenius share."""
+    import json
+
+    from lytools.io import parse_save_dtype
+    from lytools.resize import ResizeOptions, resize_file
+
+    reporter = make_reporter(quiet, verbose)
+    options = ResizeOptions(
+        rank=rank, conv_rank=conv_rank, method=method, method_param=method_param, max_rank=max_rank,
+        truncate=truncate, base=base, report=report, device=device, save_dtype=parse_save_dtype(save_dtype),
+        verify=verify, overwrite=overwrite,
+    )
+    summary = resize_file(source, output, options, reporter)
+    reporter.log(summary.line())
+    if as_json:
+        click.echo(json.dumps({"output": str(summary.output), "modules": [m.as_row() for m in summary.modules],
+                               "warnings": summary.warnings, "seconds": round(summary.seconds, 3)}))
+    else:
+        click.echo(str(summary.output))
+
+
+@cli.command("info")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@json_option
+@click.option("--hash", "with_hashes", is_flag=True, help="Also compute sha256, AutoV2, AutoV3/sshs_model_hash and legacy hashes (reads the whole file).")
+@click.option("--verify", is_flag=True, help="Compute the hashes and fail when an embedded sshs_*/modelspec hash does not match the file.")
+@click.option("-v", "--verbose", is_flag=True, help="Per-block rank and alpha, full metadata values.")
+def info_command(files, as_json, with_hashes, verify, verbose):
+    """What each FILE is, from its header: kind, architecture, key layout, modules per algorithm,
+    rank/alpha, dtypes, sizes and metadata. `-` reads paths from stdin."""
+    from lytools.info import format_report, inspect_files, verify_problems
+
+    paths = expand_inputs(files)
+    if not paths:
+        raise click.UsageError("no input files")
+    results, failed = [], False
+    for index, (path, report, error) in enumerate(inspect_files(paths, hashes=with_hashes or verify, verbose=verbose)):
+        if error is not None:
+            failed = True
+            click.echo(f"lytools: error: {error}", err=True)
+            results.append({"path": str(path), "error": error})
+            continue
+        for problem in verify_problems(report) if verify else []:
+            failed = True
+            click.echo(f"lytools: error: {problem}", err=True)
+        if as_json:
+            results.append(report)
+        else:
+            click.echo(("\n" if index else "") + format_report(report, verbose=verbose))
+    if as_json:
+        import json
+
+        click.echo(json.dumps(results, indent=2))
+    if failed:
+        sys.exit(1)  # after every file was reported (click's Exit is swallowed in non-standalone mode)
+
+
 # -- entry point ------------------------------------------------------------------------------
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt

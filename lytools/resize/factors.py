@@ -1,0 +1,62 @@
+"""Singular value decompositions of a module's weight change, without forming it when it is low rank
+(spec: ALGORITHMS.md 16).
+
+For ΔW = up @ down with rank r, thin QR of `up` (out × r) and `downᵀ` (in·K × r) gives
+up @ down = Q_u (R_u R_dᵀ) Q_dᵀ; the SVD of the r × r core R_u R_dᵀ = U_c Σ V_cᵀ gives the
+singular values, and U = Q_u U_c, V = Q_d V_c the singular vectors. Cost O((out + in·K)·r²)
+instead of O(out·in·K·min(out, in·K)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """A truncated-or-full SVD M = U diag(S) Vh: U (m, k), S (k,) descending, Vh (k, n)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+    @property
+    def full_length(self) -> int:
+        """min(m, n): the length of the spectrum a dense SVD of M would return."""
+        return min(self.U.shape[0], self.Vh.shape[1])
+
+
+def tucker_to_flat_down(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Return the (r, in·K) down factor equivalent to `lora_mid` (r, r, *k) followed by `lora_down` (r, in[, 1, 1]).
+
+    ΔW[o, c, h, w] = Σ_ij up[o, i] mid[i, j, h, w] down[j, c], so the flat (out, in·K) matrix is
+    up @ D with D[i, (c, h, w)] = Σ_j mid[i, j, h, w] down[j, c]; the core stays r × r.
+    """
+    rank = mid.shape[0]
+    down_flat = down.reshape(down.shape[0], -1)
+    contracted = torch.einsum("ij...,jc->ic...", mid, down_flat)
+    return contracted.reshape(rank, -1)
+
+
+def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> Spectrum:
+    """Return the SVD of up @ down (up (m, r), down (r, n)) through the r × r core, never forming it."""
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.transpose(0, 1))
+    core = r_up @ r_down.transpose(0, 1)
+    u_core, sigma, vh_core = torch.linalg.svd(core, full_matrices=False)
+    return Spectrum(q_up @ u_core, sigma, vh_core @ q_down.transpose(0, 1))
+
+
+def svd_of_dense(matrix: torch.Tensor) -> Spectrum:
+    """Return the thin SVD of a dense matrix (exact: the dynamic methods need the whole spectrum)."""
+    u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return Spectrum(u, sigma, vh)
+
+
+def truncated_factors(spectrum: Spectrum, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (up, down) = (U_r Σ_r, V_rᵀ): kohya's split of the best rank-`rank` approximation."""
+    up = spectrum.U[:, :rank] * spectrum.S[:rank]
+    down = spectrum.Vh[:rank]
+    return up, down

@@ -1,0 +1,344 @@
+"""One module's resize: copy, truncate, re-factor a LoRA through its small core, or flatten any
+other algorithm's weight change into a LoRA/LoCon (spec: ALGORITHMS.md 16, 12.1, 1.3)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from lytools.algos import ModuleInfo, NetworkModule, apply_module, delta
+from lytools.algos.common import flat2, read_scalar
+from lytools.errors import NetworkError, UnsupportedError
+from lytools.resize.factors import Spectrum, svd_of_dense, svd_of_product, truncated_factors, tucker_to_flat_down
+from lytools.resize.ranks import RankChoice, select_rank
+
+UP, DOWN, MID, ALPHA = "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"
+
+# what happened to a module, as the report says it
+RESIZED, COPIED, TRUNCATED, FLATTENED, KEPT = "resized", "copied", "truncated", "flattened", "kept"
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """The rank rule for one run: method, its parameter, and the rank (fixed) or cap (dynamic) per kind."""
+
+    method: str = "fixed"
+    param: float | None = None
+    rank: int | None = None  # linear and 1x1 modules
+    conv_rank: int | None = None  # kxk conv modules (Tucker included)
+    truncate: bool = False
+
+    def target(self, is_conv: bool) -> int | None:
+        return self.conv_rank if is_conv else self.rank
+
+
+@dataclass
+class ModuleReport:
+    """What resize did to one module, with the figures of ALGORITHMS.md 16."""
+
+    name: str
+    algo: str  # the input algorithm (lora, loha, …; "+dora" when it carried DoRA)
+    kind: str  # linear | conv1x1 | conv | tucker | norm
+    action: str  # resized | copied | truncated | flattened | kept
+    rank_in: int | None
+    rank_out: int | None
+    alpha_in: float | None
+    alpha_out: float | None
+    rank_rule: int | None = None  # kohya's rank for this module before the cap at its own rank
+    sum_kept: float | None = None
+    fro_kept: float | None = None
+    max_ratio: float | None = None
+    note: str = ""
+
+    def as_row(self) -> dict[str, object]:
+        return {
+            "module": self.name, "algo": self.algo, "kind": self.kind, "action": self.action,
+            "rank_in": self.rank_in, "rank_out": self.rank_out, "rank_rule": self.rank_rule,
+            "alpha_in": self.alpha_in, "alpha_out": self.alpha_out,
+            "sum_kept": self.sum_kept, "fro_kept": self.fro_kept,
+            "max_ratio": None if self.max_ratio is None or math.isinf(self.max_ratio) else self.max_ratio,
+            "note": self.note,
+        }
+
+
+@dataclass
+class ModuleResult:
+    """The output tensors of one module (suffix -> tensor, final dtype) and its report."""
+
+    tensors: dict[str, torch.Tensor]
+    report: ModuleReport
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Per-run settings every module needs."""
+
+    rule: RankRule
+    device: torch.device
+    save_dtype: torch.dtype | None = None
+    # module name -> base weight (float32) or None, called only for modules that need it
+    base_weight: Callable[[str], torch.Tensor | None] | None = None
+    # module name, flat ΔW shape -> full ΔW shape when the factors do not tell a conv's kernel
+    full_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] | None = None
+
+
+def _kind(info: ModuleInfo) -> str:
+    if info.algo == "norm":
+        return "norm"
+    if info.tucker:
+        return "tucker"
+    if info.kernel and any(k != 1 for k in info.kernel):
+        return "conv"
+    if info.kernel:
+        return "conv1x1"
+    return "linear"
+
+
+def _out_dtype(module: NetworkModule, suffix: str | None, ctx: Context) -> torch.dtype:
+    if ctx.save_dtype is not None:
+        return ctx.save_dtype
+    tensor = module.get(suffix) if suffix else None
+    if tensor is None or not tensor.is_floating_point():
+        tensor = next((t for t in module.tensors.values() if t.is_floating_point() and t.dim() > 0), None)
+    return tensor.dtype if tensor is not None else torch.float32
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
+
+
+def _copied(module: NetworkModule, ctx: Context) -> dict[str, torch.Tensor]:
+    """Return the module's tensors as they are (cast only when --save-dtype asks)."""
+    return {suffix: _cast(tensor, ctx.save_dtype) for suffix, tensor in module.tensors.items()}
+
+
+def _stored_alpha(alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """Return alpha as a 0-d tensor in `dtype`, or float32 when `dtype` would turn it into 0 or inf."""
+    stored = torch.tensor(alpha, dtype=dtype)
+    value = float(stored)
+    if alpha != 0 and (value == 0 or not math.isfinite(value)):
+        stored = torch.tensor(alpha, dtype=torch.float32)
+    return stored
+
+
+def lora_factors(
+    spectrum: Spectrum, rank: int, scale: float, kernel: tuple[int, ...], in_channels: int, conv: bool,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Return lora_up / lora_down / alpha of the best rank-`rank` approximation, scale `scale` kept.
+
+    alpha = s·r is stored in `dtype`; whatever rounding that costs is folded into `lora_up`, so
+    alpha / r · up @ down equals s · U_r Σ_r V_rᵀ up to the factors' own rounding.
+    """
+    new_up, new_down = truncated_factors(spectrum, rank)
+    alpha = _stored_alpha(scale * rank, dtype)
+    stored_scale = float(alpha) / rank
+    if stored_scale != scale:
+        new_up = new_up * (scale / stored_scale)
+    out = new_up.shape[0]
+    if conv:
+        new_up = new_up.reshape(out, rank, 1, 1)
+        new_down = new_down.reshape(rank, in_channels, *kernel)
+    return {UP: new_up.to("cpu", dtype).contiguous(), DOWN: new_down.to("cpu", dtype).contiguous(), ALPHA: alpha}
+
+
+def _stored_alpha_value(module: NetworkModule) -> float | None:
+    tensor = module.get(ALPHA)
+    return None if tensor is None else read_scalar(module.name, ALPHA, tensor)
+
+
+def _lora_matrices(module: NetworkModule, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (up (out, r), down (r, in·K)) in float32 on `device`, Tucker cores contracted into down."""
+    up = flat2(module[UP]).to(device, torch.float32)
+    down = module[DOWN].to(device, torch.float32)
+    if MID in module:
+        return up, tucker_to_flat_down(module[MID].to(device, torch.float32), down)
+    return up, flat2(down)
+
+
+def _choice(spectrum: Spectrum, rule: RankRule, is_conv: bool) -> RankChoice:
+    return select_rank(spectrum.S, spectrum.full_length, rule.method, rule.param, rule.target(is_conv))
+
+
+def resize_lora(module: NetworkModule, info: ModuleInfo, ctx: Context) -> ModuleResult:
+    """Re-factor a LoRA/LoCon (Tucker included) to the rule's rank through its r × r core."""
+    rank_in = int(module[DOWN].shape[0])
+    alpha_in = _stored_alpha_value(module)
+    scale = info.scale if info.scale is not None else (1.0 if not alpha_in else alpha_in / rank_in)
+    kind = _kind(info)
+    is_conv = kind in ("conv", "tucker")
+    up, down = _lora_matrices(module, ctx.device)
+    spectrum = svd_of_product(up, down)
+    choice = _choice(spectrum, ctx.rule, is_conv)
+    report = ModuleReport(
+        module.name, "lora", kind, RESIZED, rank_in, choice.rank, alpha_in, None, rank_rule=choice.rank,
+        sum_kept=choice.sum_kept, fro_kept=choice.fro_kept, max_ratio=choice.max_ratio,
+    )
+    if choice.rank >= rank_in:
+        # the module already is its own best approximation at that rank: copy it, do not re-factor
+        report.action, report.rank_out, report.alpha_out = COPIED, rank_in, alpha_in
+        report.sum_kept, report.fro_kept = 1.0, 1.0
+        report.note = "already at or below the target rank"
+        return ModuleResult(_copied(module, ctx), report)
+    dtype = _out_dtype(module, DOWN, ctx)
+    kernel = tuple(info.kernel or ())
+    conv = module[UP].dim() == 4 or MID in module
+    tensors = lora_factors(spectrum, choice.rank, scale, kernel, int(module[DOWN].shape[1]), conv, dtype)
+    report.alpha_out = float(tensors[ALPHA])
+    if choice.zero:
+        report.note = "zero weight change (largest singular value below 1e-6): rank 1"
+    if MID in module:
+        report.note = (report.note + "; " if report.note else "") + "Tucker core folded into a plain LoCon"
+    return ModuleResult(tensors, report)
+
+
+def truncate_lora(module: NetworkModule, info: ModuleInfo, ctx: Context, unit: int | None) -> ModuleResult:
+    """Keep the first N ranks of a nested-rank (DyLoRA) module: no SVD, alpha unchanged."""
+    rank_in = int(module[DOWN].shape[0])
+    alpha_in = _stored_alpha_value(module)
+    kind = _kind(info)
+    target = ctx.rule.target(kind in ("conv", "tucker"))
+    assert target is not None
+    report = ModuleReport(module.name, "lora", kind, TRUNCATED, rank_in, target, alpha_in, alpha_in)
+    if rank_in <= target:
+        report.action, report.rank_out, report.note = COPIED, rank_in, "already at or below the target rank"
+        return ModuleResult(_copied(module, ctx), report)
+    tensors = dict(module.tensors)
+    tensors[DOWN] = module[DOWN][:target]
+    tensors[UP] = module[UP][:, :target]
+    if MID in module:
+        tensors[MID] = module[MID][:target, :target]
+    if alpha_in is None or alpha_in == 0:
+        # a missing (or zero) alpha meant alpha = rank_in; keep that alpha, now explicit
+        tensors[ALPHA] = torch.tensor(float(rank_in), dtype=_out_dtype(module, DOWN, ctx))
+        report.alpha_out = float(rank_in)
+        report.note = f"alpha was {'missing' if alpha_in is None else 0}: written as {rank_in}"
+    warnings = []
+    if unit and target % unit:
+        note = f"rank {target} is not a multiple of the DyLoRA unit {unit}"
+        report.note = (report.note + "; " if report.note else "") + note
+        warnings.append(f"{module.name}: {note}")
+    tensors = {suffix: _cast(t, ctx.save_dtype).clone().contiguous() for suffix, t in tensors.items()}
+    return ModuleResult(tensors, report, warnings)
+
+
+def _full_delta_shape(info: ModuleInfo, ctx: Context, base: torch.Tensor | None) -> tuple[int, ...]:
+    if base is not None:
+        return tuple(base.shape)
+    shape = tuple(info.delta_shape or ())
+    if not shape:
+        raise NetworkError(f"module {info.name}: the shape of its weight change needs the base weights (--base)")
+    if info.kernel is None and len(shape) == 2 and ctx.full_shape is not None:
+        return ctx.full_shape(info.name, shape)
+    return shape
+
+
+def algo_label(info: ModuleInfo) -> str:
+    return info.algo + ("+dora" if info.dora else "")
+
+
+def dense_delta(module: NetworkModule, info: ModuleInfo, ctx: Context) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Return (ΔW in float32 on the device, its layer shape) of any mergeable module at ratio 1.
+
+    Non-additive modules (DoRA, ia3, oft, boft) and GLoRA read the base weight: W' − W.
+    """
+    if not info.mergeable:
+        raise UnsupportedError(f"module {info.name}: {info.algo} cannot be resized offline (its change depends on the timestep)")
+    base = None
+    if info.needs_weight or not info.additive or info.delta_shape is None:
+        base = ctx.base_weight(info.name) if ctx.base_weight is not None else None
+        if base is None:
+            why = algo_label(info) if (info.needs_weight or not info.additive) else info.algo
+            raise NetworkError(
+                f"module {info.name}: {why} changes the weight in a way that depends on the base weight; "
+                "pass the base model with --base CHECKPOINT"
+            )
+    shape = _full_delta_shape(info, ctx, base)
+    if base is not None:
+        base = base.to(ctx.device, torch.float32)
+        if info.additive and not info.needs_weight:
+            return delta(module, shape, device=ctx.device), shape
+        merged = apply_module(module, base, None, 1.0, device=ctx.device, info=info)
+        return merged.weight.to(torch.float32) - base, shape
+    return delta(module, shape, device=ctx.device), shape
+
+
+def flatten_module(module: NetworkModule, info: ModuleInfo, ctx: Context) -> ModuleResult:
+    """Turn any algorithm's weight change into a LoRA/LoCon of the rule's rank (exact SVD of ΔW)."""
+    change, shape = dense_delta(module, info, ctx)
+    kernel = tuple(shape[2:])
+    is_conv = any(k != 1 for k in kernel)
+    kind = ("conv" if is_conv else "conv1x1") if kernel else "linear"
+    spectrum = svd_of_dense(change.reshape(shape[0], -1))
+    choice = _choice(spectrum, ctx.rule, is_conv)
+    rank = min(choice.rank, spectrum.S.numel())
+    dtype = _out_dtype(module, None, ctx)
+    tensors = lora_factors(spectrum, rank, 1.0, kernel, shape[1], bool(kernel), dtype)
+    report = ModuleReport(
+        module.name, algo_label(info), kind, FLATTENED, info.rank, rank, info.alpha, float(tensors[ALPHA]),
+        rank_rule=choice.rank, sum_kept=choice.sum_kept, fro_kept=choice.fro_kept, max_ratio=choice.max_ratio,
+        note=f"{algo_label(info)} flattened into a LoRA (the algorithm changes)",
+    )
+    warnings = []
+    if info.bias_delta:
+        report.note += "; its bias change cannot be held by a LoRA and is dropped"
+        warnings.append(f"{module.name}: {info.algo} bias change dropped (a LoRA holds no bias)")
+    if choice.zero:
+        report.note += "; zero weight change: rank 1"
+    return ModuleResult(tensors, report, warnings)
+
+
+def keep_module(module: NetworkModule, info: ModuleInfo, ctx: Context) -> ModuleResult:
+    """Return a module that has no rank to reduce (norm layers) as it is."""
+    report = ModuleReport(module.name, info.algo, _kind(info), KEPT, None, None, None, None,
+                          note="no rank to reduce: copied")
+    return ModuleResult(_copied(module, ctx), report)
+
+
+def is_plain_lora(info: ModuleInfo) -> bool:
+    """True for a LoRA/LoCon whose change is exactly s·up@down (no DoRA, no sparse correction)."""
+    return info.algo == "lora" and not info.dora and not info.sparse_bias
+
+
+@contextlib.contextmanager
+def small_ops(device: torch.device):
+    """Run CPU math on one thread: the low-rank route is many tiny products whose thread start-up
+    costs more than the arithmetic (measured: 20x slower with 2 threads on a busy 2-core machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def resize_module(module: NetworkModule, info: ModuleInfo, ctx: Context, unit: int | None = None) -> ModuleResult:
+    """Return the resized module: the one entry point the pipeline calls per module."""
+    if info.algo == "norm":
+        return keep_module(module, info, ctx)
+    if ctx.rule.truncate:
+        if not is_plain_lora(info):
+            raise UnsupportedError(
+                f"module {module.name}: --truncate keeps leading ranks of LoRA/DyLoRA modules; this one is "
+                f"{algo_label(info)}{' with a sparse correction' if info.sparse_bias else ''} (resize it without --truncate)"
+            )
+        return truncate_lora(module, info, ctx, unit)
+    if is_plain_lora(info):
+        with small_ops(ctx.device):
+            return resize_lora(module, info, ctx)
+    return flatten_module(module, info, ctx)
+
+
+def module_alphas(tensors: Mapping[str, torch.Tensor]) -> float | None:
+    value = tensors.get(ALPHA)
+    return None if value is None else float(value.flatten()[0])

@@ -1,0 +1,369 @@
+"""The resize command: read a network, resize every module, write it with updated metadata
+(spec: CLI.md resize; ALGORITHMS.md 16; FORMATS.md 5.3)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from lytools.algos import ModuleInfo, NetworkModule, describe_module, describe_shapes, group_keys
+from lytools.device import resolve_device
+from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError
+from lytools.io import check_output_path, file_hashes, open_file, with_sshs_hashes, write_safetensors
+from lytools.io.metadata import add_provenance, carried, source_entry
+from lytools.resize.modules import (
+    COPIED, FLATTENED, KEPT, RESIZED, TRUNCATED, Context, ModuleReport, ModuleResult, RankRule, is_plain_lora,
+    resize_module,
+)
+from lytools.resize.ranks import DYNAMIC_METHODS, METHODS
+from lytools.resize.report import write_report
+from lytools.resize.verify import VerifyResult, verify_output
+from lytools.ui import QUIET, Reporter
+
+
+@dataclass(frozen=True)
+class ResizeOptions:
+    """Everything the command line can ask of resize."""
+
+    rank: int | None = None
+    conv_rank: int | None = None
+    method: str = "fixed"
+    method_param: float | None = None
+    max_rank: int | None = None
+    truncate: bool = False
+    base: Path | None = None
+    report: Path | None = None
+    device: str = "auto"
+    save_dtype: torch.dtype | None = None
+    verify: bool = False
+    overwrite: bool = False
+
+    def rule(self) -> RankRule:
+        """Return the per-kind rank (fixed, truncate) or cap (dynamic), after checking the options."""
+        check_options(self)
+        if self.method == "fixed":
+            conv = self.conv_rank if self.conv_rank is not None else self.rank
+            return RankRule("fixed", None, self.rank, conv, self.truncate)
+        caps = [c for c in (self.rank, self.max_rank) if c is not None]
+        cap = min(caps) if caps else None
+        conv_caps = [c for c in (self.conv_rank if self.conv_rank is not None else self.rank, self.max_rank) if c is not None]
+        return RankRule(self.method, self.method_param, cap, min(conv_caps) if conv_caps else None)
+
+
+def check_options(options: ResizeOptions) -> None:
+    """Raise LytoolsError for option combinations that cannot mean anything."""
+    if options.method not in METHODS:
+        raise LytoolsError(f"--method {options.method}: expected one of {', '.join(METHODS)}")
+    for flag, value in (("--rank", options.rank), ("--conv-rank", options.conv_rank), ("--max-rank", options.max_rank)):
+        if value is not None and value < 1:
+            raise LytoolsError(f"{flag} {value}: must be at least 1")
+    if options.method == "fixed":
+        if options.rank is None:
+            raise LytoolsError("--rank N is required (or a dynamic --method with --method-param)")
+        if options.method_param is not None:
+            raise LytoolsError("--method-param applies to the dynamic methods (sv_ratio, sv_fro, sv_cumulative)")
+        if options.max_rank is not None:
+            raise LytoolsError("--max-rank caps the dynamic methods; with --method fixed use --rank")
+    else:
+        if options.truncate:
+            raise LytoolsError("--truncate keeps a fixed number of ranks; it does not combine with --method " + options.method)
+        if options.method_param is None:
+            raise LytoolsError(f"--method {options.method} needs --method-param F")
+        param = options.method_param
+        if not math.isfinite(param) or param <= 0:
+            raise LytoolsError(f"--method-param {param}: must be a positive number")
+        if options.method in ("sv_fro", "sv_cumulative") and param > 1:
+            raise LytoolsError(f"--method-param {param}: {options.method} takes a share between 0 and 1")
+
+
+@dataclass
+class ResizeSummary:
+    """What a resize run did: per-module reports, warnings, timings and the paths written."""
+
+    output: Path
+    modules: list[ModuleReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    verify: VerifyResult | None = None
+
+    def counts(self) -> Counter:
+        return Counter(report.action for report in self.modules)
+
+    def line(self) -> str:
+        """Return the one-line summary printed to stderr."""
+        counts = self.counts()
+        parts = [f"{counts[a]} {a}" for a in (RESIZED, FLATTENED, TRUNCATED, COPIED, KEPT) if counts[a]]
+        ranks = [r.rank_out for r in self.modules if r.rank_out is not None and r.action != KEPT]
+        fro = [r.fro_kept for r in self.modules if r.fro_kept is not None]
+        text = f"resize: {len(self.modules)} modules ({', '.join(parts) or 'none'})"
+        if ranks:
+            text += f", ranks {min(ranks)}..{max(ranks)}"
+        if fro:
+            text += f", Frobenius share kept mean {sum(fro) / len(fro):.4f} min {min(fro):.4f}"
+        return text + f", {self.seconds:.2f} s -> {self.output}"
+
+
+# -- reading -------------------------------------------------------------------------------------------
+@dataclass
+class Network:
+    """A network's modules (canonical kohya/LyCORIS names), stray tensors and metadata."""
+
+    modules: dict[str, NetworkModule]
+    stray: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def _from_convert(path: Path) -> Network | None:
+    """Read a network in another key layout (diffusers, peft, ComfyUI) through lytools.convert."""
+    try:
+        from lytools.convert import load_network  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    net = load_network(path)
+    stray = getattr(net, "stray", None) or {}
+    if not isinstance(stray, dict):
+        stray = {}
+    return Network(dict(net.modules), dict(stray), dict(net.metadata))
+
+
+def read_network(path: Path) -> Network:
+    """Return every module of the network at `path`; raise when it holds none."""
+    with open_file(path) as reader:
+        groups = group_keys(reader.keys())
+        metadata = dict(reader.metadata or {})
+        if not groups.modules:
+            converted = _from_convert(path)
+            if converted is not None and converted.modules:
+                return converted
+            raise FileFormatError(f"{path}: no LoRA/LyCORIS network modules found (is it a network file?)")
+        # diffusers/peft keys next to kohya ones: hand the whole file to the layout converter
+        layered = [k for k in groups.stray if ".lora_A." in k or ".lora_B." in k or ".lora.down." in k]
+        if layered:
+            converted = _from_convert(path)
+            if converted is None:
+                raise FileFormatError(f"{path}: mixes kohya and diffusers/peft key layouts ({layered[0]})")
+            return converted
+        modules = {}
+        for name, suffixes in groups.modules.items():
+            modules[name] = NetworkModule(name, {suffix: reader.get(key).clone() for suffix, key in suffixes.items()})
+        stray = {key: reader.get(key).clone() for key in groups.stray}
+    return Network(modules, stray, metadata)
+
+
+def describe_all(path: Path, network: Network) -> dict[str, ModuleInfo]:
+    """Return every module's description; the first malformed module fails the run, naming the file."""
+    infos = {}
+    for name, module in network.modules.items():
+        try:
+            describe_shapes(name, module.shapes())  # shapes first: a clear message before any value is read
+            infos[name] = describe_module(module)
+        except LytoolsError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
+    return infos
+
+
+# -- base weights ----------------------------------------------------------------------------------------
+class BaseWeights:
+    """Looks up a module's base weight in a checkpoint (--base), float32, rows of fused tensors joined."""
+
+    def __init__(self, path: Path, metadata: Mapping[str, str] | None = None):
+        from lytools.arch import Resolver
+
+        self.path = path
+        self.reader = open_file(path)
+        infos = {name: self.reader.info(name) for name in self.reader.keys()}
+        self.resolver = Resolver(infos, metadata or self.reader.metadata)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        resolved = self.resolver.resolve(name)
+        if resolved is None:
+            raise MatchError(f"{self.path}: no weight for module {name} in this checkpoint")
+        pieces = []
+        for placement in resolved.placements:
+            tensor = self.reader.get(placement.key)
+            if placement.rows is not None:
+                tensor = tensor[placement.rows[0]:placement.rows[1]]
+            pieces.append(tensor.to(torch.float32))
+        weight = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+        return weight.reshape(resolved.shape) if weight.numel() == math.prod(resolved.shape) else weight
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def table_shape(name: str, flat: tuple[int, ...]) -> tuple[int, ...]:
+    """Return a conv's (out, in, kh, kw) for a module whose factors store it flattened, from the name tables."""
+    from lytools.arch import alias_table
+
+    for arch in ("sd1", "sdxl", "sd2", "flux"):
+        target = alias_table(arch).get(name)
+        if target is None:
+            continue
+        kernel = tuple(target.shape[2:])
+        size = math.prod(kernel) if kernel else 1
+        if kernel and flat[1] % size == 0:
+            return (flat[0], flat[1] // size, *kernel)
+        return flat
+    return flat
+
+
+# -- metadata ---------------------------------------------------------------------------------------------
+def _most_common(values: list) -> object | None:
+    return Counter(values).most_common(1)[0][0] if values else None
+
+
+def _format_number(value: float) -> str:
+    return str(float(value))
+
+
+def dylora_unit(metadata: Mapping[str, str]) -> int | None:
+    """Return the DyLoRA `unit` from ss_network_args, or None."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+        unit = int(args.get("unit")) if isinstance(args, dict) and args.get("unit") is not None else None
+    except (ValueError, TypeError):
+        return None
+    return unit if unit and unit > 0 else None
+
+
+def resized_metadata(
+    metadata: Mapping[str, str], options: ResizeOptions, rule: RankRule, reports: list[ModuleReport], source: Path,
+    autov3: str | None,
+) -> dict[str, str]:
+    """Return the output metadata: sd-scripts' resize keys, the algorithm if it changed, provenance."""
+    meta = carried(metadata)
+    rank_reports = [r for r in reports if r.rank_in is not None and r.action != KEPT]
+    linear = [r for r in rank_reports if r.kind not in ("conv", "tucker")] or rank_reports
+    old_dim = _most_common([r.rank_in for r in linear])
+    conv_desc = "" if rule.conv_rank == rule.rank else f" (conv: {rule.conv_rank})"
+    comment = meta.get("ss_training_comment", "")
+    if options.truncate:
+        prefix = f"dimension is truncated from {old_dim} to {rule.rank}{conv_desc}; "
+    elif options.method == "fixed":
+        prefix = f"dimension is resized from {old_dim} to {rule.rank}{conv_desc}; "
+    else:
+        prefix = f"Dynamic resize with {options.method}: {options.method_param} from {old_dim}; "
+    meta["ss_training_comment"] = prefix + comment
+    written = [r for r in rank_reports if r.rank_out is not None]
+    linear_out = [r for r in written if r.kind not in ("conv", "tucker")] or written
+    if options.method == "fixed":
+        meta["ss_network_dim"] = str(rule.rank)
+        alphas = {round(r.alpha_out, 6) for r in linear_out if r.alpha_out is not None and r.rank_out == rule.rank}
+        if len(alphas) == 1:
+            meta["ss_network_alpha"] = _format_number(alphas.pop())
+        else:
+            meta["ss_network_alpha"] = "Dynamic"
+    else:
+        meta["ss_network_dim"] = "Dynamic"
+        meta["ss_network_alpha"] = "Dynamic"
+    flattened = [r for r in reports if r.action == FLATTENED]
+    if flattened:
+        meta["ss_network_module"] = "networks.lora"
+        try:
+            args = json.loads(meta.get("ss_network_args") or "{}")
+        except ValueError:
+            args = {}
+        if isinstance(args, dict):
+            for key in ("algo", "use_tucker", "use_cp", "dora_wd", "factor", "decompose_both", "full_matrix"):
+                args.pop(key, None)
+            meta["ss_network_args"] = json.dumps(args)
+    elif not options.truncate and meta.get("ss_network_module") == "networks.dylora":
+        # re-factored by SVD: the leading ranks are no longer nested
+        meta["ss_network_module"] = "networks.lora"
+    if not options.truncate and options.method == "fixed" and "ss_network_args" in meta:
+        try:
+            args = json.loads(meta["ss_network_args"])
+        except ValueError:
+            args = None
+        if isinstance(args, dict) and "conv_dim" in args:
+            convs = [r for r in written if r.kind in ("conv", "tucker") and r.rank_out == rule.conv_rank]
+            conv_alphas = {round(r.alpha_out, 6) for r in convs if r.alpha_out is not None}
+            args["conv_dim"] = str(rule.conv_rank)
+            if len(conv_alphas) == 1:
+                args["conv_alpha"] = _format_number(conv_alphas.pop())
+            meta["ss_network_args"] = json.dumps(args)
+    sources = [source_entry(source, autov3)]
+    return add_provenance(meta, sources=sources)
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+def _module_lines(report: ModuleReport) -> str:
+    shares = ""
+    if report.fro_kept is not None:
+        shares = f"  fro {report.fro_kept:.4f}  sum {report.sum_kept:.4f}"
+    alpha = "" if report.alpha_out is None else f"  alpha {report.alpha_out:g}"
+    return f"{report.name}: {report.algo} {report.kind} {report.action} {report.rank_in}->{report.rank_out}{alpha}{shares}" + (
+        f"  ({report.note})" if report.note else "")
+
+
+def resize_file(
+    source: str | os.PathLike, output: str | os.PathLike, options: ResizeOptions, reporter: Reporter = QUIET
+) -> ResizeSummary:
+    """Resize the network at `source` into `output` and return what was done (see CLI.md resize)."""
+    started = time.perf_counter()
+    source, output = Path(source), Path(output)
+    rule = options.rule()
+    output = check_output_path(output, options.overwrite)
+    if options.report is not None:
+        if options.report.suffix.lower() not in (".json", ".csv"):
+            raise LytoolsError(f"--report {options.report}: expected a .json or .csv file name")
+        check_output_path(options.report, options.overwrite)
+    device = resolve_device(options.device)
+    network = read_network(source)
+    infos = describe_all(source, network)
+    unit = dylora_unit(network.metadata)
+    if options.truncate and unit is None and network.metadata.get("ss_network_module", "").endswith("dylora"):
+        reporter.detail("DyLoRA file without a unit in ss_network_args: truncating without a unit check")
+    flattened = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values()
+                        if info.algo != "norm" and not is_plain_lora(info)})
+    if flattened and not options.truncate:
+        reporter.log(f"{source.name}: {', '.join(flattened)} modules become LoRA/LoCon modules (the algorithm changes)")
+    base = BaseWeights(options.base) if options.base is not None else None
+    try:
+        ctx = Context(rule, device, options.save_dtype, base_weight=base, full_shape=table_shape)
+        summary = ResizeSummary(output)
+        tensors: dict[str, torch.Tensor] = {}
+        for name in reporter.progress(list(network.modules), total=len(network.modules), desc="resize"):
+            try:
+                result: ModuleResult = resize_module(network.modules[name], infos[name], ctx, unit)
+            except LytoolsError as exc:
+                raise type(exc)(f"{source}: {exc}") from None
+            for suffix, tensor in result.tensors.items():
+                tensors[f"{name}.{suffix}"] = tensor
+            summary.modules.append(result.report)
+            summary.warnings.extend(result.warnings)
+            reporter.detail(_module_lines(result.report))
+        for key, tensor in network.stray.items():
+            keep = options.save_dtype is None or not tensor.is_floating_point()
+            tensors[key] = tensor if keep else tensor.to(options.save_dtype)
+        summary.stray = sorted(network.stray)
+        if summary.stray:
+            reporter.log(f"{len(summary.stray)} tensors that belong to no module copied unchanged")
+        for warning in summary.warnings:
+            reporter.warn(warning)
+        autov3 = file_hashes(source).autov3 if source.suffix.lower() == ".safetensors" else None
+        metadata = resized_metadata(network.metadata, options, rule, summary.modules, source, autov3)
+        metadata = with_sshs_hashes(tensors, metadata)
+        write_safetensors(output, tensors, metadata, overwrite=options.overwrite)
+        if options.verify:
+            summary.verify = verify_output(output, network.modules, infos, summary.modules, ctx)
+            if not summary.verify.ok:
+                output.unlink(missing_ok=True)
+                raise LytoolsError(f"{output}: verification failed: {summary.verify.message}; output removed")
+            reporter.log(summary.verify.message)
+    finally:
+        if base is not None:
+            base.close()
+    summary.seconds = time.perf_counter() - started
+    if options.report is not None:
+        write_report(options.report, summary.modules)
+    return summary
