@@ -135,15 +135,23 @@ def test_writer_bytes_identical_to_safetensors(tmp_path):
         "mask": torch.tensor([True, False]),
         "bf": torch.randn(2, 2).bfloat16(),
     }
-    meta = {"ss_network_dim": "8", "modelspec.title": "t"}
+    # one metadata key: the reference writer orders several keys by hash-map iteration (random)
+    meta = {"ss_network_dim": "8"}
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
     writer = write_safetensors(ours, tensors, meta)
     safetensors.torch.save_file(tensors, theirs, meta)
     assert ours.read_bytes() == theirs.read_bytes()
+    richer = {"ss_network_dim": "8", "modelspec.title": "t", "ss_network_alpha": "4.0"}
+    write_safetensors(ours, tensors, richer, overwrite=True)
+    safetensors.torch.save_file(tensors, theirs, richer)
+    ours_header, theirs_header = read_header(ours), read_header(theirs)
+    assert ours_header.metadata == theirs_header.metadata
+    assert ours_header.tensors == theirs_header.tensors
+    assert ours.read_bytes()[ours_header.data_start :] == theirs.read_bytes()[theirs_header.data_start :]
     loaded = safetensors.torch.load_file(ours)
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
     with safe_open(ours, framework="pt") as handle:
-        assert handle.metadata() == meta
+        assert handle.metadata() == richer
     header_len = struct.unpack("<Q", theirs.read_bytes()[:8])[0]
     assert writer.data_sha256 == hashlib.sha256(theirs.read_bytes()[8 + header_len :]).hexdigest()
 
@@ -205,7 +213,7 @@ def test_writer_checks_plan(tmp_path):
 def test_out_of_order_writes_are_correct(tmp_path):
     tensors = {f"t{i}": torch.randn(i + 1, 3) for i in range(5)}
     out = tmp_path / "o.safetensors"
-    writer = SafetensorsWriter(out, [plan_entry(n, t.dtype, t.shape) for n, t in tensors.items()])
+    writer = SafetensorsWriter(out, [plan_entry(n, t.dtype, t.shape) for n, t in tensors.items()], hash_data=True)
     with writer:
         for name in reversed(writer.order):
             writer.write(name, tensors[name])

@@ -80,12 +80,19 @@ def parse_save_dtype(name: str | None) -> torch.dtype | None:
         ) from None
 
 
-def byte_size(dtype_name: str, shape: tuple[int, ...]) -> Fraction:
-    """Return the exact byte size of a tensor (a Fraction for sub-byte dtypes)."""
+_WHOLE_SIZES = {name: int(size) for name, size in ITEM_SIZES.items() if size.denominator == 1}
+
+
+def byte_size(dtype_name: str, shape: tuple[int, ...]) -> int | Fraction:
+    """Return the exact byte size of a tensor (a Fraction for sub-byte dtypes that do not fill bytes)."""
     numel = 1
     for dim in shape:
         numel *= dim
-    return ITEM_SIZES[dtype_name] * numel
+    whole = _WHOLE_SIZES.get(dtype_name)
+    if whole is not None:
+        return whole * numel
+    size = ITEM_SIZES[dtype_name] * numel
+    return int(size) if size.denominator == 1 else size
 
 
 def is_float(dtype: torch.dtype) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from fractions import Fraction
 
 from lytools.errors import FileFormatError
 from lytools.io.dtypes import ITEM_SIZES, TORCH_DTYPES, byte_size
@@ -172,7 +173,7 @@ def _validate(path: Path, header_len: int, file_size: int, parsed: dict) -> Head
         if end < begin:
             raise _fail(path, f"tensor {name!r}: data_offsets end {end} before begin {begin}")
         size = byte_size(dtype, tuple(shape))
-        if size.denominator != 1:
+        if isinstance(size, Fraction):
             raise _fail(path, f"tensor {name!r}: {dtype} shape {shape} is not a whole number of bytes")
         if end - begin != size:
             raise _fail(

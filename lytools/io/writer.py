@@ -23,6 +23,25 @@ from lytools.errors import LytoolsError, OutputExistsError
 from lytools.io.dtypes import byte_size, order_key, st_name
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+WRITEBACK_CHUNK = 64 << 20  # start disk writeback every 64 MiB so the final fsync has little left
+
+
+def _sync_file_range():
+    """Return Linux sync_file_range (start writeback without waiting), or None elsewhere."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.sync_file_range
+        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        return function
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
 
 
 @dataclass(frozen=True)
@@ -94,7 +113,8 @@ class SafetensorsWriter:
     """Write a planned safetensors file tensor by tensor; atomic on success, nothing on failure.
 
     Tensors may be written in any order; writing them in `order` keeps the disk sequential
-    and lets the writer hash the data section (sd-scripts model hash / AutoV3) on the fly.
+    and, with `hash_data=True`, lets the writer hash the data section (sd-scripts model hash /
+    AutoV3) on the fly into `data_sha256`.
     """
 
     def __init__(
@@ -104,8 +124,10 @@ class SafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
         *,
         overwrite: bool = False,
+        hash_data: bool = False,
     ):
         self.path = check_output_path(path, overwrite)
+        self.hash_data = hash_data
         self.overwrite = overwrite
         planned = list(entries)
         names = [entry.name for entry in planned]
@@ -127,6 +149,7 @@ class SafetensorsWriter:
         self._next_index = 0
         self._sha = hashlib.sha256()
         self._in_order = True
+        self._unsynced = 0
         self.data_sha256: str | None = None
 
     @property
@@ -162,15 +185,27 @@ class SafetensorsWriter:
                 f"{self.path}: tensor {name!r} is {actual} {list(shape)} but was planned as {entry.dtype} {list(entry.shape)}"
             )
         data = tensor_bytes(tensor)
-        in_sequence = self._in_order and self.entries[self._next_index].name == name
-        if in_sequence:
-            self._sha.update(data)
-            self._next_index += 1
-        else:
-            self._in_order = False
+        if self.hash_data:
+            in_sequence = self._in_order and self.entries[self._next_index].name == name
+            if in_sequence:
+                self._sha.update(data)
+                self._next_index += 1
+            else:
+                self._in_order = False
         self._handle.seek(offset)
         self._handle.write(data)
         self._written.add(name)
+        self._unsynced += len(data)
+        if self._unsynced >= WRITEBACK_CHUNK:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Hand the bytes written so far to the disk in the background (Linux), keeping fsync short."""
+        self._unsynced = 0
+        if _SYNC_FILE_RANGE is None or self._handle is None:
+            return
+        self._handle.flush()
+        _SYNC_FILE_RANGE(self._handle.fileno(), 0, 0, SYNC_FILE_RANGE_WRITE)
 
     def close(self) -> None:
         """Check every tensor was written, fsync, and rename into place."""
@@ -192,7 +227,7 @@ class SafetensorsWriter:
             handle.close()
             self._remove_temp()
             raise
-        if self._in_order:
+        if self.hash_data and self._in_order:
             self.data_sha256 = self._sha.hexdigest()
         _fsync_dir(self.path.parent)
 
@@ -236,9 +271,12 @@ def write_safetensors(
     *,
     overwrite: bool = False,
 ) -> SafetensorsWriter:
-    """Write a dict of tensors atomically (for outputs that fit in memory, such as networks)."""
+    """Write a dict of tensors atomically (for outputs that fit in memory, such as networks).
+
+    The returned writer's `data_sha256` is the written file's AutoV3 / sshs_model_hash.
+    """
     entries = [plan_entry(name, tensor.dtype, _stored_shape(tensor)) for name, tensor in tensors.items()]
-    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite)
+    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite, hash_data=True)
     with writer:
         for name in writer.order:
             writer.write(name, tensors[name])
