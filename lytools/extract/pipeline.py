@@ -1,0 +1,377 @@
+"""`lytools extract`: BASE and TUNED in, a LoRA/LoCon approximating TUNED − BASE out, streaming.
+
+    plan (headers only) -> for each paired module: read both weights (a loader thread keeps the
+    next modules ready, pinned for the GPU), D = tuned − base in float32 on the device, factor,
+    append the factors to a spill file -> write the safetensors from the spill in file order
+    (atomic) -> optional verify (reload, rebuild each module, compare with D again).
+
+Memory: the pair of tensors being factored, a few prefetched ones (bounded in bytes) and the
+small factors; the output waits on disk, not in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from lytools.algos import delta as module_delta
+from lytools.algos import group_keys, load_module
+from lytools.device import resolve_device
+from lytools.errors import LytoolsError, MatchError
+from lytools.extract.factor import Extracted, FactorOptions, ModuleRecord, extract_module
+from lytools.extract.plan import ExtractPlan, PairedModule, plan_extraction
+from lytools.extract.ranks import RankRule
+from lytools.extract.report import Summary, summarize, write_report
+from lytools.extract.spill import SpillStore
+from lytools.extract.svd import SvdFailure
+from lytools.io import open_file, with_sshs_hashes, write_safetensors
+from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
+from lytools.io.safetensors import read_header
+from lytools.io.writer import check_output_path
+from lytools.ui import QUIET, Reporter
+
+PREFETCH_BYTES = 512 << 20  # float32 bytes of weights the loader may hold ahead of the SVDs
+VERIFY_TOLERANCE = 1e-3  # |reloaded error − reported error| allowed, relative to ‖D‖
+
+
+class VerifyError(LytoolsError):
+    """The written file does not reproduce what was extracted."""
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    linear: RankRule = RankRule("fixed", 32)
+    conv: RankRule = RankRule("fixed", 32)
+    factor: FactorOptions = FactorOptions()
+    min_diff: float = 0.0
+    unet: bool = True
+    text_encoder: bool = True
+    arch: str = "auto"
+    device: str = "auto"
+    verify: bool = False
+    overwrite: bool = False
+    report: Path | None = None
+    command: str | None = None  # recorded as lytools.command (default: sys.argv)
+
+
+@dataclass
+class ExtractResult:
+    output: Path
+    plan: ExtractPlan
+    records: list[ModuleRecord]
+    summary: Summary
+    seconds: float
+    verified: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+# -- reading ----------------------------------------------------------------------------------------
+def _bias_key(key: str) -> str | None:
+    if key.endswith("in_proj_weight"):
+        return key[: -len("weight")] + "bias"
+    if key.endswith(".weight"):
+        return key[: -len("weight")] + "bias"
+    return None
+
+
+def read_module(source: Any, placements, shape: tuple[int, ...], *, bias: bool = False) -> torch.Tensor | None:
+    """Return the module's weight (or bias with bias=True) as float32 on the CPU, rows assembled."""
+    pieces = []
+    for placement in placements:
+        key = placement.key
+        if bias:
+            key = _bias_key(key)
+            if key is None or key not in source.keys_set:
+                return None
+        if placement.rows is not None:
+            piece = source.get_rows(key, placement.rows[0], placement.rows[1])
+        else:
+            piece = source.get(key)
+        pieces.append(piece.float() if piece.dtype != torch.float32 else piece.clone())
+    tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if bias:
+        return tensor.reshape(-1)
+    return tensor.reshape(shape)
+
+
+class _Source:
+    """An open input file plus a set of its keys (for bias look-ups)."""
+
+    def __init__(self, path: Path):
+        self.file = open_file(path)
+        self.keys_set = set(self.file.keys())
+        self.path = path
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.file.get(key)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self.file.get_rows(key, start, stop)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class _Loaded:
+    module: PairedModule
+    base: torch.Tensor | None
+    tuned: torch.Tensor | None
+    base_bias: torch.Tensor | None = None
+    tuned_bias: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+def _prefetch(modules: list[PairedModule], base: _Source, tuned: _Source, pin: bool, want_bias: Callable[[PairedModule], bool]) -> Iterator[_Loaded]:
+    """Yield each module's two weights, read by a background thread a bounded number of bytes ahead."""
+    slots = queue.Queue()
+    budget = threading.Semaphore(max(1, PREFETCH_BYTES // (16 << 20)))
+    stop = threading.Event()
+
+    def units(module: PairedModule) -> int:
+        return max(1, min(PREFETCH_BYTES // (16 << 20), (2 * module.nbytes32) // (16 << 20)))
+
+    def work() -> None:
+        for module in modules:
+            needed = units(module)
+            for _ in range(needed):
+                while not budget.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+            if stop.is_set():
+                return
+            try:
+                base_w = read_module(base, module.base, module.shape)
+                tuned_w = read_module(tuned, module.tuned, module.shape)
+                base_b = tuned_b = None
+                if want_bias(module):
+                    base_b = read_module(base, module.base, module.shape, bias=True)
+                    tuned_b = read_module(tuned, module.tuned, module.shape, bias=True)
+                if pin:
+                    base_w, tuned_w = base_w.pin_memory(), tuned_w.pin_memory()
+                slots.put((_Loaded(module, base_w, tuned_w, base_b, tuned_b), needed))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                slots.put((_Loaded(module, None, None, error=exc), needed))
+                return
+
+    thread = threading.Thread(target=work, name="lytools-extract-reader", daemon=True)
+    thread.start()
+    try:
+        for _ in modules:
+            loaded, needed = slots.get()
+            try:
+                if loaded.error is not None:
+                    raise loaded.error
+                yield loaded
+            finally:
+                loaded.base = loaded.tuned = None
+                for _ in range(needed):
+                    budget.release()
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+# -- metadata -----------------------------------------------------------------------------------------
+def _data_sha256(path: Path) -> str | None:
+    """AutoV3 of a safetensors input (its data section), or None for other formats."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    header = read_header(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(header.data_start)
+        while True:
+            chunk = handle.read(8 << 20)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Hasher(threading.Thread):
+    """Hashes the inputs' data sections in the background (hashlib releases the GIL)."""
+
+    def __init__(self, paths: list[Path]):
+        super().__init__(name="lytools-extract-hash", daemon=True)
+        self.paths = paths
+        self.hashes: dict[Path, str | None] = {}
+
+    def run(self) -> None:
+        for path in self.paths:
+            try:
+                self.hashes[path] = _data_sha256(path)
+            except (OSError, LytoolsError):
+                self.hashes[path] = None
+
+
+def build_metadata(out: Path, plan: ExtractPlan, records: list[ModuleRecord], options: ExtractOptions,
+                   sources: list[dict[str, str]]) -> dict[str, str]:
+    """Return ss_* and modelspec.* as sd-scripts' extractor writes them, plus lytools provenance."""
+    arch = None if plan.generic else plan.arch
+    stored = [r for r in records if r.stored != "skipped"]
+    lycoris = any(r.stored in ("full", "lora+mid") for r in stored) or options.factor.sparse_bias
+    fixed = options.linear.mode == "fixed"
+    dim: str = str(int(options.linear.value)) if fixed else "Dynamic"
+    alpha: str = str(float(int(options.linear.value))) if fixed else "Dynamic"
+    if options.linear.mode == "full":
+        dim = alpha = "Dynamic"
+    args: dict[str, str] = {}
+    has_conv = any(r.kind in ("conv3x3", "conv") for r in stored)
+    if has_conv:
+        if options.conv.mode == "fixed":
+            args = {"conv_dim": str(int(options.conv.value)), "conv_alpha": str(float(int(options.conv.value)))}
+        else:
+            args = {"conv_dim": "Dynamic", "conv_alpha": "Dynamic"}
+    if lycoris:
+        args = {"algo": "locon", **args}
+        if options.factor.tucker:
+            args["use_tucker"] = "True"
+    module = "lycoris.kohya" if lycoris else "networks.lora"
+    metadata = kohya_network_metadata(arch, dim, alpha, args, module=module)
+    metadata.update(network_modelspec(arch, out.stem))
+    comment = f"extracted by lytools: linear {options.linear.describe()}, conv {options.conv.describe()}"
+    metadata["ss_training_comment"] = comment
+    return add_provenance(metadata, options.command, sources)
+
+
+# -- the run -------------------------------------------------------------------------------------------
+def _rule_for(module: PairedModule, options: ExtractOptions) -> RankRule:
+    return options.conv if module.kxk else options.linear
+
+
+def extract(base: str | Path, tuned: str | Path, out: str | Path, options: ExtractOptions = ExtractOptions(),
+            reporter: Reporter = QUIET) -> ExtractResult:
+    """Extract TUNED − BASE into a LoRA/LoCon at `out`; see the module docstring."""
+    started = time.perf_counter()
+    base, tuned = Path(base), Path(tuned)
+    out = check_output_path(out, options.overwrite)
+    if options.report is not None and options.report.suffix.lower() not in (".json", ".csv"):
+        raise LytoolsError(f"{options.report}: --report must end in .json or .csv")
+    device = resolve_device(options.device)
+    base_source, tuned_source = _Source(base), _Source(tuned)
+    hasher = _Hasher([base, tuned])
+    hasher.start()
+    try:
+        plan = plan_extraction(
+            {info.name: tuple(info.shape) for info in base_source.file.infos()},
+            {info.name: tuple(info.shape) for info in tuned_source.file.infos()},
+            base_path=base, tuned_path=tuned,
+            base_metadata=base_source.file.metadata, tuned_metadata=tuned_source.file.metadata,
+            arch=options.arch, unet=options.unet, text_encoder=options.text_encoder,
+        )
+        records: list[ModuleRecord] = list(plan.skipped)
+        todo: list[PairedModule] = []
+        for module in plan.modules:
+            rule = _rule_for(module, options)
+            if rule.skips:
+                records.append(ModuleRecord(module.name, module.component, module.kind, module.shape, "skipped",
+                                            reason="conv dim 0" if module.kxk else "linear dim 0"))
+            else:
+                todo.append(module)
+        reporter.detail(f"{base.name}: {plan.base_arch.arch} ({plan.base_arch.layout}); {tuned.name}: "
+                        f"{plan.tuned_arch.arch} ({plan.tuned_arch.layout}); naming: {plan.arch}")
+        reporter.log(f"extracting {len(todo)} modules on {device.type} "
+                     f"(linear {options.linear.describe()}, conv {options.conv.describe()})")
+        # bias deltas go with modules stored whole (`diff_b`); they are a few KiB, so read them always
+        want_bias = lambda module: _rule_for(module, options).mode == "full" or options.factor.full_fallback  # noqa: E731
+        with SpillStore(out.parent) as spill:
+            loaded_iter = _prefetch(todo, base_source, tuned_source, device.type == "cuda", want_bias)
+            for loaded in reporter.progress(loaded_iter, total=len(todo), desc="extract"):
+                record, extracted = _extract_one(loaded, options, device)
+                records.append(record)
+                if extracted is not None:
+                    for suffix, tensor in extracted.tensors.items():
+                        spill.append(f"{loaded.module.name}.{suffix}", tensor)
+                    if record.stored == "full":
+                        reporter.detail(f"{record.name}: {record.reason}")
+                for note in record.notes:
+                    reporter.detail(f"{record.name}: {note}")
+            tensors = spill.tensors()
+            if not tensors:
+                raise MatchError(f"{base.name} and {tuned.name}: no module differs (nothing to write)")
+            hasher.join()
+            sources = [source_entry(path, hasher.hashes.get(path)) for path in (base, tuned)]
+            metadata = build_metadata(out, plan, records, options, sources)
+            metadata = with_sshs_hashes(tensors, metadata)
+            write_safetensors(out, tensors, metadata, overwrite=options.overwrite)
+            del tensors
+        records.sort(key=lambda r: r.name)
+        verified = None
+        if options.verify:
+            verified = verify_output(out, records, plan, base_source, tuned_source, device, reporter)
+    finally:
+        base_source.close()
+        tuned_source.close()
+    summary = summarize(records)
+    if options.report is not None:
+        write_report(options.report, records, summary, overwrite=True)
+    return ExtractResult(out, plan, records, summary, time.perf_counter() - started, verified, metadata)
+
+
+def _extract_one(loaded: _Loaded, options: ExtractOptions, device: torch.device) -> tuple[ModuleRecord, Extracted | None]:
+    module = loaded.module
+    rule = _rule_for(module, options)
+    base_w = loaded.base.to(device, non_blocking=True)
+    tuned_w = loaded.tuned.to(device, non_blocking=True)
+    difference = tuned_w.sub_(base_w)  # read_module hands out private copies: in place is safe
+    del base_w
+    largest = float(difference.abs().max()) if difference.numel() else 0.0
+    if not math.isfinite(largest):
+        return ModuleRecord(module.name, module.component, module.kind, module.shape, "skipped",
+                            reason="difference holds NaN or infinite values"), None
+    if largest <= options.min_diff:
+        reason = "identical in both files" if largest == 0 else f"max |difference| {largest:.3g} <= min-diff {options.min_diff:g}"
+        return ModuleRecord(module.name, module.component, module.kind, module.shape, "skipped", reason=reason), None
+    bias_delta = None
+    if loaded.base_bias is not None and loaded.tuned_bias is not None:
+        bias_delta = (loaded.tuned_bias - loaded.base_bias).to(device)
+    try:
+        extracted = extract_module(module.name, difference, rule, options.factor,
+                                   component=module.component, kind=module.kind, bias_delta=bias_delta)
+    except SvdFailure as exc:
+        return ModuleRecord(module.name, module.component, module.kind, module.shape, "skipped",
+                            reason=f"decomposition failed: {exc}"), None
+    return extracted.record, extracted
+
+
+# -- verification ----------------------------------------------------------------------------------------
+def verify_output(out: Path, records: list[ModuleRecord], plan: ExtractPlan, base: _Source, tuned: _Source,
+                  device: torch.device, reporter: Reporter = QUIET) -> int:
+    """Reload `out`, rebuild every stored module and compare it with TUNED − BASE; return the count.
+
+    Each module's relative error must match the report (the factors as written) within
+    VERIFY_TOLERANCE; any missing, extra or mismatching module raises VerifyError.
+    """
+    stored = {r.name: r for r in records if r.stored != "skipped"}
+    modules = {m.name: m for m in plan.modules}
+    with open_file(out) as written:
+        groups = group_keys(written.keys())
+        extra = sorted(set(groups.modules) - set(stored))
+        missing = sorted(set(stored) - set(groups.modules))
+        if extra or missing or groups.stray:
+            what = (extra or missing or groups.stray)[0]
+            raise VerifyError(f"{out}: module set differs from the extraction (e.g. {what})")
+        for name in reporter.progress(sorted(stored), total=len(stored), desc="verify"):
+            record, module = stored[name], modules[name]
+            network_module = load_module(written, name, groups.modules[name])
+            rebuilt = module_delta(network_module, module.shape, device=device).float()
+            difference = read_module(tuned, module.tuned, module.shape).to(device) - read_module(base, module.base, module.shape).to(device)
+            total = float(difference.double().square().sum())
+            error = math.sqrt(float((difference - rebuilt).double().square().sum()) / total) if total > 0 else 0.0
+            expected = record.rel_error_with_sparse if record.rel_error_with_sparse is not None else record.rel_error
+            if expected is None or abs(error - expected) > VERIFY_TOLERANCE:
+                raise VerifyError(f"{out}: module {name} rebuilds with relative error {error:.4g}, extraction reported {expected}")
+    return len(stored)
+
+
+__all__ = ["ExtractOptions", "ExtractResult", "VerifyError", "extract", "read_module", "verify_output"]
