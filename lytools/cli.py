@@ -111,6 +111,52 @@ def resize_command(source, output, rank, conv_rank, method, method_param, max_ra
         click.echo(str(summary.output))
 
 
+# -- merge ------------------------------------------------------------------------------------
+from lytools.merge.options import ratios_option  # noqa: E402  (click plumbing for --ratios R...)
+
+
+@cli.command("merge")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT",
+              help="Output .safetensors (required unless --dry-run).")
+@ratios_option
+@click.option("--ratio-for", "ratio_for", multiple=True, metavar="REGEX=R",
+              help="Scale modules whose name matches REGEX by R, on top of their input's ratio (repeatable).")
+@click.option("--allow-unmatched", is_flag=True, help="Warn (with the count) instead of failing when modules match no tensor.")
+@click.option("--rank", type=int, help="Networks into one network: re-factor the summed change by SVD to this rank.")
+@click.option("--conv-rank", type=int, help="The same for kxk conv modules (default: --rank).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (matched modules per input, unmatched ones, output size); write nothing.")
+@click.option("--verify", is_flag=True, help="Reload the output and check it against the intended change.")
+@device_option
+@save_dtype_option()
+@overwrite_option
+@json_option
+@verbosity_options
+def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv_rank, dry_run, verify, device,
+                  save_dtype, overwrite, as_json, quiet, verbose):
+    """Merge networks into a checkpoint (first INPUT a checkpoint), or networks into one network.
+    Any algorithm and key style; `-` reads paths from stdin."""
+    import json
+
+    from lytools.io import parse_save_dtype
+    from lytools.merge import parse_ratios, run_merge
+
+    reporter = make_reporter(quiet, verbose)
+    result = run_merge(
+        expand_inputs(inputs), output, ratios=parse_ratios(ratios), ratio_for=ratio_for,
+        allow_unmatched=allow_unmatched, rank=rank, conv_rank=conv_rank, save_dtype=parse_save_dtype(save_dtype),
+        device=device, dry_run=dry_run, overwrite=overwrite, verify=verify, reporter=reporter,
+    )
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    elif dry_run:
+        click.echo("\n".join(result.plan.lines() if hasattr(result, "plan") else result.lines()))
+    else:
+        for line in (result.plan.lines() if hasattr(result, "plan") else result.lines()):
+            reporter.detail(line)
+        click.echo(str(result.output))
+
+
 @cli.command("info")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @json_option
@@ -145,6 +191,29 @@ def info_command(files, as_json, with_hashes, verify, verbose):
         click.echo(json.dumps(results, indent=2))
     if failed:
         sys.exit(1)  # after every file was reported (click's Exit is swallowed in non-standalone mode)
+
+
+# -- demo -------------------------------------------------------------------------------------
+@cli.command("demo")
+@click.argument("folder", metavar="[DIR]", required=False, default="lytools-demo",
+                type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Reuse DIR even when it already holds files.")
+@verbosity_options
+def demo_command(folder, overwrite, quiet, verbose):
+    """Build a tiny synthetic SD1 base and fine-tune in DIR (default ./lytools-demo) and run
+    info, extract, resize, merge and convert on them, printing each step with its figures."""
+    from lytools.demo import run_demo
+
+    reporter = make_reporter(quiet, verbose)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise LytoolsError(f"{folder}: already holds files (use --overwrite, or name another DIR)")
+
+    def invoke(args: list[str]) -> None:
+        if quiet:
+            args = args + ["-q"]
+        cli.main(args=args, prog_name="lytools", standalone_mode=False)
+
+    run_demo(folder, invoke, reporter, set(cli.commands))
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -1,1 +1,97 @@
+"""`lytools merge`: networks into a checkpoint, or networks into one network.
 
+    from lytools.merge import run_merge, merge_into_checkpoint, merge_networks
+
+    result = run_merge(["base.safetensors", "a.safetensors", "b.safetensors"], "out.safetensors",
+                       ratios=[0.5, -0.3], ratio_for=["input_blocks_[0-3]_=0"])
+    result.as_dict()      # what --json prints; result.plan.lines() / result.lines() for --dry-run
+
+* Into a checkpoint (first input a checkpoint; checkpoint.py): plan from headers (plan.py), then
+  stream tensor by tensor; every algorithm lytools.algos knows, applied in input order; fused
+  q/k/v rows; fp8 plain and scaled (fp8.py); inpainting conv_in zero-padding; base metadata kept,
+  `lytools.*` provenance added.
+* Into one network (all inputs networks; combine.py): exact concatenation of LoRA-family
+  modules, or `rank`/`conv_rank` SVD re-factoring of the summed change (QR of the stacked factors
+  when all inputs are low rank), with the Frobenius share kept per module.
+* Ratios (ratios.py): one per network input, times every `--ratio-for REGEX=R` whose regex
+  matches the module name (re.search on the canonical kohya/LyCORIS name).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lytools.errors import LytoolsError
+from lytools.io import check_output_path
+from lytools.merge.checkpoint import CheckpointResult, merge_into_checkpoint
+from lytools.merge.combine import NetworkMergeResult, merge_networks
+from lytools.merge.inputs import file_kind, load_network_input
+from lytools.merge.ratios import Ratios, parse_ratios
+from lytools.ui import QUIET, Reporter
+
+
+def run_merge(
+    inputs: Sequence[str | Path],
+    output: str | Path | None,
+    *,
+    ratios: Sequence[float] | None = None,
+    ratio_for: Sequence[str] = (),
+    allow_unmatched: bool = False,
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    save_dtype: torch.dtype | None = None,
+    device: str = "auto",
+    dry_run: bool = False,
+    overwrite: bool = False,
+    verify: bool = False,
+    reporter: Reporter = QUIET,
+) -> CheckpointResult | NetworkMergeResult:
+    """Merge `inputs` into `output`: a checkpoint first means networks into it, else networks into one."""
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise LytoolsError("merge: no inputs")
+    if output is None and not dry_run:
+        raise LytoolsError("merge: -o OUT is required (or --dry-run)")
+    if output is not None and not dry_run:
+        check_output_path(output, overwrite)
+    kinds = [file_kind(path) for path in paths]
+    later_checkpoints = [p.name for p, k in zip(paths[1:], kinds[1:]) if k == "checkpoint"]
+    if later_checkpoints:
+        raise LytoolsError(f"{later_checkpoints[0]}: only the first input may be a checkpoint (networks follow it)")
+    if kinds[0] == "checkpoint":
+        if len(paths) < 2:
+            raise LytoolsError(f"{paths[0].name}: a checkpoint alone: give the networks to merge into it")
+        if rank is not None or conv_rank is not None:
+            raise LytoolsError("--rank/--conv-rank apply when merging networks into one network, not into a checkpoint")
+        result = merge_into_checkpoint(
+            paths[0], paths[1:], output, ratios=ratios, ratio_for=ratio_for, allow_unmatched=allow_unmatched,
+            save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite, reporter=reporter,
+        )
+        if verify and not dry_run:
+            from lytools.merge.verify import verify_checkpoint
+
+            networks = [load_network_input(path, hash_file=False) for path in paths[1:]]
+            result.verification = verify_checkpoint(result, networks, device)
+            result.verification.raise_on_failure(result.output)
+        return result
+    if allow_unmatched:
+        raise LytoolsError("--allow-unmatched applies when merging into a checkpoint (the first input is a network)")
+    result = merge_networks(
+        paths, output, ratios=ratios, ratio_for=ratio_for, rank=rank, conv_rank=conv_rank,
+        save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite, reporter=reporter,
+    )
+    if verify and not dry_run:
+        from lytools.merge.verify import verify_network
+
+        result.verification = verify_network(result, paths, Ratios.build(len(paths), ratios, ratio_for), device)
+        result.verification.raise_on_failure(result.output)
+    return result
+
+
+__all__ = [
+    "CheckpointResult", "NetworkMergeResult", "Ratios", "merge_into_checkpoint", "merge_networks",
+    "parse_ratios", "run_merge",
+]

@@ -60,6 +60,7 @@ class CheckpointResult:
     scale_raised: list[str] = field(default_factory=list)
     saturated: list[str] = field(default_factory=list)
     base_autov3: str | None = None
+    verification: object | None = None  # VerifyReport when --verify ran
 
     def as_dict(self) -> dict:
         result = {"mode": "checkpoint", "output": str(self.output) if self.output else None, **self.plan.as_dict()}
@@ -69,6 +70,8 @@ class CheckpointResult:
             "fp8_scale_raised": self.scale_raised,
             "fp8_saturated": self.saturated,
         })
+        if self.verification is not None:
+            result["verify"] = self.verification.as_dict()
         return result
 
 
@@ -183,6 +186,15 @@ class _Engine:
 
     # -- one group ------------------------------------------------------------------------------
     def compute(self, group: Group) -> dict[str, torch.Tensor]:
+        """Return every output tensor of a group: all touches applied in order, cast once."""
+        working, rows_touched, modules_of = self.apply_all(group)
+        outputs: dict[str, torch.Tensor] = {}
+        for key, value in working.items():
+            outputs.update(self._finish(key, value, rows_touched.get(key, [None]), modules_of.get(key, [])))
+        return outputs
+
+    def apply_all(self, group: Group):
+        """Return (float working tensors with every touch applied, rows touched per key, modules per key)."""
         working = {key: self._load(key) for key in group.keys if key not in self.scale_keys}
         rows_touched: dict[str, list[tuple[int, int] | None]] = {}
         modules_of: dict[str, list[str]] = {}
@@ -194,10 +206,7 @@ class _Engine:
             for bias in touch.bias_keys:
                 if bias:
                     rows_touched.setdefault(bias, []).append(None)
-        outputs: dict[str, torch.Tensor] = {}
-        for key, value in working.items():
-            outputs.update(self._finish(key, value, rows_touched.get(key, [None]), modules_of.get(key, [])))
-        return outputs
+        return working, rows_touched, modules_of
 
     def _apply(self, touch: Touch, working: dict[str, torch.Tensor]) -> None:
         network = self.networks[touch.network]

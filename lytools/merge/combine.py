@@ -1,0 +1,438 @@
+"""Merge several networks into one network.
+
+Without a rank: LoRA-family modules combine exactly. For every module name, the inputs' factors
+are stacked (rank = sum of ranks), each input's ratio and alpha/rank folded into its factors as
+a power of two on `up` times the rest on `down` (so neither over- nor underflows in fp16), and the
+output alpha equals its rank (scale 1). Tucker convs keep a block-diagonal `lora_mid`; a Tucker
+module combined with a plain conv is first flattened (exactly) to a plain conv. A module only one
+input has, of another additive algorithm, is copied with its ratio folded in.
+
+With `rank`: the summed change of every input is re-factored by SVD to that rank (`conv_rank`
+for kxk convs). When every contribution is low rank the dense ΔW is never built: with
+U = [c_i·up_i], D = [d_i·down_i] stacked, U = Q_u R_u and Dᵀ = Q_d R_d (thin QR), the SVD of the
+small core R_u R_dᵀ gives the SVD of U·D in O((m + n)·R²). The share of the Frobenius norm kept
+is reported per module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lytools.algos import ModuleInfo, NetworkModule, delta
+from lytools.device import resolve_device
+from lytools.errors import LytoolsError, NetworkError
+from lytools.io import with_sshs_hashes, write_safetensors
+from lytools.io.metadata import add_provenance, carried, source_entry
+from lytools.merge.inputs import NetworkInput, load_network_input
+from lytools.merge.ratios import Ratios
+from lytools.ui import QUIET, Reporter
+
+UP, DOWN, MID, ALPHA = "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"
+
+# additive algorithms whose change is linear in one tensor: ratio folds into that tensor
+FOLD_INTO = {
+    "lora": ("lora_up.weight",),
+    "loha": ("hada_w1_a",),
+    "lokr": ("lokr_w1", "lokr_w1_a"),
+    "full": ("diff", "diff_b"),
+    "norm": ("w_norm", "b_norm"),
+}
+
+
+@dataclass
+class Contribution:
+    """One input's module with the ratio it is merged at."""
+
+    network: int
+    module: NetworkModule
+    info: ModuleInfo
+    ratio: float
+
+
+@dataclass
+class ModuleResult:
+    """What the merge made of one module name."""
+
+    name: str
+    sources: list[int]
+    method: str  # concat | copy | svd
+    rank: int | None
+    kept: float | None = None  # share of the Frobenius norm kept by the SVD
+
+    def as_dict(self) -> dict:
+        result = {"module": self.name, "inputs": self.sources, "method": self.method, "rank": self.rank}
+        if self.kept is not None:
+            result["frobenius_kept"] = round(self.kept, 6)
+        return result
+
+
+@dataclass
+class NetworkMergeResult:
+    """What a networks -> network merge did (or would do, for a dry run)."""
+
+    inputs: list[dict]
+    modules: list[ModuleResult] = field(default_factory=list)
+    output: Path | None = None
+    output_bytes: int = 0
+    seconds: float = 0.0
+    verification: object | None = None  # VerifyReport when --verify ran
+
+    def as_dict(self) -> dict:
+        kept = [m.kept for m in self.modules if m.kept is not None]
+        extra = {"verify": self.verification.as_dict()} if self.verification is not None else {}
+        return {**extra,
+            "mode": "network",
+            "output": str(self.output) if self.output else None,
+            "inputs": self.inputs,
+            "modules": len(self.modules),
+            "methods": _count(m.method for m in self.modules),
+            "min_frobenius_kept": round(min(kept), 6) if kept else None,
+            "output_bytes": self.output_bytes,
+            "seconds": round(self.seconds, 3),
+            "per_module": [m.as_dict() for m in self.modules],
+        }
+
+    def lines(self) -> list[str]:
+        out = []
+        for item in self.inputs:
+            out.append(f"  {Path(item['path']).name} x {item['ratio']:g}: {item['modules']} modules")
+        methods = ", ".join(f"{n} {k}" for k, n in sorted(_count(m.method for m in self.modules).items()))
+        out.append(f"output: {len(self.modules)} modules ({methods}), {self.output_bytes / 1e6:.1f} MB")
+        kept = [m for m in self.modules if m.kept is not None]
+        if kept:
+            worst = min(kept, key=lambda m: m.kept)
+            out.append(f"SVD: lowest Frobenius share kept {worst.kept:.4f} ({worst.name})")
+        return out
+
+
+def _count(items) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+# -- factor helpers ------------------------------------------------------------------------------
+def power_split(factor: float) -> tuple[float, float]:
+    """Return (c, d) with c·d = factor, c = ±2^k near sqrt(|factor|): exact in any float format."""
+    if factor == 0.0:
+        return 0.0, 0.0
+    exponent = round(math.log2(abs(factor)) / 2)
+    up = math.copysign(2.0 ** exponent, factor)
+    return up, abs(factor) / 2.0 ** exponent
+
+
+def lora_factors(module: NetworkModule, info: ModuleInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Return (up (out, r), down (r, in·K) or (r, in, kh, kw) as stored, mid or None), float32."""
+    up = module[UP].float()
+    up = up.reshape(up.shape[0], up.shape[1])
+    down = module[DOWN].float()
+    mid = module.get(MID)
+    return up, down, None if mid is None else mid.float()
+
+
+def untucker(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """Return the plain conv down factor (r, in, kh, kw) equal to mid ∘ down (exact)."""
+    return torch.einsum("ij...,jc->ic...", mid, down.reshape(down.shape[0], -1))
+
+
+def _scale(info: ModuleInfo) -> float:
+    if info.scale is None:
+        raise NetworkError(f"module {info.name}: alpha unknown")
+    return info.scale
+
+
+# -- plan -------------------------------------------------------------------------------------------
+def _contributions(networks: Sequence[NetworkInput], ratios: Ratios) -> dict[str, list[Contribution]]:
+    by_name: dict[str, list[Contribution]] = {}
+    for index, network in enumerate(networks):
+        for name in sorted(network.modules):
+            info = network.infos[name]
+            by_name.setdefault(name, []).append(
+                Contribution(index, network.modules[name], info, ratios.of(index, name))
+            )
+    return by_name
+
+
+def _concatenable(info: ModuleInfo) -> bool:
+    return info.algo == "lora" and info.dora is None and not info.sparse_bias
+
+
+def _method(name: str, parts: list[Contribution], rank: int | None, files: Sequence[str]) -> str:
+    """Return how a module name is merged; raise for what cannot be merged without the base."""
+    for part in parts:
+        if not part.info.mergeable:
+            raise NetworkError(f"{files[part.network]}: module {name}: {part.info.algo} cannot be merged")
+    if rank is not None:
+        for part in parts:
+            if not part.info.additive or part.info.needs_weight:
+                kind = f"{part.info.algo} with DoRA" if part.info.dora else part.info.algo
+                raise NetworkError(
+                    f"{files[part.network]}: module {name}: {kind} changes the weight non-additively (or through the "
+                    "base weight); networks holding it can only be merged into a checkpoint"
+                )
+        return "svd"
+    if all(_concatenable(p.info) for p in parts):
+        return "concat"
+    if len(parts) == 1:
+        part = parts[0]
+        if part.ratio == 1.0 or (part.info.additive and part.info.algo in FOLD_INTO and part.info.dora is None):
+            return "copy"
+        raise NetworkError(
+            f"{files[part.network]}: module {name}: {part.info.algo} cannot take ratio {part.ratio:g} exactly; "
+            "merge it into a checkpoint instead"
+        )
+    algos = ", ".join(sorted({p.info.algo + (" + DoRA" if p.info.dora else "") for p in parts}))
+    raise NetworkError(
+        f"module {name}: {algos} from {len(parts)} inputs cannot be combined exactly; use --rank N to re-factor the sum"
+    )
+
+
+def _planned_rank(parts: list[Contribution], method: str, rank: int | None, conv_rank: int | None) -> int | None:
+    if method == "concat":
+        return sum(p.info.rank or 0 for p in parts)
+    if method == "copy":
+        return parts[0].info.rank
+    shape = _delta_shape(parts)
+    limit = min(shape[0], math.prod(shape[1:]))
+    is_conv = any(k != 1 for k in shape[2:])
+    wanted = (conv_rank if conv_rank is not None else rank) if is_conv else rank
+    if all(_concatenable(p.info) for p in parts):
+        limit = min(limit, sum(p.info.rank or 0 for p in parts))
+    return max(1, min(int(wanted), limit))
+
+
+def _delta_shape(parts: list[Contribution]) -> tuple[int, ...]:
+    """Return the most specific ΔW shape the inputs give (a 4-D conv shape over a flattened one)."""
+    shapes = [p.info.delta_shape for p in parts if p.info.delta_shape]
+    if not shapes:
+        raise NetworkError(f"module {parts[0].module.name}: cannot tell the shape of its weight change")
+    best = max(shapes, key=len)
+    for shape in shapes:
+        if math.prod(shape) != math.prod(best) or shape[0] != best[0]:
+            raise NetworkError(f"module {parts[0].module.name}: inputs disagree on its shape ({list(shape)} vs {list(best)})")
+    return tuple(best)
+
+
+# -- the three methods --------------------------------------------------------------------------------
+def _concat(parts: list[Contribution], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Return the exact stacked LoRA (alpha = total rank) of several LoRA-family contributions."""
+    factors = [lora_factors(p.module, p.info) for p in parts]
+    tucker = all(mid is not None for _, _, mid in factors)
+    ups, downs, mids = [], [], []
+    for part, (up, down, mid) in zip(parts, factors):
+        c, d = power_split(part.ratio * _scale(part.info))
+        if mid is not None and not tucker:
+            down, mid = untucker(down, mid), None
+        ups.append(up * c)
+        downs.append(down * d)
+        mids.append(mid)
+    widest = max(downs, key=lambda t: t.dim())  # a conv-shaped down decides the stored form
+    downs = [t.reshape(t.shape[0], *widest.shape[1:]) for t in downs]
+    down = torch.cat(downs)
+    rank = down.shape[0]
+    up = torch.cat(ups, dim=1)
+    result = {DOWN: down, UP: up.reshape(up.shape[0], rank, *([1] * (down.dim() - 2)))}
+    if tucker:
+        kernel = mids[0].shape[2:]
+        mid = torch.zeros(rank, rank, *kernel)
+        position = 0
+        for block in mids:
+            size = block.shape[0]
+            mid[position:position + size, position:position + size] = block
+            position += size
+        result[MID] = mid
+        result[UP] = up.reshape(up.shape[0], rank, *([1] * len(kernel)))
+    result[ALPHA] = torch.tensor(float(rank))
+    return {suffix: tensor.to(dtype) for suffix, tensor in result.items()}
+
+
+def _copy(part: Contribution) -> dict[str, torch.Tensor]:
+    """Return one contribution's tensors with its ratio folded in exactly."""
+    tensors = dict(part.module.tensors)
+    if part.ratio != 1.0:
+        if part.info.algo == "lora":
+            c, d = power_split(part.ratio)
+            tensors[UP] = (tensors[UP].float() * c).to(tensors[UP].dtype)
+            tensors[DOWN] = (tensors[DOWN].float() * d).to(tensors[DOWN].dtype)
+        else:
+            for suffix in FOLD_INTO[part.info.algo]:
+                if suffix in tensors:
+                    tensors[suffix] = (tensors[suffix].float() * part.ratio).to(tensors[suffix].dtype)
+                    if part.info.algo in ("loha", "lokr"):
+                        break
+    return tensors
+
+
+def _low_rank_sum(parts: list[Contribution], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (U, D) with U @ D = Σ ratio·ΔW, U (out, R), D (R, in·K), from the inputs' factors."""
+    ups, downs = [], []
+    for part in parts:
+        up, down, mid = lora_factors(part.module, part.info)
+        if mid is not None:
+            down = untucker(down, mid)
+        ups.append(up * (part.ratio * _scale(part.info)))
+        downs.append(down.reshape(down.shape[0], -1))
+    return torch.cat(ups, dim=1), torch.cat(downs)
+
+
+def svd_factors(
+    up: torch.Tensor | None, down: torch.Tensor | None, dense: torch.Tensor | None, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Return (up', down', kept) of the best rank-`rank` approximation of up @ down (or `dense`).
+
+    Singular values are split as sqrt on both sides; `kept` = ‖kept σ‖ / ‖σ‖ (1.0 for a zero change).
+    """
+    if dense is None:
+        q_up, r_up = torch.linalg.qr(up)
+        q_down, r_down = torch.linalg.qr(down.T)
+        u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+        u, vh = q_up @ u, vh @ q_down.T
+    else:
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    total = float(torch.linalg.vector_norm(s))
+    rank = min(rank, s.shape[0])
+    kept = 1.0 if total == 0.0 else float(torch.linalg.vector_norm(s[:rank])) / total
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank], kept
+
+
+def _svd(parts: list[Contribution], rank: int, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], float]:
+    shape = _delta_shape(parts)
+    flat = (shape[0], math.prod(shape[1:]))
+    if all(_concatenable(p.info) for p in parts):
+        up, down = _low_rank_sum(parts, shape)
+        new_up, new_down, kept = svd_factors(up.to(device), down.to(device), None, rank)
+    else:
+        total = torch.zeros(flat, device=device)
+        for part in parts:
+            change = delta(part.module, part.info.delta_shape or shape, device=device)
+            total += change.reshape(flat) * part.ratio
+        new_up, new_down, kept = svd_factors(None, None, total, rank)
+    kernel = shape[2:]
+    result = {
+        UP: new_up.reshape(shape[0], -1, *([1] * len(kernel))),
+        DOWN: new_down.reshape(-1, *shape[1:]),
+        ALPHA: torch.tensor(float(new_down.shape[0])),
+    }
+    return {suffix: tensor.cpu().contiguous().to(dtype) for suffix, tensor in result.items()}, kept
+
+
+# -- metadata ---------------------------------------------------------------------------------------------
+def merged_network_metadata(
+    networks: Sequence[NetworkInput], ratios: Ratios, results: Sequence[ModuleResult], rank: int | None
+) -> dict[str, str]:
+    """Return the first input's metadata updated like sd-scripts' merge, plus lytools provenance."""
+    meta = carried(networks[0].metadata)
+    ranks = sorted({m.rank for m in results if m.rank is not None})
+    all_lora = all(m.method in ("concat", "svd") for m in results)
+    if all_lora:
+        meta["ss_network_module"] = "networks.lora"
+        meta["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
+        meta["ss_network_alpha"] = str(float(ranks[0])) if len(ranks) == 1 else "Dynamic"
+    names = [f"{n.name} x {ratios.per_input[i]:g}" for i, n in enumerate(networks)]
+    how = f"re-factored to rank {rank}" if rank is not None else "concatenated exactly"
+    meta["ss_training_comment"] = f"merged from {', '.join(names)} ({how}); " + meta.get("ss_training_comment", "")
+    meta["modelspec.merged_from"] = ", ".join(n.name for n in networks)
+    sources = []
+    for index, network in enumerate(networks):
+        entry = dict(source_entry(network.path, network.autov3))
+        entry["ratio"] = format(ratios.per_input[index], "g")
+        sources.append(entry)
+    meta = add_provenance(meta, sources=sources)
+    meta["lytools.merge"] = json.dumps({**ratios.describe(), "rank": rank}, separators=(",", ":"))
+    return meta
+
+
+def _output_dtype(networks: Sequence[NetworkInput], save_dtype: torch.dtype | None) -> torch.dtype:
+    if save_dtype is not None:
+        return save_dtype
+    for network in networks:
+        for module in network.modules.values():
+            for suffix, tensor in module.tensors.items():
+                if suffix != ALPHA and tensor.is_floating_point():
+                    return tensor.dtype
+    return torch.float16
+
+
+def merge_networks(
+    network_paths: Sequence[str | Path],
+    output: str | Path | None,
+    *,
+    ratios: Sequence[float] | None = None,
+    ratio_for: Sequence[str] = (),
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    save_dtype: torch.dtype | None = None,
+    device: str = "auto",
+    dry_run: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter = QUIET,
+) -> NetworkMergeResult:
+    """Merge networks into one network file (exact concatenation, or SVD to `rank`)."""
+    started = time.perf_counter()
+    if rank is not None and rank < 1:
+        raise LytoolsError(f"--rank {rank}: must be at least 1")
+    if conv_rank is not None and conv_rank < 1:
+        raise LytoolsError(f"--conv-rank {conv_rank}: must be at least 1")
+    if conv_rank is not None and rank is None:
+        raise LytoolsError("--conv-rank needs --rank (without a rank, networks are concatenated exactly)")
+    where = resolve_device(device)
+    networks = [load_network_input(path, hash_file=not dry_run) for path in network_paths]
+    rule_set = Ratios.build(len(networks), ratios, ratio_for)
+    files = [n.name for n in networks]
+    by_name = _contributions(networks, rule_set)
+    for text in rule_set.unused_rules():
+        reporter.warn(f"--ratio-for {text} matched no module")
+    result = NetworkMergeResult(
+        [{"path": str(n.path), "ratio": rule_set.per_input[i], "modules": len(n.modules)} for i, n in enumerate(networks)]
+    )
+    methods = {name: _method(name, parts, rank, files) for name, parts in by_name.items()}
+    dtype = _output_dtype(networks, save_dtype)
+    for name, parts in by_name.items():
+        result.modules.append(
+            ModuleResult(name, [p.network for p in parts], methods[name], _planned_rank(parts, methods[name], rank, conv_rank))
+        )
+    result.output_bytes = _estimate_bytes(by_name, result.modules, dtype)
+    if dry_run or output is None:
+        result.seconds = time.perf_counter() - started
+        return result
+    tensors: dict[str, torch.Tensor] = {}
+    for item in reporter.progress(result.modules, total=len(result.modules), desc="merge"):
+        parts = by_name[item.name]
+        if item.method == "concat":
+            produced = _concat(parts, dtype)
+        elif item.method == "copy":
+            produced = _copy(parts[0])
+            produced = {s: (t.to(dtype) if t.is_floating_point() and save_dtype is not None and s != ALPHA else t)
+                        for s, t in produced.items()}
+        else:
+            produced, item.kept = _svd(parts, item.rank, where, dtype)
+        for suffix, tensor in produced.items():
+            tensors[f"{item.name}.{suffix}"] = tensor.contiguous()
+    metadata = with_sshs_hashes(tensors, merged_network_metadata(networks, rule_set, result.modules, rank))
+    writer = write_safetensors(output, tensors, metadata, overwrite=overwrite)
+    result.output = writer.path
+    result.output_bytes = writer.total_size
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _estimate_bytes(by_name: dict[str, list[Contribution]], modules: Sequence[ModuleResult], dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for item in modules:
+        parts = by_name[item.name]
+        if item.method == "copy":
+            total += sum(t.numel() * t.element_size() for t in parts[0].module.tensors.values())
+            continue
+        shape = _delta_shape(parts)
+        total += (item.rank or 0) * (shape[0] + math.prod(shape[1:])) * size + 4
+    return total
