@@ -216,42 +216,6 @@ def demo_command(folder, overwrite, quiet, verbose):
     run_demo(folder, invoke, reporter, set(cli.commands))
 
 
-@cli.command("info")
-@click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@json_option
-@click.option("--hash", "with_hashes", is_flag=True, help="Also compute sha256, AutoV2, AutoV3/sshs_model_hash and legacy hashes (reads the whole file).")
-@click.option("--verify", is_flag=True, help="Compute the hashes and fail when an embedded sshs_*/modelspec hash does not match the file.")
-@click.option("-v", "--verbose", is_flag=True, help="Per-block rank and alpha, full metadata values.")
-def info_command(files, as_json, with_hashes, verify, verbose):
-    """What each FILE is, from its header: kind, architecture, key layout, modules per algorithm,
-    rank/alpha, dtypes, sizes and metadata. `-` reads paths from stdin."""
-    from lytools.info import format_report, inspect_files, verify_problems
-
-    paths = expand_inputs(files)
-    if not paths:
-        raise click.UsageError("no input files")
-    results, failed = [], False
-    for index, (path, report, error) in enumerate(inspect_files(paths, hashes=with_hashes or verify, verbose=verbose)):
-        if error is not None:
-            failed = True
-            click.echo(f"lytools: error: {error}", err=True)
-            results.append({"path": str(path), "error": error})
-            continue
-        for problem in verify_problems(report) if verify else []:
-            failed = True
-            click.echo(f"lytools: error: {problem}", err=True)
-        if as_json:
-            results.append(report)
-        else:
-            click.echo(("\n" if index else "") + format_report(report, verbose=verbose))
-    if as_json:
-        import json
-
-        click.echo(json.dumps(results, indent=2))
-    if failed:
-        sys.exit(1)  # after every file was reported (click's Exit is swallowed in non-standalone mode)
-
-
 # -- entry point ------------------------------------------------------------------------------
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
