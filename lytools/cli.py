@@ -65,6 +65,56 @@ def cli() -> None:
     merge, resize and convert. Every command streams tensors one at a time."""
 
 
+# -- extract ----------------------------------------------------------------------------------
+@cli.command("extract")
+@click.argument("base", metavar="BASE", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("tuned", metavar="TUNED", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--mode", type=click.Choice(["fixed", "threshold", "ratio", "quantile", "full"]), default="fixed",
+              show_default=True, help="Rank rule (ALGORITHMS.md 15); full stores each changed module whole (diff).")
+@click.option("--linear-dim", type=click.IntRange(min=0), metavar="N", help="fixed: rank of linear and 1x1 modules [default: 32].")
+@click.option("--conv-dim", type=click.IntRange(min=0), metavar="N",
+              help="fixed: rank of kxk convs [default: 32]; 0 skips kxk convs (any mode).")
+@click.option("--linear-threshold", type=click.FloatRange(min=0), metavar="F", help="threshold: keep singular values > F.")
+@click.option("--conv-threshold", type=click.FloatRange(min=0), metavar="F", help="threshold for kxk convs (default: the linear one).")
+@click.option("--linear-ratio", type=click.FloatRange(0, 1), metavar="F", help="ratio: keep singular values > F times the largest.")
+@click.option("--conv-ratio", type=click.FloatRange(0, 1), metavar="F", help="ratio for kxk convs (default: the linear one).")
+@click.option("--linear-quantile", type=click.FloatRange(0, 1), metavar="F",
+              help="quantile: smallest rank whose cumulative sum of singular values reaches F of their total.")
+@click.option("--conv-quantile", type=click.FloatRange(0, 1), metavar="F", help="quantile for kxk convs (default: the linear one).")
+@click.option("--max-rank", type=click.IntRange(min=1), metavar="N", help="Cap on the ranks of the dynamic modes.")
+@click.option("--min-diff", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="F",
+              help="Skip (and report) modules whose largest |difference| is <= F.")
+@click.option("--unet/--no-unet", default=True, show_default=True, help="Extract the UNet/transformer modules.")
+@click.option("--text-encoder/--no-text-encoder", default=True, show_default=True, help="Extract the text encoder modules.")
+@click.option("--clamp-quantile", type=float, metavar="F",
+              help="Clamp the factors at this quantile of their values, like kohya (0.99); off by default; the report gives the error it adds.")
+@click.option("--tucker/--no-tucker", default=False, show_default=True, help="kxk convs as a Tucker core (lora_mid) with 1x1 up/down.")
+@click.option("--sparse-bias", is_flag=True, help="Also store the largest residuals as a sparse correction (bias_indices/values/size).")
+@click.option("--sparsity", type=float, metavar="F", help="With --sparse-bias: share of residual entries dropped [default: 0.98].")
+@click.option("--full-fallback/--no-full-fallback", default=True, show_default=True,
+              help="Store a module whole when its rank is >= out/2 (LyCORIS's rule; the pair would not be smaller).")
+@click.option("--arch", type=click.Choice(["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]), default="auto", show_default=True,
+              help="Architecture whose kohya names to write; auto detects it (unknown models get generic names).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json|FILE.csv",
+              help="Per-module rank, alpha, relative Frobenius error and retained energy.")
+@click.option("--verify", is_flag=True, help="Reload the output and check every module against its difference.")
+@device_option
+@save_dtype_option("fp16")
+@overwrite_option
+@json_option
+@verbosity_options
+def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_threshold, conv_threshold, linear_ratio,
+                    conv_ratio, linear_quantile, conv_quantile, max_rank, min_diff, unet, text_encoder, clamp_quantile,
+                    tucker, sparse_bias, sparsity, full_fallback, arch, report, verify, device, save_dtype, overwrite,
+                    as_json, quiet, verbose):
+    """A LoRA/LoCon OUT approximating TUNED - BASE (kohya names, loadable by ComfyUI, A1111/Forge,
+    kohya, LyCORIS and diffusers). Summary on stderr; the path (or --json) on stdout."""
+    from lytools.extract.cli import run_extract_command
+
+    run_extract_command(locals(), make_reporter(quiet, verbose))
+
+
 # -- resize -----------------------------------------------------------------------------------
 @cli.command("resize")
 @click.argument("source", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))

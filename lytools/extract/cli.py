@@ -1,0 +1,52 @@
+"""The body of `lytools extract` (lytools/cli.py keeps only the option declarations)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any, Mapping
+
+import click
+
+from lytools.extract.options import build_options
+from lytools.extract.pipeline import extract
+from lytools.io import parse_save_dtype
+from lytools.io.metadata import command_line
+from lytools.ui import Reporter
+
+OPTION_NAMES = (
+    "mode", "linear_dim", "conv_dim", "linear_threshold", "conv_threshold", "linear_ratio", "conv_ratio",
+    "linear_quantile", "conv_quantile", "max_rank", "min_diff", "unet", "text_encoder", "clamp_quantile",
+    "tucker", "sparse_bias", "sparsity", "full_fallback", "arch", "device", "verify", "overwrite", "report",
+)
+
+
+def run_extract_command(values: Mapping[str, Any], reporter: Reporter) -> None:
+    """Run extract with the command's parsed values; print the output path (or JSON) on stdout."""
+    options = build_options(save_dtype=parse_save_dtype(values["save_dtype"]),
+                            **{name: values[name] for name in OPTION_NAMES})
+    options = replace(options, command=command_line())
+    result = extract(values["base"], values["tuned"], values["output"], options, reporter)
+    summary = result.summary
+    reporter.log(f"extract: {summary.line()} in {result.seconds:.1f} s")
+    if summary.skip_reasons:
+        reporter.log("extract: skipped: " + ", ".join(f"{count} {why}" for why, count in sorted(summary.skip_reasons.items())))
+    failed = summary.skip_reasons.get("failed", 0)
+    if failed:
+        reporter.warn(f"{failed} module(s) could not be decomposed and were left out (see --report)")
+    if result.verified is not None:
+        reporter.log(f"extract: verified {result.verified} modules against the difference")
+    if values["as_json"]:
+        click.echo(json.dumps({
+            "output": str(result.output),
+            "seconds": round(result.seconds, 3),
+            "summary": {
+                "extracted": summary.extracted, "low_rank": summary.low_rank, "full": summary.full,
+                "skipped": summary.skipped, "retained_energy": summary.retained_energy,
+                "mean_rel_error": summary.mean_rel_error, "worst": summary.worst,
+                "skip_reasons": summary.skip_reasons, "verified": result.verified,
+            },
+            "modules": [record.as_dict() for record in result.records],
+        }, indent=1))
+    else:
+        click.echo(str(result.output))
