@@ -1,1 +1,43 @@
+"""Key formats and dtypes: read any network layout, write kohya, diffusers or peft; cast networks and
+checkpoints to another dtype, one file or thousands (spec: FORMATS.md 3, 4, 7; CLI.md convert).
 
+Reading (what merge, resize and info use)
+
+    from lytools.convert import load_network
+    net = load_network(path, arch=None, config=None)
+        net.modules   {canonical kohya/LyCORIS module name: lytools.algos.NetworkModule}
+                      LyCORIS suffixes (lora_down.weight, lora_up.weight, alpha, dora_scale, hada_*, ...);
+                      tensors on CPU, owning their memory (the file is closed).
+        net.metadata  {str: str} as stored
+        net.stray     {key: tensor} keys that belong to no module (text_projection, bundle_emb.*, lone alphas)
+        net.sources   {canonical module: [input keys]}: every input key is in one module or in stray
+        net.unmapped  stored names of modules no table knows (kept under the stored name)
+        net.arch, net.layout, net.scale (shrink factor of synthetic files), net.notes, net.peft_config
+
+    Canonical names: the kohya tables of lytools.arch (SDXL UNet in SGM names, `lora_te1_`/`lora_te2_`
+    for SDXL, BFL names for Flux, MMDiT names for SD3); modules outside the tables (LyCORIS full
+    preset: conv_in, norms, ...) as `<kohya prefix><diffusers path>` (SDXL UNet: SGM path).
+    Scale: kohya alphas are carried; diffusers/peft inputs get an `alpha` tensor built from
+    `lora_adapter_metadata` or adapter_config.json (lora_alpha, alpha_pattern, rank_pattern, rsLoRA);
+    without any config the scale is 1 (alpha = rank, no tensor) and, for a peft file, a note says so.
+    DoRA `lora_magnitude_vector` becomes `dora_scale` [out, 1] / [out, 1, 1, 1]. Split q/k/v parts
+    (Flux/SD3 diffusers names, OneTrainer, lycoris_) are fused exactly into their kohya module:
+    one shared down and rows of up when the parts share them bit for bit, else stacked down and
+    block-diagonal up (differing scales folded into up first).
+
+Writing
+
+    convert_network(net, target, fold=None, save_dtype=None) -> Converted(tensors, metadata, adapter_config, notes)
+        target kohya | diffusers | peft (see lytools.convert.write)
+    convert_file(input, output, ConvertOptions) -> FileResult      one file, atomic
+    cast_file(input, output, dtype)                                  any safetensors file, streamed
+    run_batch(inputs, options, jobs, output_dir | output, on_done)   many files, N processes
+
+Errors: UnsupportedError for an algorithm the target cannot hold (the message names the modules
+and points to `lytools resize`), MatchError for a module no name table knows when the target
+needs one, OutputExistsError without --overwrite.
+"""
+
+from lytools.convert.load import Network, adapter_metadata, config_scale, load_network, peft_config_path
+
+__all__ = ["Network", "adapter_metadata", "config_scale", "load_network", "peft_config_path"]

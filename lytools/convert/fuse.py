@@ -1,0 +1,193 @@
+"""Exact LoRA rewrites: split q/k/v parts <-> one fused module, and scale folding (FORMATS.md 3.5).
+
+All functions take and return kohya-suffixed tensor dicts (`lora_down.weight`, `lora_up.weight`,
+`alpha`, `dora_scale`). Arithmetic is float32, cast once to the input dtype at the end; whenever
+the result can be produced by slicing or concatenation alone it is, so it stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from lytools.algos.common import read_scalar, scale_for
+from lytools.errors import UnsupportedError
+
+DOWN, UP, MID, ALPHA, DORA = "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"
+LORA_KEYS = frozenset({DOWN, UP, ALPHA, DORA})
+Rows = tuple[int, int]
+Tensors = Mapping[str, torch.Tensor]
+
+
+def rank_of(tensors: Tensors) -> int:
+    return int(tensors[DOWN].shape[0])
+
+
+def scale_of(name: str, tensors: Tensors) -> float:
+    """Return alpha / rank of a LoRA module (missing or zero alpha: 1)."""
+    alpha = tensors.get(ALPHA)
+    return scale_for(None if alpha is None else read_scalar(name, ALPHA, alpha), rank_of(tensors))
+
+
+def alpha_tensor(value: float, like: torch.Tensor | None) -> torch.Tensor:
+    """Return a 0-d alpha in the dtype of `like` (the module's old alpha or factor); fp8 and
+    integer factors get a float32 alpha so the value survives."""
+    dtype = like.dtype if like is not None else torch.float32
+    if not dtype.is_floating_point or dtype.itemsize == 1:
+        dtype = torch.float32
+    return torch.tensor(value, dtype=dtype)
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def _is_plain_lora(tensors: Tensors) -> bool:
+    return DOWN in tensors and UP in tensors and set(tensors) <= LORA_KEYS
+
+
+# -- split parts -> one fused module ---------------------------------------------------------------
+def fuse_parts(name: str, parts: Sequence[tuple[Rows, Tensors]], total_rows: int) -> dict[str, torch.Tensor]:
+    """Return one LoRA module covering `total_rows` output rows from LoRA parts placed at rows.
+
+    Absent rows get zero. Parts that share one bit-identical `down` and one scale give
+    `up` = rows concatenated (same rank, exact to the bit); otherwise `down` = parts stacked and
+    `up` block-diagonal (rank = sum of ranks), with the scales folded into `up` only when they
+    differ (then alpha = rank). DoRA magnitudes (per output row) concatenate when every part has one.
+    """
+    for rows, tensors in parts:
+        if not _is_plain_lora(tensors):
+            algos = sorted(set(tensors) - LORA_KEYS) or ["an incomplete LoRA"]
+            raise UnsupportedError(
+                f"module {name}: part at rows {rows[0]}..{rows[1]} holds {', '.join(algos)}; only LoRA parts fuse "
+                f"exactly; flatten the network to LoRA first with `lytools resize`"
+            )
+    ordered = sorted(parts, key=lambda item: item[0][0])
+    first = ordered[0][1]
+    downs = [t[DOWN] for _, t in ordered]
+    scales = [scale_of(name, t) for _, t in ordered]
+    same_down = all(d.shape == downs[0].shape and d.dtype == downs[0].dtype and torch.equal(d, downs[0]) for d in downs)
+    same_scale = all(s == scales[0] for s in scales)
+    up_dtype = first[UP].dtype
+    kernel_up = first[UP].shape[2:]
+    result: dict[str, torch.Tensor] = {}
+    if same_down and same_scale:
+        rank = downs[0].shape[0]
+        up = torch.zeros((total_rows, rank) + tuple(kernel_up), dtype=up_dtype)
+        for (start, stop), tensors in ordered:
+            up[start:stop] = tensors[UP]
+        result[DOWN] = downs[0].clone()
+        result[UP] = up
+        if ALPHA in first:
+            result[ALPHA] = first[ALPHA].clone()
+    else:
+        rank = sum(d.shape[0] for d in downs)
+        result[DOWN] = torch.cat([d.to(downs[0].dtype) for d in downs], dim=0)
+        fold = not same_scale
+        up = torch.zeros((total_rows, rank) + tuple(kernel_up), dtype=torch.float32 if fold else up_dtype)
+        column = 0
+        for ((start, stop), tensors), scale in zip(ordered, scales):
+            r = tensors[DOWN].shape[0]
+            block = tensors[UP].float() * scale if fold else tensors[UP]
+            up[start:stop, column:column + r] = block
+            column += r
+        result[UP] = up.to(up_dtype)
+        like = first.get(ALPHA, first[DOWN])
+        # one common scale s: alpha = s * fused rank keeps it; folded scales: alpha = rank (scale 1)
+        result[ALPHA] = alpha_tensor(rank if fold else scales[0] * rank, like)
+    doras = [t.get(DORA) for _, t in ordered]
+    if any(d is not None for d in doras):
+        covered = sum(stop - start for (start, stop), _ in ordered)
+        if any(d is None for d in doras) or covered != total_rows:
+            raise UnsupportedError(f"module {name}: DoRA magnitudes on only some q/k/v parts cannot be fused")
+        result[DORA] = torch.cat([d.reshape(d.shape[0], *d.shape[1:]) for d in doras], dim=0)
+    return result
+
+
+# -- one fused module -> split parts ----------------------------------------------------------------
+def split_fused(name: str, tensors: Tensors, parts: Sequence[Rows]) -> list[dict[str, torch.Tensor]]:
+    """Return one LoRA module per row range of a fused module; ΔW of each equals the fused ΔW's rows.
+
+    When the fused `up` is block-diagonal over the parts (a module fused from parts earlier), each
+    part keeps only its own columns (its original rank); otherwise each part shares the whole
+    `down` with its rows of `up`. Only slicing: exact to the bit.
+    """
+    if not _is_plain_lora(tensors) or MID in tensors:
+        algos = sorted(set(tensors) - LORA_KEYS) or ["an incomplete LoRA"]
+        raise UnsupportedError(
+            f"module {name}: {', '.join(algos)} on a fused module cannot be split into q/k/v parts exactly; "
+            f"flatten the network to LoRA first with `lytools resize`"
+        )
+    up, down = tensors[UP], tensors[DOWN]
+    rank = down.shape[0]
+    scale = scale_of(name, tensors)
+    columns = _block_columns(up, parts)
+    result = []
+    for index, (start, stop) in enumerate(parts):
+        part: dict[str, torch.Tensor] = {}
+        if columns is not None:
+            cols = columns[index]
+            part[DOWN] = down[cols].clone()
+            part[UP] = up[start:stop][:, cols].clone()
+            part_rank = len(cols)
+        else:
+            part[DOWN] = down.clone()
+            part[UP] = up[start:stop].clone()
+            part_rank = rank
+        if ALPHA in tensors:
+            part[ALPHA] = alpha_tensor(scale * part_rank, tensors[ALPHA]) if part_rank != rank else tensors[ALPHA].clone()
+        dora = tensors.get(DORA)
+        if dora is not None:
+            if dora.shape[0] != up.shape[0]:
+                raise UnsupportedError(f"module {name}: an input-axis DoRA magnitude cannot be split into q/k/v parts")
+            part[DORA] = dora[start:stop].clone()
+        result.append(part)
+    return result
+
+
+def _block_columns(up: torch.Tensor, parts: Sequence[Rows]) -> list[torch.Tensor] | None:
+    """Return per-part column indices when `up` is block-diagonal over the parts, else None."""
+    if len(parts) < 2:
+        return None
+    flat = _flat(up) if up.dim() == 2 else up.reshape(up.shape[0], up.shape[1], -1).abs().sum(-1)
+    used = []
+    seen = torch.zeros(up.shape[1], dtype=torch.bool)
+    for start, stop in parts:
+        mask = flat[start:stop].ne(0).any(dim=0)
+        if not mask.any() or (mask & seen).any():
+            return None
+        seen |= mask
+        used.append(torch.nonzero(mask).flatten())
+    if bool(seen.all()) is False:
+        return None
+    return used
+
+
+# -- scale folding -------------------------------------------------------------------------------------
+def fold_split(scale: float) -> tuple[float, float]:
+    """Return (down factor, up factor) with product `scale`: the down factor is a power of two near
+    sqrt(scale), so both factors move by about the same amount and neither underflows in fp16."""
+    if scale <= 0 or not math.isfinite(scale):
+        return 1.0, scale
+    exponent = round(math.log2(scale) / 2)
+    down = 2.0 ** exponent
+    return down, scale / down
+
+
+def fold_scale(name: str, tensors: Tensors) -> dict[str, torch.Tensor]:
+    """Return the module with alpha / rank multiplied into its factors and no alpha (scale 1).
+
+    Powers of two are exact in binary floating point, so a power-of-two scale folds without rounding.
+    """
+    scale = scale_of(name, tensors)
+    result = {k: v for k, v in tensors.items() if k != ALPHA}
+    if scale == 1.0:
+        return result
+    down_factor, up_factor = fold_split(scale)
+    for key, factor in ((DOWN, down_factor), (UP, up_factor)):
+        if factor != 1.0:
+            tensor = tensors[key]
+            result[key] = (tensor.float() * factor).to(tensor.dtype)
+    return result

@@ -1,0 +1,277 @@
+"""Read a network file of any supported layout into canonical kohya/LyCORIS modules (FORMATS.md 3, 4, 7).
+
+Layouts: kohya/LyCORIS (`lora_unet_`, `lora_te*_`, `lycoris_`, OneTrainer `lora_transformer_`,
+`oft_unet_`), diffusers (`unet.`/`text_encoder*.`/`transformer.` + `lora_A`/`lora_B` or
+`lora.down`/`lora.up`, `.alpha` network alphas, `lora_adapter_metadata`), peft
+(`base_model.model.…` + adapter_config.json), ComfyUI-native (`diffusion_model.`,
+`text_encoders.`), old diffusers attention processors, xlabs Flux. Names are resolved through
+lytools.arch's tables; the effective scale is kept (alpha tensors carried, or created from the
+peft/diffusers config), split q/k/v parts are fused exactly into their kohya module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from lytools.algos import NetworkModule, describe_shapes
+from lytools.arch import detect_network
+from lytools.arch.network import layout_of_module
+from lytools.convert import names
+from lytools.convert.fuse import ALPHA, DORA, DOWN, UP, alpha_tensor, fuse_parts
+from lytools.errors import FileFormatError, LytoolsError, NetworkError, UnsupportedError
+from lytools.io import open_file
+
+DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class Network:
+    """A network in canonical names.
+
+    modules: canonical kohya/LyCORIS module name -> NetworkModule (LyCORIS suffixes, CPU tensors
+    that own their memory). stray: keys that belong to no module -> tensor. sources: canonical
+    module -> the input keys it was built from (every input key is in exactly one module or in
+    stray). unmapped: stored module names no table knows (kept under their stored name).
+    """
+
+    path: Path
+    arch: str  # sd1 | sd2 | sdxl | sd3 | flux | unknown
+    layout: str  # kohya | lycoris | diffusers | peft | comfy | xlabs | mixed | unknown
+    modules: dict[str, NetworkModule]
+    metadata: dict[str, str]
+    stray: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)
+    scale: int = 1  # shrink factor of synthetic test networks (1 for real files)
+    peft_config: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def component_modules(self) -> dict[str, list[str]]:
+        """Return {component: [canonical module names]} (component None: unknown)."""
+        result: dict[str, list[str]] = {}
+        for module in self.modules:
+            result.setdefault(names.component_of(self.arch, module) or "unknown", []).append(module)
+        return result
+
+
+# -- peft / diffusers scale configuration ----------------------------------------------------------
+def peft_config_path(path: Path) -> Path | None:
+    """Return the adapter_config.json that belongs to a peft adapter file, if there is one."""
+    beside = path.with_name(path.name.split(".")[0] + ".adapter_config.json")
+    for candidate in (beside, path.parent / "adapter_config.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(f"{path}: unreadable adapter config ({type(exc).__name__})") from None
+    if not isinstance(value, dict):
+        raise FileFormatError(f"{path}: adapter config is not a JSON object")
+    return value
+
+
+def adapter_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict[str, Any]]:
+    """Return {component: LoraConfig fields} from diffusers' `lora_adapter_metadata` (and the
+    `<component>_lora_adapter_metadata` spelling of training scripts)."""
+    configs: dict[str, dict[str, Any]] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            flat = json.loads(raw)
+        except ValueError:
+            raise FileFormatError(f"{path}: lora_adapter_metadata is not JSON") from None
+        for key, value in flat.items():
+            component, dot, field_name = key.partition(".")
+            if dot:
+                configs.setdefault(component, {})[field_name] = value
+    for key, raw in metadata.items():
+        if key.endswith("_lora_adapter_metadata"):
+            component = key[: -len("_lora_adapter_metadata")]
+            try:
+                configs.setdefault(component, {}).update(json.loads(raw))
+            except ValueError:
+                raise FileFormatError(f"{path}: {key} is not JSON") from None
+    return configs
+
+
+def _pattern_value(patterns: Mapping[str, Any] | None, path: str) -> Any | None:
+    """peft's pattern rule: a key matches a module path that equals it or ends with '.' + it."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return None
+
+
+def config_scale(config: Mapping[str, Any], path: str, rank: int) -> float:
+    """Return the peft scale of one module: lora_alpha / r (rsLoRA: / sqrt(r)) with the patterns applied."""
+    alpha = _pattern_value(config.get("alpha_pattern"), path)
+    if alpha is None:
+        alpha = config.get("lora_alpha", 8)
+    if config.get("use_rslora"):
+        return float(alpha) / math.sqrt(rank)
+    return float(alpha) / rank
+
+
+# -- the reader ------------------------------------------------------------------------------------
+def _module_io(name: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    try:
+        info = describe_shapes(name, {s: tuple(t.shape) for s, t in tensors.items() if s != ALPHA})
+    except LytoolsError:
+        return None
+    if not info.delta_shape or len(info.delta_shape) < 2:
+        return None
+    return info.delta_shape[0], math.prod(info.delta_shape[1:])
+
+
+def _fits(io: tuple[int, int] | None, shape: tuple[int, ...], scale: int) -> bool:
+    if io is None or len(shape) < 2:
+        return False
+    shrunk = tuple(d // scale if scale > 1 and d % 64 == 0 else d for d in shape)
+    return io == (shrunk[0], math.prod(shrunk[1:]))
+
+
+def _diffusers_component(stored: str) -> tuple[str | None, str]:
+    if stored.startswith(_PEFT_PREFIX):
+        return None, stored[len(_PEFT_PREFIX):]
+    component, dot, path = stored.partition(".")
+    if dot and component in DIFFUSERS_COMPONENTS:
+        return component, path
+    return None, stored
+
+
+def _magnitude_to_dora(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """peft `lora_magnitude_vector` ([out] linear, [1, out, 1, 1] conv) -> `dora_scale` [out, 1(, 1, 1)]."""
+    magnitude = tensors.get(DORA)
+    down = tensors.get(DOWN)
+    if magnitude is None or down is None:
+        return
+    out = tensors[UP].shape[0] if UP in tensors else magnitude.numel()
+    if magnitude.numel() != out:
+        raise NetworkError(f"module {name}: lora_magnitude_vector has {magnitude.numel()} values for {out} output rows")
+    tail = (1,) * (down.dim() - 1)
+    tensors[DORA] = magnitude.reshape((out,) + tail).clone()
+
+
+def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Mapping[str, Any] | None = None) -> Network:
+    """Return the network at `path` in canonical kohya/LyCORIS module names, whatever its layout.
+
+    arch: force the architecture (sd1, sd2, sdxl, sd3, flux) when detection cannot tell.
+    config: a peft LoraConfig dict for a peft adapter whose adapter_config.json is elsewhere.
+    Errors name the file: a module that is ambiguous or spelled twice, a broken diffusers config.
+    """
+    path = Path(path)
+    try:
+        return _load(path, arch, config)
+    except (NetworkError, UnsupportedError) as exc:
+        message = str(exc)
+        if not message.startswith(str(path)):
+            raise type(exc)(f"{path}: {message}") from None
+        raise
+
+
+def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None) -> Network:
+    with open_file(path) as source:
+        infos = {info.name: info for info in source.infos()}
+        metadata = dict(source.metadata or {})
+        detected = detect_network({name: info.shape for name, info in infos.items()}, metadata)
+        arch = forced_arch or detected.arch
+        network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes))
+        if forced_arch and forced_arch != detected.arch and detected.arch != "unknown":
+            network.notes.append(f"detected {detected.arch}, read as {forced_arch} as asked")
+        components = adapter_metadata(metadata, path)
+        peft = dict(config) if config is not None else None
+        if peft is None and detected.layout == "peft":
+            config_file = peft_config_path(path)
+            if config_file is not None:
+                peft = _read_json(config_file)
+        network.peft_config = peft
+        for key in detected.stray:
+            network.stray[key] = source.get(key).clone()
+        wholes: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+        parts: dict[str, list[tuple[str, tuple[int, int], dict[str, torch.Tensor]]]] = {}
+        missing_config = False
+        for stored, suffix_keys in detected.modules.items():
+            tensors = {suffix: source.get(key).clone() for suffix, key in suffix_keys.items()}
+            layout = layout_of_module(stored)
+            if "lora_magnitude_vector" in tensors:  # diffusers' kohya export keeps the peft name
+                tensors[DORA] = tensors.pop("lora_magnitude_vector")
+                _magnitude_to_dora(stored, tensors)
+            if layout in ("diffusers", "peft"):
+                _magnitude_to_dora(stored, tensors)
+                if ALPHA not in tensors and DOWN in tensors:
+                    component, module_path = _diffusers_component(stored)
+                    cfg = peft if layout == "peft" else components.get(component or "", None)
+                    if cfg is None and layout == "peft":
+                        missing_config = True
+                    elif cfg is not None:
+                        rank = tensors[DOWN].shape[0]
+                        scale = config_scale(cfg, module_path, rank)
+                        tensors[ALPHA] = alpha_tensor(scale * rank, tensors[DOWN])
+            canonical = _pick(arch, stored, tensors, network.scale)
+            if canonical is None:
+                if layout not in ("kohya", "lycoris"):
+                    network.unmapped.append(stored)
+                module = stored
+                if module in wholes:
+                    raise NetworkError(f"module {module} is stored twice")
+                wholes[module] = (stored, tensors)
+                continue
+            if canonical.module_rows is None:
+                if canonical.module in wholes or canonical.module in parts:
+                    other = wholes[canonical.module][0] if canonical.module in wholes else parts[canonical.module][0][0]
+                    raise NetworkError(f"modules {other} and {stored} are both {canonical.module} (a file mixing two spellings)")
+                wholes[canonical.module] = (stored, tensors)
+            else:
+                if canonical.module in wholes:
+                    raise NetworkError(f"module {stored} is a part of {canonical.module}, which the file also holds whole")
+                rows = names.scale_rows(canonical.module_rows, network.scale)
+                parts.setdefault(canonical.module, []).append((stored, rows, tensors))
+        if missing_config:
+            network.notes.append(
+                "peft adapter without adapter_config.json: read with scale 1 (lora_alpha = r); "
+                "pass the config to get peft's scale"
+            )
+        for module, (stored, tensors) in wholes.items():
+            network.modules[module] = NetworkModule(module, tensors)
+            network.sources[module] = sorted(detected.modules[stored].values())
+        for module, pieces in parts.items():
+            network.modules[module] = NetworkModule(module, _fuse(arch, module, pieces, network.scale))
+            network.sources[module] = sorted(k for stored, _, _ in pieces for k in detected.modules[stored].values())
+    return network
+
+
+def _pick(arch: str, stored: str, tensors: Mapping[str, torch.Tensor], scale: int) -> names.Canonical | None:
+    found = names.candidates(arch, stored)
+    if not found and arch in ("sd1", "sd2") and stored.startswith("lora_te1_"):
+        found = names.candidates(arch, "lora_te_" + stored[len("lora_te1_"):])  # diffusers' kohya export (quirk 4)
+    if len(found) <= 1:
+        return found[0] if found else None
+    io = _module_io(stored, tensors)
+    fitting = [c for c in found if _fits(io, c.shape, scale)]
+    return (fitting or found)[0]
+
+
+def _fuse(arch: str, module: str, pieces, scale: int) -> dict[str, torch.Tensor]:
+    full = names.full_shape(arch, module)
+    if full is None:
+        raise NetworkError(f"module {module}: q/k/v parts of an unknown fused module")
+    total = full[0] // scale if scale > 1 and full[0] % 64 == 0 else full[0]
+    seen: dict[tuple[int, int], str] = {}
+    for stored, rows, _ in pieces:
+        if rows in seen:
+            raise NetworkError(f"modules {seen[rows]} and {stored} are the same part of {module}")
+        seen[rows] = stored
+    return fuse_parts(module, [(rows, tensors) for _, rows, tensors in pieces], total)

@@ -1,0 +1,140 @@
+"""Module names: any stored spelling -> canonical kohya/LyCORIS name, and canonical -> diffusers names.
+
+Every map here is derived from lytools.arch (alias_table, module_table, diffusers_table); this
+file adds only the choices convert makes on top of them:
+
+- canonical name of a module outside the kohya tables (LyCORIS full-preset `conv_in`, norms,
+  time embedding): `<kohya prefix><diffusers path with . -> _>`, except the SDXL UNet, whose
+  canonical spelling is the SGM path (FORMATS.md 4.2: lytools writes SGM names for SDXL);
+- a part of a fused kohya module (Flux `to_q` of `double_blocks_N_img_attn_qkv`, SD3 qkv parts)
+  carries `module_rows`, the rows of the fused module it covers, at the network's shrink scale.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from lytools.arch import ENCODERS, alias_table, diffusers_table, module_table
+from lytools.arch.keymap import NETWORK_ARCHS, UNET_PREFIX, CanonicalTarget
+from lytools.arch.network import lookup_names
+
+Rows = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """Where one stored module lands: canonical module name and the rows of it the stored module is."""
+
+    module: str  # canonical kohya/LyCORIS module name
+    component: str  # unet | te | te1 | te2 | te3
+    shape: tuple[int, ...]  # full-size ΔW shape of the stored module (its rows only, for a part)
+    module_rows: Rows | None  # full-size rows of the canonical module (None: the whole module)
+    in_table: bool
+
+
+def _unet_native(key: str) -> str:
+    return "lora_unet_" + key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")
+
+
+def _canonical(arch: str, target: CanonicalTarget) -> Canonical:
+    table = module_table(arch)
+    owner = table.get(target.module)
+    module = target.module
+    module_rows = None
+    if owner is not None and owner.parts and target.rows is not None:
+        module_rows = target.rows  # a part of a fused module that covers the whole key
+    if owner is None and arch == "sdxl" and target.component == "unet" and target.key.endswith(".weight"):
+        module = _unet_native(target.key)
+    return Canonical(module, target.component, target.shape, module_rows, target.in_table)
+
+
+@functools.cache
+def _canonical_table(arch: str) -> dict[str, Canonical]:
+    return {alias: _canonical(arch, target) for alias, target in alias_table(arch).items()}
+
+
+def candidates(arch: str, stored: str) -> list[Canonical]:
+    """Return the canonical readings of a stored module name under `arch` (several for a bare peft path)."""
+    if arch not in NETWORK_ARCHS:
+        return []
+    table = _canonical_table(arch)
+    found: list[Canonical] = []
+    names = list(lookup_names(stored))
+    if stored.startswith("base_model.model."):
+        rest = stored[len("base_model.model."):]
+        names += [f"{encoder.diffusers}.{rest}" for encoder in ENCODERS[arch] if encoder.component != "unet"]
+    for name in names:
+        hit = table.get(name)
+        if hit is not None and hit not in found:
+            found.append(hit)
+    return found
+
+
+@dataclass(frozen=True)
+class DiffusersPart:
+    """One diffusers/peft module written for a canonical module."""
+
+    component: str  # diffusers component: unet | transformer | text_encoder | text_encoder_2 | text_encoder_3
+    path: str  # module path inside the component
+    module_rows: Rows | None  # full-size rows of the canonical module (None: all of it)
+
+    @property
+    def name(self) -> str:
+        return f"{self.component}.{self.path}"
+
+
+@functools.cache
+def diffusers_parts(arch: str) -> dict[str, tuple[DiffusersPart, ...]]:
+    """Return {canonical module: (DiffusersPart, ...)} for every module diffusers can name in `arch`."""
+    table = _canonical_table(arch)
+    result: dict[str, list[DiffusersPart]] = {}
+    for diffusers in diffusers_table(arch):
+        canonical = table.get(diffusers)
+        if canonical is None:
+            continue
+        component, _, path = diffusers.partition(".")
+        parts = result.setdefault(canonical.module, [])
+        part = DiffusersPart(component, path, canonical.module_rows)
+        if part not in parts:
+            parts.append(part)
+    return {
+        module: tuple(sorted(parts, key=lambda p: (p.module_rows or (0, 0))[0]))
+        for module, parts in result.items()
+    }
+
+
+def component_of(arch: str, module: str) -> str | None:
+    """Return the component (unet, te, te1, ...) of a canonical module name from its kohya prefix."""
+    for encoder in sorted(ENCODERS.get(arch, ()), key=lambda e: -len(e.kohya_prefix)):
+        if module.startswith(encoder.kohya_prefix):
+            return encoder.component
+    return None
+
+
+def fused_rows(arch: str, module: str) -> tuple[tuple[str, Rows], ...] | None:
+    """Return the named full-size row ranges of a fused kohya module (Flux qkv/linear1, SD3 qkv), or None."""
+    target = module_table(arch).get(module) if arch in NETWORK_ARCHS else None
+    return target.parts if target is not None else None
+
+
+def full_shape(arch: str, module: str) -> tuple[int, ...] | None:
+    """Return the full-size ΔW shape of a canonical module, or None when unknown."""
+    if arch not in NETWORK_ARCHS:
+        return None
+    target = module_table(arch).get(module)
+    if target is not None:
+        return target.shape
+    return _whole_shapes(arch).get(module)
+
+
+@functools.cache
+def _whole_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    return {c.module: c.shape for c in _canonical_table(arch).values() if c.module_rows is None}
+
+
+def scale_rows(rows: Rows | None, scale: int) -> Rows | None:
+    """Return rows divided by the network's shrink scale (1 for real files)."""
+    if rows is None or scale == 1:
+        return rows
+    return (rows[0] // scale, rows[1] // scale)

@@ -1,0 +1,160 @@
+"""lytools.convert.load_network: every layout into canonical kohya names, scales and parts exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lytools.arch import module_table
+from lytools.convert import load_network
+from lytools.convert.fuse import fold_scale, fuse_parts, split_fused
+from lytools.errors import NetworkError
+from lytools.io import open_file, write_safetensors
+from lytools.testing import build_network
+
+
+def _lora_delta(tensors):
+    up = tensors["lora_up.weight"].float()
+    down = tensors["lora_down.weight"].float()
+    rank = down.shape[0]
+    alpha = float(tensors["alpha"].float()) if "alpha" in tensors else rank
+    return (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)) * (alpha / rank)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl", "flux", "sd3"])
+def test_kohya_layout_is_read_as_stored(tmp_path, arch):
+    path = build_network(tmp_path / "k.safetensors", arch, rank=4, alpha=2.0)
+    net = load_network(path)
+    assert net.arch == arch and net.layout == "kohya"
+    with open_file(path) as source:
+        keys = set(source.keys())
+        assert sum(len(v) for v in net.sources.values()) + len(net.stray) == len(keys)
+        for name, module in net.modules.items():
+            for suffix, tensor in module.tensors.items():
+                stored = source.get(f"{name}.{suffix}")
+                assert tensor.dtype == stored.dtype and torch.equal(tensor, stored)
+    assert set(net.modules) <= set(module_table(arch))
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl", "flux"])
+@pytest.mark.parametrize("layout", ["diffusers", "comfy", "peft", "lycoris"])
+def test_every_layout_lands_on_table_names(tmp_path, arch, layout):
+    path = build_network(tmp_path / "n.safetensors", arch, layout=layout, rank=4,
+                         components=("unet",) if layout in ("peft", "lycoris") else None)
+    net = load_network(path)
+    assert net.arch == arch
+    assert not net.unmapped
+    assert set(net.modules) <= set(module_table(arch))
+    with open_file(path) as source:
+        assert sum(len(v) for v in net.sources.values()) == len(source.keys())
+
+
+def test_flux_parts_fuse_to_the_same_weight_change(tmp_path):
+    path = build_network(tmp_path / "d.safetensors", "flux", layout="diffusers", rank=4, components=("unet",))
+    net = load_network(path)
+    fused = net.modules["lora_unet_single_blocks_0_linear1"]
+    assert fused["lora_down.weight"].shape[0] == 16  # q, k, v, mlp parts of rank 4, stacked
+    full = _lora_delta(fused.tensors)
+    with open_file(path) as source:
+        start = 0
+        for part in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):
+            base = f"transformer.single_transformer_blocks.0.{part}"
+            up = source.get(base + ".lora_B.weight").float()
+            down = source.get(base + ".lora_A.weight").float()
+            rows = up.shape[0]
+            assert torch.equal(full[start:start + rows], up @ down)
+            start += rows
+        assert start == full.shape[0]
+
+
+def test_diffusers_metadata_and_peft_config_give_the_scale(tmp_path):
+    path = build_network(tmp_path / "adapter_model.safetensors", "sd1", layout="peft", rank=4)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 2,
+        "alpha_pattern": {"down_blocks.0.attentions.0.proj_in": 8}, "use_rslora": False,
+    }))
+    net = load_network(path)
+    assert not net.notes
+    proj = net.modules["lora_unet_down_blocks_0_attentions_0_proj_in"]
+    other = net.modules["lora_unet_down_blocks_0_attentions_1_proj_in"]
+    assert float(proj["alpha"]) == 8.0 and float(other["alpha"]) == 2.0
+    # rsLoRA: scale lora_alpha / sqrt(r) -> kohya alpha = scale * r
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 4, "use_rslora": True}))
+    assert float(load_network(path).modules["lora_unet_down_blocks_0_attentions_1_proj_in"]["alpha"]) == 8.0
+
+
+def test_peft_without_config_is_noted(tmp_path):
+    path = build_network(tmp_path / "x.safetensors", "sd1", layout="peft", rank=4)
+    net = load_network(path)
+    assert any("adapter_config.json" in note for note in net.notes)
+    assert all("alpha" not in m for m in net.modules.values())
+
+
+def test_old_processor_names_and_sdxl_diffusers_kohya_names(tmp_path):
+    torch.manual_seed(0)
+    tensors = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": torch.randn(4, 40),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": torch.randn(40, 4),
+        "text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.down.weight": torch.randn(4, 96),
+        "text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.up.weight": torch.randn(96, 4),
+    }
+    path = tmp_path / "old.safetensors"
+    write_safetensors(path, tensors)
+    net = load_network(path, arch="sd1")
+    assert set(net.modules) == {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_te_text_model_encoder_layers_0_self_attn_k_proj",
+    }
+    sdxl = {
+        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.randn(4, 80),
+        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.randn(80, 4),
+        "lora_unet_down_blocks_1_attentions_0_proj_in.alpha": torch.tensor(2.0),
+    }
+    write_safetensors(tmp_path / "xl.safetensors", sdxl)
+    net = load_network(tmp_path / "xl.safetensors", arch="sdxl")
+    assert list(net.modules) == ["lora_unet_input_blocks_4_1_proj_in"]
+
+
+def test_two_spellings_of_one_module_fail(tmp_path):
+    tensors = {
+        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.randn(4, 80),
+        "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.randn(80, 4),
+        "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.randn(4, 80),
+        "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.randn(80, 4),
+    }
+    path = tmp_path / "both.safetensors"
+    write_safetensors(path, tensors)
+    with pytest.raises(NetworkError, match="both.safetensors: modules .* are both lora_unet_input_blocks_4_1_proj_in"):
+        load_network(path, arch="sdxl")
+
+
+def test_fuse_and_split_are_exact():
+    torch.manual_seed(1)
+    down = torch.randn(4, 32).half()
+    parts = [((0, 8), {"lora_down.weight": down, "lora_up.weight": torch.randn(8, 4).half(), "alpha": torch.tensor(2.0).half()}),
+             ((8, 16), {"lora_down.weight": down.clone(), "lora_up.weight": torch.randn(8, 4).half(), "alpha": torch.tensor(2.0).half()})]
+    fused = fuse_parts("m", parts, 24)
+    assert fused["lora_down.weight"].shape == (4, 32) and torch.equal(fused["lora_up.weight"][16:], torch.zeros(8, 4).half())
+    back = split_fused("m", fused, [(0, 8), (8, 16), (16, 24)])
+    assert torch.equal(back[1]["lora_up.weight"], parts[1][1]["lora_up.weight"])
+    # different downs and scales: stacked and block-diagonal, scales folded
+    parts[1][1]["lora_down.weight"] = torch.randn(4, 32).half()
+    parts[1][1]["alpha"] = torch.tensor(8.0).half()
+    fused = fuse_parts("m", parts, 16)
+    assert fused["lora_down.weight"].shape == (8, 32) and float(fused["alpha"]) == 8.0
+    whole = _lora_delta(fused)
+    for (start, stop), tensors in parts:
+        torch.testing.assert_close(whole[start:stop], _lora_delta(tensors), rtol=2e-3, atol=2e-3)
+    split = split_fused("m", fused, [(0, 8), (8, 16)])
+    assert [s["lora_down.weight"].shape[0] for s in split] == [4, 4]
+    assert torch.equal(split[0]["lora_down.weight"], parts[0][1]["lora_down.weight"])
+
+
+def test_fold_power_of_two_is_exact():
+    torch.manual_seed(2)
+    module = {"lora_down.weight": torch.randn(4, 16).half(), "lora_up.weight": torch.randn(16, 4).half(), "alpha": torch.tensor(1.0)}
+    folded = fold_scale("m", module)
+    assert "alpha" not in folded
+    assert torch.equal(_lora_delta(folded), _lora_delta(module))
