@@ -220,13 +220,11 @@ def truncate_lora(module: NetworkModule, info: ModuleInfo, ctx: Context, unit: i
         tensors[ALPHA] = torch.tensor(float(rank_in), dtype=_out_dtype(module, DOWN, ctx))
         report.alpha_out = float(rank_in)
         report.note = f"alpha was {'missing' if alpha_in is None else 0}: written as {rank_in}"
-    warnings = []
     if unit and target % unit:
         note = f"rank {target} is not a multiple of the DyLoRA unit {unit}"
         report.note = (report.note + "; " if report.note else "") + note
-        warnings.append(f"{module.name}: {note}")
     tensors = {suffix: _cast(t, ctx.save_dtype).clone().contiguous() for suffix, t in tensors.items()}
-    return ModuleResult(tensors, report, warnings)
+    return ModuleResult(tensors, report)
 
 
 def _full_delta_shape(info: ModuleInfo, ctx: Context, base: torch.Tensor | None) -> tuple[int, ...]:

@@ -10,20 +10,20 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
 from lytools.algos import ModuleInfo, NetworkModule, describe_module, describe_shapes, group_keys
 from lytools.device import resolve_device
-from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError
+from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError
 from lytools.io import check_output_path, file_hashes, open_file, with_sshs_hashes, write_safetensors
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.resize.modules import (
     COPIED, FLATTENED, KEPT, RESIZED, TRUNCATED, Context, ModuleReport, ModuleResult, RankRule, is_plain_lora,
     resize_module,
 )
-from lytools.resize.ranks import DYNAMIC_METHODS, METHODS
+from lytools.resize.ranks import METHODS
 from lytools.resize.report import write_report
 from lytools.resize.verify import VerifyResult, verify_output
 from lytools.ui import QUIET, Reporter
@@ -171,6 +171,26 @@ def describe_all(path: Path, network: Network) -> dict[str, ModuleInfo]:
     return infos
 
 
+def check_inputs(path: Path, infos: Mapping[str, ModuleInfo], options: ResizeOptions) -> None:
+    """Raise before any work for modules this run cannot handle (T-LoRA; base-dependent ones without --base)."""
+    for info in infos.values():
+        if not info.mergeable:
+            raise UnsupportedError(
+                f"{path}: module {info.name}: {info.algo} cannot be resized offline (its change depends on a "
+                "recomputed SVD of the base weight and on the timestep)"
+            )
+    if options.truncate or options.base is not None:
+        return
+    needing = [info for info in infos.values()
+               if info.algo != "norm" and not is_plain_lora(info) and (info.needs_weight or not info.additive)]
+    if needing:
+        kinds = sorted({info.algo + ("+dora" if info.dora else "") for info in needing})
+        raise NetworkError(
+            f"{path}: {len(needing)} modules ({', '.join(kinds)}; e.g. {needing[0].name}) change the weight in a way "
+            "that depends on the base weight; pass the base model with --base CHECKPOINT"
+        )
+
+
 # -- base weights ----------------------------------------------------------------------------------------
 class BaseWeights:
     """Looks up a module's base weight in a checkpoint (--base), float32, rows of fused tensors joined."""
@@ -217,10 +237,6 @@ def table_shape(name: str, flat: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # -- metadata ---------------------------------------------------------------------------------------------
-def _most_common(values: list) -> object | None:
-    return Counter(values).most_common(1)[0][0] if values else None
-
-
 def _format_number(value: float) -> str:
     return str(float(value))
 
@@ -243,7 +259,7 @@ def resized_metadata(
     meta = carried(metadata)
     rank_reports = [r for r in reports if r.rank_in is not None and r.action != KEPT]
     linear = [r for r in rank_reports if r.kind not in ("conv", "tucker")] or rank_reports
-    old_dim = _most_common([r.rank_in for r in linear])
+    old_dim = max((r.rank_in for r in linear), default=None)
     conv_desc = "" if rule.conv_rank == rule.rank else f" (conv: {rule.conv_rank})"
     comment = meta.get("ss_training_comment", "")
     if options.truncate:
@@ -323,6 +339,12 @@ def resize_file(
     unit = dylora_unit(network.metadata)
     if options.truncate and unit is None and network.metadata.get("ss_network_module", "").endswith("dylora"):
         reporter.detail("DyLoRA file without a unit in ss_network_args: truncating without a unit check")
+    if options.truncate and unit:
+        off = sorted({r for r in (rule.rank, rule.conv_rank) if r is not None and r % unit})
+        if off:
+            reporter.warn(f"{source.name}: rank {', '.join(map(str, off))} is not a multiple of the DyLoRA unit {unit} "
+                          "(the file was trained in blocks of that size)")
+    check_inputs(source, infos, options)
     flattened = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values()
                         if info.algo != "norm" and not is_plain_lora(info)})
     if flattened and not options.truncate:
