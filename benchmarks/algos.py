@@ -1,7 +1,7 @@
 """Time per merged weight (ΔW rebuilt and applied) for every algorithm at SDXL layer shapes,
 lytools against LyCORIS's own rebuild measured in the same run, on CPU and on CUDA when present.
 
-    python -m benchmarks.algos [--repeats 7] [--rank 32] [--device cpu|cuda|all]
+    python -m benchmarks.algos [--repeats 7] [--rank 32] [--ratio 0.7] [--threads N] [--device cpu|cuda|all]
 
 Each row builds one LyCORIS module around an SDXL-sized layer (1280x1280 linear, 640x640x3x3
 conv), fills every tensor with random values, then times
@@ -91,18 +91,25 @@ def build(case: Case, layer: nn.Module):
     return module
 
 
-def best_seconds(func: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    result = func()  # warm-up (and kernel selection)
-    timings = []
+def best_seconds(
+    contenders: list[Callable[[], torch.Tensor]], repeats: int, device: torch.device
+) -> list[tuple[float, torch.Tensor]]:
+    """Return (best time, result) per contender, runs interleaved so both see the same machine load.
+
+    Best of N, not the median: the CPU is shared, and other work only ever adds time.
+    """
+    results = [func() for func in contenders]  # warm-up (and kernel selection)
+    best = [float("inf")] * len(contenders)
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = func()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - start)
-    return min(timings), result  # best of N: the CPU is shared, noise only ever adds time
+        for index, func in enumerate(contenders):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            results[index] = func()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[index] = min(best[index], time.perf_counter() - start)
+    return list(zip(best, results))
 
 
 def run_case(case: Case, device: torch.device, repeats: int, ratio: float) -> tuple[float, float, float]:
@@ -125,8 +132,7 @@ def run_case(case: Case, device: torch.device, repeats: int, ratio: float) -> tu
         return apply_module(network, base, None, ratio).weight
 
     layer.to(device)  # LyCORIS reads the base weight from the layer it wraps
-    lycoris_s, reference = best_seconds(theirs, repeats, device)
-    lytools_s, result = best_seconds(ours, repeats, device)
+    (lycoris_s, reference), (lytools_s, result) = best_seconds([theirs, ours], repeats, device)
     difference = (result.float() - reference.float().reshape(result.shape)).abs().max().item()
     return lytools_s, lycoris_s, difference
 
@@ -138,13 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=float, default=0.7,
                         help="merge ratio (at 1.0 LyCORIS's full module returns its stored weight without work)")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
-    import lycoris
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from importlib.metadata import version
 
     devices = [torch.device("cpu")] if args.device != "cuda" else []
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
-    print(f"torch {torch.__version__}, lycoris-lora {getattr(lycoris, '__version__', '?')}, "
+    print(f"torch {torch.__version__}, lycoris-lora {version('lycoris-lora')}, "
           f"{torch.get_num_threads()} CPU threads, rank {args.rank}, ratio {args.ratio}, best of {args.repeats}")
     print("shapes: linear 1280x1280, conv 640x640x3x3; time = one merged weight (ΔW rebuilt and applied)")
     for device in devices:
