@@ -274,3 +274,50 @@ def test_target_mismatch_at_merge_names_module():
 
 def test_errors_are_lytools_errors():
     assert issubclass(NetworkError, LytoolsError) and issubclass(UnsupportedError, LytoolsError)
+
+
+def test_mixed_file_through_lytools_io(tmp_path):
+    """A file mixing LoRA, LoKr, full and norm modules plus stray keys: grouped, detected per
+    module from headers alone, then every module merged."""
+    from safetensors.torch import save_file
+
+    from lytools.algos import load_module
+    from lytools.io import open_file
+
+    tensors = {
+        "lora_unet_attn_to_q.lora_up.weight": torch.randn(32, 4).half(),
+        "lora_unet_attn_to_q.lora_down.weight": torch.randn(4, 16).half(),
+        "lora_unet_attn_to_q.alpha": torch.tensor(2.0).half(),
+        "lora_unet_conv_in.lokr_w1": torch.randn(4, 4),
+        "lora_unet_conv_in.lokr_w2_a": torch.randn(8, 2),
+        "lora_unet_conv_in.lokr_w2_b": torch.randn(2, 8 * 9),
+        "lora_unet_conv_in.alpha": torch.tensor([1], dtype=torch.int64),
+        "lora_te1_embeddings.diff": torch.randn(10, 16),
+        "lora_te1_final_layer_norm.w_norm": torch.randn(16),
+        "lora_te1_final_layer_norm.b_norm": torch.randn(16),
+        "text_projection.weight": torch.randn(4, 4),
+        "lora_unet_orphan.alpha": torch.tensor(1.0),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    targets = {"lora_unet_attn_to_q": (32, 16), "lora_unet_conv_in": (32, 32, 3, 3),
+               "lora_te1_embeddings": (10, 16), "lora_te1_final_layer_norm": (16,)}
+    with open_file(path) as source:
+        groups = group_keys(source.keys())
+        assert sorted(groups.stray) == ["lora_unet_orphan.alpha", "text_projection.weight"]
+        found = {}
+        for name, keys in groups.modules.items():
+            alpha = float(source.get(keys["alpha"]).flatten()[0]) if "alpha" in keys else None
+            header_info = describe_header(name, {s: source.info(k) for s, k in keys.items()}, alpha=alpha)
+            module = load_module(source, name, keys)
+            assert header_info == describe_module(module)
+            found[name] = (header_info.algo, header_info.rank, header_info.scale)
+            weight = torch.zeros(targets[name])
+            merged = apply_module(module, weight, None, 1.0)
+            assert merged.weight.shape == weight.shape and merged.weight.abs().sum() > 0
+    assert found == {
+        "lora_unet_attn_to_q": ("lora", 4, 0.5),
+        "lora_unet_conv_in": ("lokr", 2, 0.5),
+        "lora_te1_embeddings": ("full", None, None),
+        "lora_te1_final_layer_norm": ("norm", None, None),
+    }
