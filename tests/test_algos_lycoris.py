@@ -18,7 +18,7 @@ lycoris_modules = pytest.importorskip("lycoris.modules", reason="lycoris-lora is
 
 NAME = "lora_unet_test_block"
 SETTINGS = settings(
-    max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 DIMS = st.sampled_from([8, 12, 16, 24, 32, 48])
 KINDS = st.sampled_from(["linear", "conv1x1", "conv3x3"])
@@ -52,8 +52,17 @@ def build(cls, layer: nn.Module, seed: int, **kwargs):
 
 
 def network(module) -> NetworkModule:
-    """Return the module as lytools reads it from a file: LyCORIS's own saved tensors."""
-    return NetworkModule(NAME, {k: v.detach().clone() for k, v in module.state_dict().items()})
+    """Return the module as lytools reads it from a file: LyCORIS's own saved tensors.
+
+    Also checks that the header-only reading (shapes, dtypes, alpha and on_input values) tells
+    exactly what the full reading does.
+    """
+    net = NetworkModule(NAME, {k: v.detach().clone() for k, v in module.state_dict().items()})
+    headers = {suffix: (tuple(t.shape), str(t.dtype)) for suffix, t in net.tensors.items()}
+    scalars = net.scalars()
+    on_input = None if "on_input" not in scalars else bool(scalars["on_input"])
+    assert describe_header(NAME, headers, alpha=scalars.get("alpha"), on_input=on_input) == describe_module(net)
+    return net
 
 
 def rebuild_merge(module, weight: torch.Tensor, ratio: float) -> torch.Tensor:
