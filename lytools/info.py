@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import statistics
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -94,12 +95,22 @@ def _metadata_summary(metadata: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
+_STRUCT = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+
+
 def _read_scalar(handle, key: str) -> float | None:
+    """Return the first value of a tiny tensor (alpha, on_input): a few bytes, no torch tensor built."""
+    info = handle.info(key)
+    if info.numel < 1:
+        return None
+    if isinstance(handle, SafetensorsFile) and (info.dtype in _STRUCT or info.dtype == "BF16"):
+        raw = bytes(handle.raw_bytes(key)[:8])
+        if info.dtype == "BF16":
+            return struct.unpack("<f", b"\0\0" + raw[:2])[0]
+        return float(struct.unpack_from(_STRUCT[info.dtype], raw)[0])
     try:
         tensor = handle.get(key)
     except LytoolsError:
-        return None
-    if tensor.numel() < 1:
         return None
     return float(tensor.detach().flatten()[0].float())
 

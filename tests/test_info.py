@@ -136,13 +136,14 @@ def test_block_labels():
 def test_header_only_reads_alpha_scalars_only(tmp_path, monkeypatch):
     path = testing.build_network(tmp_path / "n.safetensors", "sdxl", factor=16)
     read: list[str] = []
-    original = SafetensorsFile.get
+    for method in ("get", "raw_bytes", "get_rows"):
+        original = getattr(SafetensorsFile, method)
 
-    def spy(self, name):
-        read.append(name)
-        return original(self, name)
+        def spy(self, name, *rest, _original=original):
+            read.append(name)
+            return _original(self, name, *rest)
 
-    monkeypatch.setattr(SafetensorsFile, "get", spy)
+        monkeypatch.setattr(SafetensorsFile, method, spy)
     report = inspect_file(path)
     assert read and all(name.endswith(".alpha") for name in read)
     assert report["network"]["scalars_read"] == len(read)
@@ -234,3 +235,18 @@ def test_pickled_checkpoint(tmp_path):
     [report] = info_json(path, extra=["--hash"])
     assert report["format"].startswith("pickle")
     assert report["hashes"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64])
+def test_alpha_of_any_dtype_and_shape(tmp_path, dtype):
+    down, up = torch.zeros(4, 96, dtype=torch.float16), torch.zeros(96, 4, dtype=torch.float16)
+    name = "lora_te_text_model_encoder_layers_0_mlp_fc2"
+    tensors = {f"{name}.lora_down.weight": torch.zeros(4, 3072 // 16), f"{name}.lora_up.weight": torch.zeros(768 // 16, 4),
+               f"{name}.alpha": torch.tensor(2, dtype=dtype)}
+    other = "lora_te_text_model_encoder_layers_1_mlp_fc2"
+    tensors |= {f"{other}.lora_down.weight": down[:, :48].clone(), f"{other}.lora_up.weight": up[:48].clone(),
+                f"{other}.alpha": torch.tensor([3.0], dtype=dtype)}
+    path = tmp_path / "a.safetensors"
+    write_safetensors(path, tensors)
+    [report] = info_json(path)
+    assert report["network"]["alpha"] == {"min": 2, "median": 2.5, "max": 3}
