@@ -1,0 +1,109 @@
+"""CLI conventions shared by every command: exit codes, one-line errors, no stubs, the demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+import pytest
+
+from lytools import __version__
+from lytools.cli import cli, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LYTOOLS_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lytools", *args], cwd=cwd or REPO, env=env, capture_output=True, text=True,
+        input=stdin, timeout=300,
+    )
+
+
+def test_version_and_help_list_only_real_commands():
+    result = run("--version")
+    assert result.returncode == 0 and __version__ in result.stdout
+    help_text = run("--help").stdout
+    listed = {line.split()[0] for line in help_text.split("Commands:")[1].splitlines() if line.strip()}
+    assert listed == set(cli.commands)
+    assert {"info", "demo"} <= listed
+    runner = CliRunner()
+    for name, command in cli.commands.items():
+        assert command.help and len(command.help.strip()) > 20, f"{name} has no real help text"
+        sub = runner.invoke(cli, [name, "--help"], prog_name="lytools")
+        assert sub.exit_code == 0 and "Usage: lytools " + name in sub.output
+
+
+def test_runtime_error_is_one_line_exit_1(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    result = run("info", str(bad))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any(line.startswith("lytools: error: ") and str(bad) in line for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_error_exit_2():
+    result = run("info", "--no-such-option")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "LYTOOLS_DEBUG"])
+def test_unexpected_exception_is_one_line_unless_debugging(monkeypatch, capsys, debug):
+    @cli.command("explode-for-test")
+    def explode():
+        """A command that fails in a way no lytools error covers (test only)."""
+        raise ValueError("something nobody planned for\nsecond line")
+
+    if debug:
+        monkeypatch.setenv("LYTOOLS_DEBUG", "1")
+    else:
+        monkeypatch.delenv("LYTOOLS_DEBUG", raising=False)
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["explode-for-test"])
+    finally:
+        cli.commands.pop("explode-for-test")
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "internal error ValueError: something nobody planned for" in err
+    if debug:
+        assert "Traceback" in err
+    else:
+        assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_device_errors_are_clear():
+    from lytools.device import resolve_device
+    from lytools.errors import DeviceError
+
+    assert str(resolve_device("cpu")) == "cpu"
+    with pytest.raises(DeviceError, match="expected auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_demo_runs_every_command_and_refuses_a_used_folder(tmp_path):
+    folder = tmp_path / "demo"
+    result = run("demo", str(folder))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (folder / "base-sd1.safetensors").is_file() and (folder / "tuned-sd1.safetensors").is_file()
+    for name in ("extract", "resize", "merge", "convert"):
+        if name in cli.commands:
+            assert f"== lytools {name}" in result.stderr
+    if "extract" in cli.commands:
+        assert (folder / "extracted-lora.safetensors").is_file()
+    if "merge" in cli.commands and "extract" in cli.commands:
+        line = next(l for l in result.stderr.splitlines() if "relative error" in l)
+        assert float(line.split("relative error")[1].split()[0]) < 0.05
+    again = run("demo", str(folder))
+    assert again.returncode == 1 and "already holds files" in again.stderr
