@@ -120,6 +120,7 @@ class Network:
     modules: dict[str, NetworkModule]
     stray: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    notes: list[str] = field(default_factory=list)
 
 
 def _from_convert(path: Path) -> Network | None:
@@ -129,10 +130,8 @@ def _from_convert(path: Path) -> Network | None:
     except ImportError:
         return None
     net = load_network(path)
-    stray = getattr(net, "stray", None) or {}
-    if not isinstance(stray, dict):
-        stray = {}
-    return Network(dict(net.modules), dict(stray), dict(net.metadata))
+    notes = [f"{path.name}: read as a {net.layout} {net.arch} network; written with kohya names"] + list(net.notes)
+    return Network(dict(net.modules), dict(net.stray), dict(net.metadata), notes)
 
 
 def read_network(path: Path) -> Network:
@@ -335,6 +334,8 @@ def resize_file(
         check_output_path(options.report, options.overwrite)
     device = resolve_device(options.device)
     network = read_network(source)
+    for note in network.notes:
+        reporter.log(note)
     infos = describe_all(source, network)
     unit = dylora_unit(network.metadata)
     if options.truncate and unit is None and network.metadata.get("ss_network_module", "").endswith("dylora"):
