@@ -107,3 +107,26 @@ def test_demo_runs_every_command_and_refuses_a_used_folder(tmp_path):
         assert float(line.split("relative error")[1].split()[0]) < 0.05
     again = run("demo", str(folder))
     assert again.returncode == 1 and "already holds files" in again.stderr
+
+
+def _malformed_cases():
+    from tests.test_io import MALFORMED
+
+    return sorted(MALFORMED)
+
+
+@pytest.mark.parametrize("case", _malformed_cases())
+def test_every_malformed_file_is_one_line_through_the_cli(tmp_path, capsys, monkeypatch, case):
+    from tests.test_io import MALFORMED
+
+    monkeypatch.delenv("LYTOOLS_DEBUG", raising=False)
+    make, phrase = MALFORMED[case]
+    path = tmp_path / f"{case}.safetensors"
+    make(path)
+    with pytest.raises(SystemExit) as info:
+        main(["info", str(path)])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lytools: error: ") and phrase in lines[0]
+    assert "Traceback" not in err
