@@ -68,20 +68,23 @@ def _processor_module(module: str) -> str:
     return module
 
 
+_SUFFIX_MAP: dict[str, str] = {ending[1:]: suffix for ending, suffix in _DOTTED_SUFFIXES}
+_SUFFIX_MAP.update({suffix: suffix for suffix in _LYCORIS_SUFFIXES})
+
+
 def split_network_key(key: str) -> tuple[str, str] | None:
     """Return (module name, LyCORIS-spelled suffix) for a network key of any layout, or None."""
     if key.startswith(KOHYA_PREFIXES) or key.startswith("lycoris_"):
         name, dot, suffix = key.partition(".")
         return (name, suffix) if dot and suffix else None
-    for ending, suffix in _DOTTED_SUFFIXES:
-        if key.endswith(ending) and len(key) > len(ending):
-            module = key[: -len(ending)]
-            return _processor_module(module), suffix
-    for suffix in _LYCORIS_SUFFIXES:
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], suffix
-    if key.endswith(".weight") and key.count(".") >= 2:  # IA³ stores its vector as `<module>.weight`
-        return key[: -len(".weight")], "weight"
+    parts = key.split(".")
+    for width in (3, 2, 1):  # longest known ending first: lora_linear_layer.down.weight ... alpha
+        if len(parts) > width:
+            suffix = _SUFFIX_MAP.get(".".join(parts[-width:]))
+            if suffix is not None:
+                return _processor_module(".".join(parts[:-width])), suffix
+    if len(parts) >= 3 and parts[-1] == "weight":  # IA³ stores its vector as `<module>.weight`
+        return ".".join(parts[:-1]), "weight"
     return None
 
 

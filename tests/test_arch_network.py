@@ -1,0 +1,105 @@
+"""lytools.arch.network: key layouts and the architecture of network files."""
+
+from __future__ import annotations
+
+import pytest
+
+from lytools import testing
+from lytools.arch import detect_network, layout_of_module, split_network_key
+from lytools.io import read_header
+
+
+@pytest.mark.parametrize(
+    "key,expected",
+    [
+        ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_down.weight")),
+        ("lycoris_transformer_blocks_0_attn_to_q.lokr_w1", ("lycoris_transformer_blocks_0_attn_to_q", "lokr_w1")),
+        ("unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", ("unet.down_blocks.0.attentions.0.proj_in", "lora_down.weight")),
+        ("unet.mid_block.attentions.0.proj_in.lora.up.weight", ("unet.mid_block.attentions.0.proj_in", "lora_up.weight")),
+        ("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight",
+         ("text_encoder.text_model.encoder.layers.0.mlp.fc1", "lora_down.weight")),
+        ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight",
+         ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0", "lora_up.weight")),
+        ("text_encoder.text_model.encoder.layers.3.self_attn.to_v_lora.down.weight",
+         ("text_encoder.text_model.encoder.layers.3.self_attn.v_proj", "lora_down.weight")),
+        ("base_model.model.down_blocks.1.attentions.0.proj_out.lora_B.default.weight",
+         ("base_model.model.down_blocks.1.attentions.0.proj_out", "lora_up.weight")),
+        ("transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector", ("transformer.transformer_blocks.0.attn.to_q", "dora_scale")),
+        ("diffusion_model.double_blocks.0.img_attn.qkv.hada_w2_b", ("diffusion_model.double_blocks.0.img_attn.qkv", "hada_w2_b")),
+        ("double_blocks.3.processor.qkv_lora2.down.weight", ("double_blocks.3.processor.qkv_lora2", "lora_down.weight")),
+        ("text_projection.bias", None),
+        ("noperiod", None),
+    ],
+)
+def test_split_network_key(key, expected):
+    assert split_network_key(key) == expected
+
+
+def test_layout_of_module():
+    assert layout_of_module("lora_te2_text_model_encoder_layers_0_mlp_fc1") == "kohya"
+    assert layout_of_module("lora_transformer_single_transformer_blocks_0_proj_mlp") == "kohya"
+    assert layout_of_module("lycoris_down_blocks_1_attentions_0_proj_in") == "lycoris"
+    assert layout_of_module("base_model.model.down_blocks.1") == "peft"
+    assert layout_of_module("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1") == "comfy"
+    assert layout_of_module("double_blocks.0.processor.proj_lora1") == "xlabs"
+    assert layout_of_module("transformer.single_transformer_blocks.0.attn.to_q") == "diffusers"
+
+
+@pytest.mark.parametrize("factor", [1, 16])
+@pytest.mark.parametrize(
+    "arch,options,layout",
+    [
+        ("sd1", {"modules": "c3lier"}, "kohya"), ("sd2", {}, "kohya"), ("sdxl", {"layout": "diffusers"}, "diffusers"),
+        ("sdxl", {"layout": "lycoris"}, "lycoris"), ("flux", {"layout": "peft"}, "peft"), ("flux", {"layout": "comfy"}, "comfy"),
+        ("sd3", {"optional": ["embedders"]}, "kohya"), ("sd1", {"algo": "loha"}, "kohya"), ("sd2", {"components": ["te"]}, "kohya"),
+    ],
+)
+def test_detect_synthetic_networks(tmp_path, arch, options, layout, factor):
+    if factor == 1 and arch in ("flux", "sd3", "sdxl"):
+        options = {**options, "components": options.get("components", ["unet"]) if layout not in ("peft",) else ["unet"]}
+    path = testing.build_network(tmp_path / "n.safetensors", arch, factor=factor, rank=2, **options)
+    found = detect_network(read_header(path).tensors)
+    assert (found.arch, found.layout, found.scale) == (arch, layout, factor)
+    assert found.matched == len(found.modules) and not found.stray
+
+
+def test_sdxl_diffusers_named_kohya_and_xlabs():
+    shapes = {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k.lora_down.weight": (4, 2048),
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k.lora_up.weight": (640, 4),
+    }
+    assert detect_network(shapes).arch == "sdxl"
+    xlabs = {
+        "double_blocks.0.processor.qkv_lora1.down.weight": (16, 3072), "double_blocks.0.processor.qkv_lora1.up.weight": (9216, 16),
+        "double_blocks.0.processor.proj_lora2.down.weight": (16, 3072), "double_blocks.0.processor.proj_lora2.up.weight": (3072, 16),
+    }
+    found = detect_network(xlabs)
+    assert (found.arch, found.layout, found.matched) == ("flux", "xlabs", 2)
+
+
+def test_sd1_vs_sd2_by_width_and_metadata_tie_break():
+    def te(width):
+        name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+        return {f"{name}.lora_down.weight": (4, width), f"{name}.lora_up.weight": (width, 4)}
+
+    assert detect_network(te(768)).arch == "sd1"
+    assert detect_network(te(1024)).arch == "sd2"
+    clip_l = {k.replace("lora_te_", "lora_te1_"): v for k, v in te(768).items()}
+    tie = detect_network(clip_l)
+    assert tie.arch == "unknown" and any("equally" in note for note in tie.notes)
+    assert detect_network(clip_l, {"ss_base_model_version": "sdxl_base_v1-0"}).arch == "sdxl"
+    contradiction = detect_network(te(1024), {"ss_base_model_version": "sd_v1"})
+    assert contradiction.arch == "sd2" and any("metadata says sd1" in note for note in contradiction.notes)
+
+
+def test_unknown_and_mixed():
+    found = detect_network({"lora_unet_foo_bar.lora_down.weight": (4, 8), "lora_unet_foo_bar.lora_up.weight": (8, 4)})
+    assert found.arch == "unknown" and found.layout == "kohya"
+    assert detect_network({"a.b": (3,)}).notes == ["no network modules found"]
+    mixed = detect_network({
+        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": (4, 1280, 1, 1),
+        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": (1280, 4, 1, 1),
+        "unet.mid_block.attentions.0.proj_out.lora_A.weight": (4, 1280),
+        "unet.mid_block.attentions.0.proj_out.lora_B.weight": (1280, 4),
+    })
+    assert mixed.layout == "mixed" and mixed.layouts == {"kohya": 1, "diffusers": 1}
