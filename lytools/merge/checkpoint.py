@@ -385,7 +385,7 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
             f"fp8: {loss.tensor}: only {loss.kept:.0%} of the change from {', '.join(loss.modules)} survives requantization"
         )
     if engine.scale_raised:
-        reporter.warn(f"fp8: {len(engine.scale_raised)} tensor scale(s) raised so the merged weights fit fp8")
+        reporter.log(f"fp8: {len(engine.scale_raised)} tensor scale(s) raised so the merged weights fit fp8 (no saturation)")
     if engine.saturated:
         reporter.warn(f"fp8: {len(engine.saturated)} tensor(s) saturated at the fp8 limit")
     return CheckpointResult(
