@@ -85,14 +85,18 @@ def header_floor(paths: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def cli_all(paths: list[str]) -> int:
+def cli_all(paths: list[str]) -> tuple[int, int]:
+    """Run the CLI over every path; return (reports printed, the CLI process's peak RSS in bytes)."""
+    import resource
+
     process = subprocess.run(
         [sys.executable, "-m", "lytools", "info", "-", "--json"],
         input="\n".join(paths), capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]),
     )
     if process.returncode != 0:
         raise RuntimeError(process.stderr.strip()[:300])
-    return len(json.loads(process.stdout))
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return len(json.loads(process.stdout)), peak
 
 
 def main() -> None:
@@ -116,7 +120,7 @@ def main() -> None:
         library = measure("lytools.info.inspect_file", inspect_all, paths)
         floor = measure("safetensors safe_open (floor)", header_floor, paths)
         cli = measure("lytools info - --json (CLI)", cli_all, paths)
-        assert cli.result == len(paths)
+        assert cli.result[0] == len(paths)
 
         print()
         print(f"{'kind':<18}{'files':>6}{'size each':>12}{'median ms':>11}{'max ms':>9}")
@@ -132,7 +136,8 @@ def main() -> None:
         per_file_floor = floor.result / count
         print()
         print(library.line())
-        print(cli.line())
+        print(f"{cli.label:<34} {cli.seconds:9.2f} s   peak RSS of the lytools process {human_bytes(cli.result[1])}"
+              " (ru_maxrss: includes mapped header pages)")
         print(floor.line())
         print()
         print(f"per file: library {1000 * per_file_library:.1f} ms, CLI {1000 * per_file_cli:.1f} ms "

@@ -259,3 +259,28 @@ def test_generic_table_for_unknown_arch():
     found = resolver.resolve("lora_unet_blocks_0_attn_qkv")
     assert found.key == "model.diffusion_model.blocks.0.attn.qkv.weight"
     assert resolver.resolve("diffusion_model.blocks.0.attn.qkv").key == "model.diffusion_model.blocks.0.attn.qkv.weight"
+
+
+def test_old_sd1_text_encoder_names_resolve():
+    shapes = full_shapes("sd1")
+    aliases = checkpoint_manifest("sd1")["aliases"]
+    old = {(next((o for o, n in aliases.items() if n == key), key)): shape for key, shape in shapes.items()}
+    assert "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight" in old
+    resolver = Resolver(old)
+    assert resolver.checkpoint.arch == "sd1"
+    found = resolver.resolve("lora_te_text_model_encoder_layers_0_mlp_fc1")
+    assert found.key == "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight"
+
+
+def test_sd3_variants_from_blocks():
+    shapes = full_shapes("sd3")
+    assert detect_checkpoint(shapes).variant == "medium"
+    with_attn2 = dict(shapes)
+    with_attn2["model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight"] = (4608, 1536)
+    assert detect_checkpoint(with_attn2).variant == "3.5-medium"
+    deeper = {k: v for k, v in shapes.items() if "joint_blocks" not in k}
+    width = 64 * 38
+    for index in range(38):
+        deeper[f"model.diffusion_model.joint_blocks.{index}.x_block.attn.qkv.weight"] = (3 * width, width)
+    found = detect_checkpoint(deeper)
+    assert (found.variant, found.blocks["joint_blocks"], found.scale) == ("3.5-large", 38, 1)
