@@ -284,3 +284,11 @@ def test_sd3_variants_from_blocks():
         deeper[f"model.diffusion_model.joint_blocks.{index}.x_block.attn.qkv.weight"] = (3 * width, width)
     found = detect_checkpoint(deeper)
     assert (found.variant, found.blocks["joint_blocks"], found.scale) == ("3.5-large", 38, 1)
+
+
+def test_scaled_fp8_markers_are_reported():
+    shapes = full_shapes("flux")
+    shapes["scaled_fp8"] = (0,)
+    shapes["model.diffusion_model.double_blocks.0.img_attn.qkv.scale_weight"] = ()
+    found = detect_checkpoint(shapes)
+    assert found.arch == "flux" and any("scaled fp8" in note for note in found.notes)

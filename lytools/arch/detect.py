@@ -423,6 +423,9 @@ def detect_checkpoint(tensors: Any, metadata: Mapping[str, str] | None = None) -
             layout = {"sd1": "ldm", "sd2": "ldm", "sdxl": "sgm", "sd3": "mmdit", "flux": "bfl"}[arch]
         elif components:
             notes.append("no denoiser; components: " + ", ".join(sorted(components)))
+    scale_keys = [k for k in shapes if k == "scaled_fp8" or k.endswith((".scale_weight", ".weight_scale"))]
+    if scale_keys:
+        notes.append(f"scaled fp8 checkpoint: {len(scale_keys)} per-tensor scale keys (true weight = fp8 x scale)")
     claimed = arch_from_metadata(metadata)
     if claimed and arch != "unknown" and claimed != arch:
         notes.append(f"metadata says {claimed} but the weights are {arch}; trusting the weights")
