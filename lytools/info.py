@@ -69,6 +69,12 @@ def block_of(module: str) -> str:
     return f"{component}:{block.group(1)}_{block.group(2)}"
 
 
+def _components_by_name(modules: Mapping[str, Any]) -> dict[str, int]:
+    """Module counts per component from the name prefixes alone (for architectures lytools does not know)."""
+    counts: Counter[str] = Counter(block_of(name).split(":", 1)[0] for name in modules)
+    return dict(counts)
+
+
 def _metadata_summary(metadata: Mapping[str, str]) -> dict[str, Any]:
     ss = {k: metadata[k] for k in SS_SHOWN if k in metadata}
     other_ss = sorted(k for k in metadata if k.startswith("ss_") and k not in ss)
@@ -170,7 +176,7 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
     report: dict[str, Any] = {
         "modules": len(net.modules),
         "algorithms": dict(sorted(algorithms.items())),
-        "components": dict(sorted(net.components.items())),
+        "components": dict(sorted((net.components or _components_by_name(net.modules)).items())),
         "layouts": dict(sorted(net.layouts.items())),
         "matched_modules": net.matched,
         "dora": bool(dora),

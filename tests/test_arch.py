@@ -292,3 +292,12 @@ def test_scaled_fp8_markers_are_reported():
     shapes["model.diffusion_model.double_blocks.0.img_attn.qkv.scale_weight"] = ()
     found = detect_checkpoint(shapes)
     assert found.arch == "flux" and any("scaled fp8" in note for note in found.notes)
+
+
+def test_resolver_with_given_arch_finds_the_prefix():
+    # a Flux transformer lacking the keys detection needs still resolves when the caller names the arch
+    shapes = {k[len("model.diffusion_model."):]: v for k, v in full_shapes("flux").items()
+              if k.startswith("model.diffusion_model.") and "single_blocks.0." not in k}
+    resolver = Resolver(shapes, arch="flux")
+    assert resolver.checkpoint.arch == "unknown"
+    assert resolver.resolve("lora_unet_double_blocks_3_img_mlp_0").key == "double_blocks.3.img_mlp.0.weight"

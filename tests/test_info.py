@@ -250,3 +250,17 @@ def test_alpha_of_any_dtype_and_shape(tmp_path, dtype):
     write_safetensors(path, tensors)
     [report] = info_json(path)
     assert report["network"]["alpha"] == {"min": 2, "median": 2.5, "max": 3}
+
+
+def test_unknown_architecture_network(tmp_path):
+    tensors = {"lora_unet_blocks_0_attn_qkv.lora_down.weight": torch.zeros(2, 8),
+               "lora_unet_blocks_0_attn_qkv.lora_up.weight": torch.zeros(24, 2),
+               "lora_unet_blocks_0_attn_qkv.alpha": torch.tensor(1.0)}
+    path = tmp_path / "u.safetensors"
+    write_safetensors(path, tensors)
+    [report] = info_json(path)
+    assert (report["kind"], report["architecture"], report["layout"]) == ("network", "unknown", "kohya")
+    assert report["network"]["components"] == {"unet": 1}
+    assert report["network"]["rank"] == {"min": 2, "median": 2, "max": 2}
+    human = run_info(path).stdout
+    assert "architecture  unknown" in human

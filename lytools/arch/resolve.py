@@ -93,7 +93,7 @@ class Resolver:
         self.shapes: dict[str, Shape] = shapes_of(tensors)
         self.checkpoint: CheckpointArch = detect_checkpoint(self.shapes, metadata)
         self.arch = arch or self.checkpoint.arch
-        self.prefix = self.checkpoint.prefix if self.checkpoint.prefix is not None else UNET_PREFIX
+        self.prefix = self.checkpoint.prefix if self.checkpoint.prefix is not None else self._infer_prefix()
         self._aliases = alias_table(self.arch) if self.arch in NETWORK_ARCHS else {}
         self._full_shapes: dict[str, Shape] = {}
         if self.arch in NETWORK_ARCHS:
@@ -101,6 +101,21 @@ class Resolver:
         self._to_diffusers = self._diffusers_key_map() if self.checkpoint.layout == "diffusers" else {}
         self._old_te = self._old_text_encoder_names()
         self._own = self._own_table()
+
+    def _infer_prefix(self) -> str:
+        """Denoiser prefix when detection found none (arch given by the caller): the best key overlap."""
+        if self.arch not in NETWORK_ARCHS:
+            return UNET_PREFIX
+        from lytools.arch.detect import DENOISER_PREFIXES
+        from lytools.arch.keymap import module_table
+
+        rels = [t.key[len(UNET_PREFIX):] for t in module_table(self.arch).values() if t.key.startswith(UNET_PREFIX)]
+        best, best_hits = UNET_PREFIX, 0
+        for prefix in DENOISER_PREFIXES:
+            hits = sum(1 for rel in rels if prefix + rel in self.shapes)
+            if hits > best_hits:
+                best, best_hits = prefix, hits
+        return best
 
     # -- canonical key -> this file ----------------------------------------------------------
     def _diffusers_key_map(self) -> dict[str, list[tuple[str, Rows | None]]]:
