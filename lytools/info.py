@@ -75,6 +75,35 @@ def _components_by_name(modules: Mapping[str, Any]) -> dict[str, int]:
     return dict(counts)
 
 
+def _adapter_config_notes(path: Path, metadata: Mapping[str, str]) -> list[str]:
+    """Where a diffusers/peft file keeps its scale: adapter metadata or adapter_config.json (FORMATS.md 3.3)."""
+    import json
+
+    configs: list[tuple[str, Any]] = []
+    for key, value in metadata.items():
+        if key.endswith("lora_adapter_metadata"):
+            try:
+                configs.append((key, json.loads(value)))
+            except ValueError:
+                return [f"metadata {key} is not valid JSON"]
+    sibling = path.with_name("adapter_config.json")
+    if sibling.is_file():
+        try:
+            configs.append(("adapter_config.json", json.loads(sibling.read_text())))
+        except (OSError, ValueError):
+            return ["adapter_config.json next to the file is not readable JSON"]
+    notes = []
+    for source, config in configs:
+        for component, entry in (config.items() if isinstance(config, dict) and "r" not in config else [("", config)]):
+            if isinstance(entry, dict) and "r" in entry:
+                where = f"{source}{' ' + component if component else ''}"
+                notes.append(f"{where}: r={entry.get('r')}, lora_alpha={entry.get('lora_alpha')}"
+                             + (", rank/alpha patterns" if entry.get("rank_pattern") or entry.get("alpha_pattern") else ""))
+    if not configs:
+        notes.append("no alpha tensors and no adapter config: loaders assume the scale is folded in (peft alone defaults lora_alpha to 8)")
+    return notes
+
+
 def _metadata_summary(metadata: Mapping[str, str]) -> dict[str, Any]:
     ss = {k: metadata[k] for k in SS_SHOWN if k in metadata}
     other_ss = sorted(k for k in metadata if k.startswith("ss_") and k not in ss)
@@ -301,6 +330,8 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
             report["architecture"] = net.arch
             report["layout"] = net.layout
             report["network"] = _network_report(handle, shapes, dtypes, net, verbose)
+            if net.layout in ("diffusers", "peft"):
+                notes.extend(_adapter_config_notes(path, metadata))
             if net.scale != 1:
                 notes.append(f"shapes fit {net.arch} scaled down {net.scale}x (a synthetic test model)")
             notes.extend(net.notes)

@@ -264,3 +264,16 @@ def test_unknown_architecture_network(tmp_path):
     assert report["network"]["rank"] == {"min": 2, "median": 2, "max": 2}
     human = run_info(path).stdout
     assert "architecture  unknown" in human
+
+
+def test_peft_adapter_config_is_reported(tmp_path):
+    path = testing.build_network(tmp_path / "adapter_model.safetensors", "sd1", layout="peft", factor=16)
+    [report] = info_json(path)
+    assert any("no adapter config" in note for note in report["notes"])
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 2}))
+    [report] = info_json(path)
+    assert "adapter_config.json: r=4, lora_alpha=2" in report["notes"]
+    meta = {"unet_lora_adapter_metadata": json.dumps({"r": 8, "lora_alpha": 8, "rank_pattern": {"a": 4}})}
+    other = testing.build_network(tmp_path / "d.safetensors", "sd1", layout="diffusers", factor=16, metadata=meta)
+    [report] = info_json(other)
+    assert "unet_lora_adapter_metadata: r=8, lora_alpha=8, rank/alpha patterns" in report["notes"]
