@@ -103,23 +103,28 @@ def tucker_split(down: torch.Tensor, in_features: int, kernel: tuple[int, ...]) 
     return core.reshape((rank, rank) + tuple(kernel)).contiguous(), new_down.contiguous(), lost
 
 
-def clamp_factors(factors: list[torch.Tensor], quantile: float) -> list[torch.Tensor]:
-    """Clamp every factor to ±(the `quantile` of all their values), as kohya's extractor does."""
-    values = torch.cat([f.flatten() for f in factors])
-    position = min(values.numel(), max(1, math.ceil(quantile * values.numel())))
-    high = float(torch.kthvalue(values.float().cpu(), position).values)
-    high = abs(high)
+def quantile(values: torch.Tensor, q: float) -> float:
+    """Return the q-quantile of `values` with linear interpolation (torch.quantile's rule, any size)."""
+    flat = values.flatten().float().cpu()
+    position = q * (flat.numel() - 1)
+    below = int(math.floor(position))
+    above = min(below + 1, flat.numel() - 1)
+    low = float(torch.kthvalue(flat, below + 1).values)
+    high = float(torch.kthvalue(flat, above + 1).values) if above != below else low
+    return low + (high - low) * (position - below)
+
+
+def clamp_factors(factors: list[torch.Tensor], q: float) -> list[torch.Tensor]:
+    """Clamp every factor to ±(the q-quantile of all their values), as kohya's extractor does."""
+    high = abs(quantile(torch.cat([f.flatten() for f in factors]), q))
     return [f.clamp(-high, high) for f in factors]
 
 
 def _sparse_residual(residual: torch.Tensor, sparsity: float, save_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Return bias_indices / bias_values / bias_size: the largest (1 − sparsity) of |residual|."""
-    magnitude = residual.abs().flatten()
-    position = min(magnitude.numel(), max(1, math.ceil(sparsity * magnitude.numel())))
-    threshold = float(torch.kthvalue(magnitude.float().cpu(), position).values)
-    keep = residual.abs() > threshold
-    if not bool(keep.any()):
-        keep = residual.abs() >= threshold
+    # LyCORIS's make_sparse: drop the entries below the `sparsity` quantile of |residual|
+    threshold = quantile(residual.abs(), sparsity)
+    keep = residual.abs() >= threshold
     indices = keep.nonzero().T  # (2, nnz), row-major order as a coalesced COO
     values = residual[keep]
     return {
