@@ -301,3 +301,20 @@ def test_resolver_with_given_arch_finds_the_prefix():
     resolver = Resolver(shapes, arch="flux")
     assert resolver.checkpoint.arch == "unknown"
     assert resolver.resolve("lora_unet_double_blocks_3_img_mlp_0").key == "double_blocks.3.img_mlp.0.weight"
+
+
+def test_text_encoder_path_rules():
+    from lytools.arch import openclip_key, text_encoder_path
+
+    assert text_encoder_path("text_model_encoder_layers_7_self_attn_out_proj", "hf") == "text_model.encoder.layers.7.self_attn.out_proj"
+    assert text_encoder_path("text_model_final_layer_norm", "hf") == "text_model.final_layer_norm"
+    assert text_encoder_path("encoder_block_3_layer_1_DenseReluDense_wi_0", "t5") == "encoder.block.3.layer.1.DenseReluDense.wi_0"
+    assert text_encoder_path("not_a_path", "hf") is None
+    assert openclip_key("text_model.encoder.layers.2.self_attn.v_proj", 1280) == ("transformer.resblocks.2.attn.in_proj_weight", (2560, 3840))
+    assert openclip_key("text_model.encoder.layers.2.mlp.fc2", 1024) == ("transformer.resblocks.2.mlp.c_proj.weight", None)
+    assert openclip_key("text_model.embeddings.position_embedding", 1024) == ("positional_embedding", None)
+    # the rule agrees with the manifest for every SD2 text-encoder module
+    for name, target in module_table("sd2").items():
+        if target.component == "te":
+            key, rows = openclip_key(target.path, 1024)
+            assert ("cond_stage_model.model." + key, rows) == (target.key, target.rows), name

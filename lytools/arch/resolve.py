@@ -60,7 +60,9 @@ class Resolved:
     """A network module name resolved to a given checkpoint."""
 
     name: str  # the name asked for
-    module: str  # canonical kohya module name (or the generic lora_unet_ name)
+    # canonical kohya module name (or the generic lora_unet_ name); for a q/k/v/mlp part of a fused
+    # kohya module (diffusers Flux/SD3 names) the fused module, with the part's rows in placements
+    module: str
     shape: Shape  # ΔW shape of the module in this checkpoint
     kind: str
     component: str  # unet | te | te1 | te2 | te3
