@@ -412,7 +412,8 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
         arch += f" ({checkpoint['variant']})"
     row("architecture", arch)
     if checkpoint:
-        row("components", ", ".join(f"{k} [{v or 'no prefix'}]" for k, v in checkpoint["components"].items()) or "-")
+        components = ", ".join(f"{k} [{v or 'no prefix'}]" for k, v in checkpoint["components"].items()) or "-"
+        row("components", components + (" (text encoders only, no denoiser)" if checkpoint["text_encoder_only"] else ""))
         if checkpoint.get("in_channels") is not None:
             row("in channels", checkpoint["in_channels"])
         if checkpoint.get("blocks"):

@@ -318,3 +318,11 @@ def test_text_encoder_path_rules():
         if target.component == "te":
             key, rows = openclip_key(target.path, 1024)
             assert ("cond_stage_model.model." + key, rows) == (target.key, target.rows), name
+
+
+def test_flux_fill_and_control_from_img_in():
+    shapes = full_shapes("flux")
+    shapes["model.diffusion_model.img_in.weight"] = (3072, 384)
+    assert detect_checkpoint(shapes).variant == "dev-fill"
+    shapes["model.diffusion_model.img_in.weight"] = (3072, 128)
+    assert detect_checkpoint(shapes).variant == "dev-control"

@@ -277,3 +277,10 @@ def test_peft_adapter_config_is_reported(tmp_path):
     other = testing.build_network(tmp_path / "d.safetensors", "sd1", layout="diffusers", factor=16, metadata=meta)
     [report] = info_json(other)
     assert "unet_lora_adapter_metadata: r=8, lora_alpha=8, rank/alpha patterns" in report["notes"]
+
+
+def test_text_encoder_only_checkpoint(tmp_path):
+    path = testing.build_checkpoint(tmp_path / "te.safetensors", "sd2", components=["clip_h"], factor=16)
+    [report] = info_json(path)
+    assert (report["kind"], report["architecture"], report["checkpoint"]["text_encoder_only"]) == ("checkpoint", "sd2", True)
+    assert "text encoders only" in run_info(path).stdout
