@@ -59,18 +59,8 @@ class NetworkInput:
 
 def _load_modules(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str], list[str]]:
     """Return (modules, metadata, stray keys) through lytools.convert's reader (any key style)."""
-    try:
-        from lytools.convert import load_network  # the one reader of every network key style
-    except ImportError:  # TEMPORARY until lytools.convert lands: kohya/LyCORIS key style only
-        from lytools.algos import group_keys
+    from lytools.convert import load_network  # the one reader of every network key style
 
-        with open_file(path) as handle:
-            groups = group_keys(handle.keys())
-            modules = {
-                name: NetworkModule(name, {suffix: handle.get(key).clone() for suffix, key in keys.items()})
-                for name, keys in groups.modules.items()
-            }
-            return modules, dict(handle.metadata), groups.stray
     network = load_network(path)
     return dict(network.modules), dict(network.metadata), list(getattr(network, "stray", []))
 
