@@ -111,6 +111,7 @@ def test_oft_boft_and_legacy():
     assert (legacy.algo, legacy.variant, legacy.constraint) == ("oft", "legacy", None)
     boft = info({"oft_blocks": (4, 8, 6, 6), "rescale": (48, 1), "alpha": ()}, alpha=0)
     assert (boft.algo, boft.blocks, boft.constraint) == ("boft", (4, 8, 6), 0.0)
+    assert (oft.out_features, boft.out_features, legacy.out_features) == (48, 48, 48)
 
 
 def test_dora_axes():

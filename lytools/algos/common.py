@@ -96,7 +96,12 @@ class ModuleInfo:
 
     @property
     def out_features(self) -> int | None:
-        return self.delta_shape[0] if self.delta_shape else None
+        """Output channels the module changes, when its tensors tell (oft/boft: n·b)."""
+        if self.delta_shape:
+            return self.delta_shape[0]
+        if self.blocks:  # oft (n, b), boft (M, n, b)
+            return self.blocks[-2] * self.blocks[-1]
+        return None
 
     @property
     def is_conv(self) -> bool:

@@ -47,14 +47,6 @@ SHARED_SUFFIXES: frozenset[str] = frozenset({ALPHA, DORA_SCALE})
 Header = object  # TensorInfo-like (.shape), (shape, dtype), or a bare shape
 
 
-def _out_channels(info: ModuleInfo) -> int | None:
-    if info.delta_shape:
-        return info.delta_shape[0]
-    if info.blocks:  # oft (n, b), boft (M, n, b): n·b output channels
-        return info.blocks[-2] * info.blocks[-1]
-    return None
-
-
 def describe_shapes(name: str, shapes: Shapes, scalars: Scalars | None = None) -> ModuleInfo:
     """Return the ModuleInfo of module `name` from {suffix: shape} and the known scalar values.
 
@@ -70,7 +62,7 @@ def describe_shapes(name: str, shapes: Shapes, scalars: Scalars | None = None) -
         if algo.detect(shapes):
             info = algo.describe(name, shapes, scalars)
             if DORA_SCALE in shapes:
-                side = dora.axis(name, shapes[DORA_SCALE], _out_channels(info))
+                side = dora.axis(name, shapes[DORA_SCALE], info.out_features)
                 info = replace(info, dora=side, additive=False, needs_weight=True)
             return info
     raise fail(name, f"unknown key set: {', '.join(sorted(shapes))}")
