@@ -34,11 +34,19 @@ class Reporter:
         self.console.print(f"warning: {message}", markup=False, style="yellow")
 
     def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-        """Yield items with a progress bar on stderr when not quiet and the run is interactive or long."""
-        if self.verbosity < 1:
+        """Yield items with a progress bar on stderr when not quiet and stderr is a terminal."""
+        if self.verbosity < 1 or not _stderr_is_terminal():
             yield from items
             return
         yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+def _stderr_is_terminal() -> bool:
+    # bars in a log file or a pipe are noise: carriage returns, not information
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 QUIET = Reporter(0)
