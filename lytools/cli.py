@@ -243,6 +243,82 @@ def info_command(files, as_json, with_hashes, verify, verbose):
         sys.exit(1)  # after every file was reported (click's Exit is swallowed in non-standalone mode)
 
 
+# -- convert ----------------------------------------------------------------------------------
+@cli.command("convert")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT", help="Output for a single INPUT.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Folder for many inputs: DIR/<input name>.safetensors; with --to peft DIR/<input name>/"
+                   "adapter_model.safetensors + adapter_config.json.")
+@click.option("--to", "target", type=click.Choice(["kohya", "diffusers", "peft"]),
+              help="Key layout to write. Omit it to change only the dtype (--save-dtype) of any file, "
+                   "networks and checkpoints alike, streamed tensor by tensor.")
+@click.option("--fold/--no-fold", default=None,
+              help="Fold alpha/rank into the factors (default for diffusers and peft: every loader then agrees; "
+                   "kohya: alpha = rank). --no-fold keeps the factors bit-exact and carries the scale in "
+                   "lora_adapter_metadata / adapter_config.json (lora_alpha, alpha_pattern).")
+@click.option("--component", type=click.Choice(["unet", "te", "te1", "te2", "te3"]),
+              help="peft: the one model the adapter is for when the network covers several.")
+@click.option("--arch", type=click.Choice(["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]), default="auto", show_default=True,
+              help="Architecture of the inputs when detection cannot tell.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True, help="Files converted in parallel processes.")
+@save_dtype_option(fp8=True)
+@overwrite_option
+@json_option
+@verbosity_options
+def convert_command(inputs, output, output_dir, target, fold, component, arch, jobs, save_dtype, overwrite, as_json,
+                    quiet, verbose):
+    """Rewrite networks in another key layout (kohya, diffusers, peft) and/or dtype, or cast checkpoints.
+
+    Reads every layout lytools knows (kohya/LyCORIS, lycoris_, diffusers, peft, ComfyUI, old diffusers).
+    Each written path is printed on stdout as soon as it is done; `-` reads input paths from stdin
+    (`find . -name '*.safetensors' | lytools convert - --output-dir out --to diffusers -j 4`).
+    A file that fails is reported on stderr and skipped; the exit code is 1 when any failed.
+    Stray keys are kept for kohya and dropped (named) for diffusers/peft; algorithms the target cannot
+    hold (LoHa, LoKr, ... for diffusers/peft) are an error pointing to `lytools resize`.
+    """
+    import json
+
+    from lytools.convert import ConvertOptions, plan_outputs, run_batch
+    from lytools.io import parse_save_dtype
+
+    reporter = make_reporter(quiet, verbose)
+    sources = expand_inputs(inputs)
+    if not sources:
+        raise click.UsageError("no input files")
+    if target is None and save_dtype is None:
+        raise click.UsageError("nothing to do: give --to kohya|diffusers|peft and/or --save-dtype")
+    if target is None and (fold is not None or component is not None):
+        raise click.UsageError("--fold/--no-fold and --component need --to")
+    if component is not None and target != "peft":
+        raise click.UsageError("--component applies to --to peft")
+    if output is not None and len(sources) > 1:
+        raise click.UsageError(f"-o takes one input ({len(sources)} given); use --output-dir DIR")
+    options = ConvertOptions(target=target, save_dtype=parse_save_dtype(save_dtype), fold=fold, component=component,
+                             arch=None if arch == "auto" else arch, overwrite=overwrite)
+    pairs = plan_outputs(sources, output, output_dir, target)
+
+    def done(result) -> None:
+        if result.error:
+            click.echo(f"lytools: error: {result.error}", err=True)
+            return
+        for note in result.notes:
+            reporter.log(f"{result.source.name}: {note}")
+        if not as_json:
+            for path in result.outputs:
+                click.echo(str(path))
+                sys.stdout.flush()
+
+    results = run_batch(pairs, options, jobs=jobs, on_done=done)
+    failed = sum(1 for r in results if r.error)
+    if len(results) > 1:
+        reporter.log(f"convert: {len(results) - failed} written, {failed} failed")
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    if failed:
+        sys.exit(1)
+
+
 # -- demo -------------------------------------------------------------------------------------
 @cli.command("demo")
 @click.argument("folder", metavar="[DIR]", required=False, default="lytools-demo",

@@ -27,11 +27,18 @@ Reading (what merge, resize and info use)
 
 Writing
 
-    convert_network(net, target, fold=None, save_dtype=None) -> Converted(tensors, metadata, adapter_config, notes)
-        target kohya | diffusers | peft (see lytools.convert.write)
-    convert_file(input, output, ConvertOptions) -> FileResult      one file, atomic
-    cast_file(input, output, dtype)                                  any safetensors file, streamed
-    run_batch(inputs, options, jobs, output_dir | output, on_done)   many files, N processes
+    convert_network(net, target, fold=None, save_dtype=None, component=None)
+        -> Converted(tensors, metadata, adapter_config, notes, stray_kept, stray_dropped)
+        target kohya | diffusers | peft (rules in lytools.convert.write)
+    convert_file(input, output, ConvertOptions(target, save_dtype, fold, component, arch, overwrite)) -> FileResult
+        one network, atomic; metadata carried (stale sshs_* recomputed, lora_adapter_metadata rebuilt,
+        lytools.version/command/sources added); peft also writes adapter_config.json (peft_paths)
+    cast_file(input, output, dtype, overwrite=False) -> FileResult
+        any file (network or checkpoint) with floating tensors cast, streamed tensor by tensor;
+        integer tensors keep their dtype; fp8 saturates; scaled-fp8 files refused
+    plan_outputs(inputs, output, output_dir, target) -> [(input, output)]   naming rule (run.py)
+    run_batch(pairs, options, jobs=N, on_done=callback) -> [FileResult]     N processes, each result
+        reported as it finishes; a failed file is a result with .error, the others still run
 
 Errors: UnsupportedError for an algorithm the target cannot hold (the message names the modules
 and points to `lytools resize`), MatchError for a module no name table knows when the target
@@ -39,5 +46,13 @@ needs one, OutputExistsError without --overwrite.
 """
 
 from lytools.convert.load import Network, adapter_metadata, config_scale, load_network, peft_config_path
+from lytools.convert.run import (
+    ConvertOptions, FileResult, cast_file, convert_file, output_for, peft_paths, plan_outputs, process, run_batch,
+)
+from lytools.convert.write import Converted, convert_network
 
-__all__ = ["Network", "adapter_metadata", "config_scale", "load_network", "peft_config_path"]
+__all__ = [
+    "ConvertOptions", "Converted", "FileResult", "Network", "adapter_metadata", "cast_file", "config_scale",
+    "convert_file", "convert_network", "load_network", "output_for", "peft_config_path", "peft_paths",
+    "plan_outputs", "process", "run_batch",
+]

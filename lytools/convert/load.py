@@ -23,6 +23,7 @@ import torch
 
 from lytools.algos import NetworkModule, describe_shapes
 from lytools.arch import detect_network
+from lytools.arch.detect import SCALES
 from lytools.arch.network import layout_of_module
 from lytools.convert import names
 from lytools.convert.fuse import ALPHA, DORA, DOWN, UP, alpha_tensor, fuse_parts
@@ -66,7 +67,8 @@ class Network:
 # -- peft / diffusers scale configuration ----------------------------------------------------------
 def peft_config_path(path: Path) -> Path | None:
     """Return the adapter_config.json that belongs to a peft adapter file, if there is one."""
-    beside = path.with_name(path.name.split(".")[0] + ".adapter_config.json")
+    stem = path.name[: -len(".safetensors")] if path.name.lower().endswith(".safetensors") else path.stem
+    beside = path.with_name(stem + ".adapter_config.json")
     for candidate in (beside, path.parent / "adapter_config.json"):
         if candidate.is_file():
             return candidate
@@ -260,8 +262,11 @@ def _pick(arch: str, stored: str, tensors: Mapping[str, torch.Tensor], scale: in
     if len(found) <= 1:
         return found[0] if found else None
     io = _module_io(stored, tensors)
-    fitting = [c for c in found if _fits(io, c.shape, scale)]
-    return (fitting or found)[0]
+    for trial in (scale, *SCALES):
+        fitting = [c for c in found if _fits(io, c.shape, trial)]
+        if fitting:
+            return fitting[0]
+    return found[0]
 
 
 def _fuse(arch: str, module: str, pieces, scale: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,284 @@
+"""One file or many: convert a network's key layout and/or any file's dtype, atomically.
+
+Output naming with --output-dir (documented in `lytools convert --help`):
+    kohya, diffusers, dtype only:  DIR/<input name without .safetensors/.ckpt/...>.safetensors
+    peft:                          DIR/<input stem>/adapter_model.safetensors + adapter_config.json
+With -o OUT and --to peft: OUT ending in .safetensors is the adapter file and its config goes
+beside it (`adapter_config.json` when OUT is named adapter_model.safetensors, else
+`<stem>.adapter_config.json`); any other OUT is a folder that receives both files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from lytools.convert.load import load_network
+from lytools.convert.write import TARGETS, cast, convert_network
+from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError
+from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry, with_sshs_hashes
+from lytools.io.dtypes import FP8_NAMES, is_float, st_name
+from lytools.io.metadata import add_provenance, carried, source_entry
+from lytools.io.writer import write_safetensors
+
+INPUT_SUFFIXES = (".safetensors.index.json", ".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_ADAPTER_KEYS = ("lora_adapter_metadata",)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What to do with each input: target layout (None: dtype only) and how to write it."""
+
+    target: str | None = None  # kohya | diffusers | peft | None
+    save_dtype: torch.dtype | None = None
+    fold: bool | None = None  # None: the target's default (diffusers/peft fold, kohya keeps)
+    component: str | None = None  # peft: unet | te | te1 | te2 | te3
+    arch: str | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class FileResult:
+    """The outcome of one input."""
+
+    source: Path
+    outputs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"input": str(self.source), "outputs": [str(p) for p in self.outputs], "notes": self.notes,
+                "error": self.error, "seconds": round(self.seconds, 4)}
+
+
+def input_stem(path: Path) -> str:
+    """Return the file name without its model suffix (`a.safetensors` -> `a`)."""
+    name = path.name
+    for suffix in INPUT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def peft_paths(output: Path) -> tuple[Path, Path]:
+    """Return (adapter file, adapter_config.json) for a peft output named OUT (see module docstring)."""
+    if output.name.lower().endswith(".safetensors"):
+        if output.name == "adapter_model.safetensors":
+            return output, output.parent / "adapter_config.json"
+        return output, output.with_name(input_stem(output) + ".adapter_config.json")
+    return output / "adapter_model.safetensors", output / "adapter_config.json"
+
+
+def output_for(source: Path, output_dir: Path, target: str | None) -> Path:
+    """Return the output path of `source` under --output-dir (the naming rule)."""
+    stem = input_stem(source)
+    if target == "peft":
+        return output_dir / stem
+    return output_dir / f"{stem}.safetensors"
+
+
+def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path | None, target: str | None) -> list[tuple[Path, Path]]:
+    """Return (input, output) pairs; refuse clashes between outputs and outputs that are inputs."""
+    if output is not None and output_dir is not None:
+        raise LytoolsError("give either -o/--output or --output-dir, not both")
+    if output is None and output_dir is None:
+        raise LytoolsError("say where to write: -o OUT for one input, --output-dir DIR for many")
+    if output is not None:
+        if len(sources) != 1:
+            raise LytoolsError(f"-o takes one input ({len(sources)} given); use --output-dir DIR for many")
+        pairs = [(sources[0], output)]
+    else:
+        if not output_dir.is_dir():
+            raise LytoolsError(f"{output_dir}: output folder does not exist")
+        pairs = [(source, output_for(source, output_dir, target)) for source in sources]
+    seen: dict[Path, Path] = {}
+    inputs = {source.resolve() for source in sources}
+    for source, out in pairs:
+        key = out.resolve()
+        if key in seen:
+            raise LytoolsError(f"{seen[key]} and {source} would both be written to {out}; rename one or use separate runs")
+        if key in inputs:
+            raise LytoolsError(f"{out}: the output would replace its own input; choose another folder")
+        seen[key] = source
+    return pairs
+
+
+# -- metadata ----------------------------------------------------------------------------------------
+def _metadata(stored: dict[str, str], source: Path, target: str | None, extra: dict[str, str]) -> dict[str, str]:
+    meta = carried(stored)
+    if target is not None:
+        for key in list(meta):
+            if key in _ADAPTER_KEYS or key.endswith("_lora_adapter_metadata"):
+                del meta[key]  # rebuilt from the tensors' scales (diffusers) or carried in alpha tensors
+    meta.update(extra)
+    autov3 = file_hashes(source).data_sha256 if source.suffix.lower() == ".safetensors" else None
+    return add_provenance(meta, sources=[source_entry(source, autov3)])
+
+
+# -- one network ----------------------------------------------------------------------------------------
+def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileResult:
+    """Convert one network to `options.target` (and dtype) and write it atomically."""
+    started = time.perf_counter()
+    result = FileResult(source)
+    net = load_network(source, arch=options.arch)
+    result.notes.extend(net.notes)
+    converted = convert_network(net, options.target, fold=options.fold, save_dtype=options.save_dtype,
+                                component=options.component)
+    result.notes.extend(converted.notes)
+    stored = dict(net.metadata)
+    if options.target == "kohya" and any(k in stored for k in _ADAPTER_KEYS):
+        result.notes.append("lora_adapter_metadata dropped: its scales are in the alpha tensors now")
+    if options.target == "peft":
+        adapter, config_path = peft_paths(output)
+        meta = _metadata(stored, source, options.target, {"format": "pt"})
+        made_folder = adapter.parent != output.parent and not adapter.parent.exists()
+        if made_folder:
+            adapter.parent.mkdir()
+        try:
+            _write_peft(adapter, config_path, converted.tensors, meta, converted.adapter_config, options.overwrite)
+        except BaseException:
+            if made_folder and not any(adapter.parent.iterdir()):
+                adapter.parent.rmdir()
+            raise
+        result.outputs = [adapter, config_path]
+    else:
+        meta = _metadata(stored, source, options.target, converted.metadata)
+        meta = with_sshs_hashes(converted.tensors, meta)
+        write_safetensors(output, converted.tensors, meta, overwrite=options.overwrite)
+        result.outputs = [output]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, overwrite: bool) -> None:
+    """Write the adapter and its config; the config appears only once the adapter is complete."""
+    check_output_path(adapter, overwrite)
+    if config_path.exists() and not overwrite:
+        raise OutputExistsError(f"{config_path}: already exists (use --overwrite to replace it)")
+    temp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
+    try:
+        temp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        with_hashes = with_sshs_hashes(tensors, metadata)
+        write_safetensors(adapter, tensors, with_hashes, overwrite=overwrite)
+        try:
+            os.replace(temp, config_path)
+        except OSError:
+            adapter.unlink(missing_ok=True)
+            raise
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+# -- dtype only (networks and checkpoints) -----------------------------------------------------------------
+_SCALED_FP8_MARKERS = ("scaled_fp8", ".scale_weight", ".weight_scale", ".input_scale")
+
+
+def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool = False) -> FileResult:
+    """Write `source` with every floating tensor in `dtype`, streaming tensor by tensor.
+
+    Integer and bool tensors keep their dtype; fp8 targets saturate to the format's finite range.
+    Files whose embedded sshs hashes A1111 reads (networks) get them recomputed; other stale
+    hashes are dropped. Scaled-fp8 checkpoints (per-tensor scale siblings) are refused: their
+    true weights are fp8 x scale and a plain cast would change them.
+    """
+    started = time.perf_counter()
+    result = FileResult(source)
+    with open_file(source) as reader:
+        keys = list(reader.keys())
+        marked = [k for k in keys if k == "scaled_fp8" or k.endswith(_SCALED_FP8_MARKERS[1:])]
+        if marked:
+            raise UnsupportedError(f"{source}: scaled fp8 file ({marked[0]}): its weights are fp8 x scale; "
+                                   f"a plain dtype cast would change them")
+        stored = dict(reader.metadata or {})
+        meta = _metadata(stored, source, None, {})
+        infos = {info.name: info for info in reader.infos()}
+        planned = []
+        for name, info in infos.items():
+            out_dtype = dtype if is_float(info.torch_dtype) else info.torch_dtype
+            planned.append(plan_entry(name, out_dtype, info.shape))
+        saturated = 0
+
+        def produce(name: str) -> torch.Tensor:
+            nonlocal saturated
+            tensor = reader.get(name)
+            if is_float(tensor.dtype) and st_name(dtype) in FP8_NAMES and tensor.dtype != dtype:
+                limit = torch.finfo(dtype).max
+                wide = tensor.float()
+                if bool((wide.abs() > limit).any()):
+                    saturated += 1
+                    wide = wide.clamp(-limit, limit)
+                return wide.to(dtype)
+            return cast(tensor, dtype)
+
+        if "sshs_model_hash" in stored:
+            tensors = {name: produce(name) for name in infos}
+            write_safetensors(output, tensors, with_sshs_hashes(tensors, meta), overwrite=overwrite)
+        else:
+            writer = SafetensorsWriter(output, planned, meta, overwrite=overwrite)
+            with writer:
+                for name in writer.order:
+                    writer.write(name, produce(name))
+    if saturated:
+        result.notes.append(f"{saturated} tensors had values beyond the {st_name(dtype)} range and were saturated")
+    result.outputs = [output]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
+    """Run one input; a LytoolsError becomes the result's error (the batch goes on)."""
+    try:
+        if options.target is None:
+            if options.save_dtype is None:
+                raise LytoolsError("nothing to do: give --to LAYOUT and/or --save-dtype DTYPE")
+            return cast_file(source, output, options.save_dtype, overwrite=options.overwrite)
+        if options.target not in TARGETS:
+            raise LytoolsError(f"unknown target layout {options.target!r} (kohya, diffusers, peft)")
+        return convert_file(source, output, options)
+    except LytoolsError as exc:
+        message = str(exc)
+        if str(source) not in message:
+            message = f"{source}: {message}"
+        return FileResult(source, error=message)
+    except (MemoryError, OSError) as exc:
+        return FileResult(source, error=f"{source}: {type(exc).__name__}: {exc}")
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def run_batch(pairs: Sequence[tuple[Path, Path]], options: ConvertOptions, *, jobs: int = 1,
+              on_done: Callable[[FileResult], None] | None = None) -> list[FileResult]:
+    """Convert every (input, output) pair, `jobs` at a time in separate processes; call `on_done`
+    with each result as it finishes (in completion order). Returns results in input order."""
+    results: dict[int, FileResult] = {}
+    if jobs <= 1 or len(pairs) <= 1:
+        for index, (source, output) in enumerate(pairs):
+            results[index] = process(source, output, options)
+            if on_done:
+                on_done(results[index])
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(pairs)), mp_context=context, initializer=_worker_init) as pool:
+            futures = {pool.submit(process, source, output, options): index for index, (source, output) in enumerate(pairs)}
+            for future in as_completed(futures):
+                index = futures[future]
+                try:
+                    results[index] = future.result()
+                except Exception as exc:  # noqa: BLE001 - a crashed worker fails its file, not the batch
+                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                    results[index] = FileResult(pairs[index][0], error=f"{pairs[index][0]}: {type(exc).__name__}: {first}")
+                if on_done:
+                    on_done(results[index])
+    return [results[i] for i in range(len(pairs))]

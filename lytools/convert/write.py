@@ -1,0 +1,289 @@
+"""Networks in canonical names -> the tensors and metadata of a target layout (FORMATS.md 3.3, 7).
+
+kohya      canonical names as they are (SGM names for the SDXL UNet, `lora_te1_`/`lora_te2_` for
+           SDXL, BFL names for Flux), every LyCORIS algorithm, stray keys kept (and reported).
+diffusers  `<component>.<path>.lora_A.weight` / `.lora_B.weight`, DoRA `lora_magnitude_vector`;
+           fused Flux/SD3 modules split into q/k/v(/mlp) parts; stray keys stripped with a note
+           (diffusers refuses a kohya-looking file with one foreign key, quirk 1). By default the
+           scale is folded into the factors (power-of-two split) and `lora_adapter_metadata`
+           says lora_alpha = r; with fold=False the factors are kept to the bit and the metadata
+           carries lora_alpha / alpha_pattern / rank_pattern so the scale is the same.
+peft       `base_model.model.<path>.lora_A.weight`, one component per adapter, and the
+           adapter_config.json peft needs for the scale (same fold rule).
+Only LoRA/LoCon (with output-axis DoRA) exists in the diffusers and peft layouts: other
+algorithms, Tucker `lora_mid` and input-axis DoRA are an error naming the modules.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from lytools.algos import describe_module
+from lytools.convert import names
+from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, fold_split, scale_of, split_fused
+from lytools.convert.load import Network
+from lytools.errors import LytoolsError, MatchError, UnsupportedError
+from lytools.io.dtypes import is_float
+
+TARGETS = ("kohya", "diffusers", "peft")
+
+
+@dataclass
+class Converted:
+    """What one network becomes in the target layout."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    adapter_config: dict[str, Any] | None = None  # peft: the adapter_config.json document
+    notes: list[str] = field(default_factory=list)
+    stray_kept: list[str] = field(default_factory=list)
+    stray_dropped: list[str] = field(default_factory=list)
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None, *, keep_precise: bool = False) -> torch.Tensor:
+    """Return the tensor in `dtype` when both are floating; integer/bool tensors keep theirs.
+
+    keep_precise: alphas and DoRA magnitudes are not narrowed to fp8 (they stay float32).
+    """
+    if dtype is None or not is_float(tensor.dtype) or not dtype.is_floating_point or tensor.dtype == dtype:
+        return tensor
+    if keep_precise and dtype.itemsize == 1:
+        return tensor.to(torch.float32)
+    return tensor.to(dtype)
+
+
+def _many(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# -- kohya --------------------------------------------------------------------------------------------
+def to_kohya(net: Network, save_dtype: torch.dtype | None = None) -> Converted:
+    """Return the network in kohya/LyCORIS names: canonical modules and stray keys, dtypes cast."""
+    if net.unmapped:
+        raise MatchError(
+            f"{net.path}: {len(net.unmapped)} modules have no kohya name for {net.arch}: {_many(net.unmapped)}"
+            + ("" if net.arch != "unknown" else " (architecture not recognised; say which with --arch)")
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in net.modules.items():
+        for suffix, tensor in module.tensors.items():
+            precise = suffix in (ALPHA, DORA)
+            tensors[f"{name}.{suffix}"] = cast(tensor, save_dtype, keep_precise=precise)
+    result = Converted(tensors, {})
+    for key, tensor in net.stray.items():
+        if key in tensors:
+            raise MatchError(f"{net.path}: stray key {key} collides with a converted module key")
+        tensors[key] = cast(tensor, save_dtype)
+        result.stray_kept.append(key)
+    if result.stray_kept:
+        result.notes.append(f"kept {len(result.stray_kept)} keys that belong to no module: {_many(result.stray_kept)}")
+    return result
+
+
+# -- diffusers / peft ------------------------------------------------------------------------------------
+def _check_lora_only(net: Network) -> None:
+    """Raise naming every module the diffusers/peft layouts cannot hold."""
+    problems: dict[str, list[str]] = collections.defaultdict(list)
+    for name, module in net.modules.items():
+        info = describe_module(module)
+        if info.algo != "lora":
+            problems[info.algo].append(name)
+        elif MID in module:
+            problems["Tucker lora_mid"].append(name)
+        elif info.dora == "in":
+            problems["input-axis DoRA"].append(name)
+        elif info.sparse_bias or set(module.tensors) - {DOWN, UP, ALPHA, DORA}:
+            problems["extra tensors (" + ", ".join(sorted(set(module.tensors) - {DOWN, UP, ALPHA, DORA})) + ")"].append(name)
+    if problems:
+        listed = "; ".join(f"{algo}: {len(mods)} modules ({_many(mods, 2)})" for algo, mods in sorted(problems.items()))
+        raise UnsupportedError(
+            f"{net.path}: the target layout holds only LoRA/LoCon modules, not {listed}; "
+            f"flatten them to LoRA with `lytools resize` first, or convert --to kohya"
+        )
+
+
+@dataclass
+class _Piece:
+    component: str  # diffusers component
+    path: str
+    tensors: dict[str, torch.Tensor]
+
+
+def _diffusers_pieces(net: Network) -> list[_Piece]:
+    if net.arch not in ("sd1", "sd2", "sdxl", "sd3", "flux"):
+        raise MatchError(f"{net.path}: architecture not recognised ({net.arch}); diffusers names need one (--arch)")
+    if net.unmapped:
+        raise MatchError(f"{net.path}: {len(net.unmapped)} modules have no {net.arch} name: {_many(net.unmapped)}")
+    _check_lora_only(net)
+    table = names.diffusers_parts(net.arch)
+    missing = [name for name in net.modules if name not in table]
+    if missing:
+        raise MatchError(f"{net.path}: {len(missing)} modules have no diffusers name in {net.arch}: {_many(missing)}")
+    pieces: list[_Piece] = []
+    for name, module in net.modules.items():
+        parts = table[name]
+        if len(parts) == 1 and parts[0].module_rows is None:
+            pieces.append(_Piece(parts[0].component, parts[0].path, dict(module.tensors)))
+            continue
+        rows = [names.scale_rows(p.module_rows, net.scale) for p in parts]
+        out = module[UP].shape[0]
+        if rows[-1][1] != out:
+            raise MatchError(f"{net.path}: module {name} has {out} output rows, its parts cover {rows[-1][1]}")
+        for part, tensors in zip(parts, split_fused(name, module.tensors, rows)):
+            pieces.append(_Piece(part.component, part.path, tensors))
+    return pieces
+
+
+def _piece_factors(name: str, tensors: Mapping[str, torch.Tensor], fold: bool, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], float]:
+    """Return ({lora_A, lora_B, magnitude}, alpha for the config) of one piece."""
+    down, up = tensors[DOWN], tensors[UP]
+    rank = down.shape[0]
+    out_dtype = dtype if dtype is not None and is_float(down.dtype) else down.dtype
+    if fold:
+        down_factor, up_factor = fold_split(scale_of(name, tensors))
+        down_out = (down.float() * down_factor).to(out_dtype) if down_factor != 1.0 else cast(down, dtype)
+        up_out = (up.float() * up_factor).to(out_dtype) if up_factor != 1.0 else cast(up, dtype)
+        alpha = float(rank)
+    else:
+        down_out, up_out = cast(down, dtype), cast(up, dtype)
+        alpha = scale_of(name, tensors) * rank
+    factors = {"lora_A.weight": down_out, "lora_B.weight": up_out}
+    magnitude = tensors.get(DORA)
+    if magnitude is not None:
+        # peft stores [out] for linear layers, [1, out, 1, 1] for convs (FORMATS.md 3.3)
+        shaped = magnitude.reshape(-1) if down.dim() == 2 else magnitude.reshape(1, -1, *([1] * (down.dim() - 2)))
+        factors["lora_magnitude_vector"] = cast(shaped.contiguous(), dtype, keep_precise=True)
+    return factors, alpha
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def lora_config(paths_ranks_alphas: Iterable[tuple[str, int, float]], use_dora: bool) -> dict[str, Any]:
+    """Return peft LoraConfig fields for modules (path, rank, alpha): the most common rank and
+    alpha as r / lora_alpha, the others in rank_pattern / alpha_pattern (keys: full module paths)."""
+    entries = list(paths_ranks_alphas)
+    ranks = collections.Counter(rank for _, rank, _ in entries)
+    alphas = collections.Counter(alpha for _, _, alpha in entries)
+    r = ranks.most_common(1)[0][0]
+    lora_alpha = alphas.most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": _number(lora_alpha),
+        "rank_pattern": {path: rank for path, rank, _ in entries if rank != r},
+        "alpha_pattern": {path: _number(alpha) for path, _, alpha in entries if alpha != lora_alpha},
+        "target_modules": sorted(path for path, _, _ in entries),
+        "use_dora": use_dora,
+        "use_rslora": False,
+        "lora_bias": False,
+    }
+
+
+def to_diffusers(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None = None) -> Converted:
+    """Return the network in diffusers names with `lora_adapter_metadata` (see the module docstring)."""
+    pieces = _diffusers_pieces(net)
+    tensors: dict[str, torch.Tensor] = {}
+    per_component: dict[str, list[tuple[str, int, float]]] = collections.defaultdict(list)
+    dora: dict[str, bool] = collections.defaultdict(bool)
+    for piece in pieces:
+        factors, alpha = _piece_factors(f"{piece.component}.{piece.path}", piece.tensors, fold, save_dtype)
+        for suffix, tensor in factors.items():
+            tensors[f"{piece.component}.{piece.path}.{suffix}"] = tensor
+        per_component[piece.component].append((piece.path, int(piece.tensors[DOWN].shape[0]), alpha))
+        dora[piece.component] |= DORA in piece.tensors
+    adapter: dict[str, Any] = {}
+    for component, entries in per_component.items():
+        for key, value in lora_config(entries, dora[component]).items():
+            adapter[f"{component}.{key}"] = value
+    result = Converted(tensors, {"lora_adapter_metadata": json.dumps(adapter, sort_keys=True)})
+    if net.stray:
+        result.stray_dropped = list(net.stray)
+        result.notes.append(
+            f"dropped {len(net.stray)} keys that belong to no module ({_many(list(net.stray))}): "
+            f"diffusers refuses files that carry them"
+        )
+    if fold:
+        result.notes.append("scales folded into lora_A/lora_B (lora_alpha = r)")
+    return result
+
+
+def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None = None, component: str | None = None) -> Converted:
+    """Return one component of the network as a peft adapter and its adapter_config.json."""
+    pieces = _diffusers_pieces(net)
+    present = sorted({p.component for p in pieces})
+    if component is not None:
+        wanted = {"unet": ("unet", "transformer"), "te": ("text_encoder",), "te1": ("text_encoder",),
+                  "te2": ("text_encoder_2",), "te3": ("text_encoder_3", "text_encoder_2")}.get(component, (component,))
+        chosen = [c for c in present if c in wanted]
+        if not chosen:
+            raise MatchError(f"{net.path}: no {component} modules (the network has {', '.join(present)})")
+        if component == "te3" and net.arch == "flux":
+            chosen = [c for c in chosen if c == "text_encoder_2"]
+        pieces = [p for p in pieces if p.component == chosen[0]]
+        skipped = [c for c in present if c != chosen[0]]
+    elif len(present) > 1:
+        raise LytoolsError(
+            f"{net.path}: a peft adapter holds one model, this network has {', '.join(present)}; "
+            f"pick one with --component (unet, te, te1, te2, te3)"
+        )
+    else:
+        skipped = []
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[tuple[str, int, float]] = []
+    use_dora = False
+    for piece in pieces:
+        factors, alpha = _piece_factors(f"{piece.component}.{piece.path}", piece.tensors, fold, save_dtype)
+        for suffix, tensor in factors.items():
+            tensors[f"base_model.model.{piece.path}.{suffix}"] = tensor
+        entries.append((piece.path, int(piece.tensors[DOWN].shape[0]), alpha))
+        use_dora |= DORA in piece.tensors
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True,
+        "modules_to_save": None, **lora_config(entries, use_dora),
+    }
+    result = Converted(tensors, {}, adapter_config=config)
+    if skipped:
+        result.notes.append(f"left out the {', '.join(skipped)} modules (--component {component})")
+    if net.stray:
+        result.stray_dropped = list(net.stray)
+        result.notes.append(f"dropped {len(net.stray)} keys that belong to no module ({_many(list(net.stray))})")
+    if fold:
+        result.notes.append("scales folded into lora_A/lora_B (lora_alpha = r)")
+    return result
+
+
+def convert_network(net: Network, target: str, *, fold: bool | None = None, save_dtype: torch.dtype | None = None,
+                    component: str | None = None) -> Converted:
+    """Return the network in the target layout: kohya | diffusers | peft (fold defaults to True for
+    diffusers and peft; kohya never folds)."""
+    if target == "kohya":
+        if fold:
+            return _fold_kohya(to_kohya(net, save_dtype), net, save_dtype)
+        return to_kohya(net, save_dtype)
+    if target == "diffusers":
+        return to_diffusers(net, fold=True if fold is None else fold, save_dtype=save_dtype)
+    if target == "peft":
+        return to_peft(net, fold=True if fold is None else fold, save_dtype=save_dtype, component=component)
+    raise LytoolsError(f"unknown target layout {target!r} (kohya, diffusers, peft)")
+
+
+def _fold_kohya(converted: Converted, net: Network, save_dtype: torch.dtype | None) -> Converted:
+    """kohya output with every LoRA module's scale folded into its factors and alpha = rank."""
+    for name, module in net.modules.items():
+        if describe_module(module).algo != "lora" or DOWN not in module or UP not in module:
+            continue
+        factors, _ = _piece_factors(name, {k: v for k, v in module.tensors.items() if k != DORA}, True, save_dtype)
+        converted.tensors[f"{name}.{DOWN}"] = factors["lora_A.weight"]
+        converted.tensors[f"{name}.{UP}"] = factors["lora_B.weight"]
+        converted.tensors[f"{name}.{ALPHA}"] = cast(alpha_tensor(float(module[DOWN].shape[0]), module.get(ALPHA, module[DOWN])),
+                                                    save_dtype, keep_precise=True)
+    converted.notes.append("scales folded into lora_down/lora_up (alpha = rank)")
+    return converted
