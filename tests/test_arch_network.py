@@ -103,3 +103,16 @@ def test_unknown_and_mixed():
         "unet.mid_block.attentions.0.proj_out.lora_B.weight": (1280, 4),
     })
     assert mixed.layout == "mixed" and mixed.layouts == {"kohya": 1, "diffusers": 1}
+
+
+def test_bundled_embeddings_and_stable_cascade_are_named():
+    shapes = {
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 768),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": (768, 4),
+        "bundle_emb.mychar.string_to_param.*": (2, 768),
+    }
+    found = detect_network(shapes)
+    assert found.arch == "sd1" and found.stray == ["bundle_emb.mychar.string_to_param.*"]
+    assert any("1 bundled textual-inversion" in note for note in found.notes)
+    cascade = detect_network({"lora_prior_unet_down_levels_0.lora_down.weight": (4, 64), "lora_prior_unet_down_levels_0.lora_up.weight": (64, 4)})
+    assert cascade.arch == "unknown" and any("Stable Cascade" in note for note in cascade.notes)

@@ -249,6 +249,12 @@ def detect_network(tensors: Any, metadata: Mapping[str, str] | None = None) -> N
     elif len(known) > 1:
         result.layout = "mixed"
         result.notes.append("mixed key layouts: " + ", ".join(f"{k} {v}" for k, v in sorted(known.items())))
+    prior = sum(1 for module in modules_keys if module.startswith(("lora_prior_unet_", "lora_prior_te_")))
+    if prior:
+        result.notes.append(f"{prior} Stable Cascade modules (lora_prior_*): an architecture lytools does not support")
+    bundled = {key.split(".")[1] for key in stray if key.startswith("bundle_emb.") and key.count(".") >= 2}
+    if bundled:
+        result.notes.append(f"{len(bundled)} bundled textual-inversion embeddings (bundle_emb.*), kept as stray keys")
     module_shapes = {m: {s: shapes[k] for s, k in suffixes.items()} for m, suffixes in modules_keys.items()}
     scores = {arch: _score(module_shapes, arch) for arch in NETWORK_ARCHS}
     ranked = sorted(scores.items(), key=lambda item: (item[1][0], item[1][1]), reverse=True)
