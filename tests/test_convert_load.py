@@ -38,8 +38,10 @@ def test_kohya_layout_is_read_as_stored(tmp_path, arch):
     assert set(net.modules) <= set(module_table(arch))
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sdxl", "flux"])
-@pytest.mark.parametrize("layout", ["diffusers", "comfy", "peft", "lycoris"])
+@pytest.mark.parametrize("arch, layout", [
+    ("sd1", "diffusers"), ("sd1", "comfy"), ("sd1", "peft"), ("sd1", "lycoris"),
+    ("sdxl", "comfy"), ("sdxl", "peft"), ("flux", "lycoris"), ("flux", "comfy"),
+])
 def test_every_layout_lands_on_table_names(tmp_path, arch, layout):
     path = build_network(tmp_path / "n.safetensors", arch, layout=layout, rank=4,
                          components=("unet",) if layout in ("peft", "lycoris") else None)

@@ -60,10 +60,20 @@ def candidates(arch: str, stored: str) -> list[Canonical]:
         return []
     table = _canonical_table(arch)
     found: list[Canonical] = []
+    component, dot, rest = stored.partition(".")
+    if dot and rest.startswith("base_model.model."):  # a PeftModel's state dict saved under a component
+        stored = f"{component}.{rest[len('base_model.model.'):]}"
     names = list(lookup_names(stored))
     if stored.startswith("base_model.model."):
         rest = stored[len("base_model.model."):]
         names += [f"{encoder.diffusers}.{rest}" for encoder in ENCODERS[arch] if encoder.component != "unet"]
+    # transformers 5 flattened CLIPTextModel (no `text_model.` level): diffusers and peft save such paths
+    for name in list(names):
+        component, dot, path = name.partition(".")
+        if dot and path.startswith("encoder.layers.") and component.startswith("text_encoder"):
+            names.append(f"{component}.text_model.{path}")
+        elif name.startswith("encoder.layers."):
+            names += [f"{encoder.diffusers}.text_model.{name}" for encoder in ENCODERS[arch] if encoder.component != "unet"]
     for name in names:
         hit = table.get(name)
         if hit is not None and hit not in found:

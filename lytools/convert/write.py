@@ -71,11 +71,18 @@ def to_kohya(net: Network, save_dtype: torch.dtype | None = None) -> Converted:
             + ("" if net.arch != "unknown" else " (architecture not recognised; say which with --arch)")
         )
     tensors: dict[str, torch.Tensor] = {}
+    created = 0
     for name, module in net.modules.items():
         for suffix, tensor in module.tensors.items():
             precise = suffix in (ALPHA, DORA)
             tensors[f"{name}.{suffix}"] = cast(tensor, save_dtype, keep_precise=precise)
+        if DOWN in module and UP in module and ALPHA not in module:
+            # kohya readers (LyCORIS among them) expect an alpha; a missing one means alpha = rank
+            tensors[f"{name}.{ALPHA}"] = cast(alpha_tensor(float(module[DOWN].shape[0]), module[DOWN]), save_dtype, keep_precise=True)
+            created += 1
     result = Converted(tensors, {})
+    if created:
+        result.notes.append(f"wrote alpha = rank for {created} modules that had no alpha (scale 1, as before)")
     for key, tensor in net.stray.items():
         if key in tensors:
             raise MatchError(f"{net.path}: stray key {key} collides with a converted module key")
@@ -166,10 +173,17 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
+def _config_path(path: str) -> str:
+    # peft matches target_modules and pattern keys as a suffix at a '.' boundary: without the
+    # leading `text_model.` a CLIP path matches both the classic layout and transformers 5's
+    # flattened CLIPTextModel (which diffusers loads by stripping `text_model.` from the keys)
+    return path[len("text_model."):] if path.startswith("text_model.") else path
+
+
 def lora_config(paths_ranks_alphas: Iterable[tuple[str, int, float]], use_dora: bool) -> dict[str, Any]:
     """Return peft LoraConfig fields for modules (path, rank, alpha): the most common rank and
-    alpha as r / lora_alpha, the others in rank_pattern / alpha_pattern (keys: full module paths)."""
-    entries = list(paths_ranks_alphas)
+    alpha as r / lora_alpha, the others in rank_pattern / alpha_pattern (keys: module paths)."""
+    entries = [(_config_path(path), rank, alpha) for path, rank, alpha in paths_ranks_alphas]
     ranks = collections.Counter(rank for _, rank, _ in entries)
     alphas = collections.Counter(alpha for _, _, alpha in entries)
     r = ranks.most_common(1)[0][0]

@@ -1,0 +1,226 @@
+"""Converted files load in the real libraries and apply the weight changes lytools computes:
+diffusers `load_lora_weights` (tiny SD1/SDXL-topology pipelines from configs), peft
+(`PeftModel.from_pretrained`), LyCORIS (our kohya output); and networks written by diffusers
+(`save_lora_weights`) and peft (`save_pretrained`, DoRA included) convert to kohya and match."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from lytools.algos import delta
+from lytools.convert import ConvertOptions, convert_file, load_network
+from lytools.convert.names import candidates
+from lytools.testing import build_network, select_modules
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+FACTOR = 8  # lytools.testing divides every multiple-of-64 width by this
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_unet(arch: str):
+    """diffusers' SD1 or SDXL UNet with the real block topology, widths divided by FACTOR."""
+    if arch == "sd1":
+        return diffusers.UNet2DConditionModel(
+            sample_size=8, layers_per_block=2, block_out_channels=tuple(c // FACTOR for c in (320, 640, 1280, 1280)),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768 // FACTOR, attention_head_dim=8, norm_num_groups=8,
+        )
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, layers_per_block=2, block_out_channels=tuple(c // FACTOR for c in (320, 640, 1280)),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048 // FACTOR, attention_head_dim=(5, 10, 20),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256 // FACTOR,
+        projection_class_embeddings_input_dim=2816 // FACTOR, norm_num_groups=8,
+    )
+
+
+def tiny_clip(width: int, layers: int, projection: bool = False):
+    config = transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=width // FACTOR, intermediate_size=4 * width // FACTOR, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=width // FACTOR, eos_token_id=2,
+    )
+    return (transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel)(config)
+
+
+def tiny_vae():
+    return diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
+                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+
+
+def tiny_pipeline(arch: str):
+    if arch == "sd1":
+        return diffusers.StableDiffusionPipeline(
+            vae=tiny_vae(), text_encoder=tiny_clip(768, 12), tokenizer=None, unet=tiny_unet("sd1"),
+            scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    return diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=tiny_clip(768, 12), text_encoder_2=tiny_clip(1280, 32, projection=True),
+        tokenizer=None, tokenizer_2=None, unet=tiny_unet("sdxl"), scheduler=diffusers.DDIMScheduler(),
+    )
+
+
+def lora_layers(model, adapter: str, prefix: str, arch: str) -> dict[str, torch.Tensor]:
+    """{canonical kohya name: ΔW} of every peft LoRA layer in `model` (names through lytools' tables)."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            hits = candidates(arch, f"{prefix}.{path}" if prefix else path)
+            assert hits, f"{prefix}.{path}: no lytools name"
+            found[hits[0].module] = module.get_delta_weight(adapter).float()
+    return found
+
+
+def our_deltas(path) -> dict[str, torch.Tensor]:
+    net = load_network(path)
+    return {name: delta(module, module["lora_up.weight"].shape[:1] + module["lora_down.weight"].shape[1:]).float()
+            for name, module in net.modules.items()}
+
+
+def assert_deltas_match(found: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> None:
+    assert found and set(found) == set(ours)
+    for name, change in found.items():
+        expected = ours[name]
+        change = change.reshape(expected.shape)
+        error = float((change.detach() - expected).norm() / expected.norm())
+        assert error < 2e-3, f"{name}: relative error {error:.2e}"
+
+
+def sample_modules(arch: str) -> list[str]:
+    """A slice of every module kind (attention, ff, proj, resnet convs, samplers, text encoders)."""
+    return [m for m in select_modules(arch, "c3lier") if "_1_" in m or m.endswith(("_0_mlp_fc1", "_0_self_attn_q_proj"))]
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_diffusers_output_loads_with_load_lora_weights(tmp_path, arch):
+    source = build_network(tmp_path / "k.safetensors", arch, factor=FACTOR, rank=4, alpha=3.0, conv_rank=2, conv_alpha=1.0,
+                           modules=sample_modules(arch))
+    out = tmp_path / "d.safetensors"
+    convert_file(source, out, ConvertOptions(target="diffusers"))
+    pipe = tiny_pipeline(arch)
+    pipe.load_lora_weights(str(out), adapter_name="x")
+    found = lora_layers(pipe.unet, "x", "unet", arch)
+    found.update(lora_layers(pipe.text_encoder, "x", "text_encoder", arch))
+    if arch == "sdxl":
+        found.update(lora_layers(pipe.text_encoder_2, "x", "text_encoder_2", arch))
+    assert_deltas_match(found, our_deltas(source))
+
+
+def test_peft_output_loads_in_peft_model(tmp_path):
+    source = build_network(tmp_path / "k.safetensors", "sd1", factor=FACTOR, rank=4, alpha=2.0, conv_rank=2,
+                           modules=sample_modules("sd1"))
+    convert_file(source, tmp_path / "adapter", ConvertOptions(target="peft", component="unet", fold=False))
+    model = peft.PeftModel.from_pretrained(tiny_unet("sd1"), str(tmp_path / "adapter"))
+    found = lora_layers(model.base_model.model, "default", "unet", "sd1")
+    ours = {k: v for k, v in our_deltas(source).items() if k.startswith("lora_unet_")}
+    assert_deltas_match(found, ours)
+
+
+def test_lycoris_loads_our_kohya_output(tmp_path, monkeypatch):
+    lycoris = pytest.importorskip("lycoris")
+    import lycoris.wrapper
+
+    # a diffusers-layout network in, kohya out: LyCORIS reads the kohya names as they are
+    source = build_network(tmp_path / "d.safetensors", "sd1", factor=FACTOR, rank=4, layout="diffusers",
+                           modules=sample_modules("sd1"))
+    out = tmp_path / "k.safetensors"
+    convert_file(source, out, ConvertOptions(target="kohya"))
+    root = torch.nn.Module()
+    root.unet, root.te = tiny_unet("sd1"), torch.nn.Module()
+    root.te.text_model = tiny_clip(768, 12)  # kohya TE names keep the `text_model` level
+    monkeypatch.setattr(lycoris.wrapper.LycorisNetwork, "LORA_PREFIX", "lora")
+    logging.getLogger("lycoris").setLevel(logging.ERROR)
+    network, weights = lycoris.wrapper.create_lycoris_from_weights(1.0, str(out), root)
+    network.apply_to()
+    _, unexpected = network.load_state_dict(weights, strict=False)
+    assert not unexpected
+    ours = our_deltas(source)
+    found = {m.lora_name: m.get_diff_weight(multiplier=1.0)[0].float() for m in network.loras}
+    assert_deltas_match(found, ours)
+
+
+def _peft_unet(use_dora: bool, wrap: bool = True):
+    unet = tiny_unet("sd1")
+    targets = ["down_blocks.1.attentions.0.proj_in", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+               "up_blocks.1.resnets.0.conv1", "mid_block.attentions.0.transformer_blocks.0.ff.net.2"]
+    config = peft.LoraConfig(r=4, lora_alpha=2, target_modules=targets, init_lora_weights=False, use_dora=use_dora,
+                             rank_pattern={"up_blocks.1.resnets.0.conv1": 2}, alpha_pattern={"ff.net.2": 8})
+    if wrap:
+        model = peft.get_peft_model(unet, config)
+    else:
+        unet.add_adapter(config)  # what diffusers' training scripts do
+        model = unet
+    if use_dora:
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.data.mul_(1.0 + 0.1 * torch.rand_like(param))
+    return model, config
+
+
+def test_diffusers_saved_network_converts_to_kohya(tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    unet, config = _peft_unet(use_dora=False, wrap=False)
+    state = get_peft_model_state_dict(unet)
+    diffusers.StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=state,
+                                                        unet_lora_adapter_metadata=config.to_dict())
+    saved = tmp_path / "pytorch_lora_weights.safetensors"
+    convert_file(saved, tmp_path / "k.safetensors", ConvertOptions(target="kohya"))
+    assert_deltas_match(lora_layers(unet, "default", "unet", "sd1"), our_deltas(tmp_path / "k.safetensors"))
+
+
+def test_peft_saved_dora_converts_to_kohya_and_back(tmp_path):
+    model, _ = _peft_unet(use_dora=True)
+    model.save_pretrained(str(tmp_path / "saved"))
+    convert_file(tmp_path / "saved" / "adapter_model.safetensors", tmp_path / "k.safetensors", ConvertOptions(target="kohya"))
+    net = load_network(tmp_path / "k.safetensors")
+    lora_only = {name: m for name, m in net.modules.items()}
+    assert all("dora_scale" in m for m in lora_only.values())
+    magnitudes = {}
+    for path, module in model.base_model.model.named_modules():
+        if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
+            magnitudes[candidates("sd1", "unet." + path)[0].module] = module.lora_magnitude_vector["default"].weight.detach()
+    assert set(magnitudes) == set(lora_only)
+    for name, magnitude in magnitudes.items():
+        scale = lora_only[name]["dora_scale"]
+        assert scale.shape[0] == magnitude.numel() and all(d == 1 for d in scale.shape[1:])
+        assert torch.equal(scale.flatten(), magnitude.flatten())
+    # the scale survives: ΔW factors of kohya = peft's lora delta (before the DoRA normalisation)
+    for path, module in model.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            name = candidates("sd1", "unet." + path)[0].module
+            ours = net.modules[name]
+            expected = module.lora_B["default"].weight.flatten(1).float() @ module.lora_A["default"].weight.flatten(1).float()
+            expected = expected * module.scaling["default"]
+            rank = ours["lora_down.weight"].shape[0]
+            got = ours["lora_up.weight"].flatten(1).float() @ ours["lora_down.weight"].flatten(1).float() * (float(ours["alpha"]) / rank)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # and back to peft: peft loads it with the same magnitudes
+    convert_file(tmp_path / "k.safetensors", tmp_path / "p", ConvertOptions(target="peft", fold=False))
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    loaded = peft.PeftModel.from_pretrained(tiny_unet("sd1"), str(tmp_path / "p"))
+    for path, module in loaded.base_model.model.named_modules():
+        if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
+            name = candidates("sd1", "unet." + path)[0].module
+            assert torch.equal(module.lora_magnitude_vector["default"].weight.detach().flatten(), magnitudes[name].flatten())
