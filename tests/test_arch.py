@@ -326,3 +326,13 @@ def test_flux_fill_and_control_from_img_in():
     assert detect_checkpoint(shapes).variant == "dev-fill"
     shapes["model.diffusion_model.img_in.weight"] = (3072, 128)
     assert detect_checkpoint(shapes).variant == "dev-control"
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sd3", "flux"])
+def test_detect_diffusers_layout_files(tmp_path, arch):
+    path = testing.build_checkpoint(tmp_path / "d.safetensors", arch, layout="diffusers", factor=32, keep_blocks=1)
+    found = detect_checkpoint(read_header(path).tensors)
+    # a bare diffusers Flux transformer file built from the block tables has no time embedders: variant unknown
+    assert (found.arch, found.layout, found.prefix, found.scale, found.variant) == (arch, "diffusers", "", 32, None)
+    prefixed = testing.build_checkpoint(tmp_path / "p.safetensors", arch, layout="diffusers", prefix="unet." if arch in ("sd1", "sd2") else "transformer.", factor=32, keep_blocks=1)
+    assert detect_checkpoint(read_header(prefixed).tensors).prefix in ("unet.", "transformer.")
