@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lytools.arch import detect_checkpoint, detect_network
-from lytools.arch.network import NetworkArch
+from lytools.arch.network import NetworkArch, module_shapes
 from lytools.errors import LytoolsError
 from lytools.io import PickledFile, SafetensorsFile, ShardedFile, open_file
 from lytools.io.hashes import LEGACY_LENGTH, LEGACY_OFFSET, file_hashes
@@ -165,7 +165,7 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
     ignored: Counter[str] = Counter()
     blocks: dict[str, dict[str, Any]] = {}
     for module, suffixes in sorted(net.modules.items()):
-        known = {s: shapes[k] for s, k in suffixes.items() if s in KNOWN_SUFFIXES}
+        known = {s: shape for s, shape in module_shapes(suffixes, shapes).items() if s in KNOWN_SUFFIXES}
         ignored.update(s for s in suffixes if s not in KNOWN_SUFFIXES)
         scalars: dict[str, float] = {}
         for scalar in ("alpha", "on_input"):

@@ -451,8 +451,9 @@ def network_plan(
                 plan.entries.append(plan_entry(f"{name}.alpha", dtype, ()))
                 plan.alphas[name] = float(module_alpha if module_alpha is not None else module_rank)
             if dora:
-                if layout in ("diffusers", "peft"):
-                    plan.entries.append(plan_entry(f"{name}.lora_magnitude_vector", torch.float32, (shape[0],)))
+                if layout in ("diffusers", "peft"):  # peft: [out] for linear, [1, out, 1, 1] for conv
+                    magnitude = (shape[0],) if len(shape) == 2 else (1, shape[0]) + (1,) * (len(shape) - 2)
+                    plan.entries.append(plan_entry(f"{name}.lora_magnitude_vector", torch.float32, magnitude))
                 else:
                     plan.entries.append(plan_entry(f"{name}.dora_scale", torch.float32, (shape[0],) + (1,) * (len(shape) - 1)))
             plan.modules[name] = kohya

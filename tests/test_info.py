@@ -284,3 +284,12 @@ def test_text_encoder_only_checkpoint(tmp_path):
     [report] = info_json(path)
     assert (report["kind"], report["architecture"], report["checkpoint"]["text_encoder_only"]) == ("checkpoint", "sd2", True)
     assert "text encoders only" in run_info(path).stdout
+
+
+def test_peft_dora_magnitude_is_output_axis(tmp_path):
+    path = testing.build_network(tmp_path / "d.safetensors", "sd1", layout="diffusers", modules="c3lier", dora=True,
+                                 components=["unet"], factor=16)
+    [report] = info_json(path)
+    network = report["network"]
+    assert network["dora"] and network["dora_axes"] == {"out": network["modules"]}
+    assert network["invalid_module_count"] == 0

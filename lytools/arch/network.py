@@ -155,6 +155,21 @@ def group_network_keys(names: list[str]) -> tuple[dict[str, dict[str, str]], lis
     return modules, stray
 
 
+def module_shapes(keys: Mapping[str, str], shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+    """Return {suffix: shape} of one module; a peft `lora_magnitude_vector` ([out] linear, [1, out, 1, 1]
+    conv) is given LyCORIS `dora_scale` orientation ([out, 1], [out, 1, 1, 1]), which it equals."""
+    result: dict[str, Shape] = {}
+    for suffix, key in keys.items():
+        shape = tuple(shapes[key])
+        if suffix == "dora_scale" and key.endswith("lora_magnitude_vector"):
+            if len(shape) == 1:
+                shape = (shape[0], 1)
+            elif len(shape) == 4 and shape[0] == 1:
+                shape = (shape[1], 1, 1, 1)
+        result[suffix] = shape
+    return result
+
+
 def module_io(suffixes: Mapping[str, Shape]) -> tuple[int, int] | None:
     """Return (out, flattened in) of a module's ΔW from its factor shapes, or None when unknown."""
     if "lora_up.weight" in suffixes and "lora_down.weight" in suffixes:
@@ -255,8 +270,8 @@ def detect_network(tensors: Any, metadata: Mapping[str, str] | None = None) -> N
     bundled = {key.split(".")[1] for key in stray if key.startswith("bundle_emb.") and key.count(".") >= 2}
     if bundled:
         result.notes.append(f"{len(bundled)} bundled textual-inversion embeddings (bundle_emb.*), kept as stray keys")
-    module_shapes = {m: {s: shapes[k] for s, k in suffixes.items()} for m, suffixes in modules_keys.items()}
-    scores = {arch: _score(module_shapes, arch) for arch in NETWORK_ARCHS}
+    by_module = {m: module_shapes(suffixes, shapes) for m, suffixes in modules_keys.items()}
+    scores = {arch: _score(by_module, arch) for arch in NETWORK_ARCHS}
     ranked = sorted(scores.items(), key=lambda item: (item[1][0], item[1][1]), reverse=True)
     best_arch, (shape_hits, name_hits, scale, components) = ranked[0]
     claimed = arch_from_metadata(metadata or {})
