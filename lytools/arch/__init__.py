@@ -19,6 +19,7 @@ Networks (network.py)
     split_network_key(key) -> (module name, suffix in LyCORIS spelling) | None
         (kohya, lycoris_, diffusers lora_A/B and lora.down/up, old processor names, peft, comfy, xlabs)
     group_network_keys(keys) -> ({module: {suffix: key}}, stray keys) ; layout_of_module(name)
+    module_shapes({suffix: key}, shapes) -> {suffix: shape} (peft magnitudes in dora_scale orientation)
     detect_network(header | shapes, metadata=None) -> NetworkArch
         .arch (sd1 | sd2 | sdxl | sd3 | flux | unknown), .layout (kohya | lycoris | diffusers | peft |
         comfy | xlabs | mixed | unknown), .layouts, .components {unet|te|te1..: modules},
@@ -67,7 +68,14 @@ from lytools.arch.keymap import (
     text_encoder_path,
 )
 from lytools.arch.manifests import checkpoint_manifest, diffusers_names, lora_names
-from lytools.arch.network import NetworkArch, detect_network, group_network_keys, layout_of_module, split_network_key
+from lytools.arch.network import (
+    NetworkArch,
+    detect_network,
+    group_network_keys,
+    layout_of_module,
+    module_shapes,
+    split_network_key,
+)
 from lytools.arch.resolve import Placement, Resolved, Resolver
 
 __all__ = [
@@ -93,6 +101,7 @@ __all__ = [
     "group_network_keys",
     "kohya_to_diffusers",
     "layout_of_module",
+    "module_shapes",
     "lora_names",
     "module_table",
     "openclip_key",
