@@ -16,16 +16,40 @@ import torch
 
 @dataclass(frozen=True)
 class Spectrum:
-    """A truncated-or-full SVD M = U diag(S) Vh: U (m, k), S (k,) descending, Vh (k, n)."""
+    """An SVD M = U diag(S) Vh kept in factored form: U = left_basis @ left_core and
+    Vh = right_core @ right_basis (a core of None stands for the identity), so that the leading
+    `k` singular vectors cost O((m + n)·r·k) to form, not O((m + n)·r²)."""
 
-    U: torch.Tensor
     S: torch.Tensor
-    Vh: torch.Tensor
+    left_basis: torch.Tensor  # (m, p)
+    right_basis: torch.Tensor  # (q, n)
+    left_core: torch.Tensor | None = None  # (p, k)
+    right_core: torch.Tensor | None = None  # (k, q)
 
     @property
     def full_length(self) -> int:
         """min(m, n): the length of the spectrum a dense SVD of M would return."""
-        return min(self.U.shape[0], self.Vh.shape[1])
+        return min(self.left_basis.shape[0], self.right_basis.shape[1])
+
+    def left(self, rank: int) -> torch.Tensor:
+        """Return U[:, :rank]."""
+        if self.left_core is None:
+            return self.left_basis[:, :rank]
+        return self.left_basis @ self.left_core[:, :rank]
+
+    def right(self, rank: int) -> torch.Tensor:
+        """Return Vh[:rank]."""
+        if self.right_core is None:
+            return self.right_basis[:rank]
+        return self.right_core[:rank] @ self.right_basis
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.left(self.S.numel())
+
+    @property
+    def Vh(self) -> torch.Tensor:
+        return self.right(self.S.numel())
 
 
 def tucker_to_flat_down(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -46,17 +70,17 @@ def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> Spectrum:
     q_down, r_down = torch.linalg.qr(down.transpose(0, 1))
     core = r_up @ r_down.transpose(0, 1)
     u_core, sigma, vh_core = torch.linalg.svd(core, full_matrices=False)
-    return Spectrum(q_up @ u_core, sigma, vh_core @ q_down.transpose(0, 1))
+    return Spectrum(sigma, q_up, q_down.transpose(0, 1), u_core, vh_core)
 
 
 def svd_of_dense(matrix: torch.Tensor) -> Spectrum:
     """Return the thin SVD of a dense matrix (exact: the dynamic methods need the whole spectrum)."""
     u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return Spectrum(u, sigma, vh)
+    return Spectrum(sigma, u, vh)
 
 
 def truncated_factors(spectrum: Spectrum, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (up, down) = (U_r Σ_r, V_rᵀ): kohya's split of the best rank-`rank` approximation."""
-    up = spectrum.U[:, :rank] * spectrum.S[:rank]
-    down = spectrum.Vh[:rank]
+    up = spectrum.left(rank) * spectrum.S[:rank]
+    down = spectrum.right(rank)
     return up, down

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -134,28 +135,38 @@ def _from_convert(path: Path) -> Network | None:
     return Network(dict(net.modules), dict(net.stray), dict(net.metadata), notes)
 
 
-def read_network(path: Path) -> Network:
-    """Return every module of the network at `path`; raise when it holds none."""
+@contextlib.contextmanager
+def open_network(path: Path) -> Iterator[Network]:
+    """Yield every module of the network at `path`; raise when it holds none.
+
+    kohya/LyCORIS files are read in place: the tensors view the file's mapping, which stays open
+    until the block ends (so a copied module is written straight from the input, never held twice).
+    Other layouts (diffusers, peft, ComfyUI) are read through lytools.convert into kohya names.
+    """
     with open_file(path) as reader:
         groups = group_keys(reader.keys())
         metadata = dict(reader.metadata or {})
-        if not groups.modules:
+        layered = [k for k in groups.stray if ".lora_A." in k or ".lora_B." in k or ".lora.down." in k]
+        if not groups.modules or layered:
             converted = _from_convert(path)
             if converted is not None and converted.modules:
-                return converted
-            raise FileFormatError(f"{path}: no LoRA/LyCORIS network modules found (is it a network file?)")
-        # diffusers/peft keys next to kohya ones: hand the whole file to the layout converter
-        layered = [k for k in groups.stray if ".lora_A." in k or ".lora_B." in k or ".lora.down." in k]
-        if layered:
-            converted = _from_convert(path)
-            if converted is None:
+                yield converted
+                return
+            if layered and groups.modules:
                 raise FileFormatError(f"{path}: mixes kohya and diffusers/peft key layouts ({layered[0]})")
-            return converted
+            raise FileFormatError(f"{path}: no LoRA/LyCORIS network modules found (is it a network file?)")
         modules = {}
         for name, suffixes in groups.modules.items():
-            modules[name] = NetworkModule(name, {suffix: reader.get(key).clone() for suffix, key in suffixes.items()})
-        stray = {key: reader.get(key).clone() for key in groups.stray}
-    return Network(modules, stray, metadata)
+            modules[name] = NetworkModule(name, {suffix: reader.get(key) for suffix, key in suffixes.items()})
+        stray = {key: reader.get(key) for key in groups.stray}
+        yield Network(modules, stray, metadata)
+
+
+def read_network(path: Path) -> Network:
+    """Return the network at `path` with tensors that own their memory (see open_network)."""
+    with open_network(path) as network:
+        modules = {name: NetworkModule(name, {s: t.clone() for s, t in m.tensors.items()}) for name, m in network.modules.items()}
+        return Network(modules, {k: t.clone() for k, t in network.stray.items()}, network.metadata, network.notes)
 
 
 def describe_all(path: Path, network: Network) -> dict[str, ModuleInfo]:
@@ -333,60 +344,60 @@ def resize_file(
             raise LytoolsError(f"--report {options.report}: expected a .json or .csv file name")
         check_output_path(options.report, options.overwrite)
     device = resolve_device(options.device)
-    network = read_network(source)
-    for note in network.notes:
-        reporter.log(note)
-    infos = describe_all(source, network)
-    unit = dylora_unit(network.metadata)
-    if options.truncate and unit is None and network.metadata.get("ss_network_module", "").endswith("dylora"):
-        reporter.detail("DyLoRA file without a unit in ss_network_args: truncating without a unit check")
-    if options.truncate and unit:
-        off = sorted({r for r in (rule.rank, rule.conv_rank) if r is not None and r % unit})
-        if off:
-            reporter.warn(f"{source.name}: rank {', '.join(map(str, off))} is not a multiple of the DyLoRA unit {unit} "
-                          "(the file was trained in blocks of that size)")
-    check_inputs(source, infos, options)
-    flattened = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values()
-                        if info.algo != "norm" and not is_plain_lora(info)})
-    if flattened and not options.truncate:
-        reporter.log(f"{source.name}: {', '.join(flattened)} modules become LoRA/LoCon modules (the algorithm changes)")
-    base = BaseWeights(options.base) if options.base is not None else None
-    try:
-        ctx = Context(rule, device, options.save_dtype, base_weight=base, full_shape=table_shape)
-        summary = ResizeSummary(output)
-        tensors: dict[str, torch.Tensor] = {}
-        for name in reporter.progress(list(network.modules), total=len(network.modules), desc="resize"):
-            try:
-                result: ModuleResult = resize_module(network.modules[name], infos[name], ctx, unit)
-            except LytoolsError as exc:
-                raise type(exc)(f"{source}: {exc}") from None
-            for suffix, tensor in result.tensors.items():
-                tensors[f"{name}.{suffix}"] = tensor
-            summary.modules.append(result.report)
-            summary.warnings.extend(result.warnings)
-            reporter.detail(_module_lines(result.report))
-        for key, tensor in network.stray.items():
-            keep = options.save_dtype is None or not tensor.is_floating_point()
-            tensors[key] = tensor if keep else tensor.to(options.save_dtype)
-        summary.stray = sorted(network.stray)
-        if summary.stray:
-            reporter.log(f"{len(summary.stray)} tensors that belong to no module copied unchanged")
-        for warning in summary.warnings:
-            reporter.warn(warning)
-        autov3 = file_hashes(source).autov3 if source.suffix.lower() == ".safetensors" else None
-        metadata = resized_metadata(network.metadata, options, rule, summary.modules, source, autov3)
-        metadata = with_sshs_hashes(tensors, metadata)
-        write_safetensors(output, tensors, metadata, overwrite=options.overwrite)
-        if options.verify:
-            summary.verify = verify_output(output, network.modules, infos, summary.modules, ctx)
-            if not summary.verify.ok:
-                output.unlink(missing_ok=True)
-                raise LytoolsError(f"{output}: verification failed: {summary.verify.message}; output removed")
-            reporter.log(summary.verify.message)
-    finally:
-        if base is not None:
-            base.close()
-    summary.seconds = time.perf_counter() - started
-    if options.report is not None:
-        write_report(options.report, summary.modules)
+    with open_network(source) as network:
+        for note in network.notes:
+            reporter.log(note)
+        infos = describe_all(source, network)
+        unit = dylora_unit(network.metadata)
+        if options.truncate and unit is None and network.metadata.get("ss_network_module", "").endswith("dylora"):
+            reporter.detail("DyLoRA file without a unit in ss_network_args: truncating without a unit check")
+        if options.truncate and unit:
+            off = sorted({r for r in (rule.rank, rule.conv_rank) if r is not None and r % unit})
+            if off:
+                reporter.warn(f"{source.name}: rank {', '.join(map(str, off))} is not a multiple of the DyLoRA unit {unit} "
+                              "(the file was trained in blocks of that size)")
+        check_inputs(source, infos, options)
+        flattened = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values()
+                            if info.algo != "norm" and not is_plain_lora(info)})
+        if flattened and not options.truncate:
+            reporter.log(f"{source.name}: {', '.join(flattened)} modules become LoRA/LoCon modules (the algorithm changes)")
+        base = BaseWeights(options.base) if options.base is not None else None
+        try:
+            ctx = Context(rule, device, options.save_dtype, base_weight=base, full_shape=table_shape)
+            summary = ResizeSummary(output)
+            tensors: dict[str, torch.Tensor] = {}
+            for name in reporter.progress(list(network.modules), total=len(network.modules), desc="resize"):
+                try:
+                    result: ModuleResult = resize_module(network.modules[name], infos[name], ctx, unit)
+                except LytoolsError as exc:
+                    raise type(exc)(f"{source}: {exc}") from None
+                for suffix, tensor in result.tensors.items():
+                    tensors[f"{name}.{suffix}"] = tensor
+                summary.modules.append(result.report)
+                summary.warnings.extend(result.warnings)
+                reporter.detail(_module_lines(result.report))
+            for key, tensor in network.stray.items():
+                keep = options.save_dtype is None or not tensor.is_floating_point()
+                tensors[key] = tensor if keep else tensor.to(options.save_dtype)
+            summary.stray = sorted(network.stray)
+            if summary.stray:
+                reporter.log(f"{len(summary.stray)} tensors that belong to no module copied unchanged")
+            for warning in summary.warnings:
+                reporter.warn(warning)
+            autov3 = file_hashes(source).autov3 if source.suffix.lower() == ".safetensors" else None
+            metadata = resized_metadata(network.metadata, options, rule, summary.modules, source, autov3)
+            metadata = with_sshs_hashes(tensors, metadata)
+            write_safetensors(output, tensors, metadata, overwrite=options.overwrite)
+            if options.verify:
+                summary.verify = verify_output(output, network.modules, infos, summary.modules, ctx)
+                if not summary.verify.ok:
+                    output.unlink(missing_ok=True)
+                    raise LytoolsError(f"{output}: verification failed: {summary.verify.message}; output removed")
+                reporter.log(summary.verify.message)
+        finally:
+            if base is not None:
+                base.close()
+        summary.seconds = time.perf_counter() - started
+        if options.report is not None:
+            write_report(options.report, summary.modules)
     return summary
