@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -118,6 +120,54 @@ class _PatchableWriter(SafetensorsWriter):
         self._handle.write(header)
         self._handle.seek(position)
         self.header, self.metadata = header, dict(metadata)
+
+
+class _WriteBehind:
+    """Writes tensors on a background thread (file writes release the GIL), so that the disk works
+    while the next group is computed. At most `depth` tensors wait; errors surface on the next call."""
+
+    _DONE = object()
+
+    def __init__(self, writer: SafetensorsWriter, depth: int = 3):
+        self.writer = writer
+        self.pending: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.pending.get()
+            if item is self._DONE:
+                return
+            if self.error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    self.error = exc
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.pending.put((name, tensor))
+
+    def finish(self) -> None:
+        """Wait until every queued tensor is written; raise the first write error."""
+        self.pending.put(self._DONE)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def compute_threads(device: torch.device) -> int:
+    """Intra-op threads for the merge math: all but one core on CPU, leaving it to reading and writing.
+
+    The per-module products are small (inner dimension = rank), so extra threads mostly spin; the
+    I/O threads gain more from the core.
+    """
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
 
 
 def merged_metadata(
@@ -356,17 +406,23 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
     order = engine.processing_order(writer.order)
     if hasher:
         hasher.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(compute_threads(where))
     try:
         with writer:
-            ready: dict[str, torch.Tensor] = {}
-            for name in reporter.progress(order, total=len(order), desc="merge"):
-                if name not in ready:
-                    index = plan.group_of.get(name)
-                    if index is None:
-                        writer.write(name, engine.untouched(name))
-                        continue
-                    ready.update(engine.compute(plan.groups[index]))
-                writer.write(name, ready.pop(name))
+            behind = _WriteBehind(writer)
+            try:
+                ready: dict[str, torch.Tensor] = {}
+                for name in reporter.progress(order, total=len(order), desc="merge"):
+                    if name not in ready:
+                        index = plan.group_of.get(name)
+                        if index is None:
+                            behind.write(name, engine.untouched(name))
+                            continue
+                        ready.update(engine.compute(plan.groups[index]))
+                    behind.write(name, ready.pop(name))
+            finally:
+                behind.finish()
             if ready:
                 raise LytoolsError(f"{output}: internal error: {len(ready)} computed tensors were never written")
             base_hash = None
@@ -380,6 +436,8 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
         if hasher:
             hasher.cancel()
         raise
+    finally:
+        torch.set_num_threads(threads)
     for loss in engine.result_losses:
         reporter.warn(
             f"fp8: {loss.tensor}: only {loss.kept:.0%} of the change from {', '.join(loss.modules)} survives requantization"
