@@ -11,6 +11,7 @@ peft/diffusers config), split q/k/v parts are fused exactly into their kohya mod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from lytools.arch.network import layout_of_module
 from lytools.convert import names
 from lytools.convert.fuse import ALPHA, DORA, DOWN, UP, alpha_tensor, fuse_parts
 from lytools.errors import FileFormatError, LytoolsError, NetworkError, UnsupportedError
-from lytools.io import open_file
+from lytools.io import open_file, read_header
 
 DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _PEFT_PREFIX = "base_model.model."
@@ -55,6 +56,7 @@ class Network:
     scale: int = 1  # shrink factor of synthetic test networks (1 for real files)
     peft_config: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    data_sha256: str | None = None  # AutoV3 of the input (safetensors read whole), for provenance
 
     def component_modules(self) -> dict[str, list[str]]:
         """Return {component: [canonical module names]} (component None: unknown)."""
@@ -167,6 +169,63 @@ def _magnitude_to_dora(name: str, tensors: dict[str, torch.Tensor]) -> None:
     tensors[DORA] = magnitude.reshape((out,) + tail).clone()
 
 
+WHOLE_READ_LIMIT = 4 << 30  # networks up to this size are read with one read() call
+
+
+class _WholeFile:
+    """A .safetensors file read with one read() into memory; tensors view that buffer (no copies).
+
+    Networks are small and every tensor is needed, so one sequential read beats page faults on a
+    memory map, and the data-section SHA-256 (AutoV3) comes from the same bytes.
+    """
+
+    def __init__(self, path: Path):
+        header = read_header(path)  # validated: offsets tile the data, dtypes known
+        self.path = path
+        self.metadata = dict(header.metadata or {})
+        self._infos = header.tensors
+        with open(path, "rb") as handle:
+            self._buffer = bytearray(handle.read())
+        if len(self._buffer) != header.file_size:
+            raise FileFormatError(f"{path}: file changed while reading")
+        self._start = header.data_start
+        self.data_sha256 = hashlib.sha256(memoryview(self._buffer)[self._start:]).hexdigest()
+
+    def __enter__(self) -> "_WholeFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def infos(self):
+        return self._infos.values()
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self._infos[name]
+        dtype = info.torch_dtype
+        if dtype is None:
+            raise FileFormatError(f"{self.path}: tensor {name} has dtype {info.dtype}, which torch cannot hold")
+        begin = self._start + info.begin
+        count = info.nbytes // dtype.itemsize
+        shape = info.shape
+        if info.dtype == "F4" and shape:  # two values per byte: torch halves the last dimension
+            shape = shape[:-1] + (shape[-1] // 2,)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        if begin % dtype.itemsize:  # an unaligned old file: copy this tensor out
+            flat = torch.frombuffer(bytearray(self._buffer[begin:begin + info.nbytes]), dtype=dtype)
+        else:
+            flat = torch.frombuffer(self._buffer, dtype=dtype, count=count, offset=begin)
+        return flat.reshape(shape)
+
+
+def _open_network(path: Path):
+    """Return a reader for a network file: whole-file for .safetensors up to WHOLE_READ_LIMIT."""
+    if path.name.lower().endswith(".safetensors") and path.is_file() and path.stat().st_size <= WHOLE_READ_LIMIT:
+        return _WholeFile(path), True
+    return open_file(path), False
+
+
 def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Mapping[str, Any] | None = None) -> Network:
     """Return the network at `path` in canonical kohya/LyCORIS module names, whatever its layout.
 
@@ -185,12 +244,19 @@ def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Ma
 
 
 def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None) -> Network:
-    with open_file(path) as source:
+    opened, owned = _open_network(path)
+    with opened as source:
         infos = {info.name: info for info in source.infos()}
         metadata = dict(source.metadata or {})
         detected = detect_network({name: info.shape for name, info in infos.items()}, metadata)
         arch = forced_arch or detected.arch
-        network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes))
+        network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes),
+                          data_sha256=getattr(source, "data_sha256", None))
+
+        def read(key: str) -> torch.Tensor:
+            # whole-file tensors already own their (shared) buffer; map views must be copied out
+            return source.get(key) if owned else source.get(key).clone()
+
         if forced_arch and forced_arch != detected.arch and detected.arch != "unknown":
             network.notes.append(f"detected {detected.arch}, read as {forced_arch} as asked")
         components = adapter_metadata(metadata, path)
@@ -201,12 +267,12 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
                 peft = _read_json(config_file)
         network.peft_config = peft
         for key in detected.stray:
-            network.stray[key] = source.get(key).clone()
+            network.stray[key] = read(key)
         wholes: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
         parts: dict[str, list[tuple[str, tuple[int, int], dict[str, torch.Tensor]]]] = {}
         missing_config = False
         for stored, suffix_keys in detected.modules.items():
-            tensors = {suffix: source.get(key).clone() for suffix, key in suffix_keys.items()}
+            tensors = {suffix: read(key) for suffix, key in suffix_keys.items()}
             layout = layout_of_module(stored)
             if "lora_magnitude_vector" in tensors:  # diffusers' kohya export keeps the peft name
                 tensors[DORA] = tensors.pop("lora_magnitude_vector")

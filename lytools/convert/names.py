@@ -148,3 +148,10 @@ def scale_rows(rows: Rows | None, scale: int) -> Rows | None:
     if rows is None or scale == 1:
         return rows
     return (rows[0] // scale, rows[1] // scale)
+
+
+def warm_tables() -> None:
+    """Build every architecture's name tables now (before forking workers that all need them)."""
+    for arch in NETWORK_ARCHS:
+        _canonical_table(arch)
+        diffusers_parts(arch)

@@ -26,7 +26,6 @@ from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry, with_sshs_hashes
 from lytools.io.dtypes import FP8_NAMES, is_float, st_name
 from lytools.io.metadata import add_provenance, carried, source_entry
-from lytools.io.writer import write_safetensors
 
 INPUT_SUFFIXES = (".safetensors.index.json", ".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _ADAPTER_KEYS = ("lora_adapter_metadata",)
@@ -112,14 +111,16 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
 
 
 # -- metadata ----------------------------------------------------------------------------------------
-def _metadata(stored: dict[str, str], source: Path, target: str | None, extra: dict[str, str]) -> dict[str, str]:
+def _metadata(stored: dict[str, str], source: Path, target: str | None, extra: dict[str, str],
+              autov3: str | None = None) -> dict[str, str]:
     meta = carried(stored)
     if target is not None:
         for key in list(meta):
             if key in _ADAPTER_KEYS or key.endswith("_lora_adapter_metadata"):
                 del meta[key]  # rebuilt from the tensors' scales (diffusers) or carried in alpha tensors
     meta.update(extra)
-    autov3 = file_hashes(source).data_sha256 if source.suffix.lower() == ".safetensors" else None
+    if autov3 is None and source.name.lower().endswith(".safetensors"):
+        autov3 = file_hashes(source).data_sha256
     return add_provenance(meta, sources=[source_entry(source, autov3)])
 
 
@@ -138,7 +139,7 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.notes.append("lora_adapter_metadata dropped: its scales are in the alpha tensors now")
     if options.target == "peft":
         adapter, config_path = peft_paths(output)
-        meta = _metadata(stored, source, options.target, {"format": "pt"})
+        meta = _metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256)
         made_folder = adapter.parent != output.parent and not adapter.parent.exists()
         if made_folder:
             adapter.parent.mkdir()
@@ -150,12 +151,21 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
             raise
         result.outputs = [adapter, config_path]
     else:
-        meta = _metadata(stored, source, options.target, converted.metadata)
-        meta = with_sshs_hashes(converted.tensors, meta)
-        write_safetensors(output, converted.tensors, meta, overwrite=options.overwrite)
+        meta = _metadata(stored, source, options.target, converted.metadata, net.data_sha256)
+        write_network(output, converted.tensors, meta, overwrite=options.overwrite)
         result.outputs = [output]
     result.seconds = time.perf_counter() - started
     return result
+
+
+def write_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, overwrite: bool) -> None:
+    """Write a network atomically with fresh sshs_model_hash / sshs_legacy_hash (one hash pass)."""
+    metadata = with_sshs_hashes(tensors, metadata)
+    entries = [plan_entry(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
+    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite)
+    with writer:
+        for name in writer.order:
+            writer.write(name, tensors[name])
 
 
 def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, overwrite: bool) -> None:
@@ -166,8 +176,7 @@ def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, ove
     temp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
     try:
         temp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        with_hashes = with_sshs_hashes(tensors, metadata)
-        write_safetensors(adapter, tensors, with_hashes, overwrite=overwrite)
+        write_network(adapter, tensors, metadata, overwrite=overwrite)
         try:
             os.replace(temp, config_path)
         except OSError:
@@ -220,7 +229,7 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
 
         if "sshs_model_hash" in stored:
             tensors = {name: produce(name) for name in infos}
-            write_safetensors(output, tensors, with_sshs_hashes(tensors, meta), overwrite=overwrite)
+            write_network(output, tensors, meta, overwrite=overwrite)
         else:
             writer = SafetensorsWriter(output, planned, meta, overwrite=overwrite)
             with writer:
@@ -262,13 +271,21 @@ def run_batch(pairs: Sequence[tuple[Path, Path]], options: ConvertOptions, *, jo
     with each result as it finishes (in completion order). Returns results in input order."""
     results: dict[int, FileResult] = {}
     if jobs <= 1 or len(pairs) <= 1:
-        for index, (source, output) in enumerate(pairs):
-            results[index] = process(source, output, options)
-            if on_done:
-                on_done(results[index])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # network tensors are small: thread wake-ups cost more than they give
+        try:
+            for index, (source, output) in enumerate(pairs):
+                results[index] = process(source, output, options)
+                if on_done:
+                    on_done(results[index])
+        finally:
+            torch.set_num_threads(threads)
     else:
         import multiprocessing
 
+        from lytools.convert.names import warm_tables
+
+        warm_tables()  # build the name tables once here: the forked workers inherit them
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=min(jobs, len(pairs)), mp_context=context, initializer=_worker_init) as pool:
             futures = {pool.submit(process, source, output, options): index for index, (source, output) in enumerate(pairs)}

@@ -154,8 +154,8 @@ def _piece_factors(name: str, tensors: Mapping[str, torch.Tensor], fold: bool, d
     out_dtype = dtype if dtype is not None and is_float(down.dtype) else down.dtype
     if fold:
         down_factor, up_factor = fold_split(scale_of(name, tensors))
-        down_out = (down.float() * down_factor).to(out_dtype) if down_factor != 1.0 else cast(down, dtype)
-        up_out = (up.float() * up_factor).to(out_dtype) if up_factor != 1.0 else cast(up, dtype)
+        down_out = _scaled(down, down_factor, out_dtype, dtype)
+        up_out = _scaled(up, up_factor, out_dtype, dtype)
         alpha = float(rank)
     else:
         down_out, up_out = cast(down, dtype), cast(up, dtype)
@@ -167,6 +167,16 @@ def _piece_factors(name: str, tensors: Mapping[str, torch.Tensor], fold: bool, d
         shaped = magnitude.reshape(-1) if down.dim() == 2 else magnitude.reshape(1, -1, *([1] * (down.dim() - 2)))
         factors["lora_magnitude_vector"] = cast(shaped.contiguous(), dtype, keep_precise=True)
     return factors, alpha
+
+
+def _scaled(tensor: torch.Tensor, factor: float, out_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.Tensor:
+    """Return tensor * factor in out_dtype, computed in float32 (torch's half/bfloat16 kernels do
+    the same: one rounding of the exact product), without a float32 copy when the dtype stays."""
+    if factor == 1.0:
+        return cast(tensor, dtype)
+    if tensor.dtype == out_dtype and tensor.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return tensor * factor
+    return (tensor.float() * factor).to(out_dtype)
 
 
 def _number(value: float) -> float | int:

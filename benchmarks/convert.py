@@ -1,0 +1,161 @@
+"""Batch convert throughput: N synthetic full-size SD1 LoRAs, kohya -> diffusers with --jobs 2,
+against a plain file copy of the same files in the same run (target: >= 70% of copy throughput).
+
+    flock /tmp/lytools-heavy.lock /work/venv/bin/python -m benchmarks.convert [--files 200] [--rank 16] [--jobs 2]
+
+Contenders (each in its own child process, inputs warm in the page cache for all of them):
+  copy           shutil.copyfile of every file (kernel copy, no fsync): the issue's baseline
+  copy+fsync     the same plus fsync per file (what an atomic, durable writer must pay)
+  lytools CLI    `lytools convert - --output-dir D --to diffusers --jobs J -q` (interpreter start included)
+Throughput = input bytes / wall seconds. Peak memory = max RSS of the contender's process tree
+(resource.getrusage of the waited children). Files live under /tmp/lytools-bench-convert and are
+deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import REPO, human_bytes
+
+WORK = Path("/tmp/lytools-bench-convert")
+COPY_SCRIPT = """
+import os, shutil, sys
+src, dst, sync = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+for name in sorted(os.listdir(src)):
+    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    if sync:
+        fd = os.open(os.path.join(dst, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+"""
+
+
+def build_inputs(folder: Path, files: int, rank: int, distinct: int = 4) -> int:
+    """Write `distinct` synthetic SD1 LoRAs (rank, alpha = rank / 2, fp16) and copies up to `files`."""
+    sys.path.insert(0, str(REPO))
+    from lytools.testing import build_network
+
+    folder.mkdir(parents=True, exist_ok=True)
+    originals = []
+    for seed in range(distinct):
+        path = folder / f"lora_{seed:04d}.safetensors"
+        build_network(path, "sd1", factor=1, rank=rank, alpha=rank / 2, seed=seed, overwrite=True,
+                      metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2)})
+        originals.append(path)
+    for index in range(distinct, files):
+        shutil.copyfile(originals[index % distinct], folder / f"lora_{index:04d}.safetensors")
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def warm(folder: Path) -> None:
+    for path in sorted(folder.iterdir()):
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+def run_child(command: list[str], stdin: str | None = None) -> tuple[float, int, float]:
+    """Run a command; return (wall seconds, peak RSS of the largest process of its tree, CPU seconds).
+
+    os.wait4 reports the child's own resource use, which includes the descendants it waited for
+    (the --jobs worker processes)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    if stdin is not None:
+        process.stdin.write(stdin)
+    process.stdin.close()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    error = process.stderr.read()
+    process.stderr.close()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[:4]} failed ({process.returncode}): {error[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+
+
+def fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def spot_check(src: Path, out: Path, count: int = 3) -> float:
+    """Return the largest relative ΔW error of a few converted files against their inputs."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from lytools.convert import load_network
+
+    worst = 0.0
+    for path in sorted(src.iterdir())[:count]:
+        before, after = load_network(path), load_network(out / path.name)
+        assert set(before.modules) == set(after.modules)
+        for name, module in before.modules.items():
+            other = after.modules[name]
+
+            def change(m):
+                up, down = m["lora_up.weight"].float(), m["lora_down.weight"].float()
+                r = down.shape[0]
+                alpha = float(m["alpha"]) if "alpha" in m else r
+                return up.flatten(1) @ down.flatten(1) * (alpha / r)
+
+            expected = change(module)
+            worst = max(worst, float((change(other) - expected).norm() / expected.norm()))
+    del torch
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="Keep the files under /tmp/lytools-bench-convert.")
+    args = parser.parse_args()
+
+    src = WORK / "src"
+    try:
+        shutil.rmtree(WORK, ignore_errors=True)
+        started = time.perf_counter()
+        total = build_inputs(src, args.files, args.rank)
+        print(f"inputs: {args.files} SD1 LoRAs, rank {args.rank}, alpha {args.rank / 2:g}, fp16, "
+              f"{human_bytes(total / args.files)} each, {human_bytes(total)} in all (built in {time.perf_counter() - started:.1f} s)")
+        listing = "\n".join(str(p) for p in sorted(src.iterdir())) + "\n"
+        rows = []
+        for label, command, stdin in (
+            ("copy (shutil.copyfile)", [sys.executable, "-c", COPY_SCRIPT, str(src), None, "0"], None),
+            ("copy + fsync per file", [sys.executable, "-c", COPY_SCRIPT, str(src), None, "1"], None),
+            (f"lytools convert --jobs {args.jobs}",
+             [sys.executable, "-m", "lytools", "convert", "-", "--output-dir", None, "--to", "diffusers",
+              "--jobs", str(args.jobs), "-q"], listing),
+        ):
+            out = fresh(WORK / label.split()[0].replace("+", "") / str(len(rows)))
+            command = [str(out) if part is None else part for part in command]
+            warm(src)
+            seconds, peak, cpu = run_child(command, stdin)
+            rows.append((label, seconds, peak, out, cpu))
+        copy_seconds = rows[0][1]
+        print(f"{'contender':<34} {'wall s':>8} {'MB/s':>9} {'vs copy':>8} {'CPU s':>7} {'peak RSS':>11}")
+        for label, seconds, peak, _, cpu in rows:
+            print(f"{label:<34} {seconds:8.2f} {total / seconds / 1e6:9.1f} {copy_seconds / seconds:8.1%} {cpu:7.1f} {human_bytes(peak):>11}")
+        convert_seconds = rows[-1][1]
+        print(f"lytools convert throughput = {copy_seconds / convert_seconds:.1%} of plain copy "
+              f"({rows[1][1] / convert_seconds:.1%} of copy + fsync); target >= 70% of plain copy")
+        print(f"spot check: largest relative ΔW error of converted files {spot_check(src, rows[-1][3]):.2e}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
