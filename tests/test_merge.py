@@ -375,3 +375,16 @@ def test_verify_passes_on_a_good_merge(sd1, tmp_path):
     report = result.verification
     assert report.failures == [] and report.checked == len(result.plan.out_dtypes)
     assert 0 < report.worst_relative_error < 0.5  # fp16 rounding of the changed weights
+
+
+def test_tlora_is_refused_before_writing(sd1, tmp_path):
+    folder, ckpt, _, _ = sd1
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tlora = tmp_path / "t.safetensors"
+    write_safetensors(tlora, {f"{name}.q_layer.weight": torch.zeros(2, 20), f"{name}.p_layer.weight": torch.zeros(20, 2),
+                              f"{name}.lambda_layer": torch.ones(1, 2)})
+    from lytools.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match=name):
+        merge_into_checkpoint(ckpt, [tlora], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -16,7 +16,7 @@ import torch
 
 from lytools.algos import ModuleInfo
 from lytools.arch import Placement, Resolver
-from lytools.errors import MatchError
+from lytools.errors import MatchError, UnsupportedError
 from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES, byte_size, st_name
 from lytools.io.safetensors import TensorInfo
 from lytools.merge.fp8 import Fp8Layout, detect_fp8
@@ -208,6 +208,11 @@ def plan_checkpoint_merge(
         for name in sorted(network.modules):
             info = network.infos[name]
             summary.algorithms[info.algo] = summary.algorithms.get(info.algo, 0) + 1
+            if not info.mergeable:
+                raise UnsupportedError(
+                    f"{network.name}: module {name}: {info.algo} cannot be merged offline (its change depends on "
+                    "a recomputed SVD of the base weight and the timestep)"
+                )
             resolved = resolver.resolve(name)
             if resolved is None:
                 summary.unmatched.append(name)
