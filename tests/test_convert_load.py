@@ -160,3 +160,31 @@ def test_fold_power_of_two_is_exact():
     folded = fold_scale("m", module)
     assert "alpha" not in folded
     assert torch.equal(_lora_delta(folded), _lora_delta(module))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(ranks=st.lists(st.integers(1, 4), min_size=2, max_size=4), alphas=st.lists(st.sampled_from([0.5, 1.0, 2.0, 4.0]), min_size=4, max_size=4),
+       share=st.booleans(), seed=st.integers(0, 1000))
+def test_split_then_fuse_keeps_every_row(ranks, alphas, share, seed):
+    """Property: parts -> fused -> parts (and fused -> parts -> fused) keep ΔW of every row range."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, start = [], 0
+    for _ in ranks:
+        rows.append((start, start + 6))
+        start += 6
+    shared = torch.randn(ranks[0], 10, generator=generator)
+    parts = []
+    for index, ((a, b), rank) in enumerate(zip(rows, ranks)):
+        down = shared if share else torch.randn(rank, 10, generator=generator)
+        r = down.shape[0]
+        parts.append(((a, b), {"lora_down.weight": down, "lora_up.weight": torch.randn(b - a, r, generator=generator),
+                               "alpha": torch.tensor(alphas[index] * (1 if share else r))}))
+    fused = fuse_parts("m", parts, start)
+    whole = _lora_delta(fused)
+    for (a, b), tensors in parts:
+        torch.testing.assert_close(whole[a:b], _lora_delta(tensors), rtol=1e-5, atol=1e-5)
+    for ((a, b), _), piece in zip(parts, split_fused("m", fused, rows)):
+        torch.testing.assert_close(_lora_delta(piece), whole[a:b], rtol=1e-5, atol=1e-5)
