@@ -206,9 +206,11 @@ def test_flux_fused_module_into_diffusers_layout(tmp_path):
     q = split_out["transformer_blocks.0.attn.to_q.weight"]
     k = split_out["transformer_blocks.0.attn.to_k.weight"]
     v = split_out["transformer_blocks.0.attn.to_v.weight"]
-    assert torch.equal(torch.cat([q, k, v]), native_out[prefix + "double_blocks.0.img_attn.qkv.weight"])
+    # same math; the fused route adds in place (addmm), the split one through apply_module: bf16 rounding apart
+    bf16 = dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(torch.cat([q, k, v]), native_out[prefix + "double_blocks.0.img_attn.qkv.weight"], **bf16)
     parts = [split_out[f"single_transformer_blocks.1.{p}.weight"] for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
-    assert torch.equal(torch.cat(parts), native_out[prefix + "single_blocks.1.linear1.weight"])
+    torch.testing.assert_close(torch.cat(parts), native_out[prefix + "single_blocks.1.linear1.weight"], **bf16)
     changed = {k for k in split_out if not torch.equal(split_out[k], split_base[k])}
     assert len(changed) == 3 + 4 + 1
 
@@ -263,15 +265,15 @@ def test_failure_midway_leaves_no_output(sd1, tmp_path, monkeypatch):
     import lytools.merge.checkpoint as engine
 
     calls = {"n": 0}
-    real = engine.apply_module
+    real = engine._Engine.compute
 
-    def failing(*args, **kwargs):
+    def failing(self, group):
         calls["n"] += 1
         if calls["n"] == 50:
             raise LytoolsError("simulated failure")
-        return real(*args, **kwargs)
+        return real(self, group)
 
-    monkeypatch.setattr(engine, "apply_module", failing)
+    monkeypatch.setattr(engine._Engine, "compute", failing)
     out = tmp_path / "out.safetensors"
     with pytest.raises(LytoolsError, match="simulated"):
         merge_into_checkpoint(ckpt, [a], out)

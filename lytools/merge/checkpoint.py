@@ -263,6 +263,8 @@ class _Engine:
         module, info = network.modules[touch.module], network.infos[touch.module]
         precision = "float64" if working[touch.pieces[0].key].dtype == torch.float64 else "float32"
         options = dict(device=self.device, precision=precision, info=info)
+        if len(touch.pieces) == 1 and self._add_plain_lora(touch, module, info, working):
+            return
         if len(touch.pieces) == 1:
             piece = touch.pieces[0]
             rows = slice(*piece.rows) if piece.rows else slice(None)
@@ -298,6 +300,32 @@ class _Engine:
             if bias is not None and merged.bias is not None:
                 bias_key = dict(zip((p.key for p in touch.pieces), touch.bias_keys))[piece.key]
                 working[bias_key][rows] = merged.bias[a:b]
+
+    def _add_plain_lora(self, touch: Touch, module, info, working: dict[str, torch.Tensor]) -> bool:
+        """W += ratio·s·up@down in place with one addmm (no ΔW temporary), for plain LoRA/LoCon.
+
+        The most common module by far; the same math as lytools.algos' LoRA delta (ALGORITHMS.md 2)
+        without the temporaries. Returns False for anything else (Tucker, DoRA, sparse correction,
+        zero-padded or fused-row targets with biases), which goes through `apply_module`.
+        """
+        if info.algo != "lora" or info.dora or info.tucker or info.sparse_bias or info.scale is None:
+            return False
+        if touch.pad_in is not None or any(touch.bias_keys):
+            return False
+        piece = touch.pieces[0]
+        weight = working[piece.key]
+        target = weight[slice(*piece.rows)] if piece.rows else weight
+        if not target.is_contiguous():
+            return False
+        up = module["lora_up.weight"]
+        down = module["lora_down.weight"]
+        flat = target.view(target.shape[0], -1)
+        up = up.reshape(up.shape[0], -1).to(flat.device, flat.dtype)
+        down = down.reshape(down.shape[0], -1).to(flat.device, flat.dtype)
+        if up.shape[0] != flat.shape[0] or down.shape[1] != flat.shape[1]:
+            return False
+        flat.addmm_(up, down, alpha=touch.ratio * info.scale)
+        return True
 
     def _finish(
         self, key: str, value: torch.Tensor, rows: list[tuple[int, int] | None], modules: list[str]
