@@ -11,6 +11,7 @@ peft/diffusers config), split q/k/v parts are fused exactly into their kohya mod
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from lytools.algos import NetworkModule, describe_shapes
-from lytools.arch import detect_network
+from lytools.arch import NetworkArch, arch_from_metadata, detect_network
 from lytools.arch.detect import SCALES
 from lytools.arch.network import layout_of_module
 from lytools.convert import names
@@ -184,10 +185,11 @@ class _WholeFile:
         self.path = path
         self.metadata = dict(header.metadata or {})
         self._infos = header.tensors
+        self._buffer = bytearray(header.file_size)
         with open(path, "rb") as handle:
-            self._buffer = bytearray(handle.read())
-        if len(self._buffer) != header.file_size:
-            raise FileFormatError(f"{path}: file changed while reading")
+            got = handle.readinto(self._buffer)
+            if got != header.file_size or handle.read(1):
+                raise FileFormatError(f"{path}: file changed while reading")
         self._start = header.data_start
         self.data_sha256 = hashlib.sha256(memoryview(self._buffer)[self._start:]).hexdigest()
 
@@ -248,7 +250,7 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
     with opened as source:
         infos = {info.name: info for info in source.infos()}
         metadata = dict(source.metadata or {})
-        detected = detect_network({name: info.shape for name, info in infos.items()}, metadata)
+        detected = _detect({name: info.shape for name, info in infos.items()}, metadata)
         arch = forced_arch or detected.arch
         network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes),
                           data_sha256=getattr(source, "data_sha256", None))
@@ -319,6 +321,21 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
             network.modules[module] = NetworkModule(module, _fuse(arch, module, pieces, network.scale))
             network.sources[module] = sorted(k for stored, _, _ in pieces for k in detected.modules[stored].values())
     return network
+
+
+_DETECTED: dict[tuple, NetworkArch] = {}
+
+
+def _detect(shapes: dict[str, tuple[int, ...]], metadata: Mapping[str, str]) -> NetworkArch:
+    """detect_network, remembered per key set and claimed architecture (the only part of the
+    metadata it reads): the files of one batch usually share them."""
+    key = (tuple(sorted(shapes.items())), arch_from_metadata(metadata))
+    found = _DETECTED.get(key)
+    if found is None:
+        if len(_DETECTED) >= 64:
+            _DETECTED.clear()
+        found = _DETECTED[key] = detect_network(shapes, metadata)
+    return copy.deepcopy(found)  # callers may change its lists
 
 
 def _pick(arch: str, stored: str, tensors: Mapping[str, torch.Tensor], scale: int) -> names.Canonical | None:

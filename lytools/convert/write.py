@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from lytools.algos import describe_module
+from lytools.algos import describe_module, describe_shapes
 from lytools.convert import names
 from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, fold_split, scale_of, split_fused
 from lytools.convert.load import Network
@@ -98,7 +98,7 @@ def _check_lora_only(net: Network) -> None:
     """Raise naming every module the diffusers/peft layouts cannot hold."""
     problems: dict[str, list[str]] = collections.defaultdict(list)
     for name, module in net.modules.items():
-        info = describe_module(module)
+        info = describe_shapes(name, module.shapes())  # the algorithm needs shapes only
         if info.algo != "lora":
             problems[info.algo].append(name)
         elif MID in module:
