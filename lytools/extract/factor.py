@@ -29,6 +29,7 @@ class FactorOptions:
     sparse_bias: bool = False
     sparsity: float = 0.98
     full_fallback: bool = True
+    randomized: bool = True  # False: every fixed rank through the exact spectrum (benchmarks, checks)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def extract_module(
         if options.full_fallback and stores_full(rank, out_features, kxk, options.tucker):
             record.reason = f"rank {rank} >= out/2 = {out_features / 2:g}: stored whole"
             return _full(name, delta.float(), record, options, bias_delta)
-        low = fixed_rank(flat, rank)
+        low = fixed_rank(flat, rank, allow_randomized=options.randomized)
     record.notes.extend(low.retries)
     record.route = low.route
     up, down = low.factors(torch.float32)
