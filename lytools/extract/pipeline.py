@@ -26,7 +26,7 @@ import torch
 from lytools.algos import delta as module_delta
 from lytools.algos import group_keys, load_module
 from lytools.device import resolve_device
-from lytools.errors import LytoolsError, MatchError
+from lytools.errors import LytoolsError, MatchError, OutputExistsError
 from lytools.extract.factor import Extracted, FactorOptions, ModuleRecord, extract_module
 from lytools.extract.plan import ExtractPlan, PairedModule, plan_extraction
 from lytools.extract.ranks import RankRule
@@ -255,8 +255,11 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     started = time.perf_counter()
     base, tuned = Path(base), Path(tuned)
     out = check_output_path(out, options.overwrite)
-    if options.report is not None and options.report.suffix.lower() not in (".json", ".csv"):
-        raise LytoolsError(f"{options.report}: --report must end in .json or .csv")
+    if options.report is not None:
+        if options.report.suffix.lower() not in (".json", ".csv"):
+            raise LytoolsError(f"{options.report}: --report must end in .json or .csv")
+        if options.report.exists() and not options.overwrite:
+            raise OutputExistsError(f"{options.report}: already exists (use --overwrite to replace it)")
     device = resolve_device(options.device)
     base_source, tuned_source = _Source(base), _Source(tuned)
     hasher = _Hasher([base, tuned])
