@@ -237,10 +237,13 @@ def _score(modules: Mapping[str, Mapping[str, Shape]], arch: str) -> tuple[int, 
         if target is not None:
             hits.append((_io(module, suffixes), target.shape, target.component))
     best_scale, best = 1, -1
+    measurable = sum(1 for io, _, _ in hits if io is not None)
     for scale in SCALES:
         count = sum(1 for io, shape, _ in hits if io is not None and _fits(io, shape, scale))
         if count > best:
             best_scale, best = scale, count
+        if best == measurable:  # every module fits: no other scale can do better (real files: scale 1)
+            break
     components: dict[str, int] = {}
     for _, _, component in hits:
         components[component] = components.get(component, 0) + 1
