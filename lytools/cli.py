@@ -204,6 +204,7 @@ def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv
     else:
         for line in (result.plan.lines() if hasattr(result, "plan") else result.lines()):
             reporter.detail(line)
+        reporter.log(result.summary())
         click.echo(str(result.output))
 
 

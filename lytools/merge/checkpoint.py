@@ -64,6 +64,13 @@ class CheckpointResult:
     base_autov3: str | None = None
     verification: object | None = None  # VerifyReport when --verify ran
 
+    def summary(self) -> str:
+        """One line for stderr: what was merged into what, and how long it took."""
+        plan = self.plan
+        inputs = ", ".join(f"{Path(s.path).name} x {s.ratio:g}" for s in plan.inputs)
+        return (f"merged {inputs} into {plan.base.name}: {len(plan.touched)} of {len(plan.out_dtypes)} tensors changed"
+                f" in {self.seconds:.1f} s")
+
     def as_dict(self) -> dict:
         result = {"mode": "checkpoint", "output": str(self.output) if self.output else None, **self.plan.as_dict()}
         result.update({

@@ -99,6 +99,13 @@ class NetworkMergeResult:
             "per_module": [m.as_dict() for m in self.modules],
         }
 
+    def summary(self) -> str:
+        """One line for stderr: how many modules, by which method, the worst SVD share, the time."""
+        methods = ", ".join(f"{n} {k}" for k, n in sorted(_count(m.method for m in self.modules).items()))
+        kept = [m.kept for m in self.modules if m.kept is not None]
+        worst = f", lowest Frobenius share kept {min(kept):.4f}" if kept else ""
+        return f"merged {len(self.inputs)} networks: {len(self.modules)} modules ({methods}){worst} in {self.seconds:.1f} s"
+
     def lines(self) -> list[str]:
         out = []
         for item in self.inputs:
