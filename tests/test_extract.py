@@ -334,3 +334,57 @@ def test_flux_fused_modules_pair_across_layouts(tmp_path):
         with open_file(result.output) as lora:
             assert lora.get("lora_unet_single_blocks_0_linear1.lora_up.weight").shape == (21504 // 32, 2)
         assert read_header(result.output).metadata["modelspec.architecture"] == "flux-1-dev/lora"
+
+
+def test_a_module_that_cannot_be_decomposed_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    from lytools.extract import factor as factor_module
+    from lytools.extract.svd import SvdFailure
+    from lytools.io import write_safetensors
+
+    generator = torch.Generator().manual_seed(3)
+    base = {f"blocks.{i}.fc.weight": torch.randn(24, 40, generator=generator) for i in range(3)}
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    tuned["blocks.1.fc.weight"][0, 0] = float("nan")
+    write_safetensors(tmp_path / "a.safetensors", base)
+    write_safetensors(tmp_path / "b.safetensors", tuned)
+    real = factor_module.fixed_rank
+
+    def failing(matrix, rank, **kwargs):
+        if matrix.shape == (24, 40) and float(matrix[0, 1]) == float(tuned["blocks.2.fc.weight"][0, 1] - base["blocks.2.fc.weight"][0, 1]):
+            raise SvdFailure("every decomposition failed: LAPACK did not converge")
+        return real(matrix, rank, **kwargs)
+
+    monkeypatch.setattr(factor_module, "fixed_rank", failing)
+    out = tmp_path / "o.safetensors"
+    main(["extract", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), str(out), "--linear-dim", "4",
+          "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert "could not be decomposed" in err
+    rows = {row["name"]: row for row in json.loads((tmp_path / "r.json").read_text())["modules"]}
+    assert rows["lora_unet_blocks_0_fc"]["stored"] == "lora"
+    assert "NaN" in rows["lora_unet_blocks_1_fc"]["reason"]
+    assert rows["lora_unet_blocks_2_fc"]["reason"].startswith("decomposition failed")
+    with open_file(out) as lora:
+        assert set(group_keys(lora.keys()).modules) == {"lora_unet_blocks_0_fc"}
+
+
+def test_prefetch_keeps_order_and_hands_reader_errors_to_the_caller(sd1_pair):
+    from lytools.extract.pipeline import _prefetch, _Source
+    from lytools.extract.plan import PairedModule
+    from lytools.arch import Placement
+
+    folder, base, tuned = sd1_pair
+    source_b, source_t = _Source(base), _Source(tuned)
+    try:
+        key = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+        shape = tuple(read_header(base).tensors[key].shape)
+        good = [PairedModule(f"m{i}", "te", "linear", shape, (Placement(key),), (Placement(key),)) for i in range(5)]
+        names = [loaded.module.name for loaded in _prefetch(good, source_b, source_t, False, lambda m: False)]
+        assert names == [m.name for m in good]
+        broken = good[:2] + [PairedModule("bad", "te", "linear", shape, (Placement("no.such.key"),), (Placement(key),))]
+        with pytest.raises(Exception, match="no.such.key"):
+            for _ in _prefetch(broken, source_b, source_t, False, lambda m: False):
+                pass
+    finally:
+        source_b.close()
+        source_t.close()
