@@ -336,3 +336,19 @@ def test_detect_diffusers_layout_files(tmp_path, arch):
     assert (found.arch, found.layout, found.prefix, found.scale, found.variant) == (arch, "diffusers", "", 32, None)
     prefixed = testing.build_checkpoint(tmp_path / "p.safetensors", arch, layout="diffusers", prefix="unet." if arch in ("sd1", "sd2") else "transformer.", factor=32, keep_blocks=1)
     assert detect_checkpoint(read_header(prefixed).tensors).prefix in ("unet.", "transformer.")
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl", "flux", "sd3"])
+def test_key_table_is_the_inverse_of_module_table(arch):
+    from lytools.arch import key_table
+
+    table = module_table(arch)
+    back = key_table(arch)
+    assert sum(len(v) for v in back.values()) == len(table)
+    for name, target in table.items():
+        assert (name, target.rows) in back[target.key]
+    for key, modules in back.items():
+        if len(modules) > 1:  # fused q/k/v slices tile the tensor
+            rows = [r for _, r in modules]
+            assert rows[0][0] == 0 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+            assert rows[-1][1] == table[modules[0][0]].fused_shape[0]

@@ -33,6 +33,7 @@ Key maps (keymap.py; sd1, sd2, sdxl, flux from the manifests, sd3 by rule from i
         module (Flux qkv/linear1, SD3 qkv).
     diffusers_table(arch) -> {diffusers name: DiffusersTarget(diffusers, kohya, key, key_rows,
                               module_rows, shape)}   (sd1/sd2/sdxl: every UNet module, not only kohya's)
+    key_table(arch) -> {canonical key: ((kohya module, rows | None), ...)}   (the way back from a key)
     kohya_to_diffusers(arch) -> {kohya: (DiffusersTarget, ...)} ; diffusers_to_kohya(arch, name)
     alias_table(arch) -> {every accepted spelling: CanonicalTarget(module, key, rows, shape, kind,
                           component, in_table)}
@@ -61,6 +62,7 @@ from lytools.arch.keymap import (
     alias_table,
     diffusers_table,
     diffusers_to_kohya,
+    key_table,
     kind_of,
     kohya_to_diffusers,
     module_table,
@@ -97,6 +99,7 @@ __all__ = [
     "diffusers_names",
     "diffusers_table",
     "diffusers_to_kohya",
+    "key_table",
     "kind_of",
     "group_network_keys",
     "kohya_to_diffusers",

@@ -255,6 +255,19 @@ def module_table(arch: str) -> dict[str, ModuleTarget]:
     return table
 
 
+@functools.cache
+def key_table(arch: str) -> dict[str, tuple[tuple[str, Rows | None], ...]]:
+    """Return {canonical checkpoint key: ((kohya module, rows or None), ...)}: the way back from a key.
+
+    A fused OpenCLIP `in_proj_weight` lists its q, k, v modules with their rows; every other key
+    has one module.
+    """
+    result: dict[str, list[tuple[str, Rows | None]]] = {}
+    for name, target in module_table(arch).items():
+        result.setdefault(target.key, []).append((name, target.rows))
+    return {key: tuple(sorted(modules, key=lambda m: (m[1] or (0, 0))[0])) for key, modules in result.items()}
+
+
 _SD3_TARGETS = re.compile(r"^joint_blocks\.\d+\.(x_block|context_block)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|adaLN_modulation\.1|attn2\.qkv|attn2\.proj)$")
 _SD3_OPTIONAL = ("x_embedder.proj", "context_embedder", "t_embedder.mlp.0", "t_embedder.mlp.2",
                  "y_embedder.mlp.0", "y_embedder.mlp.2", "final_layer.linear", "final_layer.adaLN_modulation.1")
