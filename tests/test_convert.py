@@ -242,3 +242,10 @@ def test_peft_file_output_and_config_beside(tmp_path, capsys):
     name = next(iter(net.modules))
     expected = lora_delta(original.modules[name])
     assert (lora_delta(net.modules[name]) - expected).norm() / expected.norm() < 2e-3
+
+
+def test_checkpoint_given_to_a_layout_conversion_is_refused(tmp_path, capsys):
+    source = build_checkpoint(tmp_path / "ckpt.safetensors", "sd1", factor=32, components=("clip_l",))
+    code, out, err = run_cli(capsys, "convert", str(source), "-o", str(tmp_path / "o.safetensors"), "--to", "kohya")
+    assert code == 1 and out == "" and "no network modules" in err and "--save-dtype" in err
+    assert not (tmp_path / "o.safetensors").exists()

@@ -181,17 +181,24 @@ class _WholeFile:
     """
 
     def __init__(self, path: Path):
-        header = read_header(path)  # validated: offsets tile the data, dtypes known
+        self._header = read_header(path)  # validated: offsets tile the data, dtypes known
         self.path = path
-        self.metadata = dict(header.metadata or {})
-        self._infos = header.tensors
-        self._buffer = bytearray(header.file_size)
-        with open(path, "rb") as handle:
-            got = handle.readinto(self._buffer)
-            if got != header.file_size or handle.read(1):
-                raise FileFormatError(f"{path}: file changed while reading")
-        self._start = header.data_start
-        self.data_sha256 = hashlib.sha256(memoryview(self._buffer)[self._start:]).hexdigest()
+        self.metadata = dict(self._header.metadata or {})
+        self._infos = self._header.tensors
+        self._start = self._header.data_start
+        self._buffer: bytearray | None = None
+        self.data_sha256: str | None = None
+
+    def _read(self) -> bytearray:
+        if self._buffer is None:
+            size = self._header.file_size
+            buffer = bytearray(size)
+            with open(self.path, "rb") as handle:
+                if handle.readinto(buffer) != size or handle.read(1):
+                    raise FileFormatError(f"{self.path}: file changed while reading")
+            self.data_sha256 = hashlib.sha256(memoryview(buffer)[self._start:]).hexdigest()
+            self._buffer = buffer
+        return self._buffer
 
     def __enter__(self) -> "_WholeFile":
         return self
@@ -214,10 +221,11 @@ class _WholeFile:
             shape = shape[:-1] + (shape[-1] // 2,)
         if count == 0:
             return torch.empty(shape, dtype=dtype)
+        buffer = self._read()
         if begin % dtype.itemsize:  # an unaligned old file: copy this tensor out
-            flat = torch.frombuffer(bytearray(self._buffer[begin:begin + info.nbytes]), dtype=dtype)
+            flat = torch.frombuffer(bytearray(buffer[begin:begin + info.nbytes]), dtype=dtype)
         else:
-            flat = torch.frombuffer(self._buffer, dtype=dtype, count=count, offset=begin)
+            flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=begin)
         return flat.reshape(shape)
 
 
@@ -252,8 +260,9 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
         metadata = dict(source.metadata or {})
         detected = _detect({name: info.shape for name, info in infos.items()}, metadata)
         arch = forced_arch or detected.arch
-        network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes),
-                          data_sha256=getattr(source, "data_sha256", None))
+        network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes))
+        if not detected.modules:
+            return network  # not a network (a checkpoint?): nothing read beyond the header; callers decide
 
         def read(key: str) -> torch.Tensor:
             # whole-file tensors already own their (shared) buffer; map views must be copied out
@@ -320,6 +329,7 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
         for module, pieces in parts.items():
             network.modules[module] = NetworkModule(module, _fuse(arch, module, pieces, network.scale))
             network.sources[module] = sorted(k for stored, _, _ in pieces for k in detected.modules[stored].values())
+        network.data_sha256 = getattr(source, "data_sha256", None)
     return network
 
 

@@ -130,6 +130,8 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
     started = time.perf_counter()
     result = FileResult(source)
     net = load_network(source, arch=options.arch)
+    if not net.modules:
+        raise LytoolsError(f"{source}: no network modules found (a checkpoint? cast checkpoints with --save-dtype and no --to)")
     result.notes.extend(net.notes)
     converted = convert_network(net, options.target, fold=options.fold, save_dtype=options.save_dtype,
                                 component=options.component)
