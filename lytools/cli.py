@@ -202,7 +202,7 @@ def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv
     elif dry_run:
         click.echo("\n".join(result.plan.lines() if hasattr(result, "plan") else result.lines()))
     else:
-        for line in (result.plan.lines() if hasattr(result, "plan") else result.lines()):
+        for line in (result.plan.lines() if hasattr(result, "plan") else result.lines(verbose=True)):
             reporter.detail(line)
         reporter.log(result.summary())
         click.echo(str(result.output))

@@ -106,7 +106,8 @@ class NetworkMergeResult:
         worst = f", lowest Frobenius share kept {min(kept):.4f}" if kept else ""
         return f"merged {len(self.inputs)} networks: {len(self.modules)} modules ({methods}){worst} in {self.seconds:.1f} s"
 
-    def lines(self) -> list[str]:
+    def lines(self, verbose: bool = False) -> list[str]:
+        """Return the human-readable plan/result; `verbose` adds one line per module (rank, share kept)."""
         out = []
         for item in self.inputs:
             out.append(f"  {Path(item['path']).name} x {item['ratio']:g}: {item['modules']} modules")
@@ -116,6 +117,10 @@ class NetworkMergeResult:
         if kept:
             worst = min(kept, key=lambda m: m.kept)
             out.append(f"SVD: lowest Frobenius share kept {worst.kept:.4f} ({worst.name})")
+        if verbose:
+            for m in self.modules:
+                kept = f", Frobenius share kept {m.kept:.4f}" if m.kept is not None else ""
+                out.append(f"  {m.name}: {m.method}, rank {m.rank}{kept}")
         return out
 
 
