@@ -51,7 +51,7 @@ def test_layout_of_module():
     [
         ("sd1", {"modules": "c3lier"}, "kohya"), ("sd2", {}, "kohya"), ("sdxl", {"layout": "diffusers"}, "diffusers"),
         ("sdxl", {"layout": "lycoris"}, "lycoris"), ("flux", {"layout": "peft"}, "peft"), ("flux", {"layout": "comfy"}, "comfy"),
-        ("sd3", {"optional": ["embedders"]}, "kohya"), ("sd1", {"algo": "loha"}, "kohya"), ("sd2", {"components": ["te"]}, "kohya"),
+        ("sd3", {"optional": ["embedders"]}, "kohya"), ("sd3", {"layout": "diffusers", "components": ["unet"]}, "diffusers"), ("sd1", {"algo": "loha"}, "kohya"), ("sd2", {"components": ["te"]}, "kohya"),
     ],
 )
 def test_detect_synthetic_networks(tmp_path, arch, options, layout, factor):
