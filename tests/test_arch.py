@@ -352,3 +352,9 @@ def test_key_table_is_the_inverse_of_module_table(arch):
             rows = [r for _, r in modules]
             assert rows[0][0] == 0 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
             assert rows[-1][1] == table[modules[0][0]].fused_shape[0]
+
+
+def test_sd3_last_context_modulation_has_no_plain_diffusers_map():
+    table = diffusers_table("sd3")
+    assert "transformer.transformer_blocks.22.norm1_context.linear" in table
+    assert "transformer.transformer_blocks.23.norm1_context.linear" not in table  # halves swapped in diffusers

@@ -381,6 +381,7 @@ def diffusers_table(arch: str) -> dict[str, DiffusersTarget]:
             rows = tuple(entry["rows"]) if "rows" in entry else None
             table[name] = DiffusersTarget(name, entry["kohya"], entry["key"], rows, rows, _tuple(entry["shape"]))
     if arch == "sd3":
+        last = max(int(m.group(1)) for t in kohya.values() if (m := re.match(r"^joint_blocks\.(\d+)\.", t.path or "")))
         for name, target in kohya.items():
             if target.component != "unet" or target.path is None:
                 continue
@@ -393,6 +394,8 @@ def diffusers_table(arch: str) -> dict[str, DiffusersTarget]:
                 for (part, rows), diffusers_sub in zip(target.parts, _SD3_QKV[(side, sub[:-4])]):
                     shape = (rows[1] - rows[0],) + target.shape[1:]
                     table[base + diffusers_sub] = DiffusersTarget(base + diffusers_sub, name, target.key, rows, rows, shape)
+            elif (side, sub) == ("context_block", "adaLN_modulation.1") and int(block) == last:
+                continue  # diffusers stores this one with its [shift; scale] halves swapped: no plain map
             elif (side, sub) in _SD3_DIFFUSERS:
                 diffusers = base + _SD3_DIFFUSERS[(side, sub)]
                 table[diffusers] = DiffusersTarget(diffusers, name, target.key, None, None, target.shape)
