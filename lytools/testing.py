@@ -434,7 +434,10 @@ def network_plan(
         components = ("unet",)
     table = module_table(arch)
     plan = NetworkPlan()
+    split_names = kohya_to_diffusers(arch) if layout in ("diffusers", "peft", "lycoris") else None
     for kohya in select_modules(arch, modules, optional, components):
+        if split_names is not None and kohya not in split_names:
+            continue  # no diffusers name (SD3's last context adaLN, stored with swapped halves there)
         target = table[kohya]
         full = target.shape
         is_conv = target.kind in ("conv3x3", "conv")
