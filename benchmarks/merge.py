@@ -58,11 +58,8 @@ class _Silent:
     def __exit__(self, *exc):
         return False
 
-    def update(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
+    def __getattr__(self, name):  # update, close, set_postfix, refresh, ...: all no-ops
+        return lambda *args, **kwargs: None
 
 
 def compare(ours: Path, peer: Path, base: Path, sample: int = 200) -> tuple[int, float]:
