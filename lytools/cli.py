@@ -353,7 +353,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     debug = os.environ.get("LYTOOLS_DEBUG") == "1"
     try:
-        cli.main(args=argv, prog_name="lytools", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="lytools", standalone_mode=False)
+        # non-standalone click returns the code of a ctx.exit(N) instead of raising
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("lytools: interrupted", err=True)
         sys.exit(130)

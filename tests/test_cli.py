@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 from click.testing import CliRunner
 import pytest
 
@@ -130,3 +131,18 @@ def test_every_malformed_file_is_one_line_through_the_cli(tmp_path, capsys, monk
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("lytools: error: ") and phrase in lines[0]
     assert "Traceback" not in err
+
+
+def test_exit_code_from_ctx_exit_passes_through():
+    @cli.command("exit-three-for-test")
+    @click.pass_context
+    def exit_three(ctx):
+        """A command that ends with ctx.exit(3) (test only)."""
+        ctx.exit(3)
+
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["exit-three-for-test"])
+    finally:
+        cli.commands.pop("exit-three-for-test")
+    assert info.value.code == 3
