@@ -407,6 +407,9 @@ def merge_into_checkpoint(
     where = resolve_device(device)
     networks = [load_network_input(path, hash_file=not dry_run) for path in network_paths]
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
+    for network in networks:
+        if network.stray:
+            reporter.log(f"{network.name}: {len(network.stray)} key(s) outside any module ignored (first: {network.stray[0]})")
     with open_file(base) as reader:
         infos = {info.name: info for info in reader.infos()}
         plan = plan_checkpoint_merge(

@@ -400,6 +400,9 @@ def merge_networks(
     networks = [load_network_input(path, hash_file=not dry_run) for path in network_paths]
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
     files = [n.name for n in networks]
+    for network in networks:
+        if network.stray:
+            reporter.log(f"{network.name}: {len(network.stray)} key(s) outside any module not carried (first: {network.stray[0]})")
     by_name = _contributions(networks, rule_set)
     for text in rule_set.unused_rules():
         reporter.warn(f"--ratio-for {text} matched no module")
