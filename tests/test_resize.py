@@ -412,3 +412,43 @@ def test_cli_report_json_verbose_and_verify(network, tmp_path, capsys):
     assert json.loads((tmp_path / "rep.json").read_text())["modules"][0]["module"]
     code, _, err = run_cli(["resize", network, tmp_path / "c.safetensors", "--rank", "2", "--device", "cuda:7"], capsys)
     assert code == 1 and "cuda" in err.lower()
+
+
+# -- properties ----------------------------------------------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from lytools.algos import describe_module  # noqa: E402
+from lytools.resize import Context, RankRule, resize_module  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(1, 24), inp=st.integers(1, 24), kernel=st.sampled_from([(), (1,), (1, 1), (3, 3), (1, 3)]),
+       rank=st.integers(1, 12), target=st.integers(1, 12), alpha=st.sampled_from([None, 0.0, 1.0, 5.5]),
+       seed=st.integers(0, 1000))
+def test_property_resized_module_is_the_scaled_best_approximation(out, inp, kernel, rank, target, alpha, seed):
+    gen = torch.Generator().manual_seed(seed)
+    up_tail = (1,) * len(kernel)
+    tensors = {"lora_up.weight": torch.randn(out, rank, *up_tail, generator=gen, dtype=torch.float64),
+               "lora_down.weight": torch.randn(rank, inp, *kernel, generator=gen, dtype=torch.float64)}
+    if alpha is not None:
+        tensors["alpha"] = torch.tensor(alpha, dtype=torch.float64)
+    module = NetworkModule("lora_unet_x", tensors)
+    info = describe_module(module)
+    is_conv = any(k != 1 for k in kernel)
+    result = resize_module(module, info, Context(RankRule("fixed", None, target, target), torch.device("cpu")))
+    written = NetworkModule("lora_unet_x", result.tensors)
+    shape = (out, inp, *kernel)
+    reference = delta(module, shape, precision="float64").reshape(out, -1)
+    kept = min(target, rank, out, inp * math.prod(kernel))
+    if kept >= rank:
+        assert result.report.action == "copied" and all(torch.equal(written[s], tensors[s]) for s in tensors)
+    else:
+        assert written["lora_down.weight"].shape == (kept, inp, *kernel)
+        assert written["lora_up.weight"].shape == (out, kept, *up_tail)
+        assert written["alpha"].shape == ()
+        scale = 1.0 if not alpha else alpha / rank
+        assert float(written["alpha"]) == pytest.approx(scale * kept)
+    approx = delta(written, shape, precision="float64").reshape(out, -1)
+    # the math runs in float32 (ALGORITHMS.md 1.4) whatever the stored dtype
+    assert rel(approx, best_approx(reference, kept)) < 2e-6
+    assert result.report.kind == (("conv" if is_conv else "conv1x1") if kernel else "linear")

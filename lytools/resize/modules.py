@@ -129,13 +129,14 @@ def _stored_alpha(alpha: float, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lora_factors(
-    spectrum: Spectrum, rank: int, scale: float, kernel: tuple[int, ...], in_channels: int, conv: bool,
+    spectrum: Spectrum, rank: int, scale: float, kernel: tuple[int, ...], in_channels: int, up_tail: tuple[int, ...],
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """Return lora_up / lora_down / alpha of the best rank-`rank` approximation, scale `scale` kept.
 
     alpha = s·r is stored in `dtype`; whatever rounding that costs is folded into `lora_up`, so
-    alpha / r · up @ down equals s · U_r Σ_r V_rᵀ up to the factors' own rounding.
+    alpha / r · up @ down equals s · U_r Σ_r V_rᵀ up to the factors' own rounding. Shapes: up
+    (out, r, *up_tail) and down (r, in, *kernel): `up_tail` is (1, 1) for Conv2d, (1,) for Conv1d.
     """
     new_up, new_down = truncated_factors(spectrum, rank)
     alpha = _stored_alpha(scale * rank, dtype)
@@ -143,8 +144,8 @@ def lora_factors(
     if stored_scale != scale:
         new_up = new_up * (scale / stored_scale)
     out = new_up.shape[0]
-    if conv:
-        new_up = new_up.reshape(out, rank, 1, 1)
+    if up_tail or kernel:
+        new_up = new_up.reshape(out, rank, *up_tail)
         new_down = new_down.reshape(rank, in_channels, *kernel)
     return {UP: new_up.to("cpu", dtype).contiguous(), DOWN: new_down.to("cpu", dtype).contiguous(), ALPHA: alpha}
 
@@ -181,7 +182,11 @@ def resize_lora(module: NetworkModule, info: ModuleInfo, ctx: Context) -> Module
         module.name, "lora", kind, RESIZED, rank_in, choice.rank, alpha_in, None, rank_rule=choice.rank,
         sum_kept=choice.sum_kept, fro_kept=choice.fro_kept, max_ratio=choice.max_ratio,
     )
-    if choice.rank >= rank_in:
+    # a product of rank r_in has at most min(r_in, out, in·K) non-zero singular values: a larger
+    # rank keeps them all (kohya's dense route also writes only as many as its SVD returns)
+    rank = min(choice.rank, spectrum.S.numel())
+    report.rank_out = rank
+    if rank >= rank_in:
         # the module already is its own best approximation at that rank: copy it, do not re-factor
         report.action, report.rank_out, report.alpha_out = COPIED, rank_in, alpha_in
         report.sum_kept, report.fro_kept = 1.0, 1.0
@@ -189,8 +194,8 @@ def resize_lora(module: NetworkModule, info: ModuleInfo, ctx: Context) -> Module
         return ModuleResult(_copied(module, ctx), report)
     dtype = _out_dtype(module, DOWN, ctx)
     kernel = tuple(info.kernel or ())
-    conv = module[UP].dim() == 4 or MID in module
-    tensors = lora_factors(spectrum, choice.rank, scale, kernel, int(module[DOWN].shape[1]), conv, dtype)
+    up_tail = tuple(module[UP].shape[2:])
+    tensors = lora_factors(spectrum, rank, scale, kernel, int(module[DOWN].shape[1]), up_tail, dtype)
     report.alpha_out = float(tensors[ALPHA])
     if choice.zero:
         report.note = "zero weight change (largest singular value below 1e-6): rank 1"
@@ -278,7 +283,7 @@ def flatten_module(module: NetworkModule, info: ModuleInfo, ctx: Context) -> Mod
     choice = _choice(spectrum, ctx.rule, is_conv)
     rank = min(choice.rank, spectrum.S.numel())
     dtype = _out_dtype(module, None, ctx)
-    tensors = lora_factors(spectrum, rank, 1.0, kernel, shape[1], bool(kernel), dtype)
+    tensors = lora_factors(spectrum, rank, 1.0, kernel, shape[1], (1,) * len(kernel), dtype)
     report = ModuleReport(
         module.name, algo_label(info), kind, FLATTENED, info.rank, rank, info.alpha, float(tensors[ALPHA]),
         rank_rule=choice.rank, sum_kept=choice.sum_kept, fro_kept=choice.fro_kept, max_ratio=choice.max_ratio,

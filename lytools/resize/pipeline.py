@@ -10,6 +10,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -317,6 +318,8 @@ def resized_metadata(
             if len(conv_alphas) == 1:
                 args["conv_alpha"] = _format_number(conv_alphas.pop())
             meta["ss_network_args"] = json.dumps(args)
+    if "modelspec.date" in meta:
+        meta["modelspec.date"] = datetime.now().replace(microsecond=0).isoformat()
     sources = [source_entry(source, autov3)]
     return add_provenance(meta, sources=sources)
 
