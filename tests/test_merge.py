@@ -390,3 +390,14 @@ def test_tlora_is_refused_before_writing(sd1, tmp_path):
     with pytest.raises(UnsupportedError, match=name):
         merge_into_checkpoint(ckpt, [tlora], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_pickled_base_merges_like_safetensors(sd1, tmp_path):
+    folder, ckpt, a, _ = sd1
+    pickled = tmp_path / "base.ckpt"
+    torch.save({"state_dict": read_all(ckpt), "global_step": 10}, pickled)
+    merge_into_checkpoint(pickled, [a], tmp_path / "from-ckpt.safetensors")
+    merge_into_checkpoint(ckpt, [a], tmp_path / "from-st.safetensors")
+    from_ckpt, from_st = read_all(tmp_path / "from-ckpt.safetensors"), read_all(tmp_path / "from-st.safetensors")
+    assert from_ckpt.keys() == from_st.keys()
+    assert all(torch.equal(from_ckpt[k], from_st[k]) for k in from_st)
