@@ -337,3 +337,14 @@ def test_network_merge_verify(sd1, tmp_path):
     result = run_merge([a, b], tmp_path / "v.safetensors", ratios=[0.5, -0.3], rank=3, verify=True)
     assert result.verification.failures == [] and result.verification.checked == len(result.modules)
     assert result.as_dict()["verify"]["worst_relative_error"] > 0
+
+
+def test_cli_reads_inputs_from_stdin_and_prints_json(sd1, tmp_path):
+    folder, ckpt, a, b = sd1
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(cli, ["merge", "-", "-o", str(out), "--ratios", "0.5", "-0.3", "--json", "-q"],
+                                input=f"{ckpt}\n{a}\n{b}\n")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["mode"] == "checkpoint" and report["output"] == str(out) and out.exists()
+    assert report["tensors_changed"] > 200 and report["inputs"][1]["ratio"] == -0.3
