@@ -140,7 +140,11 @@ def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_thre
 def resize_command(source, output, rank, conv_rank, method, method_param, max_rank, truncate, base, report, verify,
                    device, save_dtype, overwrite, as_json, quiet, verbose):
     """Reduce the ranks of a LoRA/LoCon/DyLoRA network IN into OUT (other algorithms are flattened
-    into a LoRA). -v prints every module's rank and retained Frobenius share."""
+    into a LoRA). -v prints every module's rank and retained Frobenius share.
+
+    The dynamic methods pick ranks exactly as kohya's resize tool does, including its +1: one
+    singular value more than the definition's count (sv_fro 0.9 keeps the smallest prefix reaching
+    90% of the Frobenius norm, plus one), capped by --rank/--conv-rank and --max-rank."""
     import json
 
     from lytools.io import parse_save_dtype

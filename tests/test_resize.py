@@ -452,3 +452,21 @@ def test_property_resized_module_is_the_scaled_best_approximation(out, inp, kern
     # the math runs in float32 (ALGORITHMS.md 1.4) whatever the stored dtype
     assert rel(approx, best_approx(reference, kept)) < 2e-6
     assert result.report.kind == (("conv" if is_conv else "conv1x1") if kernel else "linear")
+
+
+def test_metadata_conv_args_and_svd_of_dylora(tmp_path):
+    up, down = spectrum_factors(40, 32 * 9, [1.0, 0.5, 0.25, 0.1], seed=11)
+    lin_up, lin_down = spectrum_factors(48, 64, [1.0, 0.5, 0.25, 0.1], seed=12)
+    tensors = {f"{CONV}.lora_up.weight": up.reshape(40, 4, 1, 1), f"{CONV}.lora_down.weight": down.reshape(4, 32, 3, 3),
+               f"{CONV}.alpha": torch.tensor(2.0), f"{LINEAR}.lora_up.weight": lin_up, f"{LINEAR}.lora_down.weight": lin_down,
+               f"{LINEAR}.alpha": torch.tensor(4.0)}
+    path = tmp_path / "dy.safetensors"
+    write_safetensors(path, tensors, {"ss_network_module": "networks.dylora", "modelspec.date": "2020-01-01T00:00:00",
+                                      "ss_network_args": json.dumps({"conv_dim": "4", "conv_alpha": "2.0", "unit": "1"})})
+    out = tmp_path / "o.safetensors"
+    resize_file(path, out, ResizeOptions(rank=3, conv_rank=2))
+    meta = read_all(out)[1]
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0", "unit": "1"}
+    assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "3.0"
+    assert meta["ss_network_module"] == "networks.lora"  # re-factored: the ranks are no longer nested
+    assert meta["modelspec.date"] != "2020-01-01T00:00:00"
