@@ -339,6 +339,7 @@ def test_mixed_algorithm_file_flattens_additive_modules(tmp_path):
         assert torch.equal(after[f"{names['norms-layernorm']}.{key}"], tensors[f"{names['norms-layernorm']}.{key}"])
     assert meta["ss_network_module"] == "networks.lora" and "algo" not in json.loads(meta["ss_network_args"])
     assert summary.verify is not None and summary.verify.ok
+    assert any("bias change dropped" in w for w in summary.warnings) == (f"{names['full-linear']}.diff_b" in tensors)
 
 
 @pytest.mark.parametrize("case", ["ia3-linear", "diag-oft-linear", "boft-linear", "glora-linear", "locon-linear-dora", "loha-linear-dora"])
@@ -470,3 +471,21 @@ def test_metadata_conv_args_and_svd_of_dylora(tmp_path):
     assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "3.0"
     assert meta["ss_network_module"] == "networks.lora"  # re-factored: the ranks are no longer nested
     assert meta["modelspec.date"] != "2020-01-01T00:00:00"
+
+
+def test_verify_catches_a_wrong_module(network, tmp_path):
+    from lytools.algos import describe_module
+    from lytools.resize.pipeline import read_network
+    from lytools.resize.verify import verify_output
+
+    out = tmp_path / "v.safetensors"
+    summary = resize_file(network, out, ResizeOptions(rank=4, verify=True))
+    assert summary.verify.ok and set(summary.verify.errors) == {r.name for r in summary.modules}
+    tensors, meta = read_all(out)
+    tensors[f"{LINEAR}.lora_up.weight"] = tensors[f"{LINEAR}.lora_up.weight"] * 1.05
+    write_safetensors(out, tensors, meta, overwrite=True)
+    source = read_network(network)
+    infos = {name: describe_module(module) for name, module in source.modules.items()}
+    from lytools.resize import Context, RankRule
+    result = verify_output(out, source.modules, infos, summary.modules, Context(RankRule(rank=4, conv_rank=4), torch.device("cpu")))
+    assert result.failed == [LINEAR] and "relative error" in result.message
