@@ -159,12 +159,14 @@ def test_unmapped_module_is_an_error(tmp_path, capsys):
 
 def test_metadata_carried_and_hashes_recomputed(tmp_path, capsys):
     source = build_network(tmp_path / "k.safetensors", "sd1", rank=4,
-                           metadata={"ss_network_dim": "4", "sshs_model_hash": "stale", "modelspec.title": "x"})
+                           metadata={"ss_network_dim": "4", "sshs_model_hash": "stale", "modelspec.title": "x",
+                                     "modelspec.implementation": "https://github.com/Stability-AI/generative-models"})
     assert run_cli(capsys, "convert", str(source), "-o", str(tmp_path / "o.safetensors"), "--to", "kohya", "--save-dtype", "bf16")[0] == 0
     with open_file(tmp_path / "o.safetensors") as out:
         meta = dict(out.metadata)
         tensors = {k: out.get(k).clone() for k in out.keys()}
     assert meta["ss_network_dim"] == "4" and meta["modelspec.title"] == "x"
+    assert meta["modelspec.implementation"] == "diffusers"  # SD1 kohya names are diffusers paths
     assert json.loads(meta["lytools.sources"])[0]["name"] == "k.safetensors" and "convert" in meta["lytools.command"]
     assert meta["sshs_model_hash"] == with_sshs_hashes(tensors, meta)["sshs_model_hash"] != "stale"
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())

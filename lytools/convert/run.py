@@ -25,7 +25,7 @@ from lytools.convert.write import TARGETS, cast, convert_network
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry, with_sshs_hashes
 from lytools.io.dtypes import FP8_NAMES, is_float, st_name
-from lytools.io.metadata import add_provenance, carried, source_entry
+from lytools.io.metadata import IMPLEMENTATIONS, add_provenance, carried, source_entry
 
 INPUT_SUFFIXES = (".safetensors.index.json", ".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _ADAPTER_KEYS = ("lora_adapter_metadata",)
@@ -112,12 +112,16 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
 
 # -- metadata ----------------------------------------------------------------------------------------
 def _metadata(stored: dict[str, str], source: Path, target: str | None, extra: dict[str, str],
-              autov3: str | None = None) -> dict[str, str]:
+              autov3: str | None = None, arch: str | None = None) -> dict[str, str]:
     meta = carried(stored)
     if target is not None:
         for key in list(meta):
             if key in _ADAPTER_KEYS or key.endswith("_lora_adapter_metadata"):
                 del meta[key]  # rebuilt from the tensors' scales (diffusers) or carried in alpha tensors
+    if "modelspec.implementation" in meta and target in ("diffusers", "peft"):
+        meta["modelspec.implementation"] = "diffusers"  # the names are diffusers module paths now
+    elif "modelspec.implementation" in meta and target == "kohya" and arch in IMPLEMENTATIONS:
+        meta["modelspec.implementation"] = IMPLEMENTATIONS[arch]
     meta.update(extra)
     if autov3 is None and source.name.lower().endswith(".safetensors"):
         autov3 = file_hashes(source).data_sha256
@@ -141,7 +145,7 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.notes.append("lora_adapter_metadata dropped: its scales are in the alpha tensors now")
     if options.target == "peft":
         adapter, config_path = peft_paths(output)
-        meta = _metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256)
+        meta = _metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch)
         made_folder = adapter.parent != output.parent and not adapter.parent.exists()
         if made_folder:
             adapter.parent.mkdir()
@@ -153,7 +157,7 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
             raise
         result.outputs = [adapter, config_path]
     else:
-        meta = _metadata(stored, source, options.target, converted.metadata, net.data_sha256)
+        meta = _metadata(stored, source, options.target, converted.metadata, net.data_sha256, net.arch)
         write_network(output, converted.tensors, meta, overwrite=options.overwrite)
         result.outputs = [output]
     result.seconds = time.perf_counter() - started
