@@ -188,3 +188,26 @@ def test_split_then_fuse_keeps_every_row(ranks, alphas, share, seed):
         torch.testing.assert_close(whole[a:b], _lora_delta(tensors), rtol=1e-5, atol=1e-5)
     for ((a, b), _), piece in zip(parts, split_fused("m", fused, rows)):
         torch.testing.assert_close(_lora_delta(piece), whole[a:b], rtol=1e-5, atol=1e-5)
+
+
+def test_xlabs_and_onetrainer_flux_names(tmp_path):
+    torch.manual_seed(3)
+    tensors = {
+        "double_blocks.0.processor.qkv_lora1.down.weight": torch.randn(4, 384),
+        "double_blocks.0.processor.qkv_lora1.up.weight": torch.randn(1152, 4),
+        "double_blocks.0.processor.proj_lora2.down.weight": torch.randn(4, 384),
+        "double_blocks.0.processor.proj_lora2.up.weight": torch.randn(384, 4),
+    }
+    write_safetensors(tmp_path / "xlabs.safetensors", tensors)
+    net = load_network(tmp_path / "xlabs.safetensors", arch="flux")
+    assert set(net.modules) == {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_proj"}
+    onetrainer = {
+        f"lora_transformer_single_transformer_blocks_0_attn_to_{p}.{s}": t
+        for p in "qkv" for s, t in (("lora_down.weight", torch.randn(4, 384)), ("lora_up.weight", torch.randn(384, 4)),
+                                    ("alpha", torch.tensor(4.0)))
+    }
+    write_safetensors(tmp_path / "ot.safetensors", onetrainer)
+    net = load_network(tmp_path / "ot.safetensors", arch="flux")
+    fused = net.modules["lora_unet_single_blocks_0_linear1"]
+    assert fused["lora_up.weight"].shape == (2688, 12)  # q, k, v rows filled, mlp rows zero
+    assert torch.equal(fused["lora_up.weight"][1152:], torch.zeros(1536, 12))
