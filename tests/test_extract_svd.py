@@ -214,15 +214,18 @@ def test_eigh_that_fails_is_retried_with_jitter(monkeypatch):
     assert torch.allclose(spectrum.sigma, torch.linalg.svdvals(matrix.double()), atol=1e-6)
 
 
-def test_randomized_sketch_failure_falls_back_to_exact(monkeypatch):
+def test_when_every_eigensolver_fails_the_full_svd_still_extracts(monkeypatch):
     def broken(matrix, *args, **kwargs):
-        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
-    monkeypatch.setattr(torch.linalg, "svd", broken)
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
     matrix = designed(160, 400, spectra(160)["power1"])
-    low = fixed_rank(matrix, 8)
+    low = fixed_rank(matrix, 8)  # randomized sketch fails, exact Gram route fails, SVD works
     assert low.route == "exact"
+    assert any("full SVD" in note for note in low.retries)
     assert direct_error(matrix, low) == pytest.approx(exact_error(matrix, 8), rel=1e-4)
+    spectrum = exact_spectrum(matrix.T.contiguous())
+    assert torch.allclose(spectrum.sigma.double(), torch.linalg.svdvals(matrix.double()), rtol=1e-4)
 
 
 def test_non_finite_matrices_raise_svd_failure():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lytools.extract.ranks import RankRule, select_rank, stores_full
-from lytools.extract.svd import LowRank, SvdFailure, exact_spectrum, fixed_rank, robust_svd
+from lytools.extract.svd import LowRank, SvdFailure, energy, exact_spectrum, fixed_rank, robust_svd
 
 SPARSE_INDEX_LIMIT = 32767  # bias_indices / bias_size are int16 (LyCORIS format)
 
@@ -145,8 +145,8 @@ def _sparse_dense(tensors: dict[str, torch.Tensor], shape: tuple[int, int], devi
 def _full(name: str, delta: torch.Tensor, record: ModuleRecord, options: FactorOptions,
           bias_delta: torch.Tensor | None) -> Extracted:
     stored = delta.to(options.save_dtype)
-    error = float((delta - stored.float()).double().square().sum())
-    total = float(delta.double().square().sum())
+    error = energy(delta - stored.float())
+    total = energy(delta)
     record.stored = "full"
     record.route = "full"
     record.rel_error = _relative(error, total)
@@ -179,7 +179,7 @@ def extract_module(
     flat_in = flat.shape[1]
     in_features = shape[1] if len(shape) > 1 else flat_in
     record = ModuleRecord(name, component, kind, shape, "lora")
-    total = float(flat.double().square().sum())
+    total = energy(flat)
     record.diff_norm = math.sqrt(total)
 
     if rule.mode == "full":
@@ -209,25 +209,25 @@ def extract_module(
 
     mid = None
     if options.tucker and kxk:
-        before = _relative(float((flat32 - up @ down).double().square().sum()), total)
+        before = _relative(energy(flat32 - up @ down), total)
         mid, down, _ = tucker_split(down, in_features, kernel)
         record.stored = "lora+mid"
-        after = _relative(float((flat32 - _rebuild(up, down, mid, kernel)).double().square().sum()), total)
+        after = _relative(energy(flat32 - _rebuild(up, down, mid, kernel)), total)
         record.tucker_added_error = after - before
 
     if options.clamp_quantile is not None:
-        before = _relative(float((flat32 - _rebuild(up, down, mid, kernel)).double().square().sum()), total)
+        before = _relative(energy(flat32 - _rebuild(up, down, mid, kernel)), total)
         clamped = clamp_factors([up, down] + ([mid] if mid is not None else []), options.clamp_quantile)
         up, down = clamped[0], clamped[1]
         mid = clamped[2] if mid is not None else None
-        after = _relative(float((flat32 - _rebuild(up, down, mid, kernel)).double().square().sum()), total)
+        after = _relative(energy(flat32 - _rebuild(up, down, mid, kernel)), total)
         record.clamp_added_error = after - before
 
     up_c = up.to(options.save_dtype)
     down_c = down.to(options.save_dtype)
     mid_c = mid.to(options.save_dtype) if mid is not None else None
     residual = flat32 - _rebuild(up_c.float(), down_c.float(), mid_c.float() if mid_c is not None else None, kernel)
-    error = float(residual.double().square().sum())
+    error = energy(residual)
     record.rank = rank
     record.alpha = float(rank)
     record.rel_error = _relative(error, total)
@@ -254,7 +254,7 @@ def extract_module(
             tensors.update(sparse)
             record.sparse_nnz = int(sparse["bias_values"].numel())
             corrected = residual - _sparse_dense(sparse, tuple(residual.shape), residual.device)
-            record.rel_error_with_sparse = _relative(float(corrected.double().square().sum()), total)
+            record.rel_error_with_sparse = _relative(energy(corrected), total)
     tensors = {suffix: tensor.cpu().contiguous() for suffix, tensor in tensors.items()}
     return Extracted(tensors, record)
 

@@ -32,7 +32,7 @@ from lytools.extract.plan import ExtractPlan, PairedModule, plan_extraction
 from lytools.extract.ranks import RankRule
 from lytools.extract.report import Summary, summarize, write_report
 from lytools.extract.spill import SpillStore
-from lytools.extract.svd import SvdFailure
+from lytools.extract.svd import SvdFailure, energy
 from lytools.io import open_file, with_sshs_hashes, write_safetensors
 from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
 from lytools.io.safetensors import read_header
@@ -369,8 +369,8 @@ def verify_output(out: Path, records: list[ModuleRecord], plan: ExtractPlan, bas
             network_module = load_module(written, name, groups.modules[name])
             rebuilt = module_delta(network_module, module.shape, device=device).float()
             difference = read_module(tuned, module.tuned, module.shape).to(device) - read_module(base, module.base, module.shape).to(device)
-            total = float(difference.double().square().sum())
-            error = math.sqrt(float((difference - rebuilt).double().square().sum()) / total) if total > 0 else 0.0
+            total = energy(difference)
+            error = math.sqrt(energy(difference - rebuilt) / total) if total > 0 else 0.0
             expected = record.rel_error_with_sparse if record.rel_error_with_sparse is not None else record.rel_error
             if expected is None or abs(error - expected) > VERIFY_TOLERANCE:
                 raise VerifyError(f"{out}: module {name} rebuilds with relative error {error:.4g}, extraction reported {expected}")

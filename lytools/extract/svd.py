@@ -20,6 +20,7 @@ Routes
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -67,7 +68,7 @@ class LowRank:
     @property
     def captured_energy(self) -> float:
         """‖up @ down‖²_F (float64)."""
-        return float(self.projected.double().square().sum())
+        return energy(self.projected)
 
     @property
     def error_energy(self) -> float:
@@ -94,6 +95,24 @@ class LowRank:
 
 
 # -- robust primitives --------------------------------------------------------------------------
+SMALL_PROBLEM = 512 * 512  # elements: below this, LAPACK runs faster on one thread
+
+
+@contextmanager
+def _one_thread_if_small(matrix: torch.Tensor):
+    """Run small CPU LAPACK calls on one thread: MKL's threaded eigh/SVD of a 48x48 matrix spin-waits
+    (measured 6 ms with 2 threads against 0.3 ms with one), and extraction makes thousands."""
+    threads = torch.get_num_threads()
+    if matrix.is_cuda or threads == 1 or matrix.numel() > SMALL_PROBLEM:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _jitter(matrix: torch.Tensor) -> torch.Tensor:
     scale = float(matrix.abs().max()) if matrix.numel() else 0.0
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -105,7 +124,7 @@ def robust_eigh(gram: torch.Tensor, retries: list[str]) -> tuple[torch.Tensor, t
     """Return eigh(gram) in float64, retrying with a tiny symmetric jitter; SvdFailure at the end."""
     if not bool(torch.isfinite(gram).all()):
         raise SvdFailure("the matrix holds NaN or infinite values")
-    attempts = [("eigh", lambda: torch.linalg.eigh(gram))]
+    attempts = [("eigh", lambda: _small(torch.linalg.eigh, gram))]
     if gram.is_cuda:
         attempts.append(("eigh on cpu", lambda: tuple(t.to(gram.device) for t in torch.linalg.eigh(gram.cpu()))))
     attempts.append(("eigh with jitter", lambda: torch.linalg.eigh(_symmetric(_jitter(gram)))))
@@ -116,7 +135,7 @@ def robust_svd(matrix: torch.Tensor, retries: list[str]) -> tuple[torch.Tensor, 
     """Return the thin SVD (U, S, Vh), retrying other drivers, float64 and a jitter."""
     if not bool(torch.isfinite(matrix).all()):
         raise SvdFailure("the matrix holds NaN or infinite values")
-    attempts = [("svd", lambda: torch.linalg.svd(matrix, full_matrices=False))]
+    attempts = [("svd", lambda: _small(torch.linalg.svd, matrix, full_matrices=False))]
     if matrix.is_cuda:
         attempts.append(("svd gesvd", lambda: torch.linalg.svd(matrix, full_matrices=False, driver="gesvd")))
     if matrix.dtype != torch.float64:
@@ -124,6 +143,11 @@ def robust_svd(matrix: torch.Tensor, retries: list[str]) -> tuple[torch.Tensor, 
     attempts.append(("svd float64 with jitter",
                      lambda: _cast3(torch.linalg.svd(_jitter(matrix.double()), full_matrices=False), matrix.dtype)))
     return _first_success(attempts, retries)
+
+
+def _small(function, matrix: torch.Tensor, **kwargs):
+    with _one_thread_if_small(matrix):
+        return function(matrix, **kwargs)
 
 
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
@@ -153,9 +177,15 @@ def _first_success(attempts, retries: list[str]):
 
 
 def _orthonormal(matrix: torch.Tensor) -> torch.Tensor:
-    """Q of the thin QR of `matrix` (float32 on the matrix's device)."""
+    """Q of the thin QR of `matrix` (Householder; in the matrix's dtype and device)."""
     q, _ = torch.linalg.qr(matrix)
     return q
+
+
+def _orthonormal_fast(matrix: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of `matrix`'s columns by Cholesky QR in float64, in the matrix's dtype."""
+    tall = matrix.double()
+    return _cholesky_orthonormal(tall, tall.T @ tall).to(matrix.dtype)
 
 
 # -- exact route -------------------------------------------------------------------------------
@@ -189,7 +219,16 @@ def exact_spectrum(matrix: torch.Tensor) -> Spectrum:
     side = "left" if rows <= cols else "right"
     gram = work @ work.T if side == "left" else work.T @ work
     total = float(torch.diagonal(gram).sum())
-    eigenvalues, eigenvectors = robust_eigh(gram, retries)
+    try:
+        eigenvalues, eigenvectors = robust_eigh(gram, retries)
+    except SvdFailure as failure:
+        if not bool(torch.isfinite(gram).all()):
+            raise
+        # every eigensolver try failed: a full SVD of the matrix itself is the last resort
+        retries.append(f"Gram eigendecomposition failed ({failure}); full SVD")
+        u, s, vh = robust_svd(work, retries)
+        vectors = u if side == "left" else vh.T
+        return Spectrum(s.cpu(), vectors, side, total, retries)
     order = torch.flip(torch.arange(eigenvalues.shape[0], device=eigenvalues.device), dims=(0,))
     sigma = eigenvalues[order].clamp_min(0).sqrt()
     vectors = eigenvectors[:, order]
@@ -207,41 +246,62 @@ def randomized(
     """Return a rank-`rank` projection of `matrix` by a randomized range finder, and an estimate
     of the part of the best rank-`rank` energy it missed (see `missed_energy`).
 
-    Works in `matrix`'s dtype (float32) on its device; the small SVD of the sketch is robust.
-    The basis lives on the smaller side; every power iteration's `Aᵀ Q` is also the sketch
-    `Bᵀ` of that iteration, so the energy each iteration captures comes almost for free.
+    The passes over the matrix run in its dtype (float32) on its device; everything of sketch
+    size (l = rank + oversampling columns) runs in float64. The basis lives on the smaller
+    side; each power iteration's `Aᵀ Q` is also the sketch `Bᵀ` of that iteration, so its Gram
+    matrix serves both the orthonormalization of the large side (Cholesky QR) and the energy
+    the iteration captures. The last sketch's Gram eigendecomposition replaces an SVD of B.
     """
     retries: list[str] = []
     rows, cols = matrix.shape
     wide = rows <= cols
     work = matrix if wide else matrix.T  # (small, large)
     sketch = min(rank + oversampling, rows, cols)
-    total = float(matrix.double().square().sum()) if matrix.dtype != torch.float64 else float(matrix.square().sum())
+    total = energy(matrix)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     test = torch.randn(work.shape[1], sketch, generator=generator).to(device=matrix.device, dtype=matrix.dtype)
-    basis = _orthonormal(work @ test)
+    basis = _orthonormal_fast(work @ test)
     captured: list[float] = []
     for _ in range(power_iterations):
-        transposed = work.T @ basis  # (large, sketch) = Bᵀ for the current basis
-        captured.append(_top_energy(transposed, rank))
-        basis = _orthonormal(work @ _orthonormal(transposed))
-    small = basis.T @ work  # (sketch, large)
-    captured.append(_top_energy(small.T, rank))
-    u_small, s_small, _ = robust_svd(small, retries)
-    kept = min(rank, s_small.shape[0])
-    final_basis = basis @ u_small[:, :kept]
+        transposed = (work.T @ basis).double()  # (large, sketch) = Bᵀ for the current basis
+        gram = transposed.T @ transposed
+        eigenvalues, _ = robust_eigh(gram, retries)
+        captured.append(float(eigenvalues[-rank:].clamp_min(0).sum()))
+        large = _cholesky_orthonormal(transposed, gram).to(matrix.dtype)
+        basis = _orthonormal_fast(work @ large)
+    small = (basis.T @ work).double()  # (sketch, large)
+    eigenvalues, vectors = robust_eigh(small @ small.T, retries)
+    eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
+    captured.append(float(eigenvalues[:rank].sum()))
+    kept = min(rank, eigenvalues.shape[0])
+    rotation = vectors[:, :kept]  # left singular vectors of B, in the basis' coordinates
+    final_basis = (basis.double() @ rotation).to(matrix.dtype)
+    projected = (rotation.T @ small).to(matrix.dtype)  # = final_basisᵀ A, without another pass
+    sigma = eigenvalues.sqrt().cpu()
     if wide:
-        low = LowRank(final_basis, final_basis.T @ matrix, "left", s_small.double().cpu(), total, "randomized", False, retries)
+        low = LowRank(final_basis, projected, "left", sigma, total, "randomized", False, retries)
     else:
-        low = LowRank(final_basis, matrix @ final_basis, "right", s_small.double().cpu(), total, "randomized", False, retries)
+        low = LowRank(final_basis, projected.T, "right", sigma, total, "randomized", False, retries)
     return low, missed_energy(captured)
 
 
-def _top_energy(transposed_sketch: torch.Tensor, rank: int) -> float:
-    """Σ of the `rank` largest σ² of a sketch B, from the small Gram matrix (BBᵀ) in float64."""
-    gram = transposed_sketch.double().T @ transposed_sketch.double()
-    eigenvalues = torch.linalg.eigvalsh(gram)
-    return float(eigenvalues[-rank:].clamp_min(0).sum())
+def _cholesky_orthonormal(tall: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Return an orthonormal basis of `tall`'s columns (float64) from its Gram matrix: Cholesky
+    QR, a GEMM-speed replacement of Householder QR for tall-skinny blocks; Householder QR when
+    the block is rank deficient (Cholesky fails)."""
+    factor, info = _small(torch.linalg.cholesky_ex, gram)
+    if int(info) != 0:
+        return _orthonormal(tall)
+    return torch.linalg.solve_triangular(factor, tall.T, upper=False).T
+
+
+def energy(tensor: torch.Tensor) -> float:
+    """‖tensor‖²_F, accurate to ~1e-8 relative: float32 row norms summed in float64 (no float64
+    copy of the whole matrix)."""
+    if tensor.numel() == 0:
+        return 0.0
+    flat = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(1, -1)
+    return float(torch.linalg.vector_norm(flat, dim=1).double().square().sum())
 
 
 def missed_energy(captured: list[float]) -> float:
