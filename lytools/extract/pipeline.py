@@ -39,7 +39,7 @@ from lytools.io.safetensors import read_header
 from lytools.io.writer import check_output_path
 from lytools.ui import QUIET, Reporter
 
-PREFETCH_BYTES = 512 << 20  # float32 bytes of weights the loader may hold ahead of the SVDs
+PREFETCH_BYTES = 256 << 20  # float32 bytes of weights the loader may hold ahead of the SVDs
 VERIFY_TOLERANCE = 1e-3  # |reloaded error − reported error| allowed, relative to ‖D‖
 
 
