@@ -388,3 +388,13 @@ def test_prefetch_keeps_order_and_hands_reader_errors_to_the_caller(sd1_pair):
     finally:
         source_b.close()
         source_t.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
+def test_cuda_request_without_cuda_is_a_clear_error(sd1_pair, tmp_path, capsys):
+    folder, base, tuned = sd1_pair
+    with pytest.raises(SystemExit) as exc:
+        main(["extract", str(base), str(tuned), str(tmp_path / "o.safetensors"), "--device", "cuda"])
+    assert exc.value.code == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()

@@ -139,8 +139,8 @@ def _plan_known(arch: str, base_shapes, tuned_shapes, base_metadata, tuned_metad
             continue
         if len(in_base.shape) not in (2, 4):
             continue
-        plan.modules.append(PairedModule(name, target.component, target.kind if len(in_base.shape) == len(target.shape) else in_base.kind,
-                                         tuple(in_base.shape), in_base.placements, in_tuned.placements))
+        plan.modules.append(PairedModule(name, target.component, in_base.kind, tuple(in_base.shape),
+                                         in_base.placements, in_tuned.placements))
     if not plan.modules:
         raise MatchError(
             f"{base_path.name} and {tuned_path.name}: no {arch} module is present in both files "
