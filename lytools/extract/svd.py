@@ -11,10 +11,13 @@ Routes
   its singular values agree with `torch.linalg.svdvals` to float32 precision (float64 Gram:
   absolute error ~1e-8·σ₁ on σ).
 - `randomized(M, r)`: range finder with oversampling and power iterations (Halko, Martinsson,
-  Tropp 2011), for fixed ranks far below `min(M.shape)`. `fixed_rank` checks the result and
-  falls back to the exact route when the spectrum is too flat for the range finder (see there).
-- Every decomposition is retried (float64, another driver on CUDA, a tiny jitter) when LAPACK
-  does not converge; `SvdFailure` only when every try failed (non-finite input).
+  Tropp 2011), for fixed ranks far below `min(M.shape)`. Its error is known exactly (it is a
+  projection); how far it is from the optimum is estimated by extrapolating the energy each
+  power iteration captured (`missed_energy`). `fixed_rank` keeps the result only when even
+  2.5x that estimate leaves the error within 1% of the exact truncation's, else it takes the
+  exact route (slowly decaying spectra, e.g. pure Gaussian noise beyond the rank).
+- Every decomposition is retried (float64, another driver on CUDA, a tiny jitter, a full SVD
+  when every eigensolver failed); `SvdFailure` only when every try failed (non-finite input).
 """
 
 from __future__ import annotations
