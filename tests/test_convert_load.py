@@ -211,3 +211,19 @@ def test_xlabs_and_onetrainer_flux_names(tmp_path):
     fused = net.modules["lora_unet_single_blocks_0_linear1"]
     assert fused["lora_up.weight"].shape == (2688, 12)  # q, k, v rows filled, mlp rows zero
     assert torch.equal(fused["lora_up.weight"][1152:], torch.zeros(1536, 12))
+
+
+def test_peft_loha_adapter_gets_its_scale(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24))
+    wrapped = peft.get_peft_model(model, peft.LoHaConfig(r=4, alpha=2, target_modules=["0"], init_weights=False))
+    wrapped.save_pretrained(str(tmp_path))
+    net = load_network(tmp_path / "adapter_model.safetensors", arch="sd1")
+    assert net.unmapped == ["base_model.model.0"]  # not an SD module, kept under its stored name
+    module = net.modules["base_model.model.0"]
+    assert set(module.tensors) >= {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
+    assert float(module["alpha"]) == 2.0  # scale alpha / r = 0.5, as peft applies it
+    from lytools.algos import delta
+
+    layer = wrapped.base_model.model[0]
+    torch.testing.assert_close(delta(module, (24, 16)).float(), layer.get_delta_weight("default").float(), rtol=1e-4, atol=1e-6)

@@ -121,16 +121,29 @@ def _pattern_value(patterns: Mapping[str, Any] | None, path: str) -> Any | None:
 
 
 def config_scale(config: Mapping[str, Any], path: str, rank: int) -> float:
-    """Return the peft scale of one module: lora_alpha / r (rsLoRA: / sqrt(r)) with the patterns applied."""
+    """Return the peft scale of one module: lora_alpha / r (rsLoRA: / sqrt(r)) with the patterns
+    applied; LoHa/LoKr configs call it `alpha`."""
     alpha = _pattern_value(config.get("alpha_pattern"), path)
     if alpha is None:
-        alpha = config.get("lora_alpha", 8)
+        key = "alpha" if str(config.get("peft_type", "")).upper() in ("LOHA", "LOKR") else "lora_alpha"
+        alpha = config.get(key, 8)
     if config.get("use_rslora"):
         return float(alpha) / math.sqrt(rank)
     return float(alpha) / rank
 
 
 # -- the reader ------------------------------------------------------------------------------------
+def _rank(name: str, tensors: Mapping[str, torch.Tensor]) -> int | None:
+    """Return the rank of a rank-based module (LoRA, LoHa, LoKr) from its shapes, or None."""
+    if DOWN in tensors:
+        return int(tensors[DOWN].shape[0])
+    try:
+        info = describe_shapes(name, {s: tuple(t.shape) for s, t in tensors.items()})
+    except LytoolsError:
+        return None
+    return info.rank if info.algo in ("loha", "lokr") else None
+
+
 def _module_io(name: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
     try:
         info = describe_shapes(name, {s: tuple(t.shape) for s, t in tensors.items() if s != ALPHA})
@@ -290,15 +303,16 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
                 _magnitude_to_dora(stored, tensors)
             if layout in ("diffusers", "peft"):
                 _magnitude_to_dora(stored, tensors)
-                if ALPHA not in tensors and DOWN in tensors:
+                rank = _rank(stored, tensors)
+                if ALPHA not in tensors and rank is not None:
                     component, module_path = _diffusers_component(stored)
                     cfg = peft if layout == "peft" else components.get(component or "", None)
                     if cfg is None and layout == "peft":
                         missing_config = True
                     elif cfg is not None:
-                        rank = tensors[DOWN].shape[0]
                         scale = config_scale(cfg, module_path, rank)
-                        tensors[ALPHA] = alpha_tensor(scale * rank, tensors[DOWN])
+                        like = tensors.get(DOWN, next(iter(tensors.values())))
+                        tensors[ALPHA] = alpha_tensor(scale * rank, like)
             canonical = _pick(arch, stored, tensors, network.scale)
             if canonical is None:
                 if layout not in ("kohya", "lycoris"):
