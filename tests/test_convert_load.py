@@ -227,3 +227,17 @@ def test_peft_loha_adapter_gets_its_scale(tmp_path):
 
     layer = wrapped.base_model.model[0]
     torch.testing.assert_close(delta(module, (24, 16)).float(), layer.get_delta_weight("default").float(), rtol=1e-4, atol=1e-6)
+
+
+def test_comfy_linear1_qkv_is_the_first_rows_of_linear1(tmp_path):
+    torch.manual_seed(4)
+    tensors = {
+        "diffusion_model.single_blocks.1.linear1_qkv.lora_down.weight": torch.randn(4, 384),
+        "diffusion_model.single_blocks.1.linear1_qkv.lora_up.weight": torch.randn(1152, 4),
+        "diffusion_model.single_blocks.1.linear1_qkv.alpha": torch.tensor(2.0),
+    }
+    write_safetensors(tmp_path / "c.safetensors", tensors)
+    net = load_network(tmp_path / "c.safetensors", arch="flux")
+    fused = net.modules["lora_unet_single_blocks_1_linear1"]
+    assert torch.equal(fused["lora_up.weight"][:1152], tensors["diffusion_model.single_blocks.1.linear1_qkv.lora_up.weight"])
+    assert not fused["lora_up.weight"][1152:].any() and float(fused["alpha"]) == 2.0

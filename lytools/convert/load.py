@@ -330,8 +330,9 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
             else:
                 if canonical.module in wholes:
                     raise NetworkError(f"module {stored} is a part of {canonical.module}, which the file also holds whole")
-                rows = names.scale_rows(canonical.module_rows, network.scale)
-                parts.setdefault(canonical.module, []).append((stored, rows, tensors))
+                part_scale = _part_scale(canonical, tensors, network.scale)
+                rows = names.scale_rows(canonical.module_rows, part_scale)
+                parts.setdefault(canonical.module, []).append((stored, rows, tensors, part_scale))
         if missing_config:
             network.notes.append(
                 "peft adapter without adapter_config.json: read with scale 1 (lora_alpha = r); "
@@ -341,8 +342,8 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
             network.modules[module] = NetworkModule(module, tensors)
             network.sources[module] = sorted(detected.modules[stored].values())
         for module, pieces in parts.items():
-            network.modules[module] = NetworkModule(module, _fuse(arch, module, pieces, network.scale))
-            network.sources[module] = sorted(k for stored, _, _ in pieces for k in detected.modules[stored].values())
+            network.modules[module] = NetworkModule(module, _fuse(arch, module, pieces))
+            network.sources[module] = sorted(k for stored, *_ in pieces for k in detected.modules[stored].values())
         network.data_sha256 = getattr(source, "data_sha256", None)
     return network
 
@@ -376,14 +377,27 @@ def _pick(arch: str, stored: str, tensors: Mapping[str, torch.Tensor], scale: in
     return found[0]
 
 
-def _fuse(arch: str, module: str, pieces, scale: int) -> dict[str, torch.Tensor]:
+def _part_scale(canonical: names.Canonical, tensors: Mapping[str, torch.Tensor], scale: int) -> int:
+    """Return the shrink factor of one stored part: its rows in the table over its rows on disk."""
+    up = tensors.get(UP)
+    full = canonical.module_rows[1] - canonical.module_rows[0]
+    if up is not None and up.shape[0] and full % up.shape[0] == 0:
+        return full // up.shape[0]
+    return scale
+
+
+def _fuse(arch: str, module: str, pieces) -> dict[str, torch.Tensor]:
     full = names.full_shape(arch, module)
     if full is None:
         raise NetworkError(f"module {module}: q/k/v parts of an unknown fused module")
-    total = full[0] // scale if scale > 1 and full[0] % 64 == 0 else full[0]
+    scales = {scale for *_, scale in pieces}
+    if len(scales) != 1:
+        raise NetworkError(f"module {module}: its q/k/v parts disagree on the layer width")
+    scale = scales.pop()
+    total = full[0] // scale if scale > 1 and full[0] % scale == 0 else full[0]
     seen: dict[tuple[int, int], str] = {}
-    for stored, rows, _ in pieces:
+    for stored, rows, _, _ in pieces:
         if rows in seen:
             raise NetworkError(f"modules {seen[rows]} and {stored} are the same part of {module}")
         seen[rows] = stored
-    return fuse_parts(module, [(rows, tensors) for _, rows, tensors in pieces], total)
+    return fuse_parts(module, [(rows, tensors) for _, rows, tensors, _ in pieces], total)

@@ -13,6 +13,7 @@ file adds only the choices convert makes on top of them:
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 from lytools.arch import ENCODERS, alias_table, diffusers_table, module_table
@@ -20,6 +21,7 @@ from lytools.arch.keymap import NETWORK_ARCHS, UNET_PREFIX, CanonicalTarget
 from lytools.arch.network import lookup_names
 
 Rows = tuple[int, int]
+_LINEAR1_QKV = re.compile(r"^(?:diffusion_model\.|lora_unet_)?single_blocks[._](\d+)[._]linear1_qkv$")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,14 @@ def candidates(arch: str, stored: str) -> list[Canonical]:
         hit = table.get(name)
         if hit is not None and hit not in found:
             found.append(hit)
+    if not found and arch == "flux":
+        qkv = _LINEAR1_QKV.match(stored)
+        if qkv:  # ComfyUI's name for the q;k;v rows of a single block's linear1
+            module = f"lora_unet_single_blocks_{qkv.group(1)}_linear1"
+            target = module_table(arch).get(module)
+            if target is not None and target.parts:
+                rows = (target.parts[0][1][0], target.parts[2][1][1])
+                found.append(Canonical(module, "unet", (rows[1] - rows[0],) + target.shape[1:], rows, True))
     return found
 
 
