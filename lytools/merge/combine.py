@@ -263,7 +263,8 @@ def _concat(parts: list[Contribution], dtype: torch.dtype) -> dict[str, torch.Te
         result[MID] = mid
         result[UP] = up.reshape(up.shape[0], rank, *([1] * len(kernel)))
     result[ALPHA] = torch.tensor(float(rank))
-    return {suffix: tensor.to(dtype) for suffix, tensor in result.items()}
+    # alpha = rank must stay exact (fp16 holds integers only up to 2048): stored as float32
+    return {suffix: tensor if suffix == ALPHA else tensor.to(dtype) for suffix, tensor in result.items()}
 
 
 def _copy(part: Contribution) -> dict[str, torch.Tensor]:
@@ -334,7 +335,8 @@ def _svd(parts: list[Contribution], rank: int, device: torch.device, dtype: torc
         DOWN: new_down.reshape(-1, *shape[1:]),
         ALPHA: torch.tensor(float(new_down.shape[0])),
     }
-    return {suffix: tensor.cpu().contiguous().to(dtype) for suffix, tensor in result.items()}, kept
+    return {suffix: tensor if suffix == ALPHA else tensor.cpu().contiguous().to(dtype)
+            for suffix, tensor in result.items()}, kept
 
 
 # -- metadata ---------------------------------------------------------------------------------------------
