@@ -348,3 +348,20 @@ def test_cli_reads_inputs_from_stdin_and_prints_json(sd1, tmp_path):
     report = json.loads(result.stdout)
     assert report["mode"] == "checkpoint" and report["output"] == str(out) and out.exists()
     assert report["tensors_changed"] > 200 and report["inputs"][1]["ratio"] == -0.3
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 24), st.integers(2, 24), st.integers(1, 8), st.integers(1, 8), st.integers(0, 2**16))
+def test_svd_of_stacked_factors_is_the_best_approximation(out, inp, total_rank, rank, seed):
+    """Eckart–Young through the QR route: the error is exactly the discarded singular values."""
+    generator = torch.Generator().manual_seed(seed)
+    up = torch.randn(out, total_rank, generator=generator, dtype=torch.float64)
+    down = torch.randn(total_rank, inp, generator=generator, dtype=torch.float64)
+    new_up, new_down, kept = svd_factors(up, down, None, rank)
+    product = up @ down
+    sigma = torch.linalg.svdvals(product)
+    keep = min(rank, total_rank, out, inp)
+    assert new_up.shape == (out, keep) and new_down.shape == (keep, inp)
+    error = float((new_up @ new_down - product).norm())
+    assert error == pytest.approx(float(sigma[keep:].norm()), abs=1e-8 * float(sigma.norm()) + 1e-10)
+    assert kept == pytest.approx(float(sigma[:keep].norm() / sigma.norm()), abs=1e-9)
