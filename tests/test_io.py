@@ -361,3 +361,15 @@ def test_modelspec_hash_is_state_dict_order():
     expected = hashlib.sha256(a.numpy().tobytes() + b.numpy().tobytes()).hexdigest()
     assert modelspec_hash([("a", a), ("b", b)]) == "0x" + expected
     assert modelspec_hash([("b", b), ("a", a)]) != "0x" + expected
+
+
+def test_patch_metadata_before_rename(tmp_path):
+    out = tmp_path / "patched.safetensors"
+    writer = SafetensorsWriter(out, [plan_entry("a", torch.float32, (3,))], {"hash": "0" * 64})
+    with writer:
+        writer.write("a", torch.ones(3))
+        writer.patch_metadata({"hash": "f" * 64})
+        with pytest.raises(LytoolsError, match="changes the header length"):
+            writer.patch_metadata({"hash": "short"})
+    assert read_header(out).metadata == {"hash": "f" * 64}
+    assert torch.equal(safetensors.torch.load_file(out)["a"], torch.ones(3))

@@ -207,6 +207,25 @@ class SafetensorsWriter:
         self._handle.flush()
         _SYNC_FILE_RANGE(self._handle.fileno(), 0, 0, SYNC_FILE_RANGE_WRITE)
 
+    def patch_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Rewrite the header with new metadata of the same encoded length, before the rename.
+
+        For values known only after the data pass (a hash of an input computed alongside):
+        plan them with placeholders of the final width, then patch them in.
+        """
+        if self._handle is None:
+            raise LytoolsError(f"{self.path}: writer is not open")
+        header = build_header(self.entries, metadata)
+        if len(header) != len(self.header):
+            raise LytoolsError(
+                f"{self.path}: internal error: new metadata changes the header length ({len(self.header)} -> {len(header)} bytes)"
+            )
+        position = self._handle.tell()
+        self._handle.seek(0)
+        self._handle.write(header)
+        self._handle.seek(position)
+        self.header, self.metadata = header, dict(metadata)
+
     def close(self) -> None:
         """Check every tensor was written, fsync, and rename into place."""
         if self._handle is None:

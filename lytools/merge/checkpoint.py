@@ -27,7 +27,6 @@ from lytools.errors import LytoolsError, MatchError
 from lytools.io import SafetensorsFile, SafetensorsWriter, open_file, plan_entry
 from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES
 from lytools.io.metadata import add_provenance, carried, source_entry
-from lytools.io.writer import build_header
 from lytools.merge.fp8 import dequantize, requantize, surviving_share
 from lytools.merge.inputs import NetworkInput, load_network_input
 from lytools.merge.plan import CheckpointPlan, Group, Touch, plan_checkpoint_merge
@@ -113,20 +112,6 @@ class _BaseHash(threading.Thread):
 
     def cancel(self) -> None:
         self._cancelled.set()
-
-
-class _PatchableWriter(SafetensorsWriter):
-    """The lytools writer, plus rewriting metadata of the same byte length before the rename."""
-
-    def patch_metadata(self, metadata: dict[str, str]) -> None:
-        header = build_header(self.entries, metadata)
-        if len(header) != len(self.header) or self._handle is None:
-            raise LytoolsError(f"{self.path}: internal error: metadata patch changes the header length")
-        position = self._handle.tell()
-        self._handle.seek(0)
-        self._handle.write(header)
-        self._handle.seek(position)
-        self.header, self.metadata = header, dict(metadata)
 
 
 class _WriteBehind:
@@ -439,7 +424,7 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
         hasher = _BaseHash(reader.path, reader.header.data_start)
     metadata = merged_metadata(dict(reader.metadata), plan.base, HASH_PLACEHOLDER if hasher else None, networks, rule_set)
     entries = [plan_entry(name, dtype, plan.shapes[name]) for name, dtype in plan.out_dtypes.items()]
-    writer = _PatchableWriter(output, entries, metadata, overwrite=overwrite)
+    writer = SafetensorsWriter(output, entries, metadata, overwrite=overwrite)
     engine = _Engine(plan, reader, networks, where)
     order = engine.processing_order(writer.order)
     if hasher:
