@@ -31,6 +31,7 @@ import torch
 # oversampling and power iterations of the range finder (Halko et al. recommend p >= 5..10, q 1..3)
 OVERSAMPLING = 16
 POWER_ITERATIONS = 3
+MIN_POWER_ITERATIONS = 3  # the first step mixes fast (signal) and slow (noise) convergence: no earlier exit
 # the randomized route is only worth it when the sketch is well below the smaller dimension
 RANDOMIZED_MAX_FRACTION = 0.25
 # acceptance test of a randomized result: estimated error within this factor of the exact one
@@ -245,15 +246,18 @@ def randomized(
     oversampling: int = OVERSAMPLING,
     power_iterations: int = POWER_ITERATIONS,
     seed: int = 0,
-) -> tuple[LowRank, float]:
-    """Return a rank-`rank` projection of `matrix` by a randomized range finder, and an estimate
-    of the part of the best rank-`rank` energy it missed (see `missed_energy`).
+    min_iterations: int = MIN_POWER_ITERATIONS,
+) -> tuple[LowRank, float, bool]:
+    """Return a rank-`rank` projection of `matrix` by a randomized range finder, the estimated
+    part of the best rank-`rank` energy it missed (see `missed_energy`), and whether that
+    estimate certifies the result (within ERROR_TOLERANCE of the optimum, see `acceptable`).
 
     The passes over the matrix run in its dtype (float32) on its device; everything of sketch
     size (l = rank + oversampling columns) runs in float64. The basis lives on the smaller
-    side; each power iteration's `Aᵀ Q` is also the sketch `Bᵀ` of that iteration, so its Gram
-    matrix serves both the orthonormalization of the large side (Cholesky QR) and the energy
-    the iteration captures. The last sketch's Gram eigendecomposition replaces an SVD of B.
+    side; each iteration's `Aᵀ Q` is the sketch `Bᵀ` for the current basis, so its Gram matrix
+    serves the orthonormalization of the large side (Cholesky QR), the energy the iteration
+    captures and, when the iteration is the last one, the final factors (no SVD of B, no extra
+    pass). Iterations stop as soon as the result certifies itself (after `min_iterations`).
     """
     retries: list[str] = []
     rows, cols = matrix.shape
@@ -265,27 +269,36 @@ def randomized(
     test = torch.randn(work.shape[1], sketch, generator=generator).to(device=matrix.device, dtype=matrix.dtype)
     basis = _orthonormal_fast(work @ test)
     captured: list[float] = []
-    for _ in range(power_iterations):
+    for iteration in range(power_iterations + 1):
         transposed = (work.T @ basis).double()  # (large, sketch) = Bᵀ for the current basis
-        gram = transposed.T @ transposed
-        eigenvalues, _ = robust_eigh(gram, retries)
-        captured.append(float(eigenvalues[-rank:].clamp_min(0).sum()))
+        gram = transposed.T @ transposed  # B Bᵀ
+        eigenvalues, vectors = robust_eigh(gram, retries)
+        eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
+        captured.append(float(eigenvalues[:rank].sum()))
+        missed = missed_energy(captured)
+        accepted = acceptable(total - captured[-1], missed, float(eigenvalues[rank:].sum()), total)
+        if iteration == power_iterations or (iteration >= min_iterations and accepted):
+            break
         large = _cholesky_orthonormal(transposed, gram).to(matrix.dtype)
         basis = _orthonormal_fast(work @ large)
-    small = (basis.T @ work).double()  # (sketch, large)
-    eigenvalues, vectors = robust_eigh(small @ small.T, retries)
-    eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
-    captured.append(float(eigenvalues[:rank].sum()))
     kept = min(rank, eigenvalues.shape[0])
     rotation = vectors[:, :kept]  # left singular vectors of B, in the basis' coordinates
     final_basis = (basis.double() @ rotation).to(matrix.dtype)
-    projected = (rotation.T @ small).to(matrix.dtype)  # = final_basisᵀ A, without another pass
+    projected = (transposed @ rotation).T.to(matrix.dtype)  # = final_basisᵀ A, without another pass
     sigma = eigenvalues.sqrt().cpu()
     if wide:
         low = LowRank(final_basis, projected, "left", sigma, total, "randomized", False, retries)
     else:
         low = LowRank(final_basis, projected.T, "right", sigma, total, "randomized", False, retries)
-    return low, missed_energy(captured)
+    return low, missed, accepted
+
+
+def acceptable(error: float, missed: float, tail_lower: float, total: float) -> bool:
+    """True when a randomized result's error (‖M − ΔW‖²) is certainly within ERROR_TOLERANCE of
+    the optimum: the exact error is at least `error − MISSED_ENERGY_SAFETY·missed` and at least
+    the sketch's own tail σ̂²_{r+1..l} (`tail_lower`); accept when even the larger bound holds."""
+    exact_lower = max(error - MISSED_ENERGY_SAFETY * missed, tail_lower, 0.0)
+    return error <= (ERROR_TOLERANCE ** 2) * exact_lower or error <= 1e-12 * total
 
 
 def _cholesky_orthonormal(tall: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -330,10 +343,9 @@ def missed_energy(captured: list[float]) -> float:
 def fixed_rank(matrix: torch.Tensor, rank: int, *, allow_randomized: bool = True) -> LowRank:
     """Return a rank-`rank` projection of `matrix` whose error is within 1% of the optimum.
 
-    Uses the randomized range finder when `rank` is small against the matrix, keeps its result
-    when the estimated missed energy leaves the error within ERROR_TOLERANCE of the exact
-    truncation's (lower bound of the exact error: the sketch's own tail σ̂_{r+1..l}), else falls
-    back to the exact spectrum.
+    Uses the randomized range finder when `rank` is small against the matrix and keeps its
+    result when it certifies itself (`acceptable`); otherwise, and for ranks near the matrix
+    size, the exact spectrum.
     """
     rows, cols = matrix.shape
     smaller = min(rows, cols)
@@ -341,20 +353,16 @@ def fixed_rank(matrix: torch.Tensor, rank: int, *, allow_randomized: bool = True
     if allow_randomized and rank + OVERSAMPLING <= RANDOMIZED_MAX_FRACTION * smaller:
         work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
         try:
-            low, missed = randomized(work, rank)
+            low, missed, accepted = randomized(work, rank)
         except SvdFailure:
-            low, missed = None, 0.0
+            low, missed, accepted = None, 0.0, False
+        if accepted:
+            return low
         if low is not None:
-            error = low.error_energy
-            # the exact error is at least what the sketch saw beyond rank r, and at least
-            # (our error − what we may have missed): accept when even the pessimistic reading holds
-            exact_lower = max(error - MISSED_ENERGY_SAFETY * missed, float(low.sigma[rank:].square().sum()), 0.0)
-            if error <= (ERROR_TOLERANCE ** 2) * exact_lower or error <= 1e-12 * low.total_energy:
-                return low
-            low_retries = low.retries + [f"randomized estimate too loose (missed ≈ {missed:.3g}); exact route"]
+            notes = low.retries + [f"randomized estimate too loose (missed ≈ {missed:.3g}); exact route"]
         else:
-            low_retries = ["randomized route failed; exact route"]
+            notes = ["randomized route failed; exact route"]
         spectrum = exact_spectrum(matrix)
-        spectrum.retries = low_retries + spectrum.retries
+        spectrum.retries = notes + spectrum.retries
         return spectrum.truncate(matrix, rank)
     return exact_spectrum(matrix).truncate(matrix, rank)
