@@ -12,7 +12,6 @@ import torch
 from lytools.algos import delta, group_keys, load_module
 from lytools.arch import Resolver, module_table
 from lytools.cli import main
-from lytools.errors import MatchError
 from lytools.extract import ExtractOptions, FactorOptions, RankRule, extract
 from lytools.extract.pipeline import read_module
 from lytools.io import SafetensorsWriter, file_hashes, open_file, plan_entry, read_header

@@ -12,7 +12,6 @@ small factors; the output waits on disk, not in memory.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import queue
 import threading
