@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(WORKDIR))
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     parser.add_argument("--factor", type=int, default=1, help="shrink factor (1 = full size; >1 for a smoke run)")
+    parser.add_argument("--lytools-only", action="store_true", help="time lytools alone (no exact route, no peers)")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -163,6 +164,9 @@ def main() -> None:
                 drop_file_cache(path)
             fast = measure("lytools extract", run_lytools, str(base), str(tuned), str(out), True)
             print(fast.line(), flush=True)
+            if args.lytools_only:
+                print(f"lytools: {fast.result['summary']}")
+                continue
             exact = measure("lytools extract, exact route", run_lytools, str(base), str(tuned), str(out), False)
             print(exact.line(), flush=True)
             peers = {}
