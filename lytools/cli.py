@@ -12,6 +12,7 @@ import click
 
 from lytools import __version__
 from lytools.errors import LytoolsError
+from lytools.io.metadata import set_invocation
 from lytools.ui import Reporter
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -342,6 +343,7 @@ def demo_command(folder, overwrite, quiet, verbose):
     def invoke(args: list[str]) -> None:
         if quiet:
             args = args + ["-q"]
+        set_invocation(args)
         cli.main(args=args, prog_name="lytools", standalone_mode=False)
 
     run_demo(folder, invoke, reporter, set(cli.commands))
@@ -357,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     debug = os.environ.get("LYTOOLS_DEBUG") == "1"
     try:
+        set_invocation(sys.argv[1:] if argv is None else argv)
         code = cli.main(args=argv, prog_name="lytools", standalone_mode=False)
         # non-standalone click returns the code of a ctx.exit(N) instead of raising
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:

@@ -35,9 +35,18 @@ IMPLEMENTATIONS = {
 RESOLUTIONS = {"sd1": "512x512", "sd2": "768x768", "sdxl": "1024x1024", "sd3": "1024x1024", "flux": "1024x1024"}
 
 
+_invocation: list[str] | None = None
+
+
+def set_invocation(args: list[str]) -> None:
+    """Record the lytools arguments being run (cli.main calls it; sys.argv is not ours in-process)."""
+    global _invocation
+    _invocation = list(args)
+
+
 def command_line() -> str:
     """Return the command line that is running, as a user would type it."""
-    args = sys.argv[1:]
+    args = _invocation if _invocation is not None else sys.argv[1:]
     return "lytools " + " ".join(shlex.quote(arg) for arg in args)
 
 
