@@ -165,3 +165,15 @@ def test_sparse_residual_is_applied_by_algos():
     error = rel(rebuilt("m", tensors, difference.shape), difference)
     assert error == pytest.approx(result.record.rel_error_with_sparse, rel=1e-3)
     assert result.record.rel_error_with_sparse < result.record.rel_error
+
+
+def test_summary_reports_clamping_and_worst_modules():
+    from lytools.extract.report import summarize
+
+    difference = low_rank_plus_noise((96, 200), 8, 0.01, seed=6)
+    options = FactorOptions(save_dtype=torch.float32, clamp_quantile=0.9)
+    records = [extract_module(f"m{i}", difference * (i + 1), RankRule("fixed", 4 + i), options).record for i in range(3)]
+    summary = summarize(records)
+    assert summary.extracted == 3 and summary.clamp_added_error > 0
+    assert summary.worst[0][0] == "m0"  # the lowest rank leaves the largest error
+    assert "clamping added" in summary.line() and "worst: m0" in summary.line()

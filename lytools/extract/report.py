@@ -31,6 +31,8 @@ class Summary:
     exact: int = 0
     retried: int = 0
     skip_reasons: dict[str, int] = field(default_factory=dict)
+    clamp_added_error: float | None = None  # mean over modules, when --clamp-quantile was used
+    tucker_added_error: float | None = None  # mean over Tucker modules
 
     def line(self) -> str:
         """One line for stderr: counts, overall retained energy, the worst modules."""
@@ -39,6 +41,10 @@ class Summary:
             parts.append(f"{self.skipped} skipped")
         if self.retained_energy is not None:
             parts.append(f"retained energy {100 * self.retained_energy:.2f}%")
+        if self.clamp_added_error is not None:
+            parts.append(f"clamping added {self.clamp_added_error:.4f} relative error on average")
+        if self.tucker_added_error is not None:
+            parts.append(f"the Tucker core added {self.tucker_added_error:.4f} on average")
         if self.worst:
             parts.append("worst: " + ", ".join(f"{name} ({error:.3f})" for name, error in self.worst))
         return "; ".join(parts)
@@ -87,6 +93,10 @@ def summarize(records: list[ModuleRecord]) -> Summary:
             errors.append((record.name, record.rel_error))
     if total > 0:
         summary.retained_energy = kept / total
+    for key in ("clamp_added_error", "tucker_added_error"):
+        values = [getattr(r, key) for r in records if getattr(r, key) is not None]
+        if values:
+            setattr(summary, key, sum(values) / len(values))
     if errors:
         summary.mean_rel_error = sum(e for _, e in errors) / len(errors)
         summary.worst = sorted(errors, key=lambda item: -item[1])[:WORST_SHOWN]
