@@ -18,14 +18,6 @@ from lytools.io import SafetensorsWriter, file_hashes, open_file, plan_entry, re
 from lytools.testing import build_checkpoint, build_network, build_tuned, select_modules
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one intra-op thread avoids spin-wait contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # modules the synthetic fine-tune leaves unchanged (so extract must report them, not write them)
 UNCHANGED = ("lora_te_text_model_encoder_layers_11_mlp_fc1", "lora_te_text_model_encoder_layers_11_mlp_fc2")
 

@@ -13,15 +13,6 @@ from lytools.extract.factor import FactorOptions, extract_module, tucker_split
 from lytools.extract.ranks import RankRule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one intra-op thread avoids spin-wait contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def low_rank_plus_noise(shape, rank, noise, seed=0):
     generator = torch.Generator().manual_seed(seed)
     out = shape[0]

@@ -20,14 +20,6 @@ lycoris = pytest.importorskip("lycoris")
 FACTOR = 8  # lytools.testing shrinks every multiple-of-64 dimension by this
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_sd1_unet():
     """diffusers' SD1 UNet with every width divided by FACTOR (module names unchanged)."""
     return diffusers.UNet2DConditionModel(

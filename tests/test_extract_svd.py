@@ -13,15 +13,6 @@ from lytools.extract.ranks import RankRule, raw_rank, select_rank, stores_full
 from lytools.extract.svd import SvdFailure, exact_spectrum, fixed_rank, robust_eigh, robust_svd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one intra-op thread avoids spin-wait contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def designed(rows: int, cols: int, sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A float32 matrix with the given singular values (random singular vectors)."""
     generator = torch.Generator().manual_seed(seed)

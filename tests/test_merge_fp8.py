@@ -18,14 +18,6 @@ NAME = "lora_te_text_model_encoder_layers_1_mlp_fc2"
 OTHER = "lora_te_text_model_encoder_layers_2_self_attn_q_proj"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def read_all(path: Path) -> dict[str, torch.Tensor]:
     with open_file(path) as handle:
         return {name: handle.get(name).clone() for name in handle.keys()}

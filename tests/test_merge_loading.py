@@ -8,7 +8,6 @@ shapes of `lytools.testing` networks at factor 8); nothing is downloaded.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +19,6 @@ diffusers = pytest.importorskip("diffusers")
 lycoris_wrapper = pytest.importorskip("lycoris.wrapper")
 
 RATIOS = (0.5, -0.3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,6 @@ from lytools.merge.ratios import Ratios, parse_ratios
 from lytools.testing import build_checkpoint, build_network
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def read_all(path: Path) -> dict[str, torch.Tensor]:
     with open_file(path) as handle:
         return {name: handle.get(name).clone() for name in handle.keys()}

@@ -36,14 +36,6 @@ def golden(name: str) -> dict[str, torch.Tensor]:
         return {key: reader.get(key).clone() for key in reader.keys()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- helpers ------------------------------------------------------------------------------------------
 def spectrum_factors(out: int, inp: int, sigma: list[float], seed: int, dtype=torch.float32):
     """Return (up (out, r), down (r, inp)) whose product has exactly the singular values `sigma`."""

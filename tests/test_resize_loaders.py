@@ -17,14 +17,6 @@ diffusers = pytest.importorskip("diffusers")
 lycoris = pytest.importorskip("lycoris")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet():
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(
