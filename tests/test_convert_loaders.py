@@ -24,13 +24,9 @@ FACTOR = 8  # lytools.testing divides every multiple-of-64 width by this
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def quiet_loaders():
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_unet(arch: str):
