@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,7 @@ from safetensors.torch import load_file
 
 from lytools.algos import NetworkModule, apply_module, describe_header, describe_module, group_keys, load_module
 from lytools.io import open_file
-
-
-def shared_dir() -> Path | None:
-    """Return ../shared (or $LYTOOLS_SHARED), None when neither exists."""
-    env = os.environ.get("LYTOOLS_SHARED")
-    if env:
-        return Path(env)
-    candidate = Path(__file__).resolve().parents[1].parent / "shared"
-    return candidate if candidate.is_dir() else None
-
+from tests.shared import shared_dir
 
 SHARED = shared_dir()
 GOLDEN = None if SHARED is None else SHARED / "fixtures" / "golden"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,7 @@ from lytools.io import file_hashes, open_file, write_safetensors
 from lytools.resize import (
     ResizeOptions, resize_file, select_rank, svd_of_product, tucker_to_flat_down,
 )
-
-
-def shared_dir() -> Path | None:
-    env = os.environ.get("LYTOOLS_SHARED")
-    if env:
-        return Path(env)
-    candidate = Path(__file__).resolve().parents[1].parent / "shared"
-    return candidate if candidate.is_dir() else None
+from tests.shared import shared_dir
 
 
 def golden(name: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,15 @@
+"""Where the shared fixtures (../shared next to the checkout, or $LYTOOLS_SHARED) live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def shared_dir() -> Path | None:
+    """Return ../shared (or $LYTOOLS_SHARED), None when neither exists."""
+    env = os.environ.get("LYTOOLS_SHARED")
+    if env:
+        return Path(env)
+    candidate = Path(__file__).resolve().parents[1].parent / "shared"
+    return candidate if candidate.is_dir() else None
