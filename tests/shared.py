@@ -13,3 +13,11 @@ def shared_dir() -> Path | None:
         return Path(env)
     candidate = Path(__file__).resolve().parents[1].parent / "shared"
     return candidate if candidate.is_dir() else None
+
+
+def read_tensors(path: str | os.PathLike) -> dict:
+    """Return every tensor of a file, cloned out of its memory map."""
+    from lytools.io import open_file
+
+    with open_file(path) as handle:
+        return {name: handle.get(name).clone() for name in handle.keys()}

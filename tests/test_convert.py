@@ -16,6 +16,7 @@ from lytools.convert import load_network
 from lytools.convert.fuse import fold_split
 from lytools.io import open_file, with_sshs_hashes, write_safetensors
 from lytools.testing import build_checkpoint, build_network
+from tests.shared import read_tensors as tensors_of
 
 
 def run_cli(capsys, *args: str, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
@@ -29,11 +30,6 @@ def run_cli(capsys, *args: str, stdin: str | None = None, monkeypatch=None) -> t
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    with open_file(path) as source:
-        return {name: source.get(name).clone() for name in source.keys()}
 
 
 def lora_delta(module, probe: bool = True) -> torch.Tensor:

@@ -17,11 +17,7 @@ from lytools.errors import LytoolsError, MatchError, OutputExistsError
 from lytools.io import file_hashes, open_file, write_safetensors
 from lytools.merge import merge_into_checkpoint, run_merge
 from lytools.testing import build_checkpoint, build_network
-
-
-def read_all(path: Path) -> dict[str, torch.Tensor]:
-    with open_file(path) as handle:
-        return {name: handle.get(name).clone() for name in handle.keys()}
+from tests.shared import read_tensors as read_all
 
 
 def lora_modules(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -12,15 +12,11 @@ from lytools.io import open_file, write_safetensors
 from lytools.merge import merge_into_checkpoint
 from lytools.merge.fp8 import detect_fp8, requantize
 from lytools.testing import build_checkpoint, build_network
+from tests.shared import read_tensors as read_all
 
 FP8 = torch.float8_e4m3fn
 NAME = "lora_te_text_model_encoder_layers_1_mlp_fc2"
 OTHER = "lora_te_text_model_encoder_layers_2_self_attn_q_proj"
-
-
-def read_all(path: Path) -> dict[str, torch.Tensor]:
-    with open_file(path) as handle:
-        return {name: handle.get(name).clone() for name in handle.keys()}
 
 
 @pytest.fixture(scope="module")

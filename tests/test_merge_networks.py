@@ -20,11 +20,7 @@ from lytools.merge import merge_into_checkpoint, merge_networks, run_merge
 from lytools.merge.combine import power_split, svd_factors
 from lytools.merge.ratios import Ratios, parse_ratios
 from lytools.testing import build_checkpoint, build_network
-
-
-def read_all(path: Path) -> dict[str, torch.Tensor]:
-    with open_file(path) as handle:
-        return {name: handle.get(name).clone() for name in handle.keys()}
+from tests.shared import read_tensors as read_all
 
 
 def lora_change(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
