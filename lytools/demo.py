@@ -18,24 +18,31 @@ from lytools.errors import LytoolsError
 from lytools.ui import Reporter
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoFiles:
-    folder: Path
+    """The files the demo writes in its folder."""
 
-    def __getattr__(self, name: str) -> Path:
-        names = {
-            "base": "base-sd1.safetensors",
-            "change": "true-change-rank8.safetensors",
-            "tuned": "tuned-sd1.safetensors",
-            "lora": "extracted-lora.safetensors",
-            "report": "extract-report.csv",
-            "resized": "extracted-lora-rank4.safetensors",
-            "merged": "base-plus-lora.safetensors",
-            "diffusers": "extracted-lora-diffusers.safetensors",
-        }
-        if name not in names:
-            raise AttributeError(name)
-        return self.folder / names[name]
+    base: Path
+    change: Path
+    tuned: Path
+    lora: Path
+    report: Path
+    resized: Path
+    merged: Path
+    diffusers: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> "DemoFiles":
+        return cls(
+            base=folder / "base-sd1.safetensors",
+            change=folder / "true-change-rank8.safetensors",
+            tuned=folder / "tuned-sd1.safetensors",
+            lora=folder / "extracted-lora.safetensors",
+            report=folder / "extract-report.csv",
+            resized=folder / "extracted-lora-rank4.safetensors",
+            merged=folder / "base-plus-lora.safetensors",
+            diffusers=folder / "extracted-lora-diffusers.safetensors",
+        )
 
 
 def _relative_change_error(merged: Path, tuned: Path, base: Path, keys: tuple[str, ...]) -> float:
@@ -57,7 +64,7 @@ def run_demo(folder: Path, invoke: Callable[[list[str]], None], reporter: Report
     from lytools.testing import build_checkpoint, build_network, build_tuned
 
     folder.mkdir(parents=True, exist_ok=True)
-    files = DemoFiles(folder)
+    files = DemoFiles.in_folder(folder)
     reporter.log(f"demo: building a tiny synthetic SD1 checkpoint (real key names, widths / 8) in {folder}")
     build_checkpoint(files.base, "sd1", factor=8, dtype=torch.float16, overwrite=True)
     build_network(files.change, "sd1", factor=8, rank=8, conv_rank=8, modules="c3lier", dtype=torch.float32,
@@ -80,9 +87,8 @@ def run_demo(folder: Path, invoke: Callable[[list[str]], None], reporter: Report
                         "--conv-dim", "8", "--report", str(files.report), "--overwrite"],
             "a rank-8 LoRA/LoCon from the difference"):
         step("info", ["info", str(files.lora)], "what the extracted network is")
-        if step("resize", ["resize", str(files.lora), str(files.resized), "--rank", "4", "--overwrite"],
-                "the LoRA brought down to rank 4 (no dense ΔW is built)"):
-            pass
+        step("resize", ["resize", str(files.lora), str(files.resized), "--rank", "4", "--overwrite"],
+             "the LoRA brought down to rank 4 (no dense ΔW is built)")
         if step("merge", ["merge", str(files.base), str(files.lora), "-o", str(files.merged), "--overwrite"],
                 "the extracted LoRA merged back into the base"):
             error = _relative_change_error(files.merged, files.tuned, files.base, tuned.changed)

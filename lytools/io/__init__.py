@@ -23,6 +23,7 @@ from lytools.io.hashes import FileHashes, file_hashes, modelspec_hash, sd_script
 from lytools.io.pickled import PickledFile, load_pickled_state_dict
 from lytools.io.safetensors import Header, SafetensorsFile, TensorInfo, read_header
 from lytools.io.writer import (
+    PICKLE_SUFFIXES,
     PlannedTensor,
     SafetensorsWriter,
     check_output_path,
@@ -30,7 +31,6 @@ from lytools.io.writer import (
     write_safetensors,
 )
 
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
 
 class ShardedFile:
