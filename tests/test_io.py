@@ -355,6 +355,27 @@ def test_sd_scripts_hashes_match_the_ss_only_serialisation(tmp_path):
     assert file_hashes(out).data_sha256 == model
 
 
+@pytest.mark.parametrize("in_order", [True, False])
+@pytest.mark.parametrize("header_names", [3, 9000])  # 9000 names: the header alone passes 1 MiB
+def test_writer_embeds_sshs_hashes_as_sd_scripts_computes_them(tmp_path, in_order, header_names):
+    tensors = {"big": torch.randn(600, 600), "x.alpha": torch.tensor(4.0)}
+    tensors.update({f"pad_{i:05d}_{'n' * 80}": torch.zeros(1, dtype=torch.float16) for i in range(header_names)})
+    metadata = {"ss_network_dim": "4", "modelspec.title": "t", "sshs_model_hash": "stale", "sshs_legacy_hash": "stale"}
+    out = tmp_path / "w.safetensors"
+    writer = SafetensorsWriter(out, [plan_entry(n, t.dtype, t.shape) for n, t in tensors.items()], metadata, sshs=True)
+    with writer:
+        for name in writer.order if in_order else reversed(writer.order):
+            writer.write(name, tensors[name])
+    model, legacy = sd_scripts_hashes(tensors, metadata)
+    stored = read_header(out).metadata
+    assert (stored["sshs_model_hash"], stored["sshs_legacy_hash"]) == (model, legacy)
+    assert stored["modelspec.title"] == "t" and writer.data_sha256 == model == file_hashes(out).data_sha256
+    # the same bytes as writing the metadata computed up front
+    reference = tmp_path / "r.safetensors"
+    write_safetensors(reference, tensors, with_sshs_hashes(tensors, metadata))
+    assert out.read_bytes() == reference.read_bytes()
+
+
 def test_modelspec_hash_is_state_dict_order():
     a, b = torch.arange(4, dtype=torch.float32), torch.ones(2, dtype=torch.float16)
     expected = hashlib.sha256(a.numpy().tobytes() + b.numpy().tobytes()).hexdigest()

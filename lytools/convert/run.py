@@ -23,7 +23,7 @@ import torch
 from lytools.convert.load import load_network
 from lytools.convert.write import TARGETS, cast, convert_network
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError
-from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry, with_sshs_hashes
+from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.dtypes import FP8_NAMES, is_float, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, add_provenance, carried, source_entry
 
@@ -165,10 +165,9 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
 
 
 def write_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, overwrite: bool) -> None:
-    """Write a network atomically with fresh sshs_model_hash / sshs_legacy_hash (one hash pass)."""
-    metadata = with_sshs_hashes(tensors, metadata)
+    """Write a network atomically with fresh sshs_model_hash / sshs_legacy_hash (hashed as written)."""
     entries = [plan_entry(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
-    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite)
+    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite, sshs=True)
     with writer:
         for name in writer.order:
             writer.write(name, tensors[name])

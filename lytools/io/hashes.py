@@ -17,10 +17,18 @@ from typing import Iterable, Mapping
 import torch
 
 from lytools.io.safetensors import read_header
-from lytools.io.writer import build_header, file_order, plan_entry, tensor_bytes
+from lytools.io.writer import (
+    LEGACY_LENGTH,
+    LEGACY_OFFSET,
+    LegacyWindow,
+    file_order,
+    header_with,
+    plan_entry,
+    ss_only,
+    tensor_bytes,
+    tensor_entries_json,
+)
 
-LEGACY_OFFSET = 0x100000
-LEGACY_LENGTH = 0x10000
 CHUNK = 8 << 20
 
 
@@ -50,28 +58,10 @@ class FileHashes:
         }
 
 
-class _LegacyWindow:
-    """Collects the bytes of the legacy hash window from a stream of chunks."""
-
-    def __init__(self) -> None:
-        self.position = 0
-        self.digest = hashlib.sha256()
-
-    def feed(self, chunk: bytes | memoryview) -> None:
-        start, end = self.position, self.position + len(chunk)
-        low, high = max(start, LEGACY_OFFSET), min(end, LEGACY_OFFSET + LEGACY_LENGTH)
-        if low < high:
-            self.digest.update(chunk[low - start : high - start])
-        self.position = end
-
-    def hexdigest(self) -> str:
-        return self.digest.hexdigest()[:8]
-
-
 def file_hashes(path: str | os.PathLike) -> FileHashes:
     """Return whole-file, data-section and legacy hashes of a safetensors file in one pass."""
     header = read_header(path)
-    whole, data, legacy = hashlib.sha256(), hashlib.sha256(), _LegacyWindow()
+    whole, data, legacy = hashlib.sha256(), hashlib.sha256(), LegacyWindow()
     position = 0
     with open(header.path, "rb") as handle:
         while True:
@@ -93,15 +83,14 @@ def sd_scripts_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     sd-scripts hashes the bytes safetensors would write with only the `ss_*` metadata kept;
     lytools writes the same tensor order, so the model hash equals the written file's AutoV3.
     """
-    ss_only = {key: value for key, value in (metadata or {}).items() if key.startswith("ss_")}
     entries = file_order([plan_entry(name, tensor.dtype, tensor.shape) for name, tensor in tensors.items()])
-    header = build_header(entries, ss_only)
-    model, legacy = hashlib.sha256(), _LegacyWindow()
+    header = header_with(tensor_entries_json(entries), ss_only(metadata))
+    model, legacy = hashlib.sha256(), LegacyWindow()
     legacy.feed(header)
     for entry in entries:
         data = tensor_bytes(tensors[entry.name])
         model.update(data)
-        if legacy.position < LEGACY_OFFSET + LEGACY_LENGTH:
+        if not legacy.done:
             legacy.feed(data)
     return model.hexdigest(), legacy.hexdigest()
 

@@ -24,6 +24,9 @@ from lytools.io.dtypes import byte_size, order_key, st_name
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 WRITEBACK_CHUNK = 64 << 20  # start disk writeback every 64 MiB so the final fsync has little left
+LEGACY_OFFSET = 0x100000  # sd-scripts sshs_legacy_hash: SHA-256 of 0x10000 bytes at file offset 0x100000
+LEGACY_LENGTH = 0x10000
+SSHS_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 
 def _sync_file_range():
@@ -70,28 +73,45 @@ def file_order(entries: Iterable[PlannedTensor]) -> list[PlannedTensor]:
 
 def build_header(ordered: list[PlannedTensor], metadata: Mapping[str, str] | None) -> bytes:
     """Return the 8-byte length prefix plus the padded JSON header for tensors in file order."""
-    header: dict[str, object] = {}
+    return header_with(tensor_entries_json(ordered), metadata)
+
+
+def tensor_entries_json(ordered: list[PlannedTensor]) -> str:
+    """Return the tensor part of a header, `"name":{...},...` in file order (no braces).
+
+    Headers that differ only in metadata share it: building it once saves most of the JSON work.
+    """
+    entries: dict[str, object] = {}
+    offset = 0
+    for entry in ordered:
+        size = entry.nbytes
+        entries[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    return json.dumps(entries, separators=(",", ":"), ensure_ascii=False)[1:-1]
+
+
+def header_with(tensor_json: str, metadata: Mapping[str, str] | None) -> bytes:
+    """Return the length-prefixed, space-padded header of `tensor_json` plus `metadata`."""
+    parts = []
     if metadata:
         for key, value in metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise LytoolsError(f"metadata {key!r}: safetensors metadata must be str -> str")
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for entry in ordered:
-        size = entry.nbytes
-        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        parts.append('"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False))
+    if tensor_json:
+        parts.append(tensor_json)
+    text = ("{" + ",".join(parts) + "}").encode("utf-8")
     text += b" " * ((8 - (8 + len(text)) % 8) % 8)
     return struct.pack("<Q", len(text)) + text
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Return a tensor's bytes in little-endian row-major order, without a copy when contiguous."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel() == 0:
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.requires_grad:
+        tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -109,12 +129,44 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+class LegacyWindow:
+    """SHA-256 of the bytes at [LEGACY_OFFSET, LEGACY_OFFSET + LEGACY_LENGTH) of a byte stream."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.digest = hashlib.sha256()
+
+    @property
+    def done(self) -> bool:
+        return self.position >= LEGACY_OFFSET + LEGACY_LENGTH
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        start, end = self.position, self.position + len(chunk)
+        low, high = max(start, LEGACY_OFFSET), min(end, LEGACY_OFFSET + LEGACY_LENGTH)
+        if low < high:
+            self.digest.update(chunk[low - start : high - start])
+        self.position = end
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()[:8]
+
+
+def ss_only(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """Return the metadata sd-scripts keeps when it hashes a network (the `ss_*` keys)."""
+    return {key: value for key, value in (metadata or {}).items() if key.startswith("ss_")}
+
+
 class SafetensorsWriter:
     """Write a planned safetensors file tensor by tensor; atomic on success, nothing on failure.
 
     Tensors may be written in any order; writing them in `order` keeps the disk sequential
     and, with `hash_data=True`, lets the writer hash the data section (sd-scripts model hash /
     AutoV3) on the fly into `data_sha256`.
+
+    sshs=True: the file gets fresh `sshs_model_hash` / `sshs_legacy_hash` metadata, computed as
+    sd-scripts does (FORMATS.md 5.4: the data section, and the legacy window of the file written
+    with only the `ss_*` metadata) from the bytes as they are written, and patched into the
+    header before the rename; any sshs values in `metadata` are dropped, never carried forward.
     """
 
     def __init__(
@@ -125,9 +177,11 @@ class SafetensorsWriter:
         *,
         overwrite: bool = False,
         hash_data: bool = False,
+        sshs: bool = False,
     ):
         self.path = check_output_path(path, overwrite)
-        self.hash_data = hash_data
+        self.hash_data = hash_data or sshs
+        self.sshs = sshs
         self.overwrite = overwrite
         planned = list(entries)
         names = [entry.name for entry in planned]
@@ -135,8 +189,16 @@ class SafetensorsWriter:
             duplicate = next(name for name in names if names.count(name) > 1)
             raise LytoolsError(f"{self.path}: two output tensors are both named {duplicate!r}")
         self.entries = file_order(planned)
-        self.header = build_header(self.entries, metadata)
+        self._tensor_json = tensor_entries_json(self.entries)
         self.metadata = dict(metadata or {})
+        self._legacy: LegacyWindow | None = None
+        if sshs:
+            for key in SSHS_KEYS:
+                self.metadata.pop(key, None)
+            self._legacy = LegacyWindow()
+            self._legacy.feed(header_with(self._tensor_json, ss_only(self.metadata)))
+            self.metadata.update({"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8})  # patched at close
+        self.header = header_with(self._tensor_json, self.metadata)
         self._offsets: dict[str, tuple[int, PlannedTensor]] = {}
         position = len(self.header)
         for entry in self.entries:
@@ -190,9 +252,12 @@ class SafetensorsWriter:
             if in_sequence:
                 self._sha.update(data)
                 self._next_index += 1
+                if self._legacy is not None and not self._legacy.done:
+                    self._legacy.feed(data)
             else:
                 self._in_order = False
-        self._handle.seek(offset)
+        if self._handle.tell() != offset:
+            self._handle.seek(offset)
         self._handle.write(data)
         self._written.add(name)
         self._unsynced += len(data)
@@ -215,7 +280,7 @@ class SafetensorsWriter:
         """
         if self._handle is None:
             raise LytoolsError(f"{self.path}: writer is not open")
-        header = build_header(self.entries, metadata)
+        header = header_with(self._tensor_json, metadata)
         if len(header) != len(self.header):
             raise LytoolsError(
                 f"{self.path}: internal error: new metadata changes the header length ({len(self.header)} -> {len(header)} bytes)"
@@ -234,6 +299,12 @@ class SafetensorsWriter:
         if missing:
             self.abort()
             raise LytoolsError(f"{self.path}: {len(missing)} planned tensors were never written (first: {missing[0]!r})")
+        try:
+            if self.sshs:
+                self._patch_sshs()
+        except BaseException:
+            self.abort()
+            raise
         handle, self._handle = self._handle, None
         try:
             handle.flush()
@@ -248,7 +319,27 @@ class SafetensorsWriter:
             raise
         if self.hash_data and self._in_order:
             self.data_sha256 = self._sha.hexdigest()
+        elif self.sshs:
+            self.data_sha256 = self.metadata["sshs_model_hash"]
         _fsync_dir(self.path.parent)
+
+    def _patch_sshs(self) -> None:
+        """Put the real sshs hashes in place of the placeholders (re-reading the data when the
+        tensors were not written in file order, so the running hashes do not cover them)."""
+        model, legacy = self._sha, self._legacy
+        if not self._in_order:
+            self._handle.flush()
+            model, legacy = hashlib.sha256(), LegacyWindow()
+            legacy.feed(header_with(self._tensor_json, ss_only(self.metadata)))
+            with open(self.temp_path, "rb") as handle:
+                handle.seek(len(self.header))
+                while chunk := handle.read(8 << 20):
+                    model.update(chunk)
+                    legacy.feed(chunk)
+        final = dict(self.metadata)
+        final["sshs_model_hash"] = model.hexdigest()
+        final["sshs_legacy_hash"] = legacy.hexdigest()
+        self.patch_metadata(final)
 
     def abort(self) -> None:
         """Drop the temporary file; the target is left as it was."""
@@ -289,13 +380,15 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     *,
     overwrite: bool = False,
+    sshs: bool = False,
 ) -> SafetensorsWriter:
     """Write a dict of tensors atomically (for outputs that fit in memory, such as networks).
 
     The returned writer's `data_sha256` is the written file's AutoV3 / sshs_model_hash.
+    sshs=True: embed fresh sshs_model_hash / sshs_legacy_hash (see SafetensorsWriter).
     """
     entries = [plan_entry(name, tensor.dtype, _stored_shape(tensor)) for name, tensor in tensors.items()]
-    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite, hash_data=True)
+    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite, hash_data=True, sshs=sshs)
     with writer:
         for name in writer.order:
             writer.write(name, tensors[name])
