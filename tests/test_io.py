@@ -123,6 +123,33 @@ def test_empty_network_and_zero_sized_tensor(tmp_path):
 
 
 # -- writer ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vectored", [True, False])
+def test_writer_survives_short_writes(tmp_path, monkeypatch, vectored):
+    """The kernel may accept fewer bytes than asked: the writer goes on where it stopped."""
+    tensors = {f"t{i}": torch.randn(i + 1, 3) for i in range(40)} | {"big": torch.randn(700, 400)}
+    real_pwritev, real_pwrite = os.pwritev, os.pwrite
+    calls = []
+
+    def short_pwritev(fd, buffers, offset):
+        calls.append(len(buffers))
+        first = memoryview(buffers[0])[:65_537]  # at most 64 KiB + 1 of the first buffer per call
+        return real_pwritev(fd, [first], offset)
+
+    def short_pwrite(fd, data, offset):
+        calls.append(1)
+        return real_pwrite(fd, memoryview(data)[:100_003], offset)
+
+    if vectored:
+        monkeypatch.setattr(os, "pwritev", short_pwritev)
+    else:
+        monkeypatch.delattr(os, "pwritev")
+        monkeypatch.setattr(os, "pwrite", short_pwrite)
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    write_safetensors(ours, tensors, {"ss_network_dim": "8"})
+    safetensors.torch.save_file(tensors, theirs, {"ss_network_dim": "8"})
+    assert len(calls) > 40 and ours.read_bytes() == theirs.read_bytes()
+
+
 def test_writer_bytes_identical_to_safetensors(tmp_path):
     tensors = {
         "b.weight": torch.randn(7, 5),
@@ -133,6 +160,9 @@ def test_writer_bytes_identical_to_safetensors(tmp_path):
         "ids": torch.arange(77).reshape(1, 77),
         "mask": torch.tensor([True, False]),
         "bf": torch.randn(2, 2).bfloat16(),
+        'quote"back\\slash\ttab': torch.ones(2),  # names JSON must escape
+        "ünïcode.weight": torch.zeros(1),
+        "big": torch.randn(600, 600),  # written directly, not queued
     }
     # one metadata key: the reference writer orders several keys by hash-map iteration (random)
     meta = {"ss_network_dim": "8"}

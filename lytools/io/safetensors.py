@@ -76,11 +76,11 @@ def _fail(path: Path, problem: str) -> FileFormatError:
 
 def _reject_duplicates(path: Path):
     def hook(pairs: list[tuple[str, object]]) -> dict:
-        result: dict = {}
-        for key, value in pairs:
-            if key in result:
-                raise _fail(path, f"duplicate key {key!r} in the safetensors header")
-            result[key] = value
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen: set[str] = set()
+            duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+            raise _fail(path, f"duplicate key {duplicate!r} in the safetensors header")
         return result
 
     return hook

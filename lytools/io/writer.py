@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,9 @@ def file_order(entries: Iterable[PlannedTensor]) -> list[PlannedTensor]:
     return sorted(entries, key=lambda e: order_key(e.dtype, e.name))
 
 
+_PLAIN_NAME = re.compile(r'[^"\\\x00-\x1f]*')  # no character JSON must escape
+
+
 def build_header(ordered: list[PlannedTensor], metadata: Mapping[str, str] | None) -> bytes:
     """Return the 8-byte length prefix plus the padded JSON header for tensors in file order."""
     return header_with(tensor_entries_json(ordered), metadata)
@@ -79,15 +83,20 @@ def build_header(ordered: list[PlannedTensor], metadata: Mapping[str, str] | Non
 def tensor_entries_json(ordered: list[PlannedTensor]) -> str:
     """Return the tensor part of a header, `"name":{...},...` in file order (no braces).
 
-    Headers that differ only in metadata share it: building it once saves most of the JSON work.
+    Written by hand (the same text json.dumps gives, names escaped by it when they need it):
+    headers of networks list thousands of tensors, and headers that differ only in metadata
+    share this part.
     """
-    entries: dict[str, object] = {}
+    parts = []
     offset = 0
     for entry in ordered:
         size = entry.nbytes
-        entries[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
+        name = entry.name
+        quoted = f'"{name}"' if _PLAIN_NAME.fullmatch(name) else json.dumps(name, ensure_ascii=False)
+        shape = ",".join(map(str, entry.shape))
+        parts.append(f'{quoted}:{{"dtype":"{entry.dtype}","shape":[{shape}],"data_offsets":[{offset},{offset + size}]}}')
         offset += size
-    return json.dumps(entries, separators=(",", ":"), ensure_ascii=False)[1:-1]
+    return ",".join(parts)
 
 
 def header_with(tensor_json: str, metadata: Mapping[str, str] | None) -> bytes:
@@ -111,7 +120,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         tensor = tensor.detach().to("cpu").contiguous()
     if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
+    if tensor.dim() == 0:
+        tensor = tensor.reshape(1)
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -206,7 +217,10 @@ class SafetensorsWriter:
             position += entry.nbytes
         self.total_size = position
         self.temp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self._handle = None
+        self._fd: int | None = None
+        self._pending: list[memoryview] = []  # small tensors queued for one vectored write
+        self._pending_at = 0  # file offset of the first queued byte
+        self._pending_bytes = 0
         self._written: set[str] = set()
         self._next_index = 0
         self._sha = hashlib.sha256()
@@ -220,17 +234,19 @@ class SafetensorsWriter:
         return [entry.name for entry in self.entries]
 
     def __enter__(self) -> "SafetensorsWriter":
-        self._handle = open(self.temp_path, "wb")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        self._fd = os.open(self.temp_path, flags, 0o666)
         try:
-            self._handle.write(self.header)
+            _pwrite_all(self._fd, [memoryview(self.header)], 0)
         except BaseException:
             self.abort()
             raise
+        self._pending_at = len(self.header)
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor's bytes; its dtype and shape must match the plan."""
-        if self._handle is None:
+        if self._fd is None:
             raise LytoolsError(f"{self.path}: writer is not open")
         try:
             offset, entry = self._offsets[name]
@@ -256,21 +272,37 @@ class SafetensorsWriter:
                     self._legacy.feed(data)
             else:
                 self._in_order = False
-        if self._handle.tell() != offset:
-            self._handle.seek(offset)
-        self._handle.write(data)
+        size = len(data)
+        if offset != self._pending_at + self._pending_bytes:  # out of order: write what is queued first
+            self._flush_pending()
+            self._pending_at = offset
+        if size >= _DIRECT_WRITE:
+            self._flush_pending()
+            _pwrite_all(self._fd, [data], offset)
+            self._pending_at = offset + size
+        else:
+            self._pending.append(data)  # the view keeps the tensor's memory alive until written
+            self._pending_bytes += size
+            if self._pending_bytes >= _DIRECT_WRITE or len(self._pending) >= _MAX_PENDING:
+                self._flush_pending()
         self._written.add(name)
-        self._unsynced += len(data)
+        self._unsynced += size
         if self._unsynced >= WRITEBACK_CHUNK:
             self._start_writeback()
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            _pwrite_all(self._fd, self._pending, self._pending_at)
+            self._pending_at += self._pending_bytes
+            self._pending, self._pending_bytes = [], 0
 
     def _start_writeback(self) -> None:
         """Hand the bytes written so far to the disk in the background (Linux), keeping fsync short."""
         self._unsynced = 0
-        if _SYNC_FILE_RANGE is None or self._handle is None:
+        if _SYNC_FILE_RANGE is None or self._fd is None:
             return
-        self._handle.flush()
-        _SYNC_FILE_RANGE(self._handle.fileno(), 0, 0, SYNC_FILE_RANGE_WRITE)
+        self._flush_pending()
+        _SYNC_FILE_RANGE(self._fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
     def patch_metadata(self, metadata: Mapping[str, str]) -> None:
         """Rewrite the header with new metadata of the same encoded length, before the rename.
@@ -278,43 +310,42 @@ class SafetensorsWriter:
         For values known only after the data pass (a hash of an input computed alongside):
         plan them with placeholders of the final width, then patch them in.
         """
-        if self._handle is None:
+        if self._fd is None:
             raise LytoolsError(f"{self.path}: writer is not open")
         header = header_with(self._tensor_json, metadata)
         if len(header) != len(self.header):
             raise LytoolsError(
                 f"{self.path}: internal error: new metadata changes the header length ({len(self.header)} -> {len(header)} bytes)"
             )
-        position = self._handle.tell()
-        self._handle.seek(0)
-        self._handle.write(header)
-        self._handle.seek(position)
+        _pwrite_all(self._fd, [memoryview(header)], 0)
         self.header, self.metadata = header, dict(metadata)
 
     def close(self) -> None:
         """Check every tensor was written, fsync, and rename into place."""
-        if self._handle is None:
+        if self._fd is None:
             return
         missing = [entry.name for entry in self.entries if entry.name not in self._written]
         if missing:
             self.abort()
             raise LytoolsError(f"{self.path}: {len(missing)} planned tensors were never written (first: {missing[0]!r})")
         try:
+            self._flush_pending()
             if self.sshs:
                 self._patch_sshs()
         except BaseException:
             self.abort()
             raise
-        handle, self._handle = self._handle, None
+        fd, self._fd = self._fd, None
         try:
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
+            os.fsync(fd)
+            os.close(fd)
+            fd = None
             if self.path.exists() and not self.overwrite:
                 raise OutputExistsError(f"{self.path}: appeared while writing (use --overwrite to replace it)")
             os.replace(self.temp_path, self.path)
         except BaseException:
-            handle.close()
+            if fd is not None:
+                os.close(fd)
             self._remove_temp()
             raise
         if self.hash_data and self._in_order:
@@ -328,7 +359,6 @@ class SafetensorsWriter:
         tensors were not written in file order, so the running hashes do not cover them)."""
         model, legacy = self._sha, self._legacy
         if not self._in_order:
-            self._handle.flush()
             model, legacy = hashlib.sha256(), LegacyWindow()
             legacy.feed(header_with(self._tensor_json, ss_only(self.metadata)))
             with open(self.temp_path, "rb") as handle:
@@ -343,9 +373,10 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Drop the temporary file; the target is left as it was."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._pending, self._pending_bytes = [], 0
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
         self._remove_temp()
 
     def _remove_temp(self) -> None:
@@ -359,6 +390,34 @@ class SafetensorsWriter:
             self.close()
         else:
             self.abort()
+
+
+_DIRECT_WRITE = 1 << 20  # tensors this big are written at once; smaller ones are queued
+_MAX_PENDING = 512  # queued buffers per vectored write (Linux allows 1024)
+
+
+def _pwrite_all(fd: int, buffers: list[memoryview], offset: int) -> None:
+    """Write `buffers` back to back at `offset`, whatever the kernel accepts per call."""
+    buffers = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers if len(b)]
+    vectored = getattr(os, "pwritev", None)
+    while buffers:
+        if vectored is not None:
+            done = vectored(fd, buffers, offset)
+        else:
+            done = os.pwrite(fd, buffers[0], offset) if hasattr(os, "pwrite") else _seek_write(fd, buffers[0], offset)
+        if done <= 0:
+            raise OSError(f"the disk accepted no bytes at offset {offset}")
+        offset += done
+        while buffers and done >= len(buffers[0]):
+            done -= len(buffers[0])
+            buffers.pop(0)
+        if done:
+            buffers[0] = buffers[0][done:]
+
+
+def _seek_write(fd: int, data: memoryview, offset: int) -> int:
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
 
 
 def _fsync_dir(folder: Path) -> None:
