@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from lytools.arch.keymap import ENCODERS, kohya_to_diffusers, module_table
-from lytools.arch.manifests import checkpoint_manifest, diffusers_names, lora_names
+from lytools.arch.manifests import checkpoint_manifest, diffusers_names
 from lytools.errors import LytoolsError
 from lytools.io import SafetensorsWriter, open_file, plan_entry, read_header
 from lytools.io.writer import PlannedTensor, build_header, check_output_path, file_order
@@ -124,38 +124,30 @@ def _release_rules(arch: str, components: set[str] | None, prefix: str | None) -
     return components, prefix, drop
 
 
-def _diffusers_entries(arch: str, shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, str, tuple[int, int] | None]]:
-    """Return (diffusers tensor name, canonical key, rows) for a diffusers-layout denoiser."""
-    entries: list[tuple[str, str, tuple[int, int] | None]] = []
+def _diffusers_entries(arch: str, shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, str, tuple[int, int] | None, bool]]:
+    """Return (diffusers tensor name, canonical key, rows, halves swapped) for a diffusers-layout denoiser."""
+    entries: list[tuple[str, str, tuple[int, int] | None, bool]] = []
     if arch in ("sd1", "sd2", "sdxl"):
         source = diffusers_names("sdxl" if arch == "sdxl" else "sd1")["modules"]
         for name, entry in source.items():
             if not name.startswith("unet."):
                 continue
             path = name[len("unet."):]
-            entries.append((path + ".weight", entry["key"], None))
+            entries.append((path + ".weight", entry["key"], None, False))
             if "bias" in entry:
-                entries.append((path + ".bias", entry["bias"], None))
+                entries.append((path + ".bias", entry["bias"], None, False))
         return entries
-    if arch == "flux":
-        for path, entry in lora_names("flux")["diffusers_names"].items():
-            rows = tuple(entry["rows"]) if "rows" in entry else None
-            entries.append((path + ".weight", entry["key"], rows))
-            bias = entry["key"][: -len(".weight")] + ".bias"
-            if bias in shapes:
-                entries.append((path + ".bias", bias, rows))
-        return entries
-    if arch == "sd3":
+    if arch in ("flux", "sd3"):
         from lytools.arch.keymap import diffusers_table
 
-        for name, entry in diffusers_table("sd3").items():
+        for name, entry in diffusers_table(arch).items():
             if not name.startswith("transformer."):
                 continue
             path = name[len("transformer."):]
-            entries.append((path + ".weight", entry.key, entry.key_rows))
+            entries.append((path + ".weight", entry.key, entry.key_rows, entry.swap_halves))
             bias = entry.key[: -len(".weight")] + ".bias"
             if bias in shapes:
-                entries.append((path + ".bias", bias, entry.key_rows))
+                entries.append((path + ".bias", bias, entry.key_rows, entry.swap_halves))
         return entries
     raise LytoolsError(f"no diffusers layout for {arch}")
 
@@ -174,6 +166,7 @@ class _Source:
 
     key: str
     rows: tuple[int, int] | None = None
+    swap_halves: bool = False  # diffusers' [scale; shift] order of a [shift; scale] modulation
 
 
 def checkpoint_plan(
@@ -221,7 +214,7 @@ def checkpoint_plan(
         if wanted is not None and wanted != {"unet"}:
             raise LytoolsError("a diffusers-layout synthetic file holds the denoiser only")
         out_prefix = prefix or ""
-        for name, key, rows in _diffusers_entries(arch, shapes):
+        for name, key, rows, swapped in _diffusers_entries(arch, shapes):
             if key in drop:
                 continue
             shape = shapes[key]
@@ -229,7 +222,7 @@ def checkpoint_plan(
                 scaled = (shrink_dim(rows[0], factor) if rows[0] else 0, shrink_dim(rows[1], factor))
                 shape = (scaled[1] - scaled[0],) + shape[1:]
                 rows = scaled
-            plan.append((plan_entry(out_prefix + name, out_dtype(key), shape), _Source(key, rows)))
+            plan.append((plan_entry(out_prefix + name, out_dtype(key), shape), _Source(key, rows, swapped)))
         return plan
     if layout != "native":
         raise LytoolsError(f"unknown synthetic checkpoint layout {layout!r} (native, diffusers)")
@@ -291,6 +284,10 @@ def _make(source: _Source, entry: PlannedTensor, seed: int) -> torch.Tensor:
     from lytools.io.dtypes import TORCH_DTYPES
 
     dtype = TORCH_DTYPES[entry.dtype]
+    if source.swap_halves:
+        tensor = synthetic_tensor(source.key, entry.shape, dtype, seed)
+        half = tensor.shape[0] // 2
+        return torch.cat([tensor[half:], tensor[:half]])
     if source.rows is None:
         return synthetic_tensor(source.key, entry.shape, dtype, seed)
     # a row slice of a fused tensor: the same values the fused tensor would hold
@@ -328,7 +325,7 @@ def write_sparse(path: str | os.PathLike, plan: Sequence[PlannedTensor], metadat
 def select_modules(arch: str, modules: str | Iterable[str] = "lierla", optional: Iterable[str] = (),
                    components: Iterable[str] | None = None) -> list[str]:
     """Return kohya module names: "lierla" (default set), "c3lier" (with conv modules), "all",
-    or an explicit list; `optional` adds Flux/SD3 optional sets (train_t5xxl, in_dims, embedders)."""
+    or an explicit list; `optional` adds Flux/SD3 optional sets (train_t5xxl, in_dims, final_layer, embedders)."""
     table = module_table(arch)
     optional = set(optional)
     wanted_components = set(components) if components is not None else None
@@ -437,7 +434,7 @@ def network_plan(
     split_names = kohya_to_diffusers(arch) if layout in ("diffusers", "peft", "lycoris") else None
     for kohya in select_modules(arch, modules, optional, components):
         if split_names is not None and kohya not in split_names:
-            continue  # no diffusers name (SD3's last context adaLN, stored with swapped halves there)
+            continue  # no diffusers name
         target = table[kohya]
         full = target.shape
         is_conv = target.kind in ("conv3x3", "conv")
@@ -468,7 +465,7 @@ def build_network(path: str | os.PathLike, arch: str, *, seed: int = 0, metadata
     """Write a synthetic network and return its path.
 
     One module per kohya module of `<arch>-lora-names.json` selected by `modules` ("lierla",
-    "c3lier", "all" or names) and `optional` (flux: "train_t5xxl", "in_dims"; sd3: "embedders",
+    "c3lier", "all" or names) and `optional` (flux: "train_t5xxl", "in_dims", "final_layer"; sd3: "embedders",
     "train_t5xxl"); `components` restricts to unet / te / te1 / te2 / te3. layout: kohya (default),
     lycoris (`lycoris_<diffusers path>`, denoiser only), diffusers (`<component>.<path>.lora_A/B`),
     peft (`base_model.model.<path>`, one component), comfy (`diffusion_model.<path>`,

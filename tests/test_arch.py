@@ -103,7 +103,10 @@ def test_detect_sdxl_refiner_like_and_inpaint():
 @pytest.mark.parametrize("arch,count", [("sd1", 350), ("sd2", 416), ("sdxl", 1052), ("flux", 552)])
 def test_module_table_matches_lora_names(arch, count):
     table = module_table(arch)
-    assert len(table) == count
+    # Flux adds its two final_layer modules by rule (optional "final_layer"), beside the manifest's 552
+    extra = {name for name, target in table.items() if target.optional == "final_layer"}
+    assert extra == ({"lora_unet_final_layer_linear", "lora_unet_final_layer_adaLN_modulation_1"} if arch == "flux" else set())
+    assert len(table) - len(extra) == count
     shapes = full_shapes(arch)
     for name, target in table.items():
         full = shapes[target.key]
@@ -332,8 +335,13 @@ def test_flux_fill_and_control_from_img_in():
 def test_detect_diffusers_layout_files(tmp_path, arch):
     path = testing.build_checkpoint(tmp_path / "d.safetensors", arch, layout="diffusers", factor=32, keep_blocks=1)
     found = detect_checkpoint(read_header(path).tensors)
-    # a bare diffusers Flux transformer file built from the block tables has no time embedders: variant unknown
-    assert (found.arch, found.layout, found.prefix, found.scale, found.variant) == (arch, "diffusers", "", 32, None)
+    # the synthetic diffusers Flux transformer has its guidance embedder (time_text_embed.guidance_embedder): dev
+    variant = "dev" if arch == "flux" else None
+    assert (found.arch, found.layout, found.prefix, found.scale, found.variant) == (arch, "diffusers", "", 32, variant)
+    schnell = testing.build_checkpoint(tmp_path / "s.safetensors", arch, layout="diffusers", factor=32, keep_blocks=1,
+                                       variant="schnell") if arch == "flux" else None
+    if schnell is not None:
+        assert detect_checkpoint(read_header(schnell).tensors).variant == "schnell"
     prefixed = testing.build_checkpoint(tmp_path / "p.safetensors", arch, layout="diffusers", prefix="unet." if arch in ("sd1", "sd2") else "transformer.", factor=32, keep_blocks=1)
     assert detect_checkpoint(read_header(prefixed).tensors).prefix in ("unet.", "transformer.")
 
@@ -354,7 +362,42 @@ def test_key_table_is_the_inverse_of_module_table(arch):
             assert rows[-1][1] == table[modules[0][0]].fused_shape[0]
 
 
-def test_sd3_last_context_modulation_has_no_plain_diffusers_map():
-    table = diffusers_table("sd3")
-    assert "transformer.transformer_blocks.22.norm1_context.linear" in table
-    assert "transformer.transformer_blocks.23.norm1_context.linear" not in table  # halves swapped in diffusers
+def test_swapped_modulations_are_flagged():
+    sd3 = diffusers_table("sd3")
+    assert not sd3["transformer.transformer_blocks.22.norm1_context.linear"].swap_halves
+    last = sd3["transformer.transformer_blocks.23.norm1_context.linear"]
+    assert (last.kohya, last.swap_halves) == ("lora_unet_joint_blocks_23_context_block_adaLN_modulation_1", True)
+    for arch in ("sd3", "flux"):
+        table = diffusers_table(arch)
+        assert table["transformer.norm_out.linear"].kohya == "lora_unet_final_layer_adaLN_modulation_1"
+        assert table["transformer.norm_out.linear"].swap_halves
+        assert (table["transformer.proj_out"].kohya, table["transformer.proj_out"].swap_halves) == ("lora_unet_final_layer_linear", False)
+        swapped = {name for name, entry in table.items() if entry.swap_halves}
+        assert swapped == ({"transformer.norm_out.linear", "transformer.transformer_blocks.23.norm1_context.linear"}
+                           if arch == "sd3" else {"transformer.norm_out.linear"})
+        aliases = alias_table(arch)
+        assert aliases["lora_transformer_norm_out_linear"].swap_halves and aliases["norm_out.linear"].swap_halves
+        assert not aliases["lora_unet_final_layer_adaLN_modulation_1"].swap_halves
+        assert not aliases["diffusion_model.final_layer.adaLN_modulation.1"].swap_halves
+    flux = diffusers_table("flux")
+    assert flux["transformer.time_text_embed.guidance_embedder.linear_1"].kohya == "lora_unet_guidance_in_in_layer"
+    assert flux["transformer.x_embedder"].kohya == "lora_unet_img_in"
+    assert sd3["transformer.pos_embed.proj"].kohya == "lora_unet_x_embedder_proj"
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_resolver_places_swapped_halves_on_both_layouts(arch):
+    native = full_shapes(arch)
+    diffusers = {entry.name: entry.shape for entry, _ in testing.checkpoint_plan(arch, factor=1, layout="diffusers")}
+    half = native["model.diffusion_model.final_layer.adaLN_modulation.1.weight"][0] // 2
+    swapped = (((half, 2 * half), (0, half)), ((0, half), (half, 2 * half)))
+    for shapes, key in ((native, "model.diffusion_model.final_layer.adaLN_modulation.1.weight"), (diffusers, "norm_out.linear.weight")):
+        resolver = Resolver(shapes)
+        plain_name, swapped_name = "lora_unet_final_layer_adaLN_modulation_1", "transformer.norm_out.linear"
+        if key == "norm_out.linear.weight":  # the diffusers file holds diffusers' order
+            plain_name, swapped_name = swapped_name, plain_name
+        plain = resolver.resolve(plain_name)
+        assert [(p.key, p.rows, p.module_rows) for p in plain.placements] == [(key, None, None)]
+        crossed = resolver.resolve(swapped_name)
+        assert [(p.key, p.rows, p.module_rows) for p in crossed.placements] == [(key, *rows) for rows in swapped]
+        assert crossed.shape == plain.shape == shapes[key]

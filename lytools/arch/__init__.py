@@ -32,11 +32,13 @@ Key maps (keymap.py; sd1, sd2, sdxl, flux from the manifests, sd3 by rule from i
         rows = row slice of a fused tensor (SD2/SDXL-te2 q/k/v); parts = named rows of a fused
         module (Flux qkv/linear1, SD3 qkv).
     diffusers_table(arch) -> {diffusers name: DiffusersTarget(diffusers, kohya, key, key_rows,
-                              module_rows, shape)}   (sd1/sd2/sdxl: every UNet module, not only kohya's)
+                              module_rows, shape, swap_halves)}   (sd1/sd2/sdxl: every UNet module,
+        not only kohya's; swap_halves: diffusers' [scale; shift] order of a [shift; scale] modulation,
+        Flux/SD3 `norm_out.linear` and SD3's last `norm1_context.linear`)
     key_table(arch) -> {canonical key: ((kohya module, rows | None), ...)}   (the way back from a key)
     kohya_to_diffusers(arch) -> {kohya: (DiffusersTarget, ...)} ; diffusers_to_kohya(arch, name)
     alias_table(arch) -> {every accepted spelling: CanonicalTarget(module, key, rows, shape, kind,
-                          component, in_table)}
+                          component, in_table, swap_halves)}
     text_encoder_path(rest, style), openclip_key(hf_path, width), kind_of(shape)
 
 Resolution against a real checkpoint (resolve.py)
@@ -44,7 +46,8 @@ Resolution against a real checkpoint (resolve.py)
     r.checkpoint -> CheckpointArch ; r.resolve(name) -> Resolved | None
         Resolved(name, module, shape, kind, component, placements, in_table); .key, .rows
         placements: (Placement(key, rows, module_rows), ...): ΔW[module_rows] goes to key[rows]
-        (one placement except for a fused kohya module on a diffusers-layout Flux/SD3 file).
+        (one placement except for a fused kohya module on a diffusers-layout Flux/SD3 file, and
+        the two crossed halves of a swapped modulation named in the other order than the file's).
     Unknown architectures: every `<path>.weight` of the file answers to `lora_unet_<path with . -> _>`
     (path without the denoiser wrapper prefix), `<key without .weight>` and `diffusion_model.<path>`.
 

@@ -92,7 +92,7 @@ class ModuleTarget:
     part: str | None = None
     c3lier: bool = False
     rank_from: str | None = None  # network_dim | conv_dim
-    optional: str | None = None  # flux: train_t5xxl | in_dims
+    optional: str | None = None  # flux: train_t5xxl | in_dims | final_layer; sd3: embedders | train_t5xxl
     path: str | None = None  # module path inside the component (HF names for text encoders)
 
 
@@ -252,6 +252,25 @@ def module_table(arch: str) -> dict[str, ModuleTarget]:
             optional=entry.get("optional"),
             path=_module_path(arch, encoder, name, entry["key"]),
         )
+    if arch == "flux":
+        table.update(_flux_final_layer())
+    return table
+
+
+_FLUX_FINAL_LAYER = ("final_layer.linear", "final_layer.adaLN_modulation.1")
+
+
+def _flux_final_layer() -> dict[str, ModuleTarget]:
+    """Flux `final_layer` modules by rule (optional "final_layer"): sd-scripts' default targets leave
+    them out, but kohya-style files name them and diffusers' kohya-Flux converter reads them."""
+    tensors = checkpoint_manifest("flux")["tensors"]
+    table: dict[str, ModuleTarget] = {}
+    for path in _FLUX_FINAL_LAYER:
+        key = f"{UNET_PREFIX}{path}.weight"
+        shape = _tuple(tensors[key][0])
+        table["lora_unet_" + path.replace(".", "_")] = ModuleTarget(
+            key=key, kind=kind_of(shape), shape=shape, optional="final_layer", path=path,
+        )
     return table
 
 
@@ -320,6 +339,10 @@ class DiffusersTarget:
     module_rows: rows of the kohya module's weight this diffusers module is (Flux q/k/v/mlp
     parts of a fused kohya module; SD3 qkv parts), None when they are the same module.
     key/key_rows: the canonical checkpoint key and its rows.
+    swap_halves: the diffusers weight holds the key's rows with its two halves exchanged
+    (adaLN modulations diffusers stores as [scale; shift] where SD3/BFL store [shift; scale]:
+    Flux/SD3 `final_layer.adaLN_modulation.1` = `norm_out.linear`, SD3's last
+    `context_block.adaLN_modulation.1` = `norm1_context.linear`; FORMATS.md 2.1).
     """
 
     diffusers: str
@@ -328,6 +351,7 @@ class DiffusersTarget:
     key_rows: Rows | None
     module_rows: Rows | None
     shape: tuple[int, ...]
+    swap_halves: bool = False
 
 
 _SD3_DIFFUSERS = {
@@ -341,6 +365,27 @@ _SD3_DIFFUSERS = {
     ("context_block", "adaLN_modulation.1"): "norm1_context.linear",
     ("x_block", "attn2.proj"): "attn2.to_out.0",
 }
+# denoiser modules outside the blocks: BFL/MMDiT path -> diffusers path (diffusers' single-file
+# converters); the adaLN modulation of the final layer is stored with its halves swapped
+_SD3_OUTER = {
+    "x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+_FLUX_OUTER = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+_SWAPPED_OUTER = "final_layer.adaLN_modulation.1"
 _SD3_QKV = {("x_block", "attn"): ("attn.to_q", "attn.to_k", "attn.to_v"),
             ("context_block", "attn"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
             ("x_block", "attn2"): ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
@@ -380,6 +425,13 @@ def diffusers_table(arch: str) -> dict[str, DiffusersTarget]:
             target = kohya[entry["kohya"]]
             rows = tuple(entry["rows"]) if "rows" in entry else None
             table[name] = DiffusersTarget(name, entry["kohya"], entry["key"], rows, rows, _tuple(entry["shape"]))
+    if arch in ("flux", "sd3"):
+        outer = _FLUX_OUTER if arch == "flux" else _SD3_OUTER
+        for name, target in kohya.items():
+            if target.component == "unet" and target.path in outer:
+                diffusers = "transformer." + outer[target.path]
+                table[diffusers] = DiffusersTarget(diffusers, name, target.key, None, None, target.shape,
+                                                   swap_halves=target.path == _SWAPPED_OUTER)
     if arch == "sd3":
         last = max(int(m.group(1)) for t in kohya.values() if (m := re.match(r"^joint_blocks\.(\d+)\.", t.path or "")))
         for name, target in kohya.items():
@@ -394,11 +446,11 @@ def diffusers_table(arch: str) -> dict[str, DiffusersTarget]:
                 for (part, rows), diffusers_sub in zip(target.parts, _SD3_QKV[(side, sub[:-4])]):
                     shape = (rows[1] - rows[0],) + target.shape[1:]
                     table[base + diffusers_sub] = DiffusersTarget(base + diffusers_sub, name, target.key, rows, rows, shape)
-            elif (side, sub) == ("context_block", "adaLN_modulation.1") and int(block) == last:
-                continue  # diffusers stores this one with its [shift; scale] halves swapped: no plain map
             elif (side, sub) in _SD3_DIFFUSERS:
                 diffusers = base + _SD3_DIFFUSERS[(side, sub)]
-                table[diffusers] = DiffusersTarget(diffusers, name, target.key, None, None, target.shape)
+                # the last block's context modulation only shifts and scales: diffusers swaps its halves
+                swap = (side, sub) == ("context_block", "adaLN_modulation.1") and int(block) == last
+                table[diffusers] = DiffusersTarget(diffusers, name, target.key, None, None, target.shape, swap_halves=swap)
     return table
 
 
@@ -433,6 +485,7 @@ class CanonicalTarget:
     kind: str
     component: str
     in_table: bool  # True when `module` is in the kohya module table
+    swap_halves: bool = False  # the named module's rows are `key`'s with the two halves exchanged
 
 
 def _underscored(text: str) -> str:
@@ -456,7 +509,7 @@ def alias_table(arch: str) -> dict[str, CanonicalTarget]:
         if alias in ambiguous:
             return
         old = table.get(alias)
-        if old is not None and (old.key, old.rows) != (target.key, target.rows):
+        if old is not None and (old.key, old.rows, old.swap_halves) != (target.key, target.rows, target.swap_halves):
             del table[alias]
             ambiguous.add(alias)
             return
@@ -489,7 +542,8 @@ def alias_table(arch: str) -> dict[str, CanonicalTarget]:
             module, in_table = entry.kohya, True  # a part of a fused kohya module
         else:
             module, in_table = encoder.kohya_prefix + _underscored(path), False
-        canonical = CanonicalTarget(module, entry.key, entry.key_rows, entry.shape, kind_of(entry.shape), encoder.component, in_table)
+        canonical = CanonicalTarget(module, entry.key, entry.key_rows, entry.shape, kind_of(entry.shape), encoder.component,
+                                    in_table, entry.swap_halves)
         add(diffusers, canonical)
         if encoder.component == "unet":
             add(path, canonical)  # bare peft UNet/transformer adapter

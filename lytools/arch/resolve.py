@@ -17,7 +17,9 @@ Lookup order:
    `<key without .weight>` and `diffusion_model.<path>` (ComfyUI-native). Text-encoder keys give
    `lora_te{,1,2,3}_<HF path with . -> _>`.
 A name that two different keys claim is dropped from a table rather than guessed; a name with no
-hit resolves to None (callers report it).
+hit resolves to None (callers report it). A modulation diffusers stores as [scale; shift] (keymap
+DiffusersTarget.swap_halves) named in the other order than the file holds it resolves to two
+placements on the same key, its halves crossed, so every consumer of placements swaps it.
 """
 
 from __future__ import annotations
@@ -79,6 +81,17 @@ class Resolved:
         return self.placements[0].rows if len(self.placements) == 1 else None
 
 
+def _halves_swapped(key: str, rows: Rows | None, length: int) -> tuple[Placement, ...] | None:
+    """Return the two placements of a module whose ΔW holds `key`'s rows with their halves exchanged:
+    ΔW rows [0, h) land on the second half of the rows, [h, 2h) on the first (diffusers stores an
+    adaLN modulation as [scale; shift] where SD3/BFL store [shift; scale]). None for odd rows."""
+    if length % 2:
+        return None
+    start, half = (rows[0] if rows else 0), length // 2
+    return (Placement(key, (start + half, start + length), (0, half)),
+            Placement(key, (start, start + half), (half, length)))
+
+
 def _scale_rows(rows: Rows | None, full: int, actual: int) -> Rows | None:
     if rows is None or full == actual:
         return rows
@@ -120,16 +133,17 @@ class Resolver:
         return best
 
     # -- canonical key -> this file ----------------------------------------------------------
-    def _diffusers_key_map(self) -> dict[str, list[tuple[str, Rows | None]]]:
-        """canonical key -> [(diffusers module name without component, rows of the canonical key)]."""
-        mapping: dict[str, list[tuple[str, Rows | None]]] = {}
+    def _diffusers_key_map(self) -> dict[str, list[tuple[str, Rows | None, bool]]]:
+        """canonical key -> [(diffusers module name without component, rows of the canonical key,
+        halves swapped)]."""
+        mapping: dict[str, list[tuple[str, Rows | None, bool]]] = {}
         if self.arch not in NETWORK_ARCHS:
             return mapping
         for name, entry in diffusers_table(self.arch).items():
             component, _, path = name.partition(".")
             if component not in ("unet", "transformer"):
                 continue
-            mapping.setdefault(entry.key, []).append((path, entry.key_rows))
+            mapping.setdefault(entry.key, []).append((path, entry.key_rows, entry.swap_halves))
         return mapping
 
     def _old_text_encoder_names(self) -> dict[str, str]:
@@ -156,6 +170,8 @@ class Resolver:
             rows = _scale_rows(rows, full[0], shape[0])
             if rows is None:
                 return None
+        if target.swap_halves:
+            return _halves_swapped(actual, rows, rows[1] - rows[0] if rows else shape[0])
         return (Placement(actual, rows, None),)
 
     def _diffusers_placements(self, target: CanonicalTarget) -> tuple[Placement, ...] | None:
@@ -165,13 +181,16 @@ class Resolver:
         full = self._full_shapes.get(target.key)
         placements: list[Placement] = []
         want = target.rows
-        for path, rows in pieces:
+        for path, rows, swapped in pieces:
             actual = self.prefix + path + ".weight"
             shape = self.shapes.get(actual)
             if shape is None:
                 return None
             if rows is None:
-                # the diffusers module is the whole canonical tensor
+                # the diffusers module is the whole canonical tensor (halves swapped when exactly
+                # one of the name and the file uses diffusers' [scale; shift] order)
+                if swapped != target.swap_halves:
+                    return _halves_swapped(actual, None, shape[0]) if want is None else None
                 if want is None:
                     return (Placement(actual, None, None),)
                 if full is None:
@@ -200,7 +219,7 @@ class Resolver:
         rest: Shape = ()
         for placement in placements:
             shape = self.shapes[placement.key]
-            rows_total += shape[0]
+            rows_total += placement.rows[1] - placement.rows[0] if placement.rows else shape[0]
             rest = shape[1:]
         return (rows_total,) + rest
 

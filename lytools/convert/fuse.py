@@ -191,3 +191,37 @@ def fold_scale(name: str, tensors: Tensors) -> dict[str, torch.Tensor]:
             tensor = tensors[key]
             result[key] = (tensor.float() * factor).to(tensor.dtype)
     return result
+
+
+# -- swapped modulation halves ---------------------------------------------------------------------------
+# suffixes whose first axis is ΔW's output rows, and those that do not see the row order
+_ROW_SUFFIXES = frozenset({UP, "hada_w1_a", "hada_w2_a", "diff", "diff_b"})
+_ROWLESS_SUFFIXES = frozenset({DOWN, MID, ALPHA, "hada_w1_b", "hada_w2_b"})
+
+
+def swap_halves(name: str, tensors: Tensors) -> dict[str, torch.Tensor]:
+    """Return the module with the two halves of its output rows exchanged: ΔW' = [ΔW[h:]; ΔW[:h]].
+
+    diffusers stores the Flux/SD3 final adaLN modulation (and SD3's last context one) as
+    [scale; shift] where BFL/SD3 store [shift; scale] (FORMATS.md 2.1). The exchange is its own
+    inverse and only moves rows (LoRA `up`, LoHa `w1_a`/`w2_a`, full `diff`, an output-axis DoRA
+    magnitude), so it is exact to the bit; `down` and an input-axis magnitude do not change.
+    """
+    others = sorted(set(tensors) - _ROW_SUFFIXES - _ROWLESS_SUFFIXES - {DORA})
+    rowed = [suffix for suffix in tensors if suffix in _ROW_SUFFIXES]
+    if others or not rowed:
+        raise UnsupportedError(
+            f"module {name}: its output rows are stored in the other [shift; scale] order and "
+            f"{', '.join(others) or 'its tensors'} cannot be reordered by rows; flatten it to LoRA first with `lytools resize`"
+        )
+    rows = int(tensors[rowed[0]].shape[0])
+    if rows % 2:
+        raise UnsupportedError(f"module {name}: {rows} output rows cannot be split into [shift; scale] halves")
+    result = dict(tensors)
+    for suffix, tensor in tensors.items():
+        output_axis = suffix in _ROW_SUFFIXES or (suffix == DORA and tensor.shape[0] == rows and tensor.dim() > 0)
+        if output_axis:
+            if tensor.shape[0] != rows:
+                raise UnsupportedError(f"module {name}: {suffix} has {tensor.shape[0]} rows, the module {rows}")
+            result[suffix] = torch.cat([tensor[rows // 2:], tensor[:rows // 2]]).contiguous()
+    return result

@@ -28,7 +28,7 @@ from lytools.arch import NetworkArch, arch_from_metadata, detect_network
 from lytools.arch.detect import SCALES
 from lytools.arch.network import layout_of_module
 from lytools.convert import names
-from lytools.convert.fuse import ALPHA, DORA, DOWN, UP, alpha_tensor, fuse_parts
+from lytools.convert.fuse import ALPHA, DORA, DOWN, UP, alpha_tensor, fuse_parts, swap_halves
 from lytools.errors import FileFormatError, LytoolsError, NetworkError, UnsupportedError
 from lytools.io import open_file, read_header
 
@@ -363,7 +363,16 @@ def _detect(shapes: dict[str, tuple[int, ...]], metadata: Mapping[str, str]) -> 
     return copy.deepcopy(found)  # callers may change its lists
 
 
-def _pick(arch: str, stored: str, tensors: Mapping[str, torch.Tensor], scale: int) -> names.Canonical | None:
+def _pick(arch: str, stored: str, tensors: dict[str, torch.Tensor], scale: int) -> names.Canonical | None:
+    """Return the canonical reading of a stored module; a module stored in diffusers' [scale; shift]
+    row order gets its rows put back in kohya's [shift; scale] order in `tensors`."""
+    canonical = _choose(arch, stored, tensors, scale)
+    if canonical is not None and canonical.swap_halves:
+        tensors.update(swap_halves(stored, tensors))
+    return canonical
+
+
+def _choose(arch: str, stored: str, tensors: Mapping[str, torch.Tensor], scale: int) -> names.Canonical | None:
     found = names.candidates(arch, stored)
     if not found and arch in ("sd1", "sd2") and stored.startswith("lora_te1_"):
         found = names.candidates(arch, "lora_te_" + stored[len("lora_te1_"):])  # diffusers' kohya export (quirk 4)

@@ -7,7 +7,10 @@ file adds only the choices convert makes on top of them:
   time embedding): `<kohya prefix><diffusers path with . -> _>`, except the SDXL UNet, whose
   canonical spelling is the SGM path (FORMATS.md 4.2: lytools writes SGM names for SDXL);
 - a part of a fused kohya module (Flux `to_q` of `double_blocks_N_img_attn_qkv`, SD3 qkv parts)
-  carries `module_rows`, the rows of the fused module it covers, at the network's shrink scale.
+  carries `module_rows`, the rows of the fused module it covers, at the network's shrink scale;
+- a module diffusers stores with its [shift; scale] halves exchanged (`norm_out.linear`, SD3's
+  last `norm1_context.linear`) carries `swap_halves`: reading swaps its rows back, writing swaps
+  them again (lytools.convert.fuse.swap_halves).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Canonical:
     shape: tuple[int, ...]  # full-size ΔW shape of the stored module (its rows only, for a part)
     module_rows: Rows | None  # full-size rows of the canonical module (None: the whole module)
     in_table: bool
+    swap_halves: bool = False  # the stored module's output rows are the canonical one's, halves exchanged
 
 
 def _unet_native(key: str) -> str:
@@ -48,7 +52,7 @@ def _canonical(arch: str, target: CanonicalTarget) -> Canonical:
         module_rows = target.rows  # a part of a fused module that covers the whole key
     if owner is None and arch == "sdxl" and target.component == "unet" and target.key.endswith(".weight"):
         module = _unet_native(target.key)
-    return Canonical(module, target.component, target.shape, module_rows, target.in_table)
+    return Canonical(module, target.component, target.shape, module_rows, target.in_table, target.swap_halves)
 
 
 @functools.cache
@@ -98,6 +102,7 @@ class DiffusersPart:
     component: str  # diffusers component: unet | transformer | text_encoder | text_encoder_2 | text_encoder_3
     path: str  # module path inside the component
     module_rows: Rows | None  # full-size rows of the canonical module (None: all of it)
+    swap_halves: bool = False  # written with the two halves of its output rows exchanged
 
     @property
     def name(self) -> str:
@@ -115,7 +120,7 @@ def diffusers_parts(arch: str) -> dict[str, tuple[DiffusersPart, ...]]:
             continue
         component, _, path = diffusers.partition(".")
         parts = result.setdefault(canonical.module, [])
-        part = DiffusersPart(component, path, canonical.module_rows)
+        part = DiffusersPart(component, path, canonical.module_rows, canonical.swap_halves)
         if part not in parts:
             parts.append(part)
     return {

@@ -3,7 +3,8 @@
 kohya      canonical names as they are (SGM names for the SDXL UNet, `lora_te1_`/`lora_te2_` for
            SDXL, BFL names for Flux), every LyCORIS algorithm, stray keys kept (and reported).
 diffusers  `<component>.<path>.lora_A.weight` / `.lora_B.weight`, DoRA `lora_magnitude_vector`;
-           fused Flux/SD3 modules split into q/k/v(/mlp) parts; stray keys stripped with a note
+           fused Flux/SD3 modules split into q/k/v(/mlp) parts; the final (SD3: last context) adaLN
+           modulation written with its halves in diffusers' [scale; shift] order; stray keys stripped with a note
            (diffusers refuses a kohya-looking file with one foreign key, quirk 1). By default the
            scale is folded into the factors (power-of-two split) and `lora_adapter_metadata`
            says lora_alpha = r; with fold=False the factors are kept to the bit and the metadata
@@ -25,7 +26,7 @@ import torch
 
 from lytools.algos import describe_module, describe_shapes
 from lytools.convert import names
-from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, fold_split, scale_of, split_fused
+from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, fold_split, scale_of, split_fused, swap_halves
 from lytools.convert.load import Network
 from lytools.errors import LytoolsError, MatchError, UnsupportedError
 from lytools.io.dtypes import is_float
@@ -136,7 +137,8 @@ def _diffusers_pieces(net: Network) -> list[_Piece]:
     for name, module in net.modules.items():
         parts = table[name]
         if len(parts) == 1 and parts[0].module_rows is None:
-            pieces.append(_Piece(parts[0].component, parts[0].path, dict(module.tensors)))
+            tensors = swap_halves(name, module.tensors) if parts[0].swap_halves else dict(module.tensors)
+            pieces.append(_Piece(parts[0].component, parts[0].path, tensors))
             continue
         rows = [names.scale_rows(p.module_rows, net.scale) for p in parts]
         out = module[UP].shape[0]
