@@ -268,11 +268,15 @@ def info_command(files, as_json, with_hashes, verify, verbose):
 @click.option("--arch", type=click.Choice(["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]), default="auto", show_default=True,
               help="Architecture of the inputs when detection cannot tell.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True, help="Files converted in parallel processes.")
+@click.option("--fsync", "fsync", is_flag=True,
+              help="Flush each output to disk before printing its path, so a power cut cannot lose it. Without it "
+                   "outputs are still written to a temporary file and renamed (never partial after an error or "
+                   "Ctrl-C), and the system writes them back in its own time, as cp does.")
 @save_dtype_option(fp8=True)
 @overwrite_option
 @json_option
 @verbosity_options
-def convert_command(inputs, output, output_dir, target, fold, component, arch, jobs, save_dtype, overwrite, as_json,
+def convert_command(inputs, output, output_dir, target, fold, component, arch, jobs, fsync, save_dtype, overwrite, as_json,
                     quiet, verbose):
     """Rewrite networks in another key layout (kohya, diffusers, peft) and/or dtype, or cast checkpoints.
 
@@ -301,7 +305,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
     if output is not None and len(sources) > 1:
         raise click.UsageError(f"-o takes one input ({len(sources)} given); use --output-dir DIR")
     options = ConvertOptions(target=target, save_dtype=parse_save_dtype(save_dtype), fold=fold, component=component,
-                             arch=None if arch == "auto" else arch, overwrite=overwrite)
+                             arch=None if arch == "auto" else arch, overwrite=overwrite, fsync=fsync)
     pairs = plan_outputs(sources, output, output_dir, target)
 
     def done(result) -> None:

@@ -41,6 +41,7 @@ class ConvertOptions:
     component: str | None = None  # peft: unet | te | te1 | te2 | te3
     arch: str | None = None
     overwrite: bool = False
+    fsync: bool = False  # flush each output to disk before reporting it (durable against power loss)
 
 
 @dataclass
@@ -150,7 +151,8 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         if made_folder:
             adapter.parent.mkdir()
         try:
-            _write_peft(adapter, config_path, converted.tensors, meta, converted.adapter_config, options.overwrite)
+            _write_peft(adapter, config_path, converted.tensors, meta, converted.adapter_config, options.overwrite,
+                        durable=options.fsync)
         except BaseException:
             if made_folder and not any(adapter.parent.iterdir()):
                 adapter.parent.rmdir()
@@ -158,30 +160,35 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.outputs = [adapter, config_path]
     else:
         meta = _metadata(stored, source, options.target, converted.metadata, net.data_sha256, net.arch)
-        write_network(output, converted.tensors, meta, overwrite=options.overwrite)
+        write_network(output, converted.tensors, meta, overwrite=options.overwrite, durable=options.fsync)
         result.outputs = [output]
     result.seconds = time.perf_counter() - started
     return result
 
 
-def write_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, overwrite: bool) -> None:
+def write_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, overwrite: bool,
+                  durable: bool = True) -> None:
     """Write a network atomically with fresh sshs_model_hash / sshs_legacy_hash (hashed as written)."""
     entries = [plan_entry(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
-    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite, sshs=True)
+    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite, sshs=True, durable=durable)
     with writer:
         for name in writer.order:
             writer.write(name, tensors[name])
 
 
-def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, overwrite: bool) -> None:
+def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, overwrite: bool, durable: bool = True) -> None:
     """Write the adapter and its config; the config appears only once the adapter is complete."""
     check_output_path(adapter, overwrite)
     if config_path.exists() and not overwrite:
         raise OutputExistsError(f"{config_path}: already exists (use --overwrite to replace it)")
     temp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
     try:
-        temp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_network(adapter, tensors, metadata, overwrite=overwrite)
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        write_network(adapter, tensors, metadata, overwrite=overwrite, durable=durable)
         try:
             os.replace(temp, config_path)
         except OSError:
@@ -195,7 +202,7 @@ def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, ove
 _SCALED_FP8_MARKERS = ("scaled_fp8", ".scale_weight", ".weight_scale", ".input_scale")
 
 
-def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool = False) -> FileResult:
+def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool = False, durable: bool = True) -> FileResult:
     """Write `source` with every floating tensor in `dtype`, streaming tensor by tensor.
 
     Integer and bool tensors keep their dtype; fp8 targets saturate to the format's finite range.
@@ -234,9 +241,9 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
 
         if "sshs_model_hash" in stored:
             tensors = {name: produce(name) for name in infos}
-            write_network(output, tensors, meta, overwrite=overwrite)
+            write_network(output, tensors, meta, overwrite=overwrite, durable=durable)
         else:
-            writer = SafetensorsWriter(output, planned, meta, overwrite=overwrite)
+            writer = SafetensorsWriter(output, planned, meta, overwrite=overwrite, durable=durable)
             with writer:
                 for name in writer.order:
                     writer.write(name, produce(name))
@@ -253,7 +260,7 @@ def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
         if options.target is None:
             if options.save_dtype is None:
                 raise LytoolsError("nothing to do: give --to LAYOUT and/or --save-dtype DTYPE")
-            return cast_file(source, output, options.save_dtype, overwrite=options.overwrite)
+            return cast_file(source, output, options.save_dtype, overwrite=options.overwrite, durable=options.fsync)
         if options.target not in TARGETS:
             raise LytoolsError(f"unknown target layout {options.target!r} (kohya, diffusers, peft)")
         return convert_file(source, output, options)
