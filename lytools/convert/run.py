@@ -160,17 +160,22 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.outputs = [adapter, config_path]
     else:
         meta = _metadata(stored, source, options.target, converted.metadata, net.data_sha256, net.arch)
-        write_network(output, converted.tensors, meta, overwrite=options.overwrite, durable=options.fsync)
+        write_network(output, converted.tensors, meta, overwrite=options.overwrite, durable=options.fsync,
+                      sshs=options.target == "kohya")
         result.outputs = [output]
     result.seconds = time.perf_counter() - started
     return result
 
 
 def write_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, overwrite: bool,
-                  durable: bool = True) -> None:
-    """Write a network atomically with fresh sshs_model_hash / sshs_legacy_hash (hashed as written)."""
+                  durable: bool = True, sshs: bool = True) -> None:
+    """Write a network atomically, with fresh sshs_model_hash / sshs_legacy_hash (hashed as written)
+    or, with sshs=False, none: diffusers and peft never read them, and A1111/Forge hash the file
+    themselves (the same data-section SHA-256) when a network has none. Stale ones are never kept."""
     entries = [plan_entry(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
-    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite, sshs=True, durable=durable)
+    if not sshs:
+        metadata = {key: value for key, value in metadata.items() if not key.startswith("sshs_")}
+    writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite, sshs=sshs, durable=durable)
     with writer:
         for name in writer.order:
             writer.write(name, tensors[name])
@@ -188,7 +193,7 @@ def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, ove
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
-        write_network(adapter, tensors, metadata, overwrite=overwrite, durable=durable)
+        write_network(adapter, tensors, metadata, overwrite=overwrite, durable=durable, sshs=False)
         try:
             os.replace(temp, config_path)
         except OSError:

@@ -1,4 +1,4 @@
-"""Durability of convert outputs: atomic always, fsynced only with --fsync."""
+"""How convert writes: atomic always, fsynced only with --fsync; which outputs carry sshs hashes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from lytools.io import SafetensorsWriter, plan_entry, read_header
+from lytools.io import SafetensorsWriter, open_file, plan_entry, read_header, with_sshs_hashes
 from lytools.testing import build_network
 from tests.test_convert import run_cli
 
@@ -53,3 +53,22 @@ def test_convert_fsync_flag(tmp_path, capsys, monkeypatch, flag, target):
     per_file = 3 if target == "peft" else 2  # peft also syncs its adapter_config.json
     assert len(calls) == (per_file * 2 if flag else 0)
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("target", ["kohya", "diffusers", "peft"])
+def test_sshs_hashes_fresh_for_kohya_absent_for_diffusers_and_peft(tmp_path, capsys, target):
+    source = build_network(tmp_path / "n.safetensors", "sd1", rank=4,
+                           metadata={"ss_network_dim": "4", "sshs_model_hash": "stale", "sshs_legacy_hash": "stale"})
+    out = tmp_path / "o.safetensors"
+    extra = ["--component", "unet"] if target == "peft" else []
+    assert run_cli(capsys, "convert", str(source), "-o", str(out), "--to", target, *extra)[0] == 0
+    with open_file(out) as reader:
+        meta = dict(reader.metadata)
+        tensors = {key: reader.get(key).clone() for key in reader.keys()}
+    if target == "kohya":
+        fresh = with_sshs_hashes(tensors, meta)
+        assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == (fresh["sshs_model_hash"], fresh["sshs_legacy_hash"])
+        assert meta["sshs_model_hash"] != "stale"
+    else:
+        assert not [key for key in meta if key.startswith("sshs_")]
+    assert meta["ss_network_dim"] == "4"
