@@ -241,3 +241,17 @@ def test_comfy_linear1_qkv_is_the_first_rows_of_linear1(tmp_path):
     fused = net.modules["lora_unet_single_blocks_1_linear1"]
     assert torch.equal(fused["lora_up.weight"][:1152], tensors["diffusion_model.single_blocks.1.linear1_qkv.lora_up.weight"])
     assert not fused["lora_up.weight"][1152:].any() and float(fused["alpha"]) == 2.0
+
+
+def test_peft_paths_follow_the_wrapped_model_class():
+    from lytools.convert.names import peft_path
+
+    path = "text_model.encoder.layers.0.self_attn.q_proj"
+    # CLIPTextModel (transformers 5: no text_model level) for SD1/SD2/SDXL te1/Flux te1
+    for arch in ("sd1", "sd2", "sdxl", "flux"):
+        assert peft_path(arch, "text_encoder", path) == "encoder.layers.0.self_attn.q_proj"
+    # CLIPTextModelWithProjection keeps it: SDXL te2, SD3 te1 and te2; T5 and denoiser paths never change
+    assert peft_path("sdxl", "text_encoder_2", path) == path
+    assert peft_path("sd3", "text_encoder", path) == peft_path("sd3", "text_encoder_2", path) == path
+    assert peft_path("flux", "text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q") == "encoder.block.0.layer.0.SelfAttention.q"
+    assert peft_path("sd1", "unet", "down_blocks.0.attentions.0.proj_in") == "down_blocks.0.attentions.0.proj_in"

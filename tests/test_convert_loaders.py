@@ -220,3 +220,58 @@ def test_peft_saved_dora_converts_to_kohya_and_back(tmp_path):
         if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
             name = candidates("sd1", "unet." + path)[0].module
             assert torch.equal(module.lora_magnitude_vector["default"].weight.detach().flatten(), magnitudes[name].flatten())
+
+
+# -- peft text-encoder adapters -----------------------------------------------------------------------------
+TE_CASES = {  # (arch, --component): (diffusers component, width, layers, CLIPTextModelWithProjection)
+    ("sd1", "te"): ("text_encoder", 768, 12, False),
+    ("sdxl", "te1"): ("text_encoder", 768, 12, False),
+    ("sdxl", "te2"): ("text_encoder_2", 1280, 32, True),
+}
+
+
+@pytest.mark.parametrize("arch, component", sorted(TE_CASES))
+def test_peft_text_encoder_adapter_loads_in_transformers_model(tmp_path, arch, component):
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    prefix, width, layers, projection = TE_CASES[(arch, component)]
+    source = build_network(tmp_path / "k.safetensors", arch, factor=FACTOR, rank=4, alpha=3.0, components=[component])
+    out = tmp_path / "adapter"
+    # CLIP-L alone fits SD1/SDXL/SD3/Flux: say which
+    convert_file(source, out, ConvertOptions(target="peft", component=component, fold=False, arch=arch))
+    config = json.loads((out / "adapter_config.json").read_text())
+    state = load_file(out / "adapter_model.safetensors")
+    model = tiny_clip(width, layers, projection)
+    module_names = {name for name, _ in model.named_modules()}
+    # transformers 5: CLIPTextModel has no `text_model.` level, CLIPTextModelWithProjection keeps it
+    assert ("text_model.encoder.layers.0.mlp.fc1" in module_names) == projection
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**config))
+    loaded = set_peft_model_state_dict(wrapped, state)
+    assert not loaded.unexpected_keys
+    assert not [key for key in loaded.missing_keys if "lora_" in key]
+    found = lora_layers(wrapped.base_model.model, "default", prefix, arch)
+    ours = {name: change for name, change in our_deltas(source).items() if name.startswith(f"lora_{component}_")}
+    assert len(found) == 6 * layers
+    assert_deltas_match(found, ours)
+    # the folder loads as a whole too, and converts back to the same kohya tensors (either spelling)
+    model = peft.PeftModel.from_pretrained(tiny_clip(width, layers, projection), str(out))
+    assert_deltas_match(lora_layers(model.base_model.model, "default", prefix, arch), ours)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    respelled = {(k.replace("base_model.model.encoder.", "base_model.model.text_model.encoder.") if not projection
+                  else k.replace("base_model.model.text_model.", "base_model.model.")): v for k, v in state.items()}
+    assert respelled != state
+    from safetensors.torch import save_file
+
+    save_file(respelled, other / "adapter_model.safetensors")
+    original = load_network(source)
+    for adapter in (out, other):
+        back = tmp_path / f"back-{adapter.name}.safetensors"
+        convert_file(adapter / "adapter_model.safetensors", back, ConvertOptions(target="kohya", arch=arch))
+        net = load_network(back)
+        assert set(net.modules) == set(original.modules)
+        for name, module in original.modules.items():
+            for suffix, tensor in module.tensors.items():
+                assert torch.equal(net.modules[name][suffix], tensor), f"{adapter.name}: {name}.{suffix}"

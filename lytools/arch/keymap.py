@@ -36,36 +36,40 @@ class Encoder:
     style: str  # ldm | sgm | bfl | mmdit (denoisers); hf | openclip | t5 (text encoders)
     diffusers: str  # diffusers pipeline component: unet, transformer, text_encoder, ...
     comfy: str  # ComfyUI-native prefix: diffusion_model., text_encoders.clip_l.transformer., ...
+    model_class: str = ""  # the diffusers/transformers class the pipeline loads the component as
 
 
-def _unet(style: str, diffusers: str) -> Encoder:
-    return Encoder("unet", "lora_unet_", UNET_PREFIX, style, diffusers, "diffusion_model.")
+def _unet(style: str, diffusers: str, model_class: str) -> Encoder:
+    return Encoder("unet", "lora_unet_", UNET_PREFIX, style, diffusers, "diffusion_model.", model_class)
+
+
+_CLIP, _CLIP_PROJ, _T5 = "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"
 
 
 ENCODERS: dict[str, tuple[Encoder, ...]] = {
     "sd1": (
-        _unet("ldm", "unet"),
-        Encoder("te", "lora_te_", "cond_stage_model.transformer.", "hf", "text_encoder", "text_encoders.clip_l.transformer."),
+        _unet("ldm", "unet", "UNet2DConditionModel"),
+        Encoder("te", "lora_te_", "cond_stage_model.transformer.", "hf", "text_encoder", "text_encoders.clip_l.transformer.", _CLIP),
     ),
     "sd2": (
-        _unet("ldm", "unet"),
-        Encoder("te", "lora_te_", "cond_stage_model.model.", "openclip", "text_encoder", "text_encoders.clip_h.transformer."),
+        _unet("ldm", "unet", "UNet2DConditionModel"),
+        Encoder("te", "lora_te_", "cond_stage_model.model.", "openclip", "text_encoder", "text_encoders.clip_h.transformer.", _CLIP),
     ),
     "sdxl": (
-        _unet("sgm", "unet"),
-        Encoder("te1", "lora_te1_", "conditioner.embedders.0.transformer.", "hf", "text_encoder", "text_encoders.clip_l.transformer."),
-        Encoder("te2", "lora_te2_", "conditioner.embedders.1.model.", "openclip", "text_encoder_2", "text_encoders.clip_g.transformer."),
+        _unet("sgm", "unet", "UNet2DConditionModel"),
+        Encoder("te1", "lora_te1_", "conditioner.embedders.0.transformer.", "hf", "text_encoder", "text_encoders.clip_l.transformer.", _CLIP),
+        Encoder("te2", "lora_te2_", "conditioner.embedders.1.model.", "openclip", "text_encoder_2", "text_encoders.clip_g.transformer.", _CLIP_PROJ),
     ),
     "sd3": (
-        _unet("mmdit", "transformer"),
-        Encoder("te1", "lora_te1_", "text_encoders.clip_l.transformer.", "hf", "text_encoder", "text_encoders.clip_l.transformer."),
-        Encoder("te2", "lora_te2_", "text_encoders.clip_g.transformer.", "hf", "text_encoder_2", "text_encoders.clip_g.transformer."),
-        Encoder("te3", "lora_te3_", "text_encoders.t5xxl.transformer.", "t5", "text_encoder_3", "text_encoders.t5xxl.transformer."),
+        _unet("mmdit", "transformer", "SD3Transformer2DModel"),
+        Encoder("te1", "lora_te1_", "text_encoders.clip_l.transformer.", "hf", "text_encoder", "text_encoders.clip_l.transformer.", _CLIP_PROJ),
+        Encoder("te2", "lora_te2_", "text_encoders.clip_g.transformer.", "hf", "text_encoder_2", "text_encoders.clip_g.transformer.", _CLIP_PROJ),
+        Encoder("te3", "lora_te3_", "text_encoders.t5xxl.transformer.", "t5", "text_encoder_3", "text_encoders.t5xxl.transformer.", _T5),
     ),
     "flux": (
-        _unet("bfl", "transformer"),
-        Encoder("te1", "lora_te1_", "text_encoders.clip_l.transformer.", "hf", "text_encoder", "text_encoders.clip_l.transformer."),
-        Encoder("te3", "lora_te3_", "text_encoders.t5xxl.transformer.", "t5", "text_encoder_2", "text_encoders.t5xxl.transformer."),
+        _unet("bfl", "transformer", "FluxTransformer2DModel"),
+        Encoder("te1", "lora_te1_", "text_encoders.clip_l.transformer.", "hf", "text_encoder", "text_encoders.clip_l.transformer.", _CLIP),
+        Encoder("te3", "lora_te3_", "text_encoders.t5xxl.transformer.", "t5", "text_encoder_2", "text_encoders.t5xxl.transformer.", _T5),
     ),
 }
 

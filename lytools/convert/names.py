@@ -129,6 +129,18 @@ def diffusers_parts(arch: str) -> dict[str, tuple[DiffusersPart, ...]]:
     }
 
 
+def peft_path(arch: str, component: str, path: str) -> str:
+    """Return a module's path inside the model a peft adapter of `component` wraps.
+
+    transformers 5's CLIPTextModel holds its layers directly (`encoder.layers.0…`, no `text_model.`
+    level), while CLIPTextModelWithProjection (SDXL te2, SD3 te1/te2) keeps `text_model.`; diffusers
+    component paths always carry it. Reading accepts both spellings (candidates)."""
+    encoder = next((e for e in ENCODERS.get(arch, ()) if e.diffusers == component), None)
+    if encoder is not None and encoder.model_class == "CLIPTextModel" and path.startswith("text_model."):
+        return path[len("text_model."):]
+    return path
+
+
 def component_of(arch: str, module: str) -> str | None:
     """Return the component (unet, te, te1, ...) of a canonical module name from its kohya prefix."""
     for encoder in sorted(ENCODERS.get(arch, ()), key=lambda e: -len(e.kohya_prefix)):

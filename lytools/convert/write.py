@@ -10,7 +10,8 @@ diffusers  `<component>.<path>.lora_A.weight` / `.lora_B.weight`, DoRA `lora_mag
            says lora_alpha = r; with fold=False the factors are kept to the bit and the metadata
            carries lora_alpha / alpha_pattern / rank_pattern so the scale is the same.
 peft       `base_model.model.<path>.lora_A.weight`, one component per adapter, and the
-           adapter_config.json peft needs for the scale (same fold rule).
+           adapter_config.json peft needs for the scale (same fold rule); paths as the wrapped
+           model names them (transformers 5's CLIPTextModel has no `text_model.` level).
 Only LoRA/LoCon (with output-axis DoRA) exists in the diffusers and peft layouts: other
 algorithms, Tucker `lora_mid` and input-axis DoRA are an error naming the modules.
 """
@@ -266,9 +267,10 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
     use_dora = False
     for piece in pieces:
         factors, alpha = _piece_factors(f"{piece.component}.{piece.path}", piece.tensors, fold, save_dtype)
+        path = names.peft_path(net.arch, piece.component, piece.path)
         for suffix, tensor in factors.items():
-            tensors[f"base_model.model.{piece.path}.{suffix}"] = tensor
-        entries.append((piece.path, int(piece.tensors[DOWN].shape[0]), alpha))
+            tensors[f"base_model.model.{path}.{suffix}"] = tensor
+        entries.append((path, int(piece.tensors[DOWN].shape[0]), alpha))
         use_dora |= DORA in piece.tensors
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
@@ -276,6 +278,8 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
         "modules_to_save": None, **lora_config(entries, use_dora),
     }
     result = Converted(tensors, {}, adapter_config=config)
+    if any(names.peft_path(net.arch, p.component, p.path) != p.path for p in pieces):
+        result.notes.append("text-encoder paths as transformers 5's CLIPTextModel names them (no `text_model.` level)")
     if skipped:
         result.notes.append(f"left out the {', '.join(skipped)} modules (--component {component})")
     if net.stray:
