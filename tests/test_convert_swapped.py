@@ -104,8 +104,14 @@ def test_swap_halves_reorders_rows_only():
     changed = swap_halves("m", loha)
     product = lambda t: (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])  # noqa: E731
     assert torch.equal(product(changed), halves_swapped(product(loha)))
-    with pytest.raises(UnsupportedError, match="lokr_w1"):
-        swap_halves("m", {"lokr_w1": torch.ones(2, 2), "lokr_w2": torch.ones(4, 3)})
+    kron = lambda t: torch.kron(t.get("lokr_w1", t.get("lokr_w1_a")), t["lokr_w2"])  # noqa: E731
+    for first_rows in (2, 4, 1):  # even row blocks in w1, or one row in w1: the rows of w2 turn
+        lokr = {"lokr_w1": torch.randn(first_rows, 2, generator=generator), "lokr_w2": torch.randn(6, 3, generator=generator)}
+        assert torch.equal(kron(swap_halves("m", lokr)), halves_swapped(kron(lokr)))
+    with pytest.raises(UnsupportedError, match="3 x 6 row blocks"):
+        swap_halves("m", {"lokr_w1": torch.ones(3, 2), "lokr_w2": torch.ones(6, 3)})
+    with pytest.raises(UnsupportedError, match="oft_blocks"):
+        swap_halves("m", {"oft_blocks": torch.ones(2, 4, 4), "alpha": torch.tensor(1.0)})
     with pytest.raises(UnsupportedError, match="7 output rows"):
         swap_halves("m", {"lora_down.weight": torch.ones(1, 3), "lora_up.weight": torch.ones(7, 1)})
 

@@ -197,6 +197,25 @@ def fold_scale(name: str, tensors: Tensors) -> dict[str, torch.Tensor]:
 # suffixes whose first axis is ΔW's output rows, and those that do not see the row order
 _ROW_SUFFIXES = frozenset({UP, "hada_w1_a", "hada_w2_a", "diff", "diff_b"})
 _ROWLESS_SUFFIXES = frozenset({DOWN, MID, ALPHA, "hada_w1_b", "hada_w2_b"})
+_LOKR_SUFFIXES = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", ALPHA})
+
+
+def _lokr_rows(name: str, tensors: Tensors) -> tuple[str, int]:
+    """Return (the factor whose rows to swap, ΔW rows) of a LoKr module. Rows of kron(w1, w2) are
+    i·b + j: a half turn is i -> i + a/2 when w1 has an even row count a, j -> j + b/2 when a = 1."""
+    first = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
+    second = "lokr_w2" if "lokr_w2" in tensors else "lokr_w2_a"
+    if first not in tensors or second not in tensors:
+        raise UnsupportedError(f"module {name}: an incomplete LoKr module")
+    a, b = int(tensors[first].shape[0]), int(tensors[second].shape[0])
+    if a % 2 == 0:
+        return first, a * b
+    if a == 1 and "lokr_t2" not in tensors:
+        return second, b
+    raise UnsupportedError(
+        f"module {name}: its output rows are stored in the other [shift; scale] order and a LoKr with "
+        f"{a} x {b} row blocks cannot be reordered exactly; flatten it to LoRA first with `lytools resize`"
+    )
 
 
 def swap_halves(name: str, tensors: Tensors) -> dict[str, torch.Tensor]:
@@ -204,24 +223,36 @@ def swap_halves(name: str, tensors: Tensors) -> dict[str, torch.Tensor]:
 
     diffusers stores the Flux/SD3 final adaLN modulation (and SD3's last context one) as
     [scale; shift] where BFL/SD3 store [shift; scale] (FORMATS.md 2.1). The exchange is its own
-    inverse and only moves rows (LoRA `up`, LoHa `w1_a`/`w2_a`, full `diff`, an output-axis DoRA
-    magnitude), so it is exact to the bit; `down` and an input-axis magnitude do not change.
+    inverse and only moves rows (LoRA `up`, LoHa `w1_a`/`w2_a`, LoKr `w1` (or `w2` when w1 has one
+    row), full `diff`, an output-axis DoRA magnitude), so it is exact to the bit; `down` and an
+    input-axis magnitude do not change.
     """
-    others = sorted(set(tensors) - _ROW_SUFFIXES - _ROWLESS_SUFFIXES - {DORA})
-    rowed = [suffix for suffix in tensors if suffix in _ROW_SUFFIXES]
-    if others or not rowed:
+    if any(suffix.startswith("lokr_") for suffix in tensors):
+        others = sorted(set(tensors) - _LOKR_SUFFIXES - {DORA})
+        rowed, rows = _lokr_rows(name, tensors)
+        row_suffixes = {rowed}
+    else:
+        others = sorted(set(tensors) - _ROW_SUFFIXES - _ROWLESS_SUFFIXES - {DORA})
+        row_suffixes = {suffix for suffix in tensors if suffix in _ROW_SUFFIXES}
+        rows = int(tensors[min(row_suffixes)].shape[0]) if row_suffixes else 0
+    if others or not row_suffixes:
         raise UnsupportedError(
             f"module {name}: its output rows are stored in the other [shift; scale] order and "
             f"{', '.join(others) or 'its tensors'} cannot be reordered by rows; flatten it to LoRA first with `lytools resize`"
         )
-    rows = int(tensors[rowed[0]].shape[0])
     if rows % 2:
         raise UnsupportedError(f"module {name}: {rows} output rows cannot be split into [shift; scale] halves")
     result = dict(tensors)
     for suffix, tensor in tensors.items():
-        output_axis = suffix in _ROW_SUFFIXES or (suffix == DORA and tensor.shape[0] == rows and tensor.dim() > 0)
-        if output_axis:
-            if tensor.shape[0] != rows:
+        if suffix == DORA and tensor.dim() > 0 and tensor.shape[0] == rows:
+            result[suffix] = _half_turn(tensor)
+        elif suffix in row_suffixes:
+            if suffix in _ROW_SUFFIXES and tensor.shape[0] != rows:
                 raise UnsupportedError(f"module {name}: {suffix} has {tensor.shape[0]} rows, the module {rows}")
-            result[suffix] = torch.cat([tensor[rows // 2:], tensor[:rows // 2]]).contiguous()
+            result[suffix] = _half_turn(tensor)
     return result
+
+
+def _half_turn(tensor: torch.Tensor) -> torch.Tensor:
+    half = tensor.shape[0] // 2
+    return torch.cat([tensor[half:], tensor[:half]]).contiguous()
