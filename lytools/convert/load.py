@@ -11,7 +11,6 @@ peft/diffusers config), split q/k/v parts are fused exactly into their kohya mod
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -353,14 +352,14 @@ _DETECTED: dict[tuple, NetworkArch] = {}
 
 def _detect(shapes: dict[str, tuple[int, ...]], metadata: Mapping[str, str]) -> NetworkArch:
     """detect_network, remembered per key set and claimed architecture (the only part of the
-    metadata it reads): the files of one batch usually share them."""
+    metadata it reads): the files of one batch usually share them. The result is shared: read only."""
     key = (tuple(sorted(shapes.items())), arch_from_metadata(metadata))
     found = _DETECTED.get(key)
     if found is None:
         if len(_DETECTED) >= 64:
             _DETECTED.clear()
         found = _DETECTED[key] = detect_network(shapes, metadata)
-    return copy.deepcopy(found)  # callers may change its lists
+    return found  # shared by every file with these keys: read it, never change it
 
 
 def _pick(arch: str, stored: str, tensors: dict[str, torch.Tensor], scale: int) -> names.Canonical | None:

@@ -30,6 +30,8 @@ from lytools.io.writer import (
 )
 
 CHUNK = 8 << 20
+__all__ = ["LEGACY_LENGTH", "LEGACY_OFFSET", "CHUNK", "FileHashes", "file_hashes", "sd_scripts_hashes", "with_sshs_hashes",
+           "modelspec_hash"]
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,31 @@ def read_header(path: str | os.PathLike) -> Header:
     return _validate(path, header_len, file_size, parsed)
 
 
+_WHOLE_BYTE_SIZES = {name: int(size) for name, size in ITEM_SIZES.items() if size.denominator == 1}
+
+
+def _plain_entry(name: str, entry: object) -> TensorInfo | None:
+    """Return the TensorInfo of an entry with exactly dtype/shape/data_offsets, a whole-byte dtype,
+    non-negative int dims and offsets spanning exactly its bytes; None for anything else."""
+    if type(entry) is not dict or len(entry) != 3 or not name or "\x00" in name:
+        return None
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    item = _WHOLE_BYTE_SIZES.get(dtype) if type(dtype) is str else None
+    if item is None or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    begin, end = offsets
+    if type(begin) is not int or type(end) is not int or begin < 0:
+        return None
+    count = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            return None
+        count *= dim
+    if end - begin != item * count:
+        return None
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
 def _validate(path: Path, header_len: int, file_size: int, parsed: dict) -> Header:
     metadata: dict[str, str] = {}
     raw_meta = parsed.pop("__metadata__", None)
@@ -151,6 +176,10 @@ def _validate(path: Path, header_len: int, file_size: int, parsed: dict) -> Head
     tensors: dict[str, TensorInfo] = {}
     extra: dict[str, list[str]] = {}
     for name, entry in parsed.items():
+        info = _plain_entry(name, entry)
+        if info is not None:  # the common case, checked in one go; anything else gets the detailed checks
+            tensors[name] = info
+            continue
         if not name or "\x00" in name:
             raise _fail(path, f"invalid tensor name {name!r}")
         if not isinstance(entry, dict):
