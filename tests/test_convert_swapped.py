@@ -225,3 +225,20 @@ def test_extract_from_diffusers_layout_files_gives_bfl_rows(tmp_path):
         expected = lora_change(ours["lora_up.weight"], ours["lora_down.weight"])
         got = lora_change(found["lora_up.weight"], found["lora_down.weight"], float(found["alpha"]) / found["lora_down.weight"].shape[0])
         assert float((got - expected).norm() / expected.norm()) < 1e-3, name
+
+
+def test_flux_output_equals_diffusers_own_kohya_conversion(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    modules = [FINAL, "lora_unet_final_layer_linear", "lora_unet_double_blocks_0_txt_mod_lin"]
+    kohya = build_network(tmp_path / "k.safetensors", "flux", factor=FACTOR, rank=4, alpha=4.0, modules=modules, seed=1,
+                          dtype=torch.float32)  # alpha = rank: diffusers' converter then keeps the factors as they are
+    theirs = diffusers.FluxPipeline.lora_state_dict(str(kohya))
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    convert_file(kohya, tmp_path / "d.safetensors", ConvertOptions(target="diffusers", fold=False))
+    ours = read_tensors(tmp_path / "d.safetensors")
+    assert len(ours) == 6
+    for key, tensor in ours.items():
+        # diffusers 0.42 leaves the `transformer.` prefix off the final-layer keys it converts
+        other = theirs.get(key, theirs.get(key.removeprefix("transformer.")))
+        assert other is not None and torch.equal(other, tensor), key
