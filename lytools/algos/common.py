@@ -139,7 +139,8 @@ def read_scalar(name: str, suffix: str, tensor: torch.Tensor) -> float:
     """Return float(tensor.flatten()[0]) for a 0-d or (1,) tensor of any dtype."""
     if tensor.numel() < 1:
         raise fail(name, f"{suffix} is empty")
-    value = float(tensor.detach().flatten()[0].to("cpu", torch.float64))
+    first = tensor if tensor.numel() == 1 else tensor.detach().reshape(-1)[0]
+    value = float(first.item())  # exact for every float dtype (fp16, bf16 and fp8 widen to double exactly)
     if not math.isfinite(value):
         raise fail(name, f"{suffix} is {value}")
     return value
