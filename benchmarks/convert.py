@@ -1,7 +1,7 @@
 """Batch convert throughput: N synthetic full-size SD1 LoRAs, kohya -> diffusers with --jobs 2,
 against a plain file copy of the same files in the same run (target: >= 70% of copy throughput).
 
-    flock /tmp/lytools-heavy.lock /work/venv/bin/python -m benchmarks.convert [--files 200] [--rank 16] [--jobs 2]
+    flock /tmp/lytools-heavy.lock /work/venv/bin/python -m benchmarks.convert [--files 200] [--rank 16] [--jobs 2] [--rounds 3]
 
 Contenders (each in its own child process, inputs warm in the page cache for all of them, and
 `sync` run before each so none pays for the dirty pages another left behind):
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -124,6 +125,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="Times each contender runs (this machine's disk and "
+                        "page cache vary a lot from one run to the next).")
     parser.add_argument("--keep", action="store_true", help="Keep the files under /tmp/lytools-bench-convert.")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # build | check, run in a child process
     args = parser.parse_args()
@@ -145,32 +148,46 @@ def main() -> None:
         print(f"inputs: {args.files} SD1 LoRAs, rank {args.rank}, alpha {args.rank / 2:g}, fp16, "
               f"{human_bytes(total / args.files)} each, {human_bytes(total)} in all (built in {time.perf_counter() - started:.1f} s)")
         listing = "\n".join(str(p) for p in sorted(src.iterdir())) + "\n"
-        rows = []
         lytools = [sys.executable, "-m", "lytools", "convert", "-", "--output-dir", None, "--to", "diffusers",
                    "--jobs", str(args.jobs), "-q"]
-        for label, command, stdin in (
+        contenders = (
             ("copy (shutil.copyfile)", [sys.executable, "-c", COPY_SCRIPT, str(src), None, "0"], None),
             ("copy + fsync per file", [sys.executable, "-c", COPY_SCRIPT, str(src), None, "1"], None),
             (f"lytools convert --jobs {args.jobs}", lytools, listing),
             (f"lytools convert --jobs {args.jobs} --fsync", lytools + ["--fsync"], listing),
-        ):
-            out = fresh(WORK / f"out{len(rows)}")
-            command = [str(out) if part is None else part for part in command]
-            for row in rows:  # the previous contender's outputs go before this one starts
-                shutil.rmtree(row[3], ignore_errors=True)
-            warm(src)
-            os.sync()
-            seconds, peak, cpu = run_child(command, stdin)
-            rows.append((label, seconds, peak, out, cpu))
-        copy_seconds = rows[0][1]
-        print(f"{'contender':<34} {'wall s':>8} {'MB/s':>9} {'vs copy':>8} {'CPU s':>7} {'peak RSS':>11}")
-        for label, seconds, peak, _, cpu in rows:
-            print(f"{label:<34} {seconds:8.2f} {total / seconds / 1e6:9.1f} {copy_seconds / seconds:8.1%} {cpu:7.1f} {human_bytes(peak):>11}")
-        convert_seconds, durable_seconds = rows[2][1], rows[3][1]
-        print(f"lytools convert throughput = {copy_seconds / convert_seconds:.1%} of plain copy; target >= 70%")
-        print(f"lytools convert --fsync throughput = {rows[1][1] / durable_seconds:.1%} of copy + fsync "
-              f"({copy_seconds / durable_seconds:.1%} of plain copy)")
-        worst = float(subprocess.run(me + ["check", str(src), str(rows[-1][3])], check=True, capture_output=True, text=True,
+        )
+        runs: dict[str, list[tuple[float, int, float]]] = {label: [] for label, _, _ in contenders}
+        last_out = None
+        for round_index in range(args.rounds):
+            for label, command, stdin in contenders:
+                if last_out is not None:  # the previous contender's outputs go before this one starts
+                    shutil.rmtree(last_out, ignore_errors=True)
+                out = last_out = fresh(WORK / f"out-{round_index}-{len(runs[label])}-{label.split()[0]}")
+                command = [str(out) if part is None else part for part in command]
+                warm(src)
+                os.sync()
+                runs[label].append(run_child(command, stdin))
+        labels = [label for label, _, _ in contenders]
+        print(f"{args.rounds} rounds, each contender once per round in this order; per contender the median "
+              f"wall time, its range, and the median of its per-round ratio to that round's plain copy")
+        print(f"{'contender':<34} {'wall s':>8} {'range s':>13} {'MB/s':>9} {'vs copy':>8} {'CPU s':>7} {'peak RSS':>11}")
+        copies = [seconds for seconds, _, _ in runs[labels[0]]]
+        ratios = {}
+        for label in labels:
+            walls = [seconds for seconds, _, _ in runs[label]]
+            ratios[label] = statistics.median(copy / wall for copy, wall in zip(copies, walls))
+            cpu = statistics.median(c for _, _, c in runs[label])
+            peak = max(p for _, p, _ in runs[label])
+            wall = statistics.median(walls)
+            print(f"{label:<34} {wall:8.2f} {min(walls):6.2f}-{max(walls):<6.2f} {total / wall / 1e6:9.1f} "
+                  f"{ratios[label]:8.1%} {cpu:7.1f} {human_bytes(peak):>11}")
+        per_round = ", ".join(f"{copy / wall:.0%}" for copy, (wall, _, _) in zip(copies, runs[labels[2]]))
+        print(f"lytools convert throughput = {ratios[labels[2]]:.1%} of plain copy (median; rounds: {per_round}); "
+              f"target >= 70%")
+        durable = statistics.median(c[0] / d[0] for c, d in zip(runs[labels[1]], runs[labels[3]]))
+        print(f"lytools convert --fsync throughput = {durable:.1%} of copy + fsync (median), "
+              f"{ratios[labels[3]]:.1%} of plain copy")
+        worst = float(subprocess.run(me + ["check", str(src), str(last_out)], check=True, capture_output=True, text=True,
                                      cwd=REPO).stdout.split()[-1])
         print(f"spot check: largest relative ΔW error of converted files {worst:.2e}")
     finally:

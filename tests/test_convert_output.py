@@ -72,3 +72,39 @@ def test_sshs_hashes_fresh_for_kohya_absent_for_diffusers_and_peft(tmp_path, cap
     else:
         assert not [key for key in meta if key.startswith("sshs_")]
     assert meta["ss_network_dim"] == "4"
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux-only")
+def test_batch_reads_the_next_inputs_ahead(tmp_path, monkeypatch):
+    from lytools.convert import run
+
+    sources = [build_network(tmp_path / f"n{i}.safetensors", "sd1", rank=4, seed=i) for i in range(4)]
+    events: list[tuple[str, str]] = []
+    real_advise, real_process = os.posix_fadvise, run.process
+    advised_fds: dict[int, str] = {}
+    real_open = os.open
+
+    def recording_open(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        advised_fds[fd] = os.path.basename(path)
+        return fd
+
+    def advise(fd, offset, length, how):
+        assert how == os.POSIX_FADV_WILLNEED
+        events.append(("ahead", advised_fds[fd]))
+        return real_advise(fd, offset, length, how)
+
+    def process(source, output, options):
+        events.append(("convert", source.name))
+        return real_process(source, output, options)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(run, "process", process)
+    pairs = [(s, tmp_path / f"o{i}.safetensors") for i, s in enumerate(sources)]
+    results = run.run_batch(pairs, run.ConvertOptions(target="diffusers"))
+    assert all(r.error is None for r in results)
+    ahead = [name for kind, name in events if kind == "ahead"]
+    assert sorted(ahead) == sorted(s.name for s in sources)  # each input once
+    for i, source in enumerate(sources[1:], 1):  # every input is hinted before the one before it converts
+        assert events.index(("ahead", source.name)) < events.index(("convert", sources[i - 1].name))
