@@ -182,12 +182,16 @@ from lytools.merge.options import ratios_option  # noqa: E402  (click plumbing f
 @click.option("--conv-rank", type=int, help="The same for kxk conv modules (default: --rank).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (matched modules per input, unmatched ones, output size); write nothing.")
 @click.option("--verify", is_flag=True, help="Reload the output and check it against the intended change.")
+@click.option("--dora-mode", type=click.Choice(["lycoris", "comfy"]), default=None,
+              help="DoRA modules at a ratio other than 1, into a checkpoint: lycoris (default; the reference "
+                   "LyCORIS merge: full direction change, magnitude interpolated) or comfy (ComfyUI: "
+                   "base + ratio x (full DoRA result - base)). Both agree at ratio 1.")
 @device_option
 @save_dtype_option()
 @overwrite_option
 @json_option
 @verbosity_options
-def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv_rank, dry_run, verify, device,
+def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv_rank, dry_run, verify, dora_mode, device,
                   save_dtype, overwrite, as_json, quiet, verbose):
     """Merge networks into a checkpoint (first INPUT a checkpoint), or networks into one network.
     Any algorithm and key style; `-` reads paths from stdin."""
@@ -200,7 +204,7 @@ def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv
     result = run_merge(
         expand_inputs(inputs), output, ratios=parse_ratios(ratios), ratio_for=ratio_for,
         allow_unmatched=allow_unmatched, rank=rank, conv_rank=conv_rank, save_dtype=parse_save_dtype(save_dtype),
-        device=device, dry_run=dry_run, overwrite=overwrite, verify=verify, reporter=reporter,
+        device=device, dry_run=dry_run, overwrite=overwrite, verify=verify, dora_mode=dora_mode, reporter=reporter,
     )
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))

@@ -388,3 +388,41 @@ def test_pickled_base_merges_like_safetensors(sd1, tmp_path):
     from_ckpt, from_st = read_all(tmp_path / "from-ckpt.safetensors"), read_all(tmp_path / "from-st.safetensors")
     assert from_ckpt.keys() == from_st.keys()
     assert all(torch.equal(from_ckpt[k], from_st[k]) for k in from_st)
+
+
+def test_dora_mode_comfy_interpolates_between_base_and_full_result(tmp_path):
+    """--dora-mode comfy: W + m·(W_dora − W), with W_dora the ratio-1 result (ALGORITHMS.md 7)."""
+    ckpt = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=16, components=("clip_l",), dtype=torch.float32)
+    name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    dora = build_network(tmp_path / "dora.safetensors", "sd1", factor=16, rank=4, modules=[name], seed=2, dora=True,
+                         dtype=torch.float32)
+    key = module_table("sd1")[name].key
+    weight = read_all(ckpt)[key]
+    merged = {}
+    for mode, ratio in (("lycoris", 1.0), ("comfy", 1.0), ("lycoris", 0.7), ("comfy", 0.7)):
+        out = tmp_path / f"{mode}-{ratio}.safetensors"
+        result = run_merge([ckpt, dora], out, ratios=[ratio], dora_mode=mode, verify=True)
+        assert result.verification.failures == [] and result.plan.as_dict()["dora_mode"] == mode
+        merged[mode, ratio] = read_all(out)[key]
+    full = merged["lycoris", 1.0]
+    torch.testing.assert_close(merged["comfy", 1.0], full, rtol=1e-6, atol=1e-6)  # the same up to rounding
+    torch.testing.assert_close(merged["comfy", 0.7], weight + 0.7 * (full - weight), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(merged["lycoris", 0.7], merged["comfy", 0.7], rtol=1e-4, atol=1e-5)
+
+
+def test_dora_mode_is_refused_for_network_merges(tmp_path, sd1):
+    _, _, a, b = sd1
+    with pytest.raises(LytoolsError, match="--dora-mode applies when merging into a checkpoint"):
+        run_merge([a, b], tmp_path / "out.safetensors", dora_mode="comfy")
+    with pytest.raises(LytoolsError, match="unknown DoRA mode"):
+        merge_into_checkpoint(sd1[1], [a], tmp_path / "o.safetensors", dora_mode="a1111")
+
+
+def test_dora_mode_on_the_command_line(tmp_path, sd1, capsys):
+    from tests.test_convert import run_cli
+
+    _, ckpt, a, b = sd1
+    code, _, err = run_cli(capsys, "merge", str(a), str(b), "-o", str(tmp_path / "n.safetensors"), "--dora-mode", "comfy")
+    assert code == 1 and "--dora-mode applies when merging into a checkpoint" in err
+    code, out, _ = run_cli(capsys, "merge", str(ckpt), str(a), "--dry-run", "--json", "--dora-mode", "comfy")
+    assert code == 0 and json.loads(out)["dora_mode"] == "comfy"

@@ -47,6 +47,7 @@ def run_merge(
     dry_run: bool = False,
     overwrite: bool = False,
     verify: bool = False,
+    dora_mode: str | None = None,
     reporter: Reporter = QUIET,
 ) -> CheckpointResult | NetworkMergeResult:
     """Merge `inputs` into `output`: a checkpoint first means networks into it, else networks into one."""
@@ -68,7 +69,8 @@ def run_merge(
             raise LytoolsError("--rank/--conv-rank apply when merging networks into one network, not into a checkpoint")
         result = merge_into_checkpoint(
             paths[0], paths[1:], output, ratios=ratios, ratio_for=ratio_for, allow_unmatched=allow_unmatched,
-            save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite, reporter=reporter,
+            save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite,
+            dora_mode=dora_mode or "lycoris", reporter=reporter,
         )
         if verify and not dry_run:
             from lytools.merge.verify import verify_checkpoint
@@ -77,6 +79,8 @@ def run_merge(
             result.verification = verify_checkpoint(result, networks, device)
             result.verification.raise_on_failure(result.output)
         return result
+    if dora_mode is not None:
+        raise LytoolsError("--dora-mode applies when merging into a checkpoint (DoRA needs the base weights)")
     if allow_unmatched:
         raise LytoolsError("--allow-unmatched applies when merging into a checkpoint (the first input is a network)")
     result = merge_networks(

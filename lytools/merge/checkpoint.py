@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from lytools.algos import apply_module
+from lytools.algos.dora import check_mode
 from lytools.device import resolve_device
 from lytools.errors import LytoolsError, MatchError
 from lytools.io import SafetensorsFile, SafetensorsWriter, open_file, plan_entry
@@ -254,7 +255,7 @@ class _Engine:
         network = self.networks[touch.network]
         module, info = network.modules[touch.module], network.infos[touch.module]
         precision = "float64" if working[touch.pieces[0].key].dtype == torch.float64 else "float32"
-        options = dict(device=self.device, precision=precision, info=info)
+        options = dict(device=self.device, precision=precision, info=info, dora_mode=self.plan.dora_mode)
         if len(touch.pieces) == 1 and self._add_plain_lora(touch, module, info, working):
             return
         if len(touch.pieces) == 1:
@@ -379,15 +380,19 @@ def merge_into_checkpoint(
     device: str = "auto",
     dry_run: bool = False,
     overwrite: bool = False,
+    dora_mode: str = "lycoris",
     reporter: Reporter = QUIET,
 ) -> CheckpointResult:
     """Merge networks (any algorithm and key style) into a checkpoint; return what was done.
 
     Each network is applied with its ratio (times every matching `ratio_for` rule), in input
     order. With `dry_run` only the plan is made (headers and network files are read, nothing
-    is written). Errors leave no output file.
+    is written). Errors leave no output file. dora_mode: "lycoris" (the reference: the full
+    direction change, the magnitude interpolated by the ratio) or "comfy" (ComfyUI: the ratio
+    interpolates between the base and the full DoRA result); they agree at ratio 1.
     """
     started = time.perf_counter()
+    check_mode(dora_mode)
     base = Path(base)
     where = resolve_device(device)
     networks = [load_network_input(path, hash_file=not dry_run) for path in network_paths]
@@ -401,6 +406,7 @@ def merge_into_checkpoint(
             base, infos, dict(reader.metadata), networks, rule_set,
             save_dtype=save_dtype, allow_unmatched=allow_unmatched,
         )
+        plan.dora_mode = dora_mode
         for text in rule_set.unused_rules():
             reporter.warn(f"--ratio-for {text} matched no module")
         if plan.unmatched_count:

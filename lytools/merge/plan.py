@@ -91,6 +91,7 @@ class CheckpointPlan:
     inputs: list[InputSummary]
     fp8: Fp8Layout
     ratios: Ratios
+    dora_mode: str = "lycoris"  # how DoRA modules apply at ratios other than 1 (ALGORITHMS.md: DoRA)
 
     @property
     def touched(self) -> list[str]:
@@ -117,6 +118,7 @@ class CheckpointPlan:
                 for s in self.inputs
             ],
             "ratio_for": [[rule.pattern.pattern, rule.factor] for rule in self.ratios.rules],
+            "dora_mode": self.dora_mode,
             "tensors": len(self.out_dtypes),
             "tensors_changed": len(self.touched),
             "tensors_created": self.created,
