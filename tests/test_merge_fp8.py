@@ -133,3 +133,25 @@ def test_requantize_plain_saturates_and_says_so():
     weight = torch.tensor([1.0, 1000.0])
     result = requantize(weight, FP8, None)
     assert result.saturated and float(result.stored.float()[1]) == 448.0
+
+
+@pytest.mark.parametrize("scale_shape", [(3,), (3, 1)])
+def test_requantize_raises_only_the_rows_of_a_per_row_scale_that_need_it(scale_shape):
+    scale = torch.tensor([0.5, 0.01, 2.0]).reshape(scale_shape)
+    weight = torch.tensor([[1.0, -2.0], [-100.0, 3.0], [4.0, 0.5]])  # row 1 needs 100 / 448 > 0.01
+    result = requantize(weight, FP8, scale)
+    assert result.scale_raised and not result.saturated
+    new = result.scale.reshape(-1)
+    assert result.scale.shape == scale.shape and result.scale.dtype == scale.dtype
+    assert float(new[0]) == 0.5 and float(new[2]) == 2.0  # rows that fit keep their scale
+    assert float(new[1]) == pytest.approx(100.0 / 448.0)
+    restored = result.stored.float() * new.reshape(3, 1)
+    torch.testing.assert_close(restored, weight, rtol=0.07, atol=0.02)
+    assert float(result.stored.float().abs().max()) <= 448.0
+
+
+def test_requantize_per_row_scale_that_fits_is_kept():
+    scale = torch.tensor([0.5, 0.25])
+    weight = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    result = requantize(weight, FP8, scale)
+    assert not result.scale_raised and torch.equal(result.scale, scale)

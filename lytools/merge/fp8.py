@@ -1,10 +1,12 @@
 """fp8 checkpoints: plain (the stored value is the weight) and "scaled" (ComfyUI-style: the weight
-is fp8 x a per-tensor scale stored beside it, with a `scaled_fp8` marker key). FORMATS.md 1.2.
+is fp8 x a per-tensor (or per-row) scale stored beside it, with a `scaled_fp8` marker key).
+FORMATS.md 1.2.
 
 Merging dequantizes to float32, adds, and requantizes with the same scale. The scale is raised
-only when the merged weight would saturate fp8 (then the whole tensor is requantized, and it is
-reported). A change smaller than fp8's step disappears on requantization: callers measure that
-with `surviving_share` and report the modules.
+only where the merged weight would saturate fp8 (the whole scale of a per-tensor one, the rows
+that need it of a per-row one; the tensor is then requantized, and it is reported). A change
+smaller than fp8's step disappears on requantization: callers measure that with
+`surviving_share` and report the modules.
 """
 
 from __future__ import annotations
@@ -86,22 +88,26 @@ class Requantized:
 
 
 def requantize(weight: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> Requantized:
-    """Return `weight` stored as fp8 `dtype` with `scale` (raised for a per-tensor scale that would saturate)."""
+    """Return `weight` stored as fp8 `dtype` with `scale`, raising the scale where the weight would
+    saturate: the one value of a per-tensor scale, or just the rows (blocks) of a per-row scale
+    whose largest value no longer fits. Plain fp8 (no scale) saturates and says so."""
     limit = torch.finfo(dtype).max
     raised = False
     if scale is None:
         scaled = weight
     else:
-        scale_value = scale.to(weight.device, torch.float32)
-        if scale.numel() == 1:
-            peak = float(weight.abs().max()) if weight.numel() else 0.0
-            if peak / float(scale_value.reshape(-1)[0]) > limit:
-                scale_value = torch.full_like(scale_value, peak / limit)
+        shaped = scale.to(weight.device, torch.float32).reshape(_scale_shape(scale, weight))
+        if weight.numel():
+            spread = [d for d in range(weight.dim()) if shaped.dim() and shaped.shape[d] == 1 and weight.shape[d] != 1]
+            peak = weight.abs().amax(dim=spread, keepdim=True) if spread else weight.abs()
+            needed = (peak / limit).reshape(shaped.shape) if shaped.dim() else peak.reshape(())
+            if bool((needed > shaped).any()):
+                shaped = torch.maximum(shaped, needed)
                 raised = True
-        scaled = weight / scale_value.reshape(_scale_shape(scale_value, weight))
+        scaled = weight / shaped
     saturated = bool(scaled.numel()) and float(scaled.abs().max()) > limit
     stored = scaled.clamp(-limit, limit).to(dtype)
-    new_scale = None if scale is None else scale_value.to(scale.dtype).reshape(scale.shape)
+    new_scale = None if scale is None else shaped.to(scale.dtype).reshape(scale.shape)
     return Requantized(stored, new_scale, raised, saturated)
 
 
