@@ -9,7 +9,7 @@ import torch
 
 from lytools.arch import module_table
 from lytools.io import open_file, write_safetensors
-from lytools.merge import merge_into_checkpoint
+from lytools.merge import merge_into_checkpoint, run_merge
 from lytools.merge.fp8 import detect_fp8, requantize
 from lytools.testing import build_checkpoint, build_network
 from tests.shared import read_tensors as read_all
@@ -155,3 +155,31 @@ def test_requantize_per_row_scale_that_fits_is_kept():
     weight = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
     result = requantize(weight, FP8, scale)
     assert not result.scale_raised and torch.equal(result.scale, scale)
+
+
+def test_per_row_scaled_checkpoint_merges_with_rows_raised(files, tmp_path):
+    folder, net = files
+    source = read_all(folder / "fp32.safetensors")
+    rows = {}
+    for key, tensor in source.items():
+        if tensor.dim() == 2 and key.endswith(".weight") and "embedding" not in key:
+            scale = tensor.abs().amax(dim=1) / 200.0  # one scale per output row
+            rows[key] = (tensor / scale[:, None]).to(FP8)
+            rows[key[: -len(".weight")] + ".weight_scale"] = scale
+        else:
+            rows[key] = tensor
+    rows["scaled_fp8"] = torch.empty(0, dtype=FP8)
+    ckpt = tmp_path / "rows.safetensors"
+    write_safetensors(ckpt, rows)
+    out = tmp_path / "out.safetensors"
+    result = run_merge([ckpt, net], out, ratios=[500.0], verify=True)
+    assert result.verification.failures == []
+    key = module_table("sd1")[NAME].key
+    scale_key = key[: -len(".weight")] + ".weight_scale"
+    assert key in result.scale_raised and result.saturated == []
+    merged = read_all(out)
+    old_scale, new_scale = rows[scale_key], merged[scale_key]
+    assert new_scale.shape == old_scale.shape and bool((new_scale >= old_scale).all())
+    true = rows[key].float() * old_scale[:, None] + 500.0 * change_of(net, NAME)
+    restored = merged[key].float() * new_scale[:, None]
+    assert float((restored - true).norm() / true.norm()) < 0.05

@@ -105,7 +105,8 @@ def requantize(weight: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | N
                 shaped = torch.maximum(shaped, needed)
                 raised = True
         scaled = weight / shaped
-    saturated = bool(scaled.numel()) and float(scaled.abs().max()) > limit
+    # a raised scale puts the peak at the limit up to one rounding of the division: not saturation
+    saturated = bool(scaled.numel()) and float(scaled.abs().max()) > limit * (1 + 2**-20)
     stored = scaled.clamp(-limit, limit).to(dtype)
     new_scale = None if scale is None else shaped.to(scale.dtype).reshape(scale.shape)
     return Requantized(stored, new_scale, raised, saturated)
