@@ -108,3 +108,16 @@ def test_batch_reads_the_next_inputs_ahead(tmp_path, monkeypatch):
     assert sorted(ahead) == sorted(s.name for s in sources)  # each input once
     for i, source in enumerate(sources[1:], 1):  # every input is hinted before the one before it converts
         assert events.index(("ahead", source.name)) < events.index(("convert", sources[i - 1].name))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_prefetch_never_opens_a_pipe(tmp_path, monkeypatch):
+    from lytools.convert.run import prefetch
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    opened = []
+    monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(a) or (_ for _ in ()).throw(AssertionError("opened")))
+    prefetch(fifo)  # returns at once: opening a pipe with no writer would block
+    prefetch(tmp_path / "missing.safetensors")
+    assert opened == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -292,12 +293,14 @@ def prefetch(path: Path) -> None:
     if advise is None:
         return
     try:
-        fd = os.open(path, os.O_RDONLY)
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > PREFETCH_LIMIT:
+            return  # never open a pipe or device (that could block or consume it)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return  # the conversion itself reports unreadable inputs
     try:
-        if os.fstat(fd).st_size <= PREFETCH_LIMIT:
-            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
     except OSError:
         pass
     finally:
