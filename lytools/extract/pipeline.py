@@ -32,7 +32,7 @@ from lytools.extract.ranks import RankRule
 from lytools.extract.report import Summary, summarize, write_report
 from lytools.extract.spill import SpillStore
 from lytools.extract.svd import SvdFailure, energy
-from lytools.io import open_file, with_sshs_hashes, write_safetensors
+from lytools.io import open_file, write_safetensors
 from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
 from lytools.io.safetensors import read_header
 from lytools.io.writer import check_output_path
@@ -304,8 +304,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
             hasher.join()
             sources = [source_entry(path, hasher.hashes.get(path)) for path in (base, tuned)]
             metadata = build_metadata(out, plan, records, options, sources)
-            metadata = with_sshs_hashes(tensors, metadata)
-            write_safetensors(out, tensors, metadata, overwrite=options.overwrite)
+            write_safetensors(out, tensors, metadata, overwrite=options.overwrite, sshs=True)
             del tensors
         records.sort(key=lambda r: r.name)
         verified = None

@@ -27,7 +27,6 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 WRITEBACK_CHUNK = 64 << 20  # start disk writeback every 64 MiB so the final fsync has little left
 LEGACY_OFFSET = 0x100000  # sd-scripts sshs_legacy_hash: SHA-256 of 0x10000 bytes at file offset 0x100000
 LEGACY_LENGTH = 0x10000
-SSHS_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 
 def _sync_file_range():
@@ -210,8 +209,8 @@ class SafetensorsWriter:
         self.metadata = dict(metadata or {})
         self._legacy: LegacyWindow | None = None
         if sshs:
-            for key in SSHS_KEYS:
-                self.metadata.pop(key, None)
+            for key in [key for key in self.metadata if key.startswith("sshs_")]:
+                del self.metadata[key]  # stale: never carried forward
             self._legacy = LegacyWindow()
             self._legacy.feed(header_with(self._tensor_json, ss_only(self.metadata)))
             self.metadata.update({"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8})  # patched at close

@@ -28,7 +28,7 @@ import torch
 from lytools.algos import ModuleInfo, NetworkModule, delta
 from lytools.device import resolve_device
 from lytools.errors import LytoolsError, NetworkError
-from lytools.io import with_sshs_hashes, write_safetensors
+from lytools.io import write_safetensors
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.merge.inputs import NetworkInput, load_network_input
 from lytools.merge.ratios import Ratios
@@ -434,8 +434,8 @@ def merge_networks(
             produced, item.kept = _svd(parts, item.rank, where, dtype)
         for suffix, tensor in produced.items():
             tensors[f"{item.name}.{suffix}"] = tensor.contiguous()
-    metadata = with_sshs_hashes(tensors, merged_network_metadata(networks, rule_set, result.modules, rank))
-    writer = write_safetensors(output, tensors, metadata, overwrite=overwrite)
+    metadata = merged_network_metadata(networks, rule_set, result.modules, rank)
+    writer = write_safetensors(output, tensors, metadata, overwrite=overwrite, sshs=True)
     result.output = writer.path
     result.output_bytes = writer.total_size
     result.seconds = time.perf_counter() - started

@@ -19,7 +19,7 @@ import torch
 from lytools.algos import ModuleInfo, NetworkModule, describe_module, describe_shapes, group_keys
 from lytools.device import resolve_device
 from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError
-from lytools.io import check_output_path, file_hashes, open_file, with_sshs_hashes, write_safetensors
+from lytools.io import check_output_path, file_hashes, open_file, write_safetensors
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.resize.modules import (
     COPIED, FLATTENED, KEPT, RESIZED, TRUNCATED, Context, ModuleReport, ModuleResult, RankRule, is_plain_lora,
@@ -389,8 +389,7 @@ def resize_file(
                 reporter.warn(warning)
             autov3 = file_hashes(source).autov3 if source.suffix.lower() == ".safetensors" else None
             metadata = resized_metadata(network.metadata, options, rule, summary.modules, source, autov3)
-            metadata = with_sshs_hashes(tensors, metadata)
-            write_safetensors(output, tensors, metadata, overwrite=options.overwrite)
+            write_safetensors(output, tensors, metadata, overwrite=options.overwrite, sshs=True)
             if options.verify:
                 summary.verify = verify_output(output, network.modules, infos, summary.modules, ctx)
                 if not summary.verify.ok:
