@@ -206,8 +206,16 @@ def _describe_io(name: str, items: tuple[tuple[str, Shape], ...]) -> tuple[int, 
     return info.delta_shape[0], math.prod(info.delta_shape[1:])
 
 
+_PLAIN_LORA = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
+
+
 def _io(name: str, suffixes: Mapping[str, Shape]) -> tuple[int, int] | None:
-    """(out, flattened in) of a module: lytools.algos' reading of the factors, else module_io."""
+    """(out, flattened in) of a module: lytools.algos' reading of the factors, else module_io.
+
+    Plain LoRA/LoCon modules, by far the most common, are read by module_io directly (the same
+    answer), so detecting such a network needs neither lytools.algos nor torch."""
+    if {"lora_down.weight", "lora_up.weight"} <= suffixes.keys() <= _PLAIN_LORA:
+        return module_io(suffixes)
     found = _describe_io(name, tuple(sorted(suffixes.items())))
     return found if found is not None else module_io(suffixes)
 

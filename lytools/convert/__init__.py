@@ -45,14 +45,25 @@ and points to `lytools resize`), MatchError for a module no name table knows whe
 needs one, OutputExistsError without --overwrite.
 """
 
-from lytools.convert.load import Network, adapter_metadata, config_scale, load_network, peft_config_path
-from lytools.convert.run import (
-    ConvertOptions, FileResult, cast_file, convert_file, output_for, peft_paths, plan_outputs, process, run_batch,
-)
-from lytools.convert.write import Converted, convert_network
+from typing import Any
 
-__all__ = [
-    "ConvertOptions", "Converted", "FileResult", "Network", "adapter_metadata", "cast_file", "config_scale",
-    "convert_file", "convert_network", "load_network", "output_for", "peft_config_path", "peft_paths",
-    "plan_outputs", "process", "run_batch",
-]
+# imported on first use: the batch runner and the torch-free fast path must not pull in torch
+_LAZY = {
+    "Network": "lytools.convert.load", "adapter_metadata": "lytools.convert.load", "config_scale": "lytools.convert.load",
+    "load_network": "lytools.convert.load", "peft_config_path": "lytools.convert.load",
+    "Converted": "lytools.convert.write", "convert_network": "lytools.convert.write",
+}
+_RUN = ("ConvertOptions", "FileResult", "cast_file", "convert_file", "output_for", "peft_paths", "plan_outputs", "process",
+        "run_batch")
+
+__all__ = sorted([*_LAZY, *_RUN])
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _RUN:
+        return getattr(importlib.import_module("lytools.convert.run"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

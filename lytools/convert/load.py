@@ -23,7 +23,6 @@ from typing import Any, Mapping
 import torch
 
 from lytools.algos import NetworkModule, describe_shapes
-from lytools.arch import NetworkArch, arch_from_metadata, detect_network
 from lytools.arch.detect import SCALES
 from lytools.arch.network import layout_of_module
 from lytools.convert import names
@@ -270,7 +269,7 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
     with opened as source:
         infos = {info.name: info for info in source.infos()}
         metadata = dict(source.metadata or {})
-        detected = _detect({name: info.shape for name, info in infos.items()}, metadata)
+        detected = names.detect_cached({name: info.shape for name, info in infos.items()}, metadata)
         arch = forced_arch or detected.arch
         network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes))
         if not detected.modules:
@@ -345,21 +344,6 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
             network.sources[module] = sorted(k for stored, *_ in pieces for k in detected.modules[stored].values())
         network.data_sha256 = getattr(source, "data_sha256", None)
     return network
-
-
-_DETECTED: dict[tuple, NetworkArch] = {}
-
-
-def _detect(shapes: dict[str, tuple[int, ...]], metadata: Mapping[str, str]) -> NetworkArch:
-    """detect_network, remembered per key set and claimed architecture (the only part of the
-    metadata it reads): the files of one batch usually share them. The result is shared: read only."""
-    key = (tuple(sorted(shapes.items())), arch_from_metadata(metadata))
-    found = _DETECTED.get(key)
-    if found is None:
-        if len(_DETECTED) >= 64:
-            _DETECTED.clear()
-        found = _DETECTED[key] = detect_network(shapes, metadata)
-    return found  # shared by every file with these keys: read it, never change it
 
 
 def _pick(arch: str, stored: str, tensors: dict[str, torch.Tensor], scale: int) -> names.Canonical | None:

@@ -19,7 +19,9 @@ import functools
 import re
 from dataclasses import dataclass
 
-from lytools.arch import ENCODERS, alias_table, diffusers_table, module_table
+from typing import Mapping
+
+from lytools.arch import ENCODERS, NetworkArch, alias_table, arch_from_metadata, detect_network, diffusers_table, module_table
 from lytools.arch.keymap import NETWORK_ARCHS, UNET_PREFIX, CanonicalTarget
 from lytools.arch.network import lookup_names
 
@@ -182,3 +184,18 @@ def warm_tables() -> None:
     for arch in NETWORK_ARCHS:
         _canonical_table(arch)
         diffusers_parts(arch)
+
+
+_DETECTED: dict[tuple, NetworkArch] = {}
+
+
+def detect_cached(shapes: dict[str, tuple[int, ...]], metadata: Mapping[str, str]) -> NetworkArch:
+    """detect_network, remembered per key set and claimed architecture (the only part of the
+    metadata it reads): the files of one batch usually share them. The result is shared: read only."""
+    key = (tuple(sorted(shapes.items())), arch_from_metadata(metadata))
+    found = _DETECTED.get(key)
+    if found is None:
+        if len(_DETECTED) >= 64:
+            _DETECTED.clear()
+        found = _DETECTED[key] = detect_network(shapes, metadata)
+    return found  # shared by every file with these keys: read it, never change it

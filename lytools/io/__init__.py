@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 
 from lytools.errors import FileFormatError
 from lytools.io.dtypes import parse_save_dtype, st_name
@@ -31,6 +31,8 @@ from lytools.io.writer import (
     write_safetensors,
 )
 
+if TYPE_CHECKING:
+    import torch
 
 
 class ShardedFile:

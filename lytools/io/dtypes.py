@@ -1,12 +1,19 @@
-"""safetensors dtype names, their sizes, and the torch dtypes they map to (FORMATS.md 1.2)."""
+"""safetensors dtype names, their sizes, and the torch dtypes they map to (FORMATS.md 1.2).
+
+torch is imported on first use of a torch mapping (TORCH_DTYPES, SAFETENSORS_NAMES, SAVE_DTYPES
+are built then), so header-only work (info, the convert fast path) never pays for importing it.
+"""
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lytools.errors import LytoolsError
+
+if TYPE_CHECKING:
+    import torch
 
 # name -> bytes per element (F4 and F6 are sub-byte: stored as a Fraction)
 ITEM_SIZES: dict[str, Fraction] = {
@@ -19,37 +26,56 @@ ITEM_SIZES: dict[str, Fraction] = {
 }
 
 
-def _torch_dtype(name: str) -> torch.dtype | None:
-    return getattr(torch, name, None)
-
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    name: dtype
-    for name, dtype in {
-        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
-        "I16": torch.int16, "U16": _torch_dtype("uint16"), "F16": torch.float16,
-        "BF16": torch.bfloat16, "I32": torch.int32, "U32": _torch_dtype("uint32"),
-        "F32": torch.float32, "I64": torch.int64, "U64": _torch_dtype("uint64"),
-        "F64": torch.float64, "C64": torch.complex64,
-        "F8_E4M3": _torch_dtype("float8_e4m3fn"), "F8_E5M2": _torch_dtype("float8_e5m2"),
-        "F8_E8M0": _torch_dtype("float8_e8m0fnu"), "F4": _torch_dtype("float4_e2m1fn_x2"),
-    }.items()
-    if dtype is not None
-}
-
-SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-
 FLOAT_NAMES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 FP8_NAMES = frozenset({"F8_E4M3", "F8_E5M2"})
 
-# user-facing --save-dtype spellings
-SAVE_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp64": torch.float64,
-    "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
-}
+
+@functools.cache
+def _torch_maps() -> dict[str, dict]:
+    import torch
+
+    def known(name: str):
+        return getattr(torch, name, None)
+
+    torch_dtypes = {
+        name: dtype
+        for name, dtype in {
+            "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+            "I16": torch.int16, "U16": known("uint16"), "F16": torch.float16,
+            "BF16": torch.bfloat16, "I32": torch.int32, "U32": known("uint32"),
+            "F32": torch.float32, "I64": torch.int64, "U64": known("uint64"),
+            "F64": torch.float64, "C64": torch.complex64,
+            "F8_E4M3": known("float8_e4m3fn"), "F8_E5M2": known("float8_e5m2"),
+            "F8_E8M0": known("float8_e8m0fnu"), "F4": known("float4_e2m1fn_x2"),
+        }.items()
+        if dtype is not None
+    }
+    return {
+        "TORCH_DTYPES": torch_dtypes,
+        "SAFETENSORS_NAMES": {dtype: name for name, dtype in torch_dtypes.items()},
+        # user-facing --save-dtype spellings
+        "SAVE_DTYPES": {
+            "fp32": torch.float32, "float32": torch.float32,
+            "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp64": torch.float64,
+            "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+        },
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """TORCH_DTYPES (name -> torch dtype), SAFETENSORS_NAMES (the reverse) and SAVE_DTYPES
+    (--save-dtype spelling -> torch dtype), built on first use."""
+    maps = _torch_maps() if name in ("TORCH_DTYPES", "SAFETENSORS_NAMES", "SAVE_DTYPES") else None
+    if maps is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return maps[name]
+
+
+def torch_dtype_of(name: str) -> torch.dtype | None:
+    """Return the torch dtype of a safetensors dtype name (None: torch has none)."""
+    return _torch_maps()["TORCH_DTYPES"].get(name)
 
 # writing order (FORMATS.md 1.4): wider dtypes first so each tensor stays naturally aligned
 _ORDER_RANK = {name: -float(size) for name, size in ITEM_SIZES.items()}
@@ -63,7 +89,7 @@ def order_key(dtype_name: str, tensor_name: str) -> tuple:
 def st_name(dtype: torch.dtype) -> str:
     """Return the safetensors name of a torch dtype."""
     try:
-        return SAFETENSORS_NAMES[dtype]
+        return _torch_maps()["SAFETENSORS_NAMES"][dtype]
     except KeyError:
         raise LytoolsError(f"dtype {dtype} cannot be stored in safetensors") from None
 
@@ -73,7 +99,7 @@ def parse_save_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     try:
-        return SAVE_DTYPES[name.lower()]
+        return _torch_maps()["SAVE_DTYPES"][name.lower()]
     except KeyError:
         raise LytoolsError(
             f"--save-dtype {name}: expected one of fp32, fp16, bf16, fp8_e4m3, fp8_e5m2"
@@ -97,4 +123,5 @@ def byte_size(dtype_name: str, shape: tuple[int, ...]) -> int | Fraction:
 
 def is_float(dtype: torch.dtype) -> bool:
     """True for the floating dtypes lytools computes on or casts (fp8 included)."""
-    return dtype.is_floating_point and dtype in SAFETENSORS_NAMES and st_name(dtype) in FLOAT_NAMES
+    names = _torch_maps()["SAFETENSORS_NAMES"]
+    return dtype.is_floating_point and dtype in names and names[dtype] in FLOAT_NAMES

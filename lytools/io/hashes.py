@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-import torch
 
 from lytools.io.safetensors import read_header
 from lytools.io.writer import (
@@ -28,6 +29,10 @@ from lytools.io.writer import (
     tensor_bytes,
     tensor_entries_json,
 )
+
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK = 8 << 20
 __all__ = ["LEGACY_LENGTH", "LEGACY_OFFSET", "CHUNK", "FileHashes", "file_hashes", "sd_scripts_hashes", "with_sshs_hashes",

@@ -14,17 +14,22 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from lytools.errors import FileFormatError, UnsafeFileError
 from lytools.io.dtypes import st_name
 from lytools.io.safetensors import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 NESTING_KEYS = ("state_dict", "model", "module", "ema", "model_state", "params")
 
 
 def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Return the tensors of a pickled checkpoint, unwrapped from `state_dict`-style nesting."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
@@ -52,6 +57,8 @@ def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _tensor_dict(candidate: object) -> dict[str, torch.Tensor] | None:
+    import torch
+
     if not isinstance(candidate, dict):
         return None
     tensors = {key: value for key, value in candidate.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}

@@ -7,6 +7,8 @@ checkpoint costs page cache, not process memory.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import mmap
 import os
@@ -15,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from fractions import Fraction
 
 from lytools.errors import FileFormatError
-from lytools.io.dtypes import ITEM_SIZES, TORCH_DTYPES, byte_size
+from lytools.io.dtypes import ITEM_SIZES, byte_size, torch_dtype_of
+
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_LEN = 100_000_000
 
@@ -47,7 +52,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        return TORCH_DTYPES.get(self.dtype)
+        return torch_dtype_of(self.dtype)
 
 
 @dataclass
@@ -297,6 +302,8 @@ class SafetensorsFile:
         return memoryview(self._map())[start : start + info.nbytes]
 
     def get(self, name: str) -> torch.Tensor:
+        import torch
+
         """Return one tensor (CPU, stored dtype) viewing the file's memory map."""
         info = self.info(name)
         dtype = info.torch_dtype

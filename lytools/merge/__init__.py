@@ -20,17 +20,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from lytools.errors import LytoolsError
 from lytools.io import check_output_path
-from lytools.merge.checkpoint import CheckpointResult, merge_into_checkpoint
-from lytools.merge.combine import NetworkMergeResult, merge_networks
-from lytools.merge.inputs import file_kind, load_network_input
-from lytools.merge.ratios import Ratios, parse_ratios
 from lytools.ui import QUIET, Reporter
+
+if TYPE_CHECKING:
+    import torch
+
+    from lytools.merge.checkpoint import CheckpointResult
+    from lytools.merge.combine import NetworkMergeResult
+
+# imported on first use, so `lytools.merge.options` (CLI plumbing) does not pull in torch
+_LAZY = {
+    "CheckpointResult": "lytools.merge.checkpoint", "merge_into_checkpoint": "lytools.merge.checkpoint",
+    "NetworkMergeResult": "lytools.merge.combine", "merge_networks": "lytools.merge.combine",
+    "Ratios": "lytools.merge.ratios", "parse_ratios": "lytools.merge.ratios",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 def run_merge(
@@ -51,6 +66,11 @@ def run_merge(
     reporter: Reporter = QUIET,
 ) -> CheckpointResult | NetworkMergeResult:
     """Merge `inputs` into `output`: a checkpoint first means networks into it, else networks into one."""
+    from lytools.merge.checkpoint import merge_into_checkpoint
+    from lytools.merge.combine import merge_networks
+    from lytools.merge.inputs import file_kind, load_network_input
+    from lytools.merge.ratios import Ratios
+
     paths = [Path(p) for p in inputs]
     if not paths:
         raise LytoolsError("merge: no inputs")
