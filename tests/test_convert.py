@@ -13,7 +13,7 @@ import torch
 
 from lytools.cli import main
 from lytools.convert import load_network
-from lytools.convert.fuse import fold_split
+from lytools.convert.layout import fold_split
 from lytools.io import open_file, with_sshs_hashes, write_safetensors
 from lytools.testing import build_checkpoint, build_network
 from tests.shared import read_tensors as tensors_of

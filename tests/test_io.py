@@ -423,3 +423,20 @@ def test_patch_metadata_before_rename(tmp_path):
             writer.patch_metadata({"hash": "short"})
     assert read_header(out).metadata == {"hash": "f" * 64}
     assert torch.equal(safetensors.torch.load_file(out)["a"], torch.ones(3))
+
+
+def test_writer_write_bytes_matches_write_and_checks_the_size(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).half()}
+    entries = [plan_entry(n, t.dtype, t.shape) for n, t in tensors.items()]
+    raw_out, tensor_out = tmp_path / "raw.safetensors", tmp_path / "tensor.safetensors"
+    writer = SafetensorsWriter(raw_out, entries, {"k": "v"})
+    with writer:
+        for name in writer.order:
+            writer.write_bytes(name, tensors[name].numpy().tobytes())
+    write_safetensors(tensor_out, tensors, {"k": "v"})
+    assert raw_out.read_bytes() == tensor_out.read_bytes()
+    writer = SafetensorsWriter(tmp_path / "bad.safetensors", entries)
+    with pytest.raises(LytoolsError, match="has 3 bytes but was planned with 48"):
+        with writer:
+            writer.write_bytes("a", b"abc")
+    assert not (tmp_path / "bad.safetensors").exists()

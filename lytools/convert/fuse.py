@@ -7,12 +7,12 @@ the result can be produced by slicing or concatenation alone it is, so it stays 
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
 
 from lytools.algos.common import read_scalar, scale_for
+from lytools.convert.layout import fold_split
 from lytools.errors import UnsupportedError
 
 DOWN, UP, MID, ALPHA, DORA = "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"
@@ -166,16 +166,6 @@ def _block_columns(up: torch.Tensor, parts: Sequence[Rows]) -> list[torch.Tensor
 
 
 # -- scale folding -------------------------------------------------------------------------------------
-def fold_split(scale: float) -> tuple[float, float]:
-    """Return (down factor, up factor) with product `scale`: the down factor is a power of two near
-    sqrt(scale), so both factors move by about the same amount and neither underflows in fp16."""
-    if scale <= 0 or not math.isfinite(scale):
-        return 1.0, scale
-    exponent = round(math.log2(scale) / 2)
-    down = 2.0 ** exponent
-    return down, scale / down
-
-
 def fold_scale(name: str, tensors: Tensors) -> dict[str, torch.Tensor]:
     """Return the module with alpha / rank multiplied into its factors and no alpha (scale 1).
 

@@ -10,23 +10,25 @@ beside it (`adapter_config.json` when OUT is named adapter_model.safetensors, el
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-
-from lytools.convert.load import load_network
-from lytools.convert.write import TARGETS, cast, convert_network
+from lytools.convert.layout import TARGETS
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.dtypes import FP8_NAMES, is_float, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, add_provenance, carried, source_entry
+
+if TYPE_CHECKING:
+    import torch
 
 INPUT_SUFFIXES = (".safetensors.index.json", ".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _ADAPTER_KEYS = ("lora_adapter_metadata",)
@@ -135,6 +137,9 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
     """Convert one network to `options.target` (and dtype) and write it atomically."""
     started = time.perf_counter()
     result = FileResult(source)
+    from lytools.convert.load import load_network
+    from lytools.convert.write import convert_network
+
     net = load_network(source, arch=options.arch)
     if not net.modules:
         raise LytoolsError(f"{source}: no network modules found (a checkpoint? cast checkpoints with --save-dtype and no --to)")
@@ -216,6 +221,10 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
     hashes are dropped. Scaled-fp8 checkpoints (per-tensor scale siblings) are refused: their
     true weights are fp8 x scale and a plain cast would change them.
     """
+    import torch
+
+    from lytools.convert.write import cast
+
     started = time.perf_counter()
     result = FileResult(source)
     with open_file(source) as reader:
@@ -266,10 +275,17 @@ def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
         if options.target is None:
             if options.save_dtype is None:
                 raise LytoolsError("nothing to do: give --to LAYOUT and/or --save-dtype DTYPE")
-            return cast_file(source, output, options.save_dtype, overwrite=options.overwrite, durable=options.fsync)
+            with one_torch_thread():
+                return cast_file(source, output, options.save_dtype, overwrite=options.overwrite, durable=options.fsync)
         if options.target not in TARGETS:
             raise LytoolsError(f"unknown target layout {options.target!r} (kohya, diffusers, peft)")
-        return convert_file(source, output, options)
+        from lytools.convert.fast import try_convert
+
+        fast = try_convert(source, output, options)  # plain LoRAs to diffusers, without torch
+        if fast is not None:
+            return fast
+        with one_torch_thread():
+            return convert_file(source, output, options)
     except LytoolsError as exc:
         message = str(exc)
         if str(source) not in message:
@@ -279,8 +295,27 @@ def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
         return FileResult(source, error=f"{source}: {type(exc).__name__}: {exc}")
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch work of one file on one thread (network tensors are small: thread wake-ups cost
+    more than they give), restoring the count afterwards; imports torch."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
 def _worker_init() -> None:
-    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # for a torch imported later
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 PREFETCH_LIMIT = 256 << 20  # inputs up to this size are read ahead while earlier ones convert
@@ -322,16 +357,11 @@ def run_batch(pairs: Sequence[tuple[Path, Path]], options: ConvertOptions, *, jo
             ahead += 1
 
     if jobs <= 1 or len(pairs) <= 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # network tensors are small: thread wake-ups cost more than they give
-        try:
-            for index, (source, output) in enumerate(pairs):
-                read_ahead(index + 2)
-                results[index] = process(source, output, options)
-                if on_done:
-                    on_done(results[index])
-        finally:
-            torch.set_num_threads(threads)
+        for index, (source, output) in enumerate(pairs):
+            read_ahead(index + 2)
+            results[index] = process(source, output, options)
+            if on_done:
+                on_done(results[index])
     else:
         import multiprocessing
 

@@ -21,18 +21,18 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from lytools.algos import describe_module, describe_shapes
 from lytools.convert import names
-from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, fold_split, scale_of, split_fused, swap_halves
+from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, scale_of, split_fused, swap_halves
+from lytools.convert.layout import FOLDED_NOTE, fold_split, lora_config
 from lytools.convert.load import Network
 from lytools.errors import LytoolsError, MatchError, UnsupportedError
 from lytools.io.dtypes import is_float
 
-TARGETS = ("kohya", "diffusers", "peft")
 
 
 @dataclass
@@ -182,37 +182,6 @@ def _scaled(tensor: torch.Tensor, factor: float, out_dtype: torch.dtype, dtype: 
     return (tensor.float() * factor).to(out_dtype)
 
 
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def _config_path(path: str) -> str:
-    # peft matches target_modules and pattern keys as a suffix at a '.' boundary: without the
-    # leading `text_model.` a CLIP path matches both the classic layout and transformers 5's
-    # flattened CLIPTextModel (which diffusers loads by stripping `text_model.` from the keys)
-    return path[len("text_model."):] if path.startswith("text_model.") else path
-
-
-def lora_config(paths_ranks_alphas: Iterable[tuple[str, int, float]], use_dora: bool) -> dict[str, Any]:
-    """Return peft LoraConfig fields for modules (path, rank, alpha): the most common rank and
-    alpha as r / lora_alpha, the others in rank_pattern / alpha_pattern (keys: module paths)."""
-    entries = [(_config_path(path), rank, alpha) for path, rank, alpha in paths_ranks_alphas]
-    ranks = collections.Counter(rank for _, rank, _ in entries)
-    alphas = collections.Counter(alpha for _, _, alpha in entries)
-    r = ranks.most_common(1)[0][0]
-    lora_alpha = alphas.most_common(1)[0][0]
-    return {
-        "r": r,
-        "lora_alpha": _number(lora_alpha),
-        "rank_pattern": {path: rank for path, rank, _ in entries if rank != r},
-        "alpha_pattern": {path: _number(alpha) for path, _, alpha in entries if alpha != lora_alpha},
-        "target_modules": sorted(path for path, _, _ in entries),
-        "use_dora": use_dora,
-        "use_rslora": False,
-        "lora_bias": False,
-    }
-
-
 def to_diffusers(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None = None) -> Converted:
     """Return the network in diffusers names with `lora_adapter_metadata` (see the module docstring)."""
     pieces = _diffusers_pieces(net)
@@ -237,7 +206,7 @@ def to_diffusers(net: Network, *, fold: bool = True, save_dtype: torch.dtype | N
             f"diffusers refuses files that carry them"
         )
     if fold:
-        result.notes.append("scales folded into lora_A/lora_B (lora_alpha = r)")
+        result.notes.append(FOLDED_NOTE)
     return result
 
 
@@ -286,7 +255,7 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
         result.stray_dropped = list(net.stray)
         result.notes.append(f"dropped {len(net.stray)} keys that belong to no module ({_many(list(net.stray))})")
     if fold:
-        result.notes.append("scales folded into lora_A/lora_B (lora_alpha = r)")
+        result.notes.append(FOLDED_NOTE)
     return result
 
 

@@ -9,6 +9,9 @@ temporary file is removed and an existing output is left untouched.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import functools
 import hashlib
 import json
 import os
@@ -18,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import torch
 
 from lytools.errors import LytoolsError, OutputExistsError
 from lytools.io.dtypes import byte_size, order_key, st_name
+
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 WRITEBACK_CHUNK = 64 << 20  # start disk writeback every 64 MiB so the final fsync has little left
@@ -55,7 +61,7 @@ class PlannedTensor:
     dtype: str  # safetensors dtype name
     shape: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return int(byte_size(self.dtype, self.shape))
 
@@ -115,6 +121,8 @@ def header_with(tensor_json: str, metadata: Mapping[str, str] | None) -> bytes:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Return a tensor's bytes in little-endian row-major order, without a copy when contiguous."""
+    import torch
+
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.requires_grad:
         tensor = tensor.detach().to("cpu").contiguous()
     if tensor.numel() == 0:
@@ -251,14 +259,7 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor's bytes; its dtype and shape must match the plan."""
-        if self._fd is None:
-            raise LytoolsError(f"{self.path}: writer is not open")
-        try:
-            offset, entry = self._offsets[name]
-        except KeyError:
-            raise LytoolsError(f"{self.path}: tensor {name!r} was not planned") from None
-        if name in self._written:
-            raise LytoolsError(f"{self.path}: tensor {name!r} written twice")
+        offset, entry = self._planned(name)
         actual = st_name(tensor.dtype)
         shape = tuple(tensor.shape)
         if actual == "F4" and shape:
@@ -267,7 +268,29 @@ class SafetensorsWriter:
             raise LytoolsError(
                 f"{self.path}: tensor {name!r} is {actual} {list(shape)} but was planned as {entry.dtype} {list(entry.shape)}"
             )
-        data = tensor_bytes(tensor)
+        self._put(name, offset, tensor_bytes(tensor))
+
+    def write_bytes(self, name: str, data: memoryview | bytes) -> None:
+        """Write one planned tensor given as its raw little-endian bytes (exactly its planned size);
+        the caller keeps `data` unchanged until the writer is closed."""
+        offset, entry = self._planned(name)
+        data = memoryview(data).cast("B")
+        if len(data) != entry.nbytes:
+            raise LytoolsError(f"{self.path}: tensor {name!r} has {len(data)} bytes but was planned with {entry.nbytes}")
+        self._put(name, offset, data)
+
+    def _planned(self, name: str) -> tuple[int, PlannedTensor]:
+        if self._fd is None:
+            raise LytoolsError(f"{self.path}: writer is not open")
+        try:
+            offset, entry = self._offsets[name]
+        except KeyError:
+            raise LytoolsError(f"{self.path}: tensor {name!r} was not planned") from None
+        if name in self._written:
+            raise LytoolsError(f"{self.path}: tensor {name!r} written twice")
+        return offset, entry
+
+    def _put(self, name: str, offset: int, data: memoryview) -> None:
         if self.hash_data:
             in_sequence = self._in_order and self.entries[self._next_index].name == name
             if in_sequence:
@@ -462,6 +485,8 @@ def write_safetensors(
 
 
 def _stored_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    import torch
+
     shape = tuple(tensor.shape)
     if tensor.dtype == getattr(torch, "float4_e2m1fn_x2", None) and shape:
         shape = shape[:-1] + (shape[-1] * 2,)

@@ -1,0 +1,53 @@
+"""Torch-free facts shared by the general converter (write.py) and the fast path (fast.py):
+target layout names, how a scale is folded into the factors, and the peft LoraConfig fields a
+diffusers/peft file carries."""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any, Iterable
+
+TARGETS = ("kohya", "diffusers", "peft")
+FOLDED_NOTE = "scales folded into lora_A/lora_B (lora_alpha = r)"
+
+
+def fold_split(scale: float) -> tuple[float, float]:
+    """Return (down factor, up factor) with product `scale`: the down factor is a power of two near
+    sqrt(scale), so both factors move by about the same amount and neither underflows in fp16."""
+    if scale <= 0 or not math.isfinite(scale):
+        return 1.0, scale
+    exponent = round(math.log2(scale) / 2)
+    down = 2.0 ** exponent
+    return down, scale / down
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _config_path(path: str) -> str:
+    # peft matches target_modules and pattern keys as a suffix at a '.' boundary: without the
+    # leading `text_model.` a CLIP path matches both the classic layout and transformers 5's
+    # flattened CLIPTextModel (which diffusers loads by stripping `text_model.` from the keys)
+    return path[len("text_model."):] if path.startswith("text_model.") else path
+
+
+def lora_config(paths_ranks_alphas: Iterable[tuple[str, int, float]], use_dora: bool) -> dict[str, Any]:
+    """Return peft LoraConfig fields for modules (path, rank, alpha): the most common rank and
+    alpha as r / lora_alpha, the others in rank_pattern / alpha_pattern (keys: module paths)."""
+    entries = [(_config_path(path), rank, alpha) for path, rank, alpha in paths_ranks_alphas]
+    ranks = collections.Counter(rank for _, rank, _ in entries)
+    alphas = collections.Counter(alpha for _, _, alpha in entries)
+    r = ranks.most_common(1)[0][0]
+    lora_alpha = alphas.most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": _number(lora_alpha),
+        "rank_pattern": {path: rank for path, rank, _ in entries if rank != r},
+        "alpha_pattern": {path: _number(alpha) for path, _, alpha in entries if alpha != lora_alpha},
+        "target_modules": sorted(path for path, _, _ in entries),
+        "use_dora": use_dora,
+        "use_rslora": False,
+        "lora_bias": False,
+    }

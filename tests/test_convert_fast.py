@@ -1,0 +1,137 @@
+"""The torch-free fast path of `convert --to diffusers` writes exactly what the general path writes,
+and hands everything it does not take back to it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lytools.convert.fast import _scaled, try_convert
+from lytools.convert.run import ConvertOptions, convert_file
+from lytools.io import read_header, write_safetensors
+from lytools.testing import build_network
+from tests.shared import read_tensors
+
+DIFFUSERS = ConvertOptions(target="diffusers")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def both(source: Path, tmp_path: Path, options: ConvertOptions = DIFFUSERS):
+    """Return (fast result or None, general result, fast output, general output)."""
+    fast_out, general_out = tmp_path / "fast.safetensors", tmp_path / "general.safetensors"
+    for path in (fast_out, general_out):
+        path.unlink(missing_ok=True)
+    fast = try_convert(source, fast_out, options)
+    general = convert_file(source, general_out, options)
+    return fast, general, fast_out, general_out
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("dtype,alpha,rank", [
+    (torch.float16, 8.0, 16),  # scale 1/2: a power of two, the exponent path
+    (torch.float16, 1.0, 16),  # 1/16 folded as 1/4 x 1/4
+    (torch.float16, 5.0, 3),  # not a power of two: float32 products rounded to float16
+    (torch.float16, None, 4),  # no alpha: scale 1, nothing to scale
+    (torch.float32, 3.0, 4),
+])
+def test_fast_path_output_is_byte_identical_to_the_general_path(tmp_path, arch, dtype, alpha, rank):
+    source = build_network(tmp_path / "n.safetensors", arch, rank=rank, alpha=alpha, dtype=dtype, conv_rank=rank,
+                           modules="c3lier" if arch == "sd1" else "lierla", seed=3,
+                           metadata={"ss_network_dim": str(rank), "sshs_model_hash": "stale", "modelspec.title": "t"})
+    fast, general, fast_out, general_out = both(source, tmp_path)
+    assert fast is not None, "the fast path should take a plain LoRA"
+    assert fast_out.read_bytes() == general_out.read_bytes()
+    assert fast.notes == general.notes and fast.outputs == [fast_out] and fast.error is None
+
+
+def test_fast_path_scales_subnormals_zeros_and_overflow_like_torch():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.standard_normal(20000), rng.standard_normal(2000) * 1e-6, rng.standard_normal(2000) * 3e3,
+        [0.0, -0.0, 6e-8, -6e-8, 6.1e-5, 1.2e-4, 65504.0, -65504.0],
+    ]).astype(np.float16)
+    raws = [memoryview(values[:7000].tobytes()), memoryview(values[7000:].tobytes())]
+    for factor in (0.5, 0.25, 2.0, 16.0, 2.0 ** -20, 2.0 ** -40, 2.0 ** 40, 0.1875, 5 / 3, 0.7, 3.0, 1e-3):
+        ours = np.frombuffer(b"".join(_scaled(raws, "F16", factor)), dtype=np.uint16)
+        expected = (torch.from_numpy(values.copy()) * factor).numpy().view(np.uint16)
+        assert np.array_equal(ours, expected), factor
+    wide = rng.standard_normal(5000).astype(np.float32)
+    for factor in (0.5, 0.7, 5 / 3, 1e-3):
+        ours = np.frombuffer(b"".join(_scaled([memoryview(wide.tobytes())], "F32", factor)), dtype=np.uint32)
+        assert np.array_equal(ours, (torch.from_numpy(wide.copy()) * factor).numpy().view(np.uint32))
+    assert _scaled([memoryview(np.array([1.0, np.inf], dtype=np.float16).tobytes())], "F16", 0.5) is None
+    assert _scaled([memoryview(np.array([1.0, np.nan], dtype=np.float32).tobytes())], "F32", 0.5) is None
+
+
+def _with(path: Path, extra: dict[str, torch.Tensor], out: Path) -> Path:
+    tensors = read_tensors(path)
+    tensors.update(extra)
+    write_safetensors(out, tensors, dict(read_header(path).metadata))
+    return out
+
+
+@pytest.mark.parametrize("case", [
+    "sd3", "flux", "loha", "dora", "bf16", "diffusers-input", "stray", "inf", "save-dtype", "no-fold", "peft", "kohya",
+    "arch", "te1-quirk",
+])
+def test_everything_else_goes_the_general_way(tmp_path, case):
+    options = DIFFUSERS
+    kwargs = {"rank": 4, "alpha": 2.0}
+    if case in ("sd3", "flux"):
+        source = build_network(tmp_path / "n.safetensors", case, **kwargs)  # fused q/k/v: split into parts
+    elif case == "loha":
+        source = build_network(tmp_path / "n.safetensors", "sd1", algo="loha", **kwargs)
+    elif case == "dora":
+        source = build_network(tmp_path / "n.safetensors", "sd1", dora=True, **kwargs)
+    elif case == "bf16":
+        source = build_network(tmp_path / "n.safetensors", "sd1", dtype=torch.bfloat16, **kwargs)
+    elif case == "diffusers-input":
+        source = build_network(tmp_path / "n.safetensors", "sd1", layout="diffusers", **kwargs)
+    else:
+        source = build_network(tmp_path / "n.safetensors", "sd1", **kwargs)
+    if case == "stray":
+        source = _with(source, {"text_projection.weight": torch.zeros(2, 2)}, tmp_path / "s.safetensors")
+    elif case == "inf":
+        up = next(k for k in read_tensors(source) if k.endswith("lora_up.weight"))
+        bad = read_tensors(source)[up].clone()
+        bad[0, 0] = float("inf")
+        source = _with(source, {up: bad}, tmp_path / "s.safetensors")
+    elif case == "te1-quirk":  # diffusers' old kohya export of SD1 text-encoder names
+        tensors = {k.replace("lora_te_", "lora_te1_"): v for k, v in read_tensors(source).items()}
+        source = tmp_path / "q.safetensors"
+        write_safetensors(source, tensors)
+    options = {
+        "save-dtype": replace(options, save_dtype=torch.float32), "no-fold": replace(options, fold=False),
+        "peft": replace(options, target="peft", component="unet"), "kohya": replace(options, target="kohya"),
+        "arch": replace(options, arch="sd2"),
+    }.get(case, options)
+    out = tmp_path / "out.safetensors"
+    assert try_convert(source, out, options) is None
+    assert not out.exists()
+
+
+def test_convert_of_plain_loras_never_imports_torch(tmp_path):
+    sources = [build_network(tmp_path / f"n{i}.safetensors", "sdxl", rank=4, alpha=2.0, seed=i) for i in range(2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (
+        "import sys\n"
+        "from lytools.cli import main\n"
+        "try:\n"
+        f"    main(['convert', *sys.argv[1:], '--output-dir', {str(out)!r}, '--to', 'diffusers', '-q', '-j', '2'])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *map(str, sources)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    assert lines[-1] == "False" and sorted(lines[:-1]) == sorted(str(out / s.name) for s in sources)
