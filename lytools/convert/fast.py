@@ -18,9 +18,12 @@ float32 and rounded the same way.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
+import mmap
+import os
 import struct
 import time
 from pathlib import Path
@@ -46,6 +49,16 @@ SIZE_LIMIT = 1 << 30  # larger files are not networks this path is for
 
 def try_convert(source: Path, output: Path, options: ConvertOptions) -> FileResult | None:
     """Convert `source` to diffusers names when it is a plain LoRA/LoCon network; else None."""
+    collecting = gc.isenabled()
+    gc.disable()  # thousands of short-lived, acyclic objects per file: collections only cost time
+    try:
+        return _convert(source, output, options)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult | None:
     if (options.target != "diffusers" or options.save_dtype is not None or options.fold is False
             or options.component is not None or not source.name.lower().endswith(".safetensors")):
         return None
@@ -154,12 +167,13 @@ _SCRATCH = _Scratch()
 
 
 def _read(path: Path, size: int) -> memoryview:
-    """Return the whole file (a view of a reused buffer, valid until the next file is read)."""
-    view = _SCRATCH.get("file", size)
+    """Return the whole file as a read-only map of the page cache: the bytes are hashed, sliced and
+    written from there without a copy into this process."""
     with open(path, "rb") as handle:
-        if handle.readinto(view) != size or handle.read(1):
+        if os.fstat(handle.fileno()).st_size != size:
             raise FileFormatError(f"{path}: file changed while reading")
-    return view
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    return memoryview(mapped)
 
 
 def _scalar(data: memoryview, start: int, info: TensorInfo) -> float:
@@ -210,7 +224,8 @@ def _scaled_f16(bits: np.ndarray, factor: float, out: np.ndarray) -> bool:
     low, high = max(1, 1 - shift) << 10, min(30, 30 - shift) << 10
     np.add(bits, np.uint16((shift << 10) & 0xFFFF), out=out)
     if int(exponent.min(initial=0x7C00)) < low or int(exponent.max(initial=0)) > high:
-        rest = (exponent < low) | (exponent > high)
+        np.subtract(exponent, np.uint16(low), out=exponent)  # below `low` wraps around to large values
+        rest = exponent > np.uint16(high - low)
         out[rest] = _via_float32(bits[rest], factor)
     return True
 
