@@ -212,7 +212,8 @@ def _scaled(raws: list[memoryview], dtype: str, factor: float, slot: int = 0) ->
 def _scaled_f16(bits: np.ndarray, factor: float, out: np.ndarray) -> bool:
     """Write bits (float16) times factor into `out`; False when a value is inf or nan."""
     exponent = bits & 0x7C00
-    if int(exponent.max(initial=0)) == 0x7C00:
+    largest, smallest = int(exponent.max(initial=0)), int(exponent.min(initial=0x7C00))
+    if largest == 0x7C00:
         return False
     mantissa, power = math.frexp(factor)
     shift = power - 1
@@ -223,7 +224,7 @@ def _scaled_f16(bits: np.ndarray, factor: float, out: np.ndarray) -> bool:
     # leave the normal range) go through float32 and round to nearest even
     low, high = max(1, 1 - shift) << 10, min(30, 30 - shift) << 10
     np.add(bits, np.uint16((shift << 10) & 0xFFFF), out=out)
-    if int(exponent.min(initial=0x7C00)) < low or int(exponent.max(initial=0)) > high:
+    if smallest < low or largest > high:
         np.subtract(exponent, np.uint16(low), out=exponent)  # below `low` wraps around to large values
         rest = exponent > np.uint16(high - low)
         out[rest] = _via_float32(bits[rest], factor)
