@@ -135,3 +135,25 @@ def test_convert_of_plain_loras_never_imports_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split()
     assert lines[-1] == "False" and sorted(lines[:-1]) == sorted(str(out / s.name) for s in sources)
+
+
+def test_fast_path_is_safe_from_several_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = [build_network(tmp_path / f"n{i}.safetensors", "sd1", rank=4, alpha=float(1 + i), seed=i) for i in range(4)]
+    expected = {}
+    for source in sources:
+        out = tmp_path / f"ref-{source.name}"
+        convert_file(source, out, DIFFUSERS)
+        expected[source.name] = out.read_bytes()
+
+    def run(job: tuple[int, Path]) -> bytes:
+        index, source = job
+        out = tmp_path / f"thread-{index}.safetensors"
+        assert try_convert(source, out, DIFFUSERS) is not None
+        return out.read_bytes()
+
+    jobs = list(enumerate(sources * 3))
+    with ThreadPoolExecutor(4) as pool:
+        for (_, source), data in zip(jobs, pool.map(run, jobs)):
+            assert data == expected[source.name]

@@ -25,6 +25,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -149,17 +150,22 @@ def _plain_factors(down: TensorInfo, up: TensorInfo) -> bool:
     return down.shape[0] >= 1 and up.shape[1] == down.shape[0] and all(k == 1 for k in up.shape[2:])
 
 
-class _Scratch:
-    """Buffers kept from one file to the next: a batch converts thousands of files of about the same
-    size, and fresh memory costs page faults and zeroing every time."""
+class _Scratch(threading.local):
+    """Buffers kept from one file to the next (per thread): a batch converts thousands of files of
+    about the same size, and fresh memory costs page faults and zeroing every time. Buffers over
+    KEEP_LIMIT are not kept."""
+
+    KEEP_LIMIT = 64 << 20
 
     def __init__(self) -> None:
         self.buffers: dict[str, bytearray] = {}
 
     def get(self, role: str, size: int) -> memoryview:
+        if size > self.KEEP_LIMIT:
+            return memoryview(bytearray(size))
         buffer = self.buffers.get(role)
         if buffer is None or len(buffer) < size:
-            buffer = self.buffers[role] = bytearray(max(size, int(len(buffer or b"") * 1.25)))
+            buffer = self.buffers[role] = bytearray(min(self.KEEP_LIMIT, max(size, int(len(buffer or b"") * 1.25))))
         return memoryview(buffer)[:size]
 
 
