@@ -22,7 +22,7 @@ from lytools.arch.network import NetworkArch, module_shapes
 from lytools.errors import LytoolsError
 from lytools.io import PickledFile, SafetensorsFile, ShardedFile, open_file
 from lytools.io.hashes import LEGACY_LENGTH, LEGACY_OFFSET, file_hashes
-from lytools.io.writer import build_header, file_order, plan_entry
+from lytools.io.writer import build_header, file_order, plan_entry, ss_only
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 SS_SHOWN = (
@@ -284,8 +284,7 @@ def _check_model_hash(value: str, data_sha256: str, state_dict_order: bool = Fal
 
 def _sd_scripts_legacy(handle: SafetensorsFile, metadata: Mapping[str, str], entries: list) -> str:
     """Return sd-scripts' legacy hash: the 64 KiB at 1 MiB of the file it would write (ss_* metadata only)."""
-    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    header = build_header(file_order(entries), ss_only)
+    header = build_header(file_order(entries), ss_only(metadata))
     window = bytearray()
     if len(header) > LEGACY_OFFSET:
         window += header[LEGACY_OFFSET:LEGACY_OFFSET + LEGACY_LENGTH]

@@ -49,21 +49,18 @@ from typing import Any
 
 # imported on first use: the batch runner and the torch-free fast path must not pull in torch
 _LAZY = {
-    "Network": "lytools.convert.load", "adapter_metadata": "lytools.convert.load", "config_scale": "lytools.convert.load",
-    "load_network": "lytools.convert.load", "peft_config_path": "lytools.convert.load",
-    "Converted": "lytools.convert.write", "convert_network": "lytools.convert.write",
+    **dict.fromkeys(("Network", "adapter_metadata", "config_scale", "load_network", "peft_config_path"), "lytools.convert.load"),
+    **dict.fromkeys(("Converted", "convert_network"), "lytools.convert.write"),
+    **dict.fromkeys(("ConvertOptions", "FileResult", "cast_file", "convert_file", "output_for", "peft_paths", "plan_outputs",
+                     "process", "run_batch"), "lytools.convert.run"),
 }
-_RUN = ("ConvertOptions", "FileResult", "cast_file", "convert_file", "output_for", "peft_paths", "plan_outputs", "process",
-        "run_batch")
 
-__all__ = sorted([*_LAZY, *_RUN])
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    if name in _RUN:
-        return getattr(importlib.import_module("lytools.convert.run"), name)
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -34,16 +34,16 @@ import numpy as np
 
 from lytools.arch.network import layout_of_module
 from lytools.convert import names
-from lytools.convert.layout import FOLDED_NOTE, fold_split, lora_config
+from lytools.convert.layout import ALPHA, DOWN, FOLDED_NOTE, UP, fold_split, lora_config
+from lytools.convert.run import FileResult, output_metadata
 from lytools.errors import FileFormatError
 from lytools.io import SafetensorsWriter, plan_entry, read_header
 from lytools.io.safetensors import TensorInfo
 
 if TYPE_CHECKING:
-    from lytools.convert.run import ConvertOptions, FileResult
+    from lytools.convert.run import ConvertOptions
 
-DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
-FACTOR_DTYPES = {"F16": np.float16, "F32": np.float32}
+FACTOR_DTYPES = frozenset({"F16", "F32"})
 ALPHA_DTYPES = {"F16": "<e", "F32": "<f", "F64": "<d"}  # struct formats
 SIZE_LIMIT = 1 << 30  # larger files are not networks this path is for
 
@@ -86,12 +86,11 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
         if value is not None and not math.isfinite(value):
             return None  # the general path names the bad alpha
         scale = 1.0 if not value else value / rank  # a missing or zero alpha means alpha = rank
-        base = f"{part.component}.{part.path}"
-        for suffix, info in (("lora_A.weight", down), ("lora_B.weight", up)):
-            tensors[f"{base}.{suffix}"] = (info, data[start + info.begin:start + info.end])
         for suffix, info, factor in zip(("lora_A.weight", "lora_B.weight"), (down, up), fold_split(scale)):
+            name = f"{part.component}.{part.path}.{suffix}"
+            tensors[name] = (info, data[start + info.begin:start + info.end])
             if factor != 1.0 and info.nbytes:
-                to_scale.setdefault((info.dtype, factor), []).append(f"{base}.{suffix}")
+                to_scale.setdefault((info.dtype, factor), []).append(name)
         per_component.setdefault(part.component, []).append((part.path, rank, float(rank)))
     for index, ((dtype, factor), group) in enumerate(to_scale.items()):
         scaled = _scaled([tensors[name][1] for name in group], dtype, factor, index)
@@ -101,12 +100,9 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
             tensors[name] = (tensors[name][0], raw)
     adapter = {f"{component}.{key}": value for component, entries in per_component.items()
                for key, value in lora_config(entries, False).items()}
-    from lytools.convert.run import FileResult, _metadata
-
     autov3 = hashlib.sha256(data[start:]).hexdigest()
-    metadata = _metadata(dict(header.metadata), source, "diffusers",
-                         {"lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}, autov3, arch)
-    metadata = {key: value for key, value in metadata.items() if not key.startswith("sshs_")}
+    metadata = output_metadata(dict(header.metadata), source, "diffusers",  # stale sshs_* dropped there
+                               {"lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}, autov3, arch)
     entries = [plan_entry(name, info.dtype, info.shape) for name, (info, _) in tensors.items()]
     writer = SafetensorsWriter(output, entries, metadata, overwrite=options.overwrite, durable=options.fsync)
     with writer:

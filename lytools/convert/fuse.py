@@ -12,10 +12,9 @@ from typing import Mapping, Sequence
 import torch
 
 from lytools.algos.common import read_scalar, scale_for
-from lytools.convert.layout import fold_split
+from lytools.convert.layout import ALPHA, DORA, DOWN, MID, UP, fold_split  # noqa: F401 (re-exported)
 from lytools.errors import UnsupportedError
 
-DOWN, UP, MID, ALPHA, DORA = "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"
 LORA_KEYS = frozenset({DOWN, UP, ALPHA, DORA})
 Rows = tuple[int, int]
 Tensors = Mapping[str, torch.Tensor]

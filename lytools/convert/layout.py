@@ -1,6 +1,6 @@
 """Torch-free facts shared by the general converter (write.py) and the fast path (fast.py):
-target layout names, how a scale is folded into the factors, and the peft LoraConfig fields a
-diffusers/peft file carries."""
+target layout names, LoRA suffixes, how a scale is folded into the factors, and the peft
+LoraConfig fields a diffusers/peft file carries."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 from typing import Any, Iterable
 
 TARGETS = ("kohya", "diffusers", "peft")
+# the kohya/LyCORIS suffixes of a LoRA module
+DOWN, UP, MID, ALPHA, DORA = "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"
 FOLDED_NOTE = "scales folded into lora_A/lora_B (lora_alpha = r)"
 
 

@@ -115,8 +115,10 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
 
 
 # -- metadata ----------------------------------------------------------------------------------------
-def _metadata(stored: dict[str, str], source: Path, target: str | None, extra: dict[str, str],
-              autov3: str | None = None, arch: str | None = None) -> dict[str, str]:
+def output_metadata(stored: dict[str, str], source: Path, target: str | None, extra: dict[str, str],
+                    autov3: str | None = None, arch: str | None = None) -> dict[str, str]:
+    """Return an output's metadata: the input's carried forward (never stale hashes), adapted to the
+    target layout, with `extra` and lytools' provenance (the input's AutoV3) added."""
     meta = carried(stored)
     if target is not None:
         for key in list(meta):
@@ -152,7 +154,7 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.notes.append("lora_adapter_metadata dropped: its scales are in the alpha tensors now")
     if options.target == "peft":
         adapter, config_path = peft_paths(output)
-        meta = _metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch)
+        meta = output_metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch)
         made_folder = adapter.parent != output.parent and not adapter.parent.exists()
         if made_folder:
             adapter.parent.mkdir()
@@ -165,7 +167,7 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
             raise
         result.outputs = [adapter, config_path]
     else:
-        meta = _metadata(stored, source, options.target, converted.metadata, net.data_sha256, net.arch)
+        meta = output_metadata(stored, source, options.target, converted.metadata, net.data_sha256, net.arch)
         write_network(output, converted.tensors, meta, overwrite=options.overwrite, durable=options.fsync,
                       sshs=options.target == "kohya")
         result.outputs = [output]
@@ -234,7 +236,7 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
             raise UnsupportedError(f"{source}: scaled fp8 file ({marked[0]}): its weights are fp8 x scale; "
                                    f"a plain dtype cast would change them")
         stored = dict(reader.metadata or {})
-        meta = _metadata(stored, source, None, {})
+        meta = output_metadata(stored, source, None, {})
         infos = {info.name: info for info in reader.infos()}
         planned = []
         for name, info in infos.items():
