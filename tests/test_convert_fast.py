@@ -3,7 +3,9 @@ and hands everything it does not take back to it."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from lytools.convert.fast import _scaled, try_convert
+from lytools.convert.fast import _scale_into, try_convert
 from lytools.convert.run import ConvertOptions, convert_file
-from lytools.io import read_header, write_safetensors
+from lytools.errors import FileFormatError
+from lytools.io import parse_header, read_header, write_safetensors
 from lytools.testing import build_network
 from tests.shared import read_tensors
 
@@ -49,6 +52,14 @@ def test_fast_path_output_is_byte_identical_to_the_general_path(tmp_path, arch, 
     assert fast is not None, "the fast path should take a plain LoRA"
     assert fast_out.read_bytes() == general_out.read_bytes()
     assert fast.notes == general.notes and fast.outputs == [fast_out] and fast.error is None
+
+
+def _scaled(raws: list[memoryview], dtype: str, factor: float) -> list[bytes] | None:
+    out = bytearray(sum(map(len, raws)))
+    if not _scale_into(raws, dtype, factor, memoryview(out)):
+        return None
+    sizes = np.cumsum([0] + [len(raw) for raw in raws])
+    return [bytes(out[a:b]) for a, b in zip(sizes[:-1], sizes[1:])]
 
 
 def test_fast_path_scales_subnormals_zeros_and_overflow_like_torch():
@@ -157,3 +168,83 @@ def test_fast_path_is_safe_from_several_threads(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         for (_, source), data in zip(jobs, pool.map(run, jobs)):
             assert data == expected[source.name]
+
+
+def _with_header(source: Path, out: Path, header: bytes) -> Path:
+    """Copy `source` with its JSON header replaced (data section unchanged)."""
+    data = source.read_bytes()
+    (length,) = struct.unpack_from("<Q", data)
+    out.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length:])
+    return out
+
+
+def test_files_sharing_a_structure_each_come_out_as_the_general_path_writes_them(tmp_path, monkeypatch):
+    """The second and later files of one structure reuse the first one's work: their own metadata
+    and alphas must still be the ones that count."""
+    import lytools.convert.fast as fast
+
+    studied = []
+    monkeypatch.setattr(fast, "_STRUCTURES", {})
+    monkeypatch.setattr(fast, "parse_header", lambda *args: studied.append(args[0].name) or parse_header(*args))
+    first = build_network(tmp_path / "a.safetensors", "sdxl", rank=4, alpha=2.0, seed=1,
+                          metadata={"ss_network_dim": "4", "modelspec.title": "first"})
+    tensors = read_tensors(first)
+    alphas = [k for k in tensors if k.endswith(".alpha")]
+    variants = {
+        "b": ({"modelspec.title": "second", "sshs_model_hash": "stale", "lora_adapter_metadata": "{}"}, 1.0),
+        "c": ({}, 4.0),
+        "d": ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "ss_training_comment": "é ✓"}, 0.5),
+    }
+    sources = [first]
+    for stem, (metadata, alpha) in variants.items():
+        changed = dict(tensors) | {k: torch.tensor(alpha, dtype=tensors[k].dtype) for k in alphas}
+        changed[alphas[0]] = torch.tensor(3.0, dtype=tensors[alphas[0]].dtype)  # one module unlike the rest
+        write_safetensors(tmp_path / f"{stem}.safetensors", changed, metadata)
+        sources.append(tmp_path / f"{stem}.safetensors")
+    # metadata after the tensors: keyed by the whole header, still converted the same
+    raw = json.loads(first.read_bytes()[8:8 + struct.unpack_from("<Q", first.read_bytes())[0]])
+    meta = raw.pop("__metadata__")
+    sources.append(_with_header(first, tmp_path / "e.safetensors", json.dumps({**raw, "__metadata__": meta}).encode()))
+    for source in sources * 2:  # twice: every file again with its structure known
+        fast, general, fast_out, general_out = both(source, tmp_path)
+        assert fast is not None, source.name
+        assert fast_out.read_bytes() == general_out.read_bytes(), source.name
+        assert fast.notes == general.notes
+    # a and b share one structure; c has no metadata; d claims its architecture in the metadata;
+    # e's metadata is not in front
+    assert studied == ["a.safetensors", "c.safetensors", "d.safetensors", "e.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["number-in-metadata", "duplicate-metadata-key", "truncated", "metadata-not-object"])
+def test_a_known_structure_with_a_damaged_file_is_refused_as_the_reader_refuses_it(tmp_path, damage):
+    source = build_network(tmp_path / "a.safetensors", "sd1", rank=4, alpha=2.0, seed=1, metadata={"k": "v"})
+    assert try_convert(source, tmp_path / "first.safetensors", DIFFUSERS) is not None  # structure now known
+    data = source.read_bytes()
+    (length,) = struct.unpack_from("<Q", data)
+    header = data[8:8 + length]
+    rest = header[header.index(b"}") + 1:]  # what follows the metadata object
+    bad = tmp_path / "bad.safetensors"
+    if damage == "truncated":
+        bad.write_bytes(data[:-10])
+    else:
+        metadata = {"number-in-metadata": b'{"k":1}', "duplicate-metadata-key": b'{"k":"v","k":"w"}',
+                    "metadata-not-object": b'"text"'}[damage]
+        _with_header(source, bad, b'{"__metadata__":' + metadata + rest)
+    with pytest.raises(FileFormatError) as expected:
+        read_header(bad)
+    with pytest.raises(FileFormatError) as ours:
+        try_convert(bad, tmp_path / "out.safetensors", DIFFUSERS)
+    assert str(ours.value) == str(expected.value)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_scaling_spans_many_steps():
+    """Odd values (zeros, subnormals) anywhere in tensors larger than one checking step."""
+    rng = np.random.default_rng(1)
+    values = (rng.standard_normal(300_001) * 1e-3).astype(np.float16)
+    values[::997] = 0
+    values[5::1013] = np.float16(3e-7)
+    raws = [memoryview(values[:70_000].tobytes()), memoryview(values[70_000:].tobytes())]
+    for factor in (0.5, 0.25, 2.0 ** -12):
+        ours = np.frombuffer(b"".join(_scaled(raws, "F16", factor)), dtype=np.uint16)
+        assert np.array_equal(ours, (torch.from_numpy(values.copy()) * factor).numpy().view(np.uint16)), factor

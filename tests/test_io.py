@@ -21,6 +21,7 @@ from safetensors import safe_open
 from lytools.errors import FileFormatError, OutputExistsError, UnsafeFileError, LytoolsError
 from lytools.io import (
     SafetensorsWriter,
+    plan_layout,
     file_hashes,
     modelspec_hash,
     open_file,
@@ -440,3 +441,53 @@ def test_writer_write_bytes_matches_write_and_checks_the_size(tmp_path):
         with writer:
             writer.write_bytes("a", b"abc")
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("sshs", [False, True])
+def test_write_all_with_a_shared_layout_matches_safetensors(tmp_path, monkeypatch, sshs):
+    """One layout serves several files (different metadata); write_all splits more tensors than one
+    vectored write takes and goes on after short writes."""
+    tensors = {f"t{i:04d}": torch.randn(i % 7 + 1, 3) for i in range(1500)} | {"big": torch.randn(300, 200).half()}
+    layout = plan_layout([plan_entry(n, t.dtype, t.shape) for n, t in tensors.items()])
+    real_pwritev = os.pwritev
+    calls = []
+
+    def short_pwritev(fd, buffers, offset):
+        calls.append(len(buffers))
+        assert len(buffers) <= 1024
+        done = real_pwritev(fd, buffers, offset)
+        return max(1, done - 5) if done > 5 and len(calls) % 3 == 0 else done  # now and then 5 bytes short
+
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    for index, meta in enumerate(({"ss_network_dim": "8"}, {"ss_network_dim": "16", "other": "é"})):
+        ours, theirs = tmp_path / f"ours{index}.safetensors", tmp_path / f"theirs{index}.safetensors"
+        writer = SafetensorsWriter(ours, layout, meta, sshs=sshs)
+        with writer:
+            writer.write_all([tensors[name].numpy().tobytes() for name in writer.order])
+        monkeypatch.setattr(os, "pwritev", real_pwritev)
+        write_safetensors(theirs, tensors, meta, sshs=sshs)  # tensor by tensor
+        monkeypatch.setattr(os, "pwritev", short_pwritev)
+        assert ours.read_bytes() == theirs.read_bytes()
+        loaded = safetensors.torch.load_file(ours)
+        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+        with safe_open(ours, "pt") as handle:
+            assert handle.metadata() == (with_sshs_hashes(tensors, meta) if sshs else meta)
+    assert len(calls) >= 4 and max(calls) == 1024
+
+
+def test_write_all_checks_what_it_is_given(tmp_path):
+    entries = [plan_entry("a", "F32", (2,)), plan_entry("b", "F16", (3,))]
+    out = tmp_path / "o.safetensors"
+    for given, problem in (([b"x" * 8], "1 tensors given for 2 planned"),
+                           ([b"x" * 8, b"x" * 5], "tensor 'b' has 5 bytes but was planned with 6")):
+        with pytest.raises(LytoolsError, match=problem):
+            with SafetensorsWriter(out, entries) as writer:
+                writer.write_all(given)
+        assert not list(tmp_path.iterdir())
+    with pytest.raises(LytoolsError, match="already holds tensors"):
+        with SafetensorsWriter(out, entries) as writer:
+            writer.write_bytes("a", b"x" * 8)
+            writer.write_all([b"x" * 8, b"x" * 6])
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(LytoolsError, match="both named 'a'"):
+        plan_layout([plan_entry("a", "F32", (2,)), plan_entry("a", "F16", (3,))])

@@ -3,6 +3,8 @@
 Most batch conversions are ordinary kohya LoRAs going to diffusers names. For those this module
 does the whole job on the file's bytes, without torch: it validates the header, maps every
 module through the same name tables, folds alpha / rank into the factors and writes the result.
+What a header's tensor entries decide (the checks, the name mapping, the output layout) is worked
+out once per structure and shared by the later files of a batch with the same one.
 A file it takes comes out byte for byte as the general path (load.py + write.py) writes it; the
 tests hold the two side by side. Anything else (other algorithms, DoRA, Tucker, fused q/k/v
 parts, swapped halves, diffusers/peft-named inputs, stray keys, bf16/fp8 factors, non-finite
@@ -27,18 +29,20 @@ import os
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lytools.arch.detect import arch_from_metadata
 from lytools.arch.network import layout_of_module
 from lytools.convert import names
 from lytools.convert.layout import ALPHA, DOWN, FOLDED_NOTE, UP, fold_split, lora_config
 from lytools.convert.run import FileResult, output_metadata
 from lytools.errors import FileFormatError
-from lytools.io import SafetensorsWriter, plan_entry, read_header
-from lytools.io.safetensors import TensorInfo
+from lytools.io import Layout, SafetensorsWriter, parse_header, plan_entry, plan_layout, read_header
+from lytools.io.safetensors import TensorInfo, duplicate_key_hook
 
 if TYPE_CHECKING:
     from lytools.convert.run import ConvertOptions
@@ -46,6 +50,40 @@ if TYPE_CHECKING:
 FACTOR_DTYPES = frozenset({"F16", "F32"})
 ALPHA_DTYPES = {"F16": "<e", "F32": "<f", "F64": "<d"}  # struct formats
 SIZE_LIMIT = 1 << 30  # larger files are not networks this path is for
+METADATA_START = '{"__metadata__":'  # how safetensors (and lytools) begin a header that has metadata
+CACHE_LIMIT = 16  # structures remembered per process
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One output tensor, in file order: its bytes in the input's data section, the module whose
+    folded scale it takes, and which half of fold_split's (down, up) pair applies."""
+
+    begin: int
+    end: int
+    module: int
+    up: bool
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """All that an input's tensor entries decide, worked out once and shared by every input whose
+    header has the same tensor part (the files of a batch from one trainer): the checks, the name
+    mapping, the output layout and the adapter metadata. `taken` False: not for this path."""
+
+    taken: bool
+    metadata: dict[str, str]  # the first input's; used only when the metadata is part of the key
+    arch: str = ""
+    notes: tuple[str, ...] = ()
+    ranks: tuple[int, ...] = ()  # per module
+    alphas: tuple[TensorInfo | None, ...] = ()  # per module: where its alpha is, if it has one
+    slots: tuple[_Slot, ...] = ()
+    layout: Layout | None = None
+    adapter_json: str = ""
+
+
+_STRUCTURES: dict[tuple, _Structure] = {}
 
 
 def try_convert(source: Path, output: Path, options: ConvertOptions) -> FileResult | None:
@@ -64,53 +102,122 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
             or options.component is not None or not source.name.lower().endswith(".safetensors")):
         return None
     started = time.perf_counter()
-    header = read_header(source)
-    if header.file_size > SIZE_LIMIT:
+    try:
+        size = os.stat(source).st_size
+    except OSError:
+        read_header(source)  # raises the error the general path would give
         return None
-    detected = names.detect_cached({name: info.shape for name, info in header.tensors.items()}, header.metadata)
-    arch = detected.arch
-    if (arch not in ("sd1", "sd2", "sdxl", "sd3", "flux") or (options.arch and options.arch != arch)
-            or detected.layout not in ("kohya", "lycoris") or not detected.modules or detected.stray):
+    if not 8 < size <= SIZE_LIMIT:
+        return None  # the general path reports files too short to be safetensors
+    data = _read(source, size)
+    (header_len,) = struct.unpack_from("<Q", data, 0)
+    if header_len > size - 8:
+        return None  # the general path names the problem
+    raw = bytes(data[8:8 + header_len])
+    structure, metadata = _structure_of(source, raw, size, options)
+    if not structure.taken:
         return None
-    plan = _plan(arch, detected.modules, header.tensors)
-    if plan is None:
-        return None
-    data = _read(source, header.file_size)
-    start = header.data_start
-    tensors: dict[str, tuple[TensorInfo, memoryview]] = {}
-    to_scale: dict[tuple[str, float], list[str]] = {}  # (dtype, factor) -> output names, scaled together
-    per_component: dict[str, list[tuple[str, int, float]]] = {}
-    for part, down, up, alpha in plan:
-        rank = down.shape[0]
+    start = 8 + header_len
+    factors: list[tuple[float, float]] = []
+    split: dict[float, tuple[float, float]] = {}
+    for rank, alpha in zip(structure.ranks, structure.alphas):
         value = _scalar(data, start, alpha) if alpha is not None else None
         if value is not None and not math.isfinite(value):
             return None  # the general path names the bad alpha
         scale = 1.0 if not value else value / rank  # a missing or zero alpha means alpha = rank
-        for suffix, info, factor in zip(("lora_A.weight", "lora_B.weight"), (down, up), fold_split(scale)):
-            name = f"{part.component}.{part.path}.{suffix}"
-            tensors[name] = (info, data[start + info.begin:start + info.end])
-            if factor != 1.0 and info.nbytes:
-                to_scale.setdefault((info.dtype, factor), []).append(name)
-        per_component.setdefault(part.component, []).append((part.path, rank, float(rank)))
-    for index, ((dtype, factor), group) in enumerate(to_scale.items()):
-        scaled = _scaled([tensors[name][1] for name in group], dtype, factor, index)
-        if scaled is None:
-            return None
-        for name, raw in zip(group, scaled):
-            tensors[name] = (tensors[name][0], raw)
-    adapter = {f"{component}.{key}": value for component, entries in per_component.items()
-               for key, value in lora_config(entries, False).items()}
+        pair = split.get(scale)
+        if pair is None:
+            pair = split[scale] = fold_split(scale)
+        factors.append(pair)
+    views: list[memoryview] = []
+    groups: dict[tuple[str, float], list[int]] = {}  # (dtype, factor) -> output tensors, scaled together
+    for index, slot in enumerate(structure.slots):
+        views.append(data[start + slot.begin:start + slot.end])
+        factor = factors[slot.module][slot.up]
+        if factor != 1.0 and slot.begin != slot.end:
+            groups.setdefault((slot.dtype, factor), []).append(index)
+    scaled = _SCRATCH.get("scaled", sum(len(views[index]) for members in groups.values() for index in members))
+    position = 0
+    for (dtype, factor), members in groups.items():
+        raws = [views[index] for index in members]
+        size = sum(map(len, raws))
+        if not _scale_into(raws, dtype, factor, scaled[position:position + size]):
+            return None  # a value to scale is not finite: the general path names it
+        for index, raw in zip(members, raws):
+            views[index] = scaled[position:position + len(raw)]
+            position += len(raw)
     autov3 = hashlib.sha256(data[start:]).hexdigest()
-    metadata = output_metadata(dict(header.metadata), source, "diffusers",  # stale sshs_* dropped there
-                               {"lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}, autov3, arch)
-    entries = [plan_entry(name, info.dtype, info.shape) for name, (info, _) in tensors.items()]
-    writer = SafetensorsWriter(output, entries, metadata, overwrite=options.overwrite, durable=options.fsync)
+    metadata = output_metadata(dict(metadata), source, "diffusers",  # stale sshs_* dropped there
+                               {"lora_adapter_metadata": structure.adapter_json}, autov3, structure.arch)
+    writer = SafetensorsWriter(output, structure.layout, metadata, overwrite=options.overwrite, durable=options.fsync)
     with writer:
-        for name in writer.order:
-            writer.write_bytes(name, tensors[name][1])
-    result = FileResult(source, outputs=[output], notes=[*detected.notes, FOLDED_NOTE])
+        writer.write_all(views)
+    result = FileResult(source, outputs=[output], notes=[*structure.notes, FOLDED_NOTE])
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _structure_of(source: Path, raw: bytes, size: int, options: ConvertOptions) -> tuple[_Structure, dict[str, str]]:
+    """Return (the structure of the header `raw`, the input's metadata).
+
+    A header that starts with its metadata (as safetensors writes it) is keyed by what follows
+    the metadata: only the metadata is parsed for each file. The first file of a structure gets
+    every check the reader makes (parse_header); a later one shares its text byte for byte after
+    a well-formed metadata object, so it would pass them all the same."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    metadata = None
+    key_text = text
+    if text is not None and text.startswith(METADATA_START):
+        try:
+            parsed, end = json.JSONDecoder(object_pairs_hook=duplicate_key_hook(source)).raw_decode(text, len(METADATA_START))
+        except (ValueError, RecursionError, FileFormatError):
+            parsed = None
+        if type(parsed) is dict and all(type(value) is str for value in parsed.values()):
+            metadata, key_text = parsed, text[end:].rstrip(" \t\n\r")  # padding depends on the metadata
+    key = (key_text, size - 8 - len(raw), options.arch, metadata is None,
+           arch_from_metadata(metadata) if metadata is not None else None)
+    structure = _STRUCTURES.get(key) if text is not None else None
+    if structure is None:
+        header = parse_header(source, raw, size)  # every check the general path's reader makes
+        structure = _study(header, options)
+        if len(_STRUCTURES) >= CACHE_LIMIT:
+            _STRUCTURES.pop(next(iter(_STRUCTURES)))  # the oldest
+        _STRUCTURES[key] = structure
+        metadata = header.metadata
+    return structure, metadata if metadata is not None else structure.metadata
+
+
+def _study(header, options: ConvertOptions) -> _Structure:
+    """Work out the structure of a validated header (see _Structure)."""
+    refused = _Structure(False, header.metadata)
+    detected = names.detect_cached({name: info.shape for name, info in header.tensors.items()}, header.metadata)
+    arch = detected.arch
+    if (arch not in ("sd1", "sd2", "sdxl", "sd3", "flux") or (options.arch and options.arch != arch)
+            or detected.layout not in ("kohya", "lycoris") or not detected.modules or detected.stray):
+        return refused
+    plan = _plan(arch, detected.modules, header.tensors)
+    if plan is None:
+        return refused
+    entries, slots = [], {}
+    per_component: dict[str, list[tuple[str, int, float]]] = {}
+    for index, (part, down, up, _alpha) in enumerate(plan):
+        for suffix, info, is_up in (("lora_A.weight", down, False), ("lora_B.weight", up, True)):
+            name = f"{part.component}.{part.path}.{suffix}"
+            entries.append(plan_entry(name, info.dtype, info.shape))
+            slots[name] = _Slot(info.begin, info.end, index, is_up, info.dtype)
+        rank = down.shape[0]
+        per_component.setdefault(part.component, []).append((part.path, rank, float(rank)))
+    layout = plan_layout(entries)
+    adapter = {f"{component}.{key}": value for component, modules in per_component.items()
+               for key, value in lora_config(modules, False).items()}
+    return _Structure(
+        True, header.metadata, arch, tuple(detected.notes), tuple(down.shape[0] for _, down, _, _ in plan),
+        tuple(alpha for _, _, _, alpha in plan), tuple(slots[entry.name] for entry in layout.entries), layout,
+        json.dumps(adapter, sort_keys=True),
+    )
 
 
 def _plan(arch: str, modules: dict[str, dict[str, str]], infos: dict[str, TensorInfo]):
@@ -182,54 +289,63 @@ def _scalar(data: memoryview, start: int, info: TensorInfo) -> float:
     return float(struct.unpack_from(ALPHA_DTYPES[info.dtype], data, start + info.begin)[0])
 
 
-def _scaled(raws: list[memoryview], dtype: str, factor: float, slot: int = 0) -> list[memoryview] | None:
-    """Return each raw factor times `factor` as torch computes `tensor * factor` (all of them in one
-    numpy pass, into scratch buffer `slot`), or None when a value to scale is not finite (left to
-    the general path)."""
-    sizes = [len(raw) for raw in raws]
-    total = sum(sizes)
-    joined_bytes = _SCRATCH.get("scale-in", total)
-    position = 0
-    for raw, size in zip(raws, sizes):
-        joined_bytes[position:position + size] = raw
-        position += size
-    kind = "<u2" if dtype == "F16" else "<u4"
-    joined = np.frombuffer(joined_bytes, dtype=kind)
-    out = np.frombuffer(_SCRATCH.get(f"scale-out-{slot}", total), dtype=kind)
+CHUNK = 1 << 16  # float16 values checked per step: a step's buffers stay in the CPU cache
+
+
+def _scale_into(raws: list[memoryview], dtype: str, factor: float, out: memoryview) -> bool:
+    """Write each float16/float32 tensor of `raws` times `factor` into `out`, back to back, exactly
+    as torch computes `tensor * factor`; False when a value to scale is not finite (left to the
+    general path)."""
     if dtype == "F32":
-        values = joined.view("<f4")
-        if not np.isfinite(values).all():
-            return None
-        np.multiply(values, np.float32(factor), out=out.view("<f4"))
-    elif not _scaled_f16(joined, factor, out):
-        return None
-    flat = memoryview(out).cast("B")
-    views, position = [], 0
-    for size in sizes:
-        views.append(flat[position:position + size])
-        position += size
-    return views
-
-
-def _scaled_f16(bits: np.ndarray, factor: float, out: np.ndarray) -> bool:
-    """Write bits (float16) times factor into `out`; False when a value is inf or nan."""
-    exponent = bits & 0x7C00
-    largest, smallest = int(exponent.max(initial=0)), int(exponent.min(initial=0x7C00))
-    if largest == 0x7C00:
-        return False
+        position = 0
+        for raw in raws:
+            values = np.frombuffer(raw, dtype="<f4")
+            if not np.isfinite(values).all():
+                return False
+            np.multiply(values, np.float32(factor), out=np.frombuffer(out[position:position + len(raw)], dtype="<f4"))
+            position += len(raw)
+        return True
+    result = np.frombuffer(out, dtype="<u2")
     mantissa, power = math.frexp(factor)
     shift = power - 1
     if mantissa != 0.5 or not -29 <= shift <= 29:  # not a (usable) power of two: float32 product, rounded
-        out[:] = _via_float32(bits, factor)
+        position = 0
+        for raw in raws:
+            bits = np.frombuffer(raw, dtype="<u2")
+            if len(bits) and int(np.bitwise_and(bits, np.uint16(0x7FFF)).max()) >= 0x7C00:
+                return False
+            result[position:position + len(bits)] = _via_float32(bits, factor)
+            position += len(bits)
         return True
-    # normal results: only the exponent field moves; the rest (zeros, subnormals, results that
-    # leave the normal range) go through float32 and round to nearest even
-    low, high = max(1, 1 - shift) << 10, min(30, 30 - shift) << 10
-    np.add(bits, np.uint16((shift << 10) & 0xFFFF), out=out)
-    if smallest < low or largest > high:
-        np.subtract(exponent, np.uint16(low), out=exponent)  # below `low` wraps around to large values
-        rest = exponent > np.uint16(high - low)
-        out[rest] = _via_float32(bits[rest], factor)
+    # Magnitudes (the bits without the sign) in [low, low + span] are normal numbers that stay
+    # normal: only their exponent field moves, so every value gets `moved` added to its bits. The
+    # others (zeros, subnormals, results that leave the normal range, inf/nan) are then flagged a
+    # cache-sized step at a time and recomputed through float32, rounded to nearest even.
+    moved = (shift << 10) & 0xFFFF
+    position = 0
+    for raw in raws:
+        bits = np.frombuffer(raw, dtype="<u2")
+        np.add(bits, np.uint16(moved), out=result[position:position + len(bits)])
+        position += len(bits)
+    low = max(1, 1 - shift) << 10
+    span = ((min(30, 30 - shift) << 10) | 0x3FF) - low
+    # from a result r: 2 * (magnitude - low) = (r << 1) - 2 * (moved + low), modulo 2**16; it wraps
+    # to above 2 * span for magnitudes below `low` (the sign bit is shifted out)
+    offset, limit = np.uint16((2 * (moved + low)) & 0xFFFF), 2 * span
+    step = np.frombuffer(_SCRATCH.get("magnitudes", 2 * min(CHUNK, len(result))), dtype="<u2")
+    odd = np.frombuffer(_SCRATCH.get("odd", len(result)), dtype=np.bool_)
+    for first in range(0, len(result), CHUNK):
+        chunk = result[first:first + CHUNK]
+        check = step[:len(chunk)]
+        np.left_shift(chunk, 1, out=check)
+        np.subtract(check, offset, out=check)
+        np.greater(check, limit, out=odd[first:first + len(chunk)])
+    where = np.flatnonzero(odd)
+    if len(where):
+        values = result[where] - np.uint16(moved)  # the stored bits again
+        if int(np.bitwise_and(values, np.uint16(0x7FFF)).max()) >= 0x7C00:
+            return False
+        result[where] = _via_float32(values, factor)
     return True
 
 

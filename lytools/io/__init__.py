@@ -5,6 +5,7 @@
     read_header(path)          -> Header (validated; no tensor data touched)
     SafetensorsWriter(out, [plan_entry(name, dtype, shape), ...], metadata, overwrite=...)
         with writer: for name in writer.order: writer.write(name, tensor)
+        (or writer.write_all([raw bytes in file order]); plan_layout(entries) -> a Layout to reuse)
     write_safetensors(out, {name: tensor}, metadata, overwrite=...)
     file_hashes(path), sd_scripts_hashes(tensors, metadata), with_sshs_hashes(...)
 """
@@ -21,13 +22,15 @@ from lytools.errors import FileFormatError
 from lytools.io.dtypes import parse_save_dtype, st_name
 from lytools.io.hashes import FileHashes, file_hashes, modelspec_hash, sd_scripts_hashes, with_sshs_hashes
 from lytools.io.pickled import PickledFile, load_pickled_state_dict
-from lytools.io.safetensors import Header, SafetensorsFile, TensorInfo, read_header
+from lytools.io.safetensors import Header, SafetensorsFile, TensorInfo, parse_header, read_header
 from lytools.io.writer import (
     PICKLE_SUFFIXES,
+    Layout,
     PlannedTensor,
     SafetensorsWriter,
     check_output_path,
     plan_entry,
+    plan_layout,
     write_safetensors,
 )
 
@@ -105,6 +108,7 @@ def open_file(path: str | os.PathLike) -> SafetensorsFile | ShardedFile | Pickle
 __all__ = [
     "FileHashes",
     "Header",
+    "Layout",
     "PickledFile",
     "PlannedTensor",
     "SafetensorsFile",
@@ -116,8 +120,10 @@ __all__ = [
     "load_pickled_state_dict",
     "modelspec_hash",
     "open_file",
+    "parse_header",
     "parse_save_dtype",
     "plan_entry",
+    "plan_layout",
     "read_header",
     "sd_scripts_hashes",
     "st_name",

@@ -79,7 +79,9 @@ def _fail(path: Path, problem: str) -> FileFormatError:
     return FileFormatError(f"{path}: {problem}")
 
 
-def _reject_duplicates(path: Path):
+def duplicate_key_hook(path: Path):
+    """Return a json object_pairs_hook that refuses a key given twice in one object (naming `path`)."""
+
     def hook(pairs: list[tuple[str, object]]) -> dict:
         result = dict(pairs)
         if len(result) != len(pairs):
@@ -128,12 +130,19 @@ def read_header(path: str | os.PathLike) -> Header:
         raise FileFormatError(f"{path}: permission denied") from None
     if len(raw) != header_len:
         raise _fail(path, "truncated: the file ended inside the header")
+    return parse_header(path, raw, file_size)
+
+
+def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
+    """Return the validated header whose JSON bytes (after the 8-byte length) are `raw`, in a file
+    of `file_size` bytes; raise FileFormatError naming the problem."""
+    header_len = len(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise _fail(path, "not a safetensors file: header is not UTF-8 text") from None
     try:
-        parsed = json.loads(text, object_pairs_hook=_reject_duplicates(path))
+        parsed = json.loads(text, object_pairs_hook=duplicate_key_hook(path))
     except FileFormatError:
         raise
     except (json.JSONDecodeError, RecursionError) as exc:

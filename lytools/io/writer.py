@@ -80,6 +80,34 @@ def file_order(entries: Iterable[PlannedTensor]) -> list[PlannedTensor]:
 _PLAIN_NAME = re.compile(r'[^"\\\x00-\x1f]*')  # no character JSON must escape
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The tensor part of a planned file, worked out once: entries in file order, their header JSON
+    and each one's offset into the data section. Files that differ only in metadata (a batch of
+    networks of one structure) can share one."""
+
+    entries: tuple[PlannedTensor, ...]
+    tensor_json: str
+    offsets: dict[str, tuple[int, PlannedTensor]]  # name -> (offset from the data start, entry)
+    data_bytes: int
+
+
+def plan_layout(entries: Iterable[PlannedTensor], where: str = "output") -> Layout:
+    """Return the Layout of planned tensors (raises on a name given twice; `where` names the file)."""
+    planned = list(entries)
+    offsets: dict[str, tuple[int, PlannedTensor]] = {}
+    ordered = file_order(planned)
+    position = 0
+    for entry in ordered:
+        offsets[entry.name] = (position, entry)
+        position += entry.nbytes
+    if len(offsets) != len(planned):
+        names = [entry.name for entry in planned]
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise LytoolsError(f"{where}: two output tensors are both named {duplicate!r}")
+    return Layout(tuple(ordered), tensor_entries_json(ordered), offsets, position)
+
+
 def build_header(ordered: list[PlannedTensor], metadata: Mapping[str, str] | None) -> bytes:
     """Return the 8-byte length prefix plus the padded JSON header for tensors in file order."""
     return header_with(tensor_entries_json(ordered), metadata)
@@ -194,7 +222,7 @@ class SafetensorsWriter:
     def __init__(
         self,
         path: str | os.PathLike,
-        entries: Iterable[PlannedTensor],
+        entries: Iterable[PlannedTensor] | Layout,
         metadata: Mapping[str, str] | None = None,
         *,
         overwrite: bool = False,
@@ -207,13 +235,9 @@ class SafetensorsWriter:
         self.hash_data = hash_data or sshs
         self.sshs = sshs
         self.overwrite = overwrite
-        planned = list(entries)
-        names = [entry.name for entry in planned]
-        if len(set(names)) != len(names):
-            duplicate = next(name for name in names if names.count(name) > 1)
-            raise LytoolsError(f"{self.path}: two output tensors are both named {duplicate!r}")
-        self.entries = file_order(planned)
-        self._tensor_json = tensor_entries_json(self.entries)
+        layout = entries if isinstance(entries, Layout) else plan_layout(entries, str(self.path))
+        self.entries = layout.entries
+        self._tensor_json = layout.tensor_json
         self.metadata = dict(metadata or {})
         self._legacy: LegacyWindow | None = None
         if sshs:
@@ -223,12 +247,8 @@ class SafetensorsWriter:
             self._legacy.feed(header_with(self._tensor_json, ss_only(self.metadata)))
             self.metadata.update({"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8})  # patched at close
         self.header = header_with(self._tensor_json, self.metadata)
-        self._offsets: dict[str, tuple[int, PlannedTensor]] = {}
-        position = len(self.header)
-        for entry in self.entries:
-            self._offsets[entry.name] = (position, entry)
-            position += entry.nbytes
-        self.total_size = position
+        self._offsets = layout.offsets  # relative to the data start, len(self.header)
+        self.total_size = len(self.header) + layout.data_bytes
         self.temp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         self._fd: int | None = None
         self._pending: list[memoryview] = []  # small tensors queued for one vectored write
@@ -279,6 +299,34 @@ class SafetensorsWriter:
             raise LytoolsError(f"{self.path}: tensor {name!r} has {len(data)} bytes but was planned with {entry.nbytes}")
         self._put(name, offset, data)
 
+    def write_all(self, data: Iterable[memoryview | bytes]) -> None:
+        """Write every planned tensor at once from their raw little-endian bytes, given in file
+        order (`order`), in as few vectored writes as the kernel allows; nothing may have been
+        written before. The caller keeps the buffers unchanged until the writer is closed."""
+        if self._fd is None:
+            raise LytoolsError(f"{self.path}: writer is not open")
+        if self._written:
+            raise LytoolsError(f"{self.path}: write_all on a writer that already holds tensors")
+        views = [memoryview(item).cast("B") for item in data]
+        if len(views) != len(self.entries):
+            raise LytoolsError(f"{self.path}: {len(views)} tensors given for {len(self.entries)} planned")
+        for entry, view in zip(self.entries, views):
+            if len(view) != entry.nbytes:
+                raise LytoolsError(f"{self.path}: tensor {entry.name!r} has {len(view)} bytes but was planned with {entry.nbytes}")
+        if self.hash_data:
+            for view in views:
+                self._sha.update(view)
+                if self._legacy is not None and not self._legacy.done:
+                    self._legacy.feed(view)
+            self._next_index = len(views)
+        self._flush_pending()
+        _pwrite_all(self._fd, views, len(self.header))
+        self._pending_at = self.total_size
+        self._written.update(entry.name for entry in self.entries)
+        self._unsynced += self.total_size
+        if self._unsynced >= WRITEBACK_CHUNK and self.durable:
+            self._start_writeback()
+
     def _planned(self, name: str) -> tuple[int, PlannedTensor]:
         if self._fd is None:
             raise LytoolsError(f"{self.path}: writer is not open")
@@ -288,7 +336,7 @@ class SafetensorsWriter:
             raise LytoolsError(f"{self.path}: tensor {name!r} was not planned") from None
         if name in self._written:
             raise LytoolsError(f"{self.path}: tensor {name!r} written twice")
-        return offset, entry
+        return len(self.header) + offset, entry
 
     def _put(self, name: str, offset: int, data: memoryview) -> None:
         if self.hash_data:
@@ -426,23 +474,34 @@ _DIRECT_WRITE = 1 << 20  # tensors this big are written at once; smaller ones ar
 _MAX_PENDING = 512  # queued buffers per vectored write (Linux allows 1024)
 
 
+def _iov_max() -> int:
+    try:
+        return max(1, min(os.sysconf("SC_IOV_MAX"), 1024))
+    except (AttributeError, ValueError, OSError):
+        return 16
+
+
+_IOV_MAX = _iov_max()
+
+
 def _pwrite_all(fd: int, buffers: list[memoryview], offset: int) -> None:
     """Write `buffers` back to back at `offset`, whatever the kernel accepts per call."""
     buffers = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers if len(b)]
     vectored = getattr(os, "pwritev", None)
-    while buffers:
+    first = 0  # buffers[first:] are still to write
+    while first < len(buffers):
         if vectored is not None:
-            done = vectored(fd, buffers, offset)
+            done = vectored(fd, buffers[first:first + _IOV_MAX], offset)
         else:
-            done = os.pwrite(fd, buffers[0], offset) if hasattr(os, "pwrite") else _seek_write(fd, buffers[0], offset)
+            done = os.pwrite(fd, buffers[first], offset) if hasattr(os, "pwrite") else _seek_write(fd, buffers[first], offset)
         if done <= 0:
             raise OSError(f"the disk accepted no bytes at offset {offset}")
         offset += done
-        while buffers and done >= len(buffers[0]):
-            done -= len(buffers[0])
-            buffers.pop(0)
+        while first < len(buffers) and done >= len(buffers[first]):
+            done -= len(buffers[first])
+            first += 1
         if done:
-            buffers[0] = buffers[0][done:]
+            buffers[first] = buffers[first][done:]
 
 
 def _seek_write(fd: int, data: memoryview, offset: int) -> int:
