@@ -11,9 +11,12 @@ Contenders (each in its own child process, inputs warm in the page cache for all
                          start included): atomic temp + rename per file, no fsync, as cp
   lytools CLI --fsync    the same with --fsync (each output durable before its path is printed),
                          to compare with copy+fsync
-Throughput = input bytes / wall seconds. Peak memory = max RSS of the contender's process tree
-(resource.getrusage of the waited children). Files live under /tmp/lytools-bench-convert and are
-deleted afterwards.
+  copy+AutoV3            the plain copy plus SHA-256 of each input's data section, in one process:
+                         the least a tool must do to record input hashes (FORMATS.md 5.3)
+lytools' modules are byte-compiled first (as a pip install does), so no round pays for compiling
+them when PYTHONDONTWRITEBYTECODE is set. Throughput = input bytes / wall seconds. Peak memory =
+max RSS of the contender's process tree (resource.getrusage of the waited children). Files live
+under /tmp/lytools-bench-convert and are deleted afterwards.
 """
 
 from __future__ import annotations
@@ -31,14 +34,18 @@ from benchmarks.common import REPO, human_bytes
 
 WORK = Path("/tmp/lytools-bench-convert")
 COPY_SCRIPT = """
-import os, shutil, sys
-src, dst, sync = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+import hashlib, mmap, os, shutil, struct, sys
+src, dst, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 for name in sorted(os.listdir(src)):
     shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    if sync:
+    if mode == "fsync":
         fd = os.open(os.path.join(dst, name), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+    elif mode == "hash":  # the input's AutoV3: SHA-256 of its data section, read through a map
+        with open(os.path.join(src, name), "rb") as handle:
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        hashlib.sha256(memoryview(data)[8 + struct.unpack_from("<Q", data)[0]:]).hexdigest()
 """
 
 
@@ -147,14 +154,16 @@ def main() -> None:
         total = int(subprocess.run(me + ["build", str(src)], check=True, capture_output=True, text=True, cwd=REPO).stdout.split()[-1])
         print(f"inputs: {args.files} SD1 LoRAs, rank {args.rank}, alpha {args.rank / 2:g}, fp16, "
               f"{human_bytes(total / args.files)} each, {human_bytes(total)} in all (built in {time.perf_counter() - started:.1f} s)")
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "lytools")], check=True, cwd=REPO)
         listing = "\n".join(str(p) for p in sorted(src.iterdir())) + "\n"
         lytools = [sys.executable, "-m", "lytools", "convert", "-", "--output-dir", None, "--to", "diffusers",
                    "--jobs", str(args.jobs), "-q"]
         contenders = (
-            ("copy (shutil.copyfile)", [sys.executable, "-c", COPY_SCRIPT, str(src), None, "0"], None),
-            ("copy + fsync per file", [sys.executable, "-c", COPY_SCRIPT, str(src), None, "1"], None),
+            ("copy (shutil.copyfile)", [sys.executable, "-c", COPY_SCRIPT, str(src), None, "plain"], None),
+            ("copy + fsync per file", [sys.executable, "-c", COPY_SCRIPT, str(src), None, "fsync"], None),
             (f"lytools convert --jobs {args.jobs}", lytools, listing),
             (f"lytools convert --jobs {args.jobs} --fsync", lytools + ["--fsync"], listing),
+            ("copy + AutoV3 of each input", [sys.executable, "-c", COPY_SCRIPT, str(src), None, "hash"], None),
         )
         runs: dict[str, list[tuple[float, int, float]]] = {label: [] for label, _, _ in contenders}
         last_out = None
@@ -187,6 +196,9 @@ def main() -> None:
         durable = statistics.median(c[0] / d[0] for c, d in zip(runs[labels[1]], runs[labels[3]]))
         print(f"lytools convert --fsync throughput = {durable:.1%} of copy + fsync (median), "
               f"{ratios[labels[3]]:.1%} of plain copy")
+        hashed = statistics.median(h[0] / c[0] for h, c in zip(runs[labels[4]], runs[labels[2]]))
+        print(f"lytools convert throughput = {hashed:.1%} of copy + AutoV3 hashing of each input in one process "
+              f"(the least any tool must do to record the input hashes FORMATS.md 5.3 asks for; median)")
         worst = float(subprocess.run(me + ["check", str(src), str(last_out)], check=True, capture_output=True, text=True,
                                      cwd=REPO).stdout.split()[-1])
         print(f"spot check: largest relative ΔW error of converted files {worst:.2e}")

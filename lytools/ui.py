@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
-from rich.console import Console
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from rich.console import Console
 
 T = TypeVar("T")
 
@@ -18,8 +19,12 @@ class Reporter:
 
     verbosity: int = 1
 
-    def __post_init__(self) -> None:
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+    @functools.cached_property
+    def console(self) -> Console:
+        """The stderr console, made on first use (rich is imported only by commands that print)."""
+        from rich.console import Console
+
+        return Console(stderr=True, highlight=False, soft_wrap=True)
 
     def log(self, message: str) -> None:
         if self.verbosity >= 1:
@@ -38,6 +43,8 @@ class Reporter:
         if self.verbosity < 1 or not _stderr_is_terminal():
             yield from items
             return
+        from tqdm import tqdm
+
         yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
 
 

@@ -35,13 +35,14 @@ LEGACY_OFFSET = 0x100000  # sd-scripts sshs_legacy_hash: SHA-256 of 0x10000 byte
 LEGACY_LENGTH = 0x10000
 
 
+@functools.cache
 def _sync_file_range():
-    """Return Linux sync_file_range (start writeback without waiting), or None elsewhere."""
+    """Return Linux sync_file_range (start writeback without waiting), or None elsewhere; looked up
+    on first use, by durable writes only."""
     try:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter already uses
         function = libc.sync_file_range
         function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
         return function
@@ -49,7 +50,6 @@ def _sync_file_range():
         return None
 
 
-_SYNC_FILE_RANGE = _sync_file_range()
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -375,10 +375,11 @@ class SafetensorsWriter:
     def _start_writeback(self) -> None:
         """Hand the bytes written so far to the disk in the background (Linux), keeping fsync short."""
         self._unsynced = 0
-        if _SYNC_FILE_RANGE is None or self._fd is None:
+        sync_file_range = _sync_file_range()
+        if sync_file_range is None or self._fd is None:
             return
         self._flush_pending()
-        _SYNC_FILE_RANGE(self._fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+        sync_file_range(self._fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
     def patch_metadata(self, metadata: Mapping[str, str]) -> None:
         """Rewrite the header with new metadata of the same encoded length, before the rename.
