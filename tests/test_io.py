@@ -491,3 +491,31 @@ def test_write_all_checks_what_it_is_given(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(LytoolsError, match="both named 'a'"):
         plan_layout([plan_entry("a", "F32", (2,)), plan_entry("a", "F16", (3,))])
+
+
+@pytest.mark.parametrize("vectored", [True, False])
+def test_writes_are_cut_into_pieces_the_page_cache_takes_cheaply(tmp_path, monkeypatch, vectored):
+    from lytools.io.writer import WRITE_PIECE
+
+    tensors = {"big": torch.randn(1000, 900), "a": torch.randn(3), "mid": torch.randn(200_000), "z": torch.randn(5, 5)}
+    sizes = []
+    real_pwritev, real_pwrite = os.pwritev, os.pwrite
+
+    def counting_pwritev(fd, buffers, offset):
+        sizes.append(sum(len(memoryview(b)) for b in buffers))
+        return real_pwritev(fd, buffers, offset)
+
+    def counting_pwrite(fd, data, offset):
+        sizes.append(len(memoryview(data)))
+        return real_pwrite(fd, data, offset)
+
+    if vectored:
+        monkeypatch.setattr(os, "pwritev", counting_pwritev)
+    else:
+        monkeypatch.delattr(os, "pwritev")
+        monkeypatch.setattr(os, "pwrite", counting_pwrite)
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    write_safetensors(ours, tensors, {"k": "v"})
+    safetensors.torch.save_file(tensors, theirs, {"k": "v"})
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert max(sizes) <= WRITE_PIECE and sum(sizes) == ours.stat().st_size and len(sizes) >= 8

@@ -485,24 +485,41 @@ def _iov_max() -> int:
 _IOV_MAX = _iov_max()
 
 
+WRITE_PIECE = 512 << 10  # bytes per write call, see _pwrite_all
+
+
 def _pwrite_all(fd: int, buffers: list[memoryview], offset: int) -> None:
-    """Write `buffers` back to back at `offset`, whatever the kernel accepts per call."""
+    """Write `buffers` back to back at `offset`, whatever the kernel accepts per call.
+
+    Each call carries at most WRITE_PIECE bytes (and IOV_MAX buffers): for a longer write Linux
+    gives the page cache huge folios (2 MiB), whose allocation costs far more than the calls
+    saved. Measured on a 2-core VM: 18 MB written 2 MiB at a time took 40-55 ms, 512 KiB at a
+    time 7 ms, as long as the kernel's own copy (sendfile) takes.
+    """
     buffers = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers if len(b)]
     vectored = getattr(os, "pwritev", None)
-    first = 0  # buffers[first:] are still to write
-    while first < len(buffers):
+    index, inner = 0, 0  # the next byte to write is buffers[index][inner]
+    while index < len(buffers):
+        batch, size, at, position = [], 0, index, inner
+        while at < len(buffers) and len(batch) < _IOV_MAX and size < WRITE_PIECE:
+            piece = buffers[at][position:position + WRITE_PIECE - size]
+            batch.append(piece)
+            size += len(piece)
+            at, position = (at + 1, 0) if position + len(piece) == len(buffers[at]) else (at, position + len(piece))
         if vectored is not None:
-            done = vectored(fd, buffers[first:first + _IOV_MAX], offset)
+            done = vectored(fd, batch, offset)
         else:
-            done = os.pwrite(fd, buffers[first], offset) if hasattr(os, "pwrite") else _seek_write(fd, buffers[first], offset)
+            done = os.pwrite(fd, batch[0], offset) if hasattr(os, "pwrite") else _seek_write(fd, batch[0], offset)
         if done <= 0:
             raise OSError(f"the disk accepted no bytes at offset {offset}")
         offset += done
-        while first < len(buffers) and done >= len(buffers[first]):
-            done -= len(buffers[first])
-            first += 1
-        if done:
-            buffers[first] = buffers[first][done:]
+        while done:
+            left = len(buffers[index]) - inner
+            if done < left:
+                inner += done
+                break
+            done -= left
+            index, inner = index + 1, 0
 
 
 def _seek_write(fd: int, data: memoryview, offset: int) -> int:
