@@ -4,7 +4,8 @@ against a plain file copy of the same files in the same run (target: >= 70% of c
     flock /tmp/lytools-heavy.lock /work/venv/bin/python -m benchmarks.convert [--files 200] [--rank 16] [--jobs 2] [--rounds 3]
 
 Contenders (each in its own child process, inputs warm in the page cache for all of them, and
-`sync` run before each so none pays for the dirty pages another left behind):
+`sync` run before each so none pays for the dirty pages another left behind; the order turns by
+one each round, so none always runs right after the same other one):
   copy                   shutil.copyfile of every file (kernel copy, no fsync): the issue's baseline
   copy+fsync             the same plus fsync per file (what a durable writer must pay)
   lytools CLI            `lytools convert - --output-dir D --to diffusers --jobs J -q` (interpreter
@@ -167,8 +168,12 @@ def main() -> None:
         )
         runs: dict[str, list[tuple[float, int, float]]] = {label: [] for label, _, _ in contenders}
         last_out = None
+        worst = None
         for round_index in range(args.rounds):
-            for label, command, stdin in contenders:
+            # the order turns by one each round, so no contender always follows the same one: on a VM
+            # the page cache a contender fills costs more the longer ago the memory was freed
+            turn = round_index % len(contenders)
+            for label, command, stdin in contenders[turn:] + contenders[:turn]:
                 if last_out is not None:  # the previous contender's outputs go before this one starts
                     shutil.rmtree(last_out, ignore_errors=True)
                 out = last_out = fresh(WORK / f"out-{round_index}-{len(runs[label])}-{label.split()[0]}")
@@ -176,9 +181,12 @@ def main() -> None:
                 warm(src)
                 os.sync()
                 runs[label].append(run_child(command, stdin))
+                if worst is None and label == contenders[2][0]:  # spot check of one output set, not timed
+                    worst = float(subprocess.run(me + ["check", str(src), str(out)], check=True, capture_output=True,
+                                                 text=True, cwd=REPO).stdout.split()[-1])
         labels = [label for label, _, _ in contenders]
-        print(f"{args.rounds} rounds, each contender once per round in this order; per contender the median "
-              f"wall time, its range, and the median of its per-round ratio to that round's plain copy")
+        print(f"{args.rounds} rounds, each contender once per round, in an order that turns each round; the median "
+              f"wall time of each, its range, and the median of its per-round ratio to that round's plain copy")
         print(f"{'contender':<34} {'wall s':>8} {'range s':>13} {'MB/s':>9} {'vs copy':>8} {'CPU s':>7} {'peak RSS':>11}")
         copies = [seconds for seconds, _, _ in runs[labels[0]]]
         ratios = {}
@@ -199,8 +207,6 @@ def main() -> None:
         hashed = statistics.median(h[0] / c[0] for h, c in zip(runs[labels[4]], runs[labels[2]]))
         print(f"lytools convert throughput = {hashed:.1%} of copy + AutoV3 hashing of each input in one process "
               f"(the least any tool must do to record the input hashes FORMATS.md 5.3 asks for; median)")
-        worst = float(subprocess.run(me + ["check", str(src), str(last_out)], check=True, capture_output=True, text=True,
-                                     cwd=REPO).stdout.split()[-1])
         print(f"spot check: largest relative ΔW error of converted files {worst:.2e}")
     finally:
         if not args.keep:

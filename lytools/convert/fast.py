@@ -29,9 +29,9 @@ import os
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -67,6 +67,15 @@ class _Slot:
 
 
 @dataclass(frozen=True)
+class _ScalingPlan:
+    """Which output tensors a set of module factors scales, grouped by (dtype, factor), and where
+    each lands in the scratch buffer: groups of (dtype, factor, [(slot, begin, end)], first, last)."""
+
+    groups: tuple[tuple[str, float, tuple[tuple[int, int, int], ...], int, int], ...]
+    total: int
+
+
+@dataclass(frozen=True)
 class _Structure:
     """All that an input's tensor entries decide, worked out once and shared by every input whose
     header has the same tensor part (the files of a batch from one trainer): the checks, the name
@@ -77,10 +86,12 @@ class _Structure:
     arch: str = ""
     notes: tuple[str, ...] = ()
     ranks: tuple[int, ...] = ()  # per module
-    alphas: tuple[TensorInfo | None, ...] = ()  # per module: where its alpha is, if it has one
+    alphas: tuple[tuple[Callable, int] | None, ...] = ()  # per module: (unpack_from, offset) of its alpha, if any
     slots: tuple[_Slot, ...] = ()
+    spans: tuple[tuple[int, int], ...] = ()  # per slot: its bytes in the data section
     layout: Layout | None = None
     adapter_json: str = ""
+    plans: dict[tuple, _ScalingPlan] = field(default_factory=dict)  # by module factors: files mostly share one
 
 
 _STRUCTURES: dict[tuple, _Structure] = {}
@@ -121,7 +132,7 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
     factors: list[tuple[float, float]] = []
     split: dict[float, tuple[float, float]] = {}
     for rank, alpha in zip(structure.ranks, structure.alphas):
-        value = _scalar(data, start, alpha) if alpha is not None else None
+        value = alpha[0](data, start + alpha[1])[0] if alpha is not None else None
         if value is not None and not math.isfinite(value):
             return None  # the general path names the bad alpha
         scale = 1.0 if not value else value / rank  # a missing or zero alpha means alpha = rank
@@ -129,23 +140,15 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
         if pair is None:
             pair = split[scale] = fold_split(scale)
         factors.append(pair)
-    views: list[memoryview] = []
-    groups: dict[tuple[str, float], list[int]] = {}  # (dtype, factor) -> output tensors, scaled together
-    for index, slot in enumerate(structure.slots):
-        views.append(data[start + slot.begin:start + slot.end])
-        factor = factors[slot.module][slot.up]
-        if factor != 1.0 and slot.begin != slot.end:
-            groups.setdefault((slot.dtype, factor), []).append(index)
-    scaled = _SCRATCH.get("scaled", sum(len(views[index]) for members in groups.values() for index in members))
-    position = 0
-    for (dtype, factor), members in groups.items():
-        raws = [views[index] for index in members]
-        size = sum(map(len, raws))
-        if not _scale_into(raws, dtype, factor, scaled[position:position + size]):
+    plan = _scaling_plan(structure, factors)
+    views = [data[start + begin:start + end] for begin, end in structure.spans]
+    scaled = _SCRATCH.get("scaled", plan.total)
+    for dtype, factor, members, first, last in plan.groups:
+        raws = [views[index] for index, _, _ in members]
+        if not _scale_into(raws, dtype, factor, scaled[first:last]):
             return None  # a value to scale is not finite: the general path names it
-        for index, raw in zip(members, raws):
-            views[index] = scaled[position:position + len(raw)]
-            position += len(raw)
+        for index, begin, end in members:
+            views[index] = scaled[begin:end]
     autov3 = hashlib.sha256(data[start:]).hexdigest()
     metadata = output_metadata(dict(metadata), source, "diffusers",  # stale sshs_* dropped there
                                {"lora_adapter_metadata": structure.adapter_json}, autov3, structure.arch)
@@ -213,11 +216,42 @@ def _study(header, options: ConvertOptions) -> _Structure:
     layout = plan_layout(entries)
     adapter = {f"{component}.{key}": value for component, modules in per_component.items()
                for key, value in lora_config(modules, False).items()}
+    ordered = tuple(slots[entry.name] for entry in layout.entries)
     return _Structure(
         True, header.metadata, arch, tuple(detected.notes), tuple(down.shape[0] for _, down, _, _ in plan),
-        tuple(alpha for _, _, _, alpha in plan), tuple(slots[entry.name] for entry in layout.entries), layout,
-        json.dumps(adapter, sort_keys=True),
+        tuple(None if alpha is None else (struct.Struct(ALPHA_DTYPES[alpha.dtype]).unpack_from, alpha.begin)
+              for _, _, _, alpha in plan),
+        ordered, tuple((slot.begin, slot.end) for slot in ordered), layout, json.dumps(adapter, sort_keys=True),
     )
+
+
+PLAN_LIMIT = 8  # scaling plans remembered per structure
+
+
+def _scaling_plan(structure: _Structure, factors: list[tuple[float, float]]) -> _ScalingPlan:
+    """Return (and remember) the scaling plan of `structure` for these (down, up) factors per module."""
+    key = tuple(factors)
+    plan = structure.plans.get(key)
+    if plan is not None:
+        return plan
+    groups: dict[tuple[str, float], list[int]] = {}  # (dtype, factor) -> slots, scaled together
+    for index, slot in enumerate(structure.slots):
+        factor = factors[slot.module][slot.up]
+        if factor != 1.0 and slot.begin != slot.end:
+            groups.setdefault((slot.dtype, factor), []).append(index)
+    planned, position = [], 0
+    for (dtype, factor), members in groups.items():
+        first, placed = position, []
+        for index in members:
+            slot = structure.slots[index]
+            placed.append((index, position, position + slot.end - slot.begin))
+            position += slot.end - slot.begin
+        planned.append((dtype, factor, tuple(placed), first, position))
+    plan = _ScalingPlan(tuple(planned), position)
+    if len(structure.plans) >= PLAN_LIMIT:
+        structure.plans.clear()
+    structure.plans[key] = plan
+    return plan
 
 
 def _plan(arch: str, modules: dict[str, dict[str, str]], infos: dict[str, TensorInfo]):
@@ -283,10 +317,6 @@ def _read(path: Path, size: int) -> memoryview:
             raise FileFormatError(f"{path}: file changed while reading")
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     return memoryview(mapped)
-
-
-def _scalar(data: memoryview, start: int, info: TensorInfo) -> float:
-    return float(struct.unpack_from(ALPHA_DTYPES[info.dtype], data, start + info.begin)[0])
 
 
 CHUNK = 1 << 16  # float16 values checked per step: a step's buffers stay in the CPU cache

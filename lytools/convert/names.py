@@ -180,10 +180,11 @@ def scale_rows(rows: Rows | None, scale: int) -> Rows | None:
 
 
 def warm_tables() -> None:
-    """Build every architecture's name tables now (before forking workers that all need them)."""
+    """Build the tables that detecting any network needs (every architecture's accepted names) now,
+    before forking workers that all need them. The tables of one architecture (canonical names,
+    diffusers parts) are left to the workers: a batch rarely needs more than one or two."""
     for arch in NETWORK_ARCHS:
-        _canonical_table(arch)
-        diffusers_parts(arch)
+        alias_table(arch)
 
 
 _DETECTED: dict[tuple, NetworkArch] = {}

@@ -498,14 +498,21 @@ def _pwrite_all(fd: int, buffers: list[memoryview], offset: int) -> None:
     """
     buffers = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers if len(b)]
     vectored = getattr(os, "pwritev", None)
+    count = len(buffers)
     index, inner = 0, 0  # the next byte to write is buffers[index][inner]
-    while index < len(buffers):
+    while index < count:
         batch, size, at, position = [], 0, index, inner
-        while at < len(buffers) and len(batch) < _IOV_MAX and size < WRITE_PIECE:
-            piece = buffers[at][position:position + WRITE_PIECE - size]
+        while at < count and len(batch) < _IOV_MAX and size < WRITE_PIECE:
+            buffer = buffers[at]
+            if not position and len(buffer) <= WRITE_PIECE - size:  # the whole buffer fits
+                batch.append(buffer)
+                size += len(buffer)
+                at += 1
+                continue
+            piece = buffer[position:position + WRITE_PIECE - size]
             batch.append(piece)
             size += len(piece)
-            at, position = (at + 1, 0) if position + len(piece) == len(buffers[at]) else (at, position + len(piece))
+            at, position = (at + 1, 0) if position + len(piece) == len(buffer) else (at, position + len(piece))
         if vectored is not None:
             done = vectored(fd, batch, offset)
         else:
@@ -513,6 +520,9 @@ def _pwrite_all(fd: int, buffers: list[memoryview], offset: int) -> None:
         if done <= 0:
             raise OSError(f"the disk accepted no bytes at offset {offset}")
         offset += done
+        if done == size:  # all of it (the usual case)
+            index, inner = at, position
+            continue
         while done:
             left = len(buffers[index]) - inner
             if done < left:
