@@ -1,10 +1,19 @@
 """Suite-wide settings."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 from hypothesis import settings
+
+# the name-table cache (lytools.arch.table_cache) of this run, never the user's own; set before any
+# test module builds a table, and inherited by the CLI subprocesses tests start
+if "LYTOOLS_CACHE_DIR" not in os.environ:
+    os.environ["LYTOOLS_CACHE_DIR"] = tempfile.mkdtemp(prefix="lytools-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LYTOOLS_CACHE_DIR"], True)
 
 # CI runs the same examples every time (a red run must be reproducible); locally hypothesis explores.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)

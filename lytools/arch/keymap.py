@@ -498,6 +498,21 @@ def _underscored(text: str) -> str:
 
 @functools.cache
 def alias_table(arch: str) -> dict[str, CanonicalTarget]:
+    """Return {accepted module name: CanonicalTarget} for `arch` (see _build_alias_table); the
+    tables of the network architectures come from the disk cache when it has them (table_cache)."""
+    if arch in NETWORK_ARCHS:
+        return _network_alias_tables()[arch]
+    return _build_alias_table(arch)
+
+
+@functools.cache
+def _network_alias_tables() -> dict[str, dict[str, CanonicalTarget]]:
+    from lytools.arch.table_cache import cached
+
+    return cached("alias-tables", lambda: {arch: _build_alias_table(arch) for arch in NETWORK_ARCHS})
+
+
+def _build_alias_table(arch: str) -> dict[str, CanonicalTarget]:
     """Return {accepted module name: CanonicalTarget} for `arch` from the manifests alone.
 
     Spellings: kohya (`lora_unet_…`, `lora_te*_…`, `oft_unet_…`), SDXL diffusers-path kohya names,
