@@ -248,3 +248,16 @@ def test_scaling_spans_many_steps():
     for factor in (0.5, 0.25, 2.0 ** -12):
         ours = np.frombuffer(b"".join(_scaled(raws, "F16", factor)), dtype=np.uint16)
         assert np.array_equal(ours, (torch.from_numpy(values.copy()) * factor).numpy().view(np.uint16)), factor
+
+
+def test_structures_remembered_are_bounded(tmp_path, monkeypatch):
+    import lytools.convert.fast as fast
+
+    monkeypatch.setattr(fast, "_STRUCTURES", {})
+    monkeypatch.setattr(fast, "CACHE_LIMIT", 2)
+    for rank in (2, 3, 4, 2):
+        source = build_network(tmp_path / f"r{rank}.safetensors", "sd1", rank=rank, alpha=1.0, seed=rank, overwrite=True,
+                               metadata={"k": "v"})
+        fast_result, _, fast_out, general_out = both(source, tmp_path)
+        assert fast_result is not None and fast_out.read_bytes() == general_out.read_bytes()
+        assert len(fast._STRUCTURES) <= 2

@@ -95,6 +95,7 @@ class _Structure:
 
 
 _STRUCTURES: dict[tuple, _Structure] = {}
+_STRUCTURES_LOCK = threading.Lock()  # inserts and evictions (lookups need none)
 
 
 def try_convert(source: Path, output: Path, options: ConvertOptions) -> FileResult | None:
@@ -186,9 +187,10 @@ def _structure_of(source: Path, raw: bytes, size: int, options: ConvertOptions) 
     if structure is None:
         header = parse_header(source, raw, size)  # every check the general path's reader makes
         structure = _study(header, options)
-        if len(_STRUCTURES) >= CACHE_LIMIT:
-            _STRUCTURES.pop(next(iter(_STRUCTURES)))  # the oldest
-        _STRUCTURES[key] = structure
+        with _STRUCTURES_LOCK:
+            if len(_STRUCTURES) >= CACHE_LIMIT:
+                _STRUCTURES.pop(next(iter(_STRUCTURES)))  # the oldest
+            _STRUCTURES[key] = structure
         metadata = header.metadata
     return structure, metadata if metadata is not None else structure.metadata
 
