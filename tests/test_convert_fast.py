@@ -261,3 +261,14 @@ def test_structures_remembered_are_bounded(tmp_path, monkeypatch):
         fast_result, _, fast_out, general_out = both(source, tmp_path)
         assert fast_result is not None and fast_out.read_bytes() == general_out.read_bytes()
         assert len(fast._STRUCTURES) <= 2
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.25, 2.0, 2.0 ** -20, 0.1875, 5 / 3, 0.7, 1e-3, 3.0])
+def test_every_float16_value_scales_as_torch_scales_it(factor):
+    """Every finite float16 bit pattern, through both ways _scale_into takes (the exponent shift
+    with odd values looked up, and the lookup of every value)."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    finite = bits[(bits & 0x7FFF) < 0x7C00]
+    ours = np.frombuffer(b"".join(_scaled([memoryview(finite.tobytes())], "F16", factor)), dtype=np.uint16)
+    expected = (torch.from_numpy(finite.view(np.float16).copy()) * factor).numpy().view(np.uint16)
+    assert np.array_equal(ours, expected)

@@ -13,13 +13,14 @@ general way.
 
 Scaling matches torch's `tensor * factor` exactly: float32 factors multiply in float32; float16
 ones by a power of two (alpha and rank are usually powers of two) have their exponent field
-moved, with the few values that would leave the normal range (zeros, subnormals) computed in
-float32 and rounded to nearest even, as torch does; any other float16 factor is computed in
-float32 and rounded the same way.
+moved, and the few values that would leave the normal range (zeros, subnormals) are looked up in
+a table of every float16 bit pattern times the factor (the float32 product rounded to nearest
+even, as torch computes it); any other float16 factor is looked up in that table for every value.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -321,7 +322,7 @@ def _read(path: Path, size: int) -> memoryview:
     return memoryview(mapped)
 
 
-CHUNK = 1 << 16  # float16 values checked per step: a step's buffers stay in the CPU cache
+CHUNK = 1 << 16  # float16 values checked at a time, right after they are written (still in the CPU cache)
 
 
 def _scale_into(raws: list[memoryview], dtype: str, factor: float, out: memoryview) -> bool:
@@ -340,48 +341,51 @@ def _scale_into(raws: list[memoryview], dtype: str, factor: float, out: memoryvi
     result = np.frombuffer(out, dtype="<u2")
     mantissa, power = math.frexp(factor)
     shift = power - 1
-    if mantissa != 0.5 or not -29 <= shift <= 29:  # not a (usable) power of two: float32 product, rounded
-        position = 0
+    if mantissa != 0.5 or not -29 <= shift <= 29:  # not a (usable) power of two: looked up, value by value
+        table, position = _half_products(factor), 0
         for raw in raws:
             bits = np.frombuffer(raw, dtype="<u2")
             if len(bits) and int(np.bitwise_and(bits, np.uint16(0x7FFF)).max()) >= 0x7C00:
                 return False
-            result[position:position + len(bits)] = _via_float32(bits, factor)
+            np.take(table, bits, out=result[position:position + len(bits)], mode="clip")
             position += len(bits)
         return True
     # Magnitudes (the bits without the sign) in [low, low + span] are normal numbers that stay
     # normal: only their exponent field moves, so every value gets `moved` added to its bits. The
-    # others (zeros, subnormals, results that leave the normal range, inf/nan) are then flagged a
+    # others (zeros, subnormals, results that leave the normal range, inf/nan) are flagged a
     # cache-sized step at a time and recomputed through float32, rounded to nearest even.
     moved = (shift << 10) & 0xFFFF
-    position = 0
-    for raw in raws:
-        bits = np.frombuffer(raw, dtype="<u2")
-        np.add(bits, np.uint16(moved), out=result[position:position + len(bits)])
-        position += len(bits)
     low = max(1, 1 - shift) << 10
     span = ((min(30, 30 - shift) << 10) | 0x3FF) - low
     # from a result r: 2 * (magnitude - low) = (r << 1) - 2 * (moved + low), modulo 2**16; it wraps
     # to above 2 * span for magnitudes below `low` (the sign bit is shifted out)
     offset, limit = np.uint16((2 * (moved + low)) & 0xFFFF), 2 * span
-    step = np.frombuffer(_SCRATCH.get("magnitudes", 2 * min(CHUNK, len(result))), dtype="<u2")
     odd = np.frombuffer(_SCRATCH.get("odd", len(result)), dtype=np.bool_)
-    for first in range(0, len(result), CHUNK):
-        chunk = result[first:first + CHUNK]
-        check = step[:len(chunk)]
-        np.left_shift(chunk, 1, out=check)
-        np.subtract(check, offset, out=check)
-        np.greater(check, limit, out=odd[first:first + len(chunk)])
+    position = checked = 0
+    for index, raw in enumerate(raws):
+        bits = np.frombuffer(raw, dtype="<u2")
+        np.add(bits, np.uint16(moved), out=result[position:position + len(bits)])
+        position += len(bits)
+        if position - checked >= CHUNK or index == len(raws) - 1:  # check what was just written, still in cache
+            chunk = result[checked:position]
+            step = np.frombuffer(_SCRATCH.get("magnitudes", 2 * len(chunk)), dtype="<u2")
+            np.left_shift(chunk, 1, out=step)
+            np.subtract(step, offset, out=step)
+            np.greater(step, limit, out=odd[checked:position])
+            checked = position
     where = np.flatnonzero(odd)
     if len(where):
         values = result[where] - np.uint16(moved)  # the stored bits again
         if int(np.bitwise_and(values, np.uint16(0x7FFF)).max()) >= 0x7C00:
             return False
-        result[where] = _via_float32(values, factor)
+        result[where] = _half_products(factor)[values]
     return True
 
 
-def _via_float32(bits: np.ndarray, factor: float) -> np.ndarray:
-    with np.errstate(over="ignore"):  # beyond float16's range is inf, as in torch
-        product = bits.view("<f2").astype(np.float32) * np.float32(factor)
+@functools.lru_cache(maxsize=16)
+def _half_products(factor: float) -> np.ndarray:
+    """Return every float16 bit pattern times `factor` as torch computes it: the float32 product,
+    rounded to the nearest float16 (ties to even; beyond float16's range is inf)."""
+    with np.errstate(all="ignore"):
+        product = np.arange(1 << 16, dtype=np.uint32).astype("<u2").view("<f2").astype(np.float32) * np.float32(factor)
         return product.astype("<f2").view("<u2")
