@@ -92,3 +92,15 @@ def test_old_versions_files_are_cleared_after_a_week(folder):
     os.utime(old, (old.stat().st_atime - week, old.stat().st_mtime - week))
     table_cache.cached("t", lambda: 1)
     assert not old.exists() and recent.exists()
+
+
+def test_no_cache_when_the_table_sources_cannot_be_read(folder, monkeypatch, tmp_path):
+    """Without the package's files (a zipped install, say) there is no safe name for the file."""
+    monkeypatch.setattr(table_cache, "__file__", str(tmp_path / "elsewhere" / "table_cache.py"))
+    table_cache.fingerprint.cache_clear()
+    try:
+        build, calls = counting({"y": 2})
+        assert table_cache.cached("t", build) == {"y": 2} and table_cache.cached("t", build) == {"y": 2}
+        assert len(calls) == 2 and not folder.exists()
+    finally:
+        table_cache.fingerprint.cache_clear()

@@ -57,8 +57,11 @@ def cache_dir() -> Path | None:
 def fingerprint() -> str:
     """Return a hash of what the tables are built from: this package's code and data, and Python."""
     package = Path(__file__).resolve().parent
+    sources = sorted([*package.glob("*.py"), *(package / "data").glob("*.json.gz")])
+    if not any(path.name == "keymap.py" for path in sources):
+        raise OSError(f"the sources of the name tables are not files under {package}")  # e.g. a zipped install
     digest = hashlib.sha256(f"{sys.version}|{pickle.HIGHEST_PROTOCOL}".encode())
-    for path in sorted([*package.glob("*.py"), *(package / "data").glob("*.json.gz")]):
+    for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:24]
 
