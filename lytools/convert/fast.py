@@ -89,7 +89,6 @@ class _Structure:
     ranks: tuple[int, ...] = ()  # per module
     alphas: tuple[tuple[Callable, int] | None, ...] = ()  # per module: (unpack_from, offset) of its alpha, if any
     slots: tuple[_Slot, ...] = ()
-    spans: tuple[tuple[int, int], ...] = ()  # per slot: its bytes in the data section
     layout: Layout | None = None
     adapter_json: str = ""
     plans: dict[tuple, _ScalingPlan] = field(default_factory=dict)  # by module factors: files mostly share one
@@ -143,7 +142,7 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
             pair = split[scale] = fold_split(scale)
         factors.append(pair)
     plan = _scaling_plan(structure, factors)
-    views = [data[start + begin:start + end] for begin, end in structure.spans]
+    views = [data[start + slot.begin:start + slot.end] for slot in structure.slots]
     scaled = _SCRATCH.get("scaled", plan.total)
     for dtype, factor, members, first, last in plan.groups:
         raws = [views[index] for index, _, _ in members]
@@ -152,7 +151,7 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
         for index, begin, end in members:
             views[index] = scaled[begin:end]
     autov3 = hashlib.sha256(data[start:]).hexdigest()
-    metadata = output_metadata(dict(metadata), source, "diffusers",  # stale sshs_* dropped there
+    metadata = output_metadata(metadata, source, "diffusers",  # stale sshs_* dropped there (not changed in place)
                                {"lora_adapter_metadata": structure.adapter_json}, autov3, structure.arch)
     writer = SafetensorsWriter(output, structure.layout, metadata, overwrite=options.overwrite, durable=options.fsync)
     with writer:
@@ -207,24 +206,24 @@ def _study(header, options: ConvertOptions) -> _Structure:
     plan = _plan(arch, detected.modules, header.tensors)
     if plan is None:
         return refused
-    entries, slots = [], {}
+    entries, slots, ranks, alphas = [], {}, [], []
     per_component: dict[str, list[tuple[str, int, float]]] = {}
-    for index, (part, down, up, _alpha) in enumerate(plan):
+    for index, (part, down, up, alpha) in enumerate(plan):
         for suffix, info, is_up in (("lora_A.weight", down, False), ("lora_B.weight", up, True)):
             name = f"{part.component}.{part.path}.{suffix}"
             entries.append(plan_entry(name, info.dtype, info.shape))
             slots[name] = _Slot(info.begin, info.end, index, is_up, info.dtype)
         rank = down.shape[0]
+        ranks.append(rank)
+        alphas.append(None if alpha is None else (struct.Struct(ALPHA_DTYPES[alpha.dtype]).unpack_from, alpha.begin))
         per_component.setdefault(part.component, []).append((part.path, rank, float(rank)))
     layout = plan_layout(entries)
     adapter = {f"{component}.{key}": value for component, modules in per_component.items()
                for key, value in lora_config(modules, False).items()}
-    ordered = tuple(slots[entry.name] for entry in layout.entries)
     return _Structure(
-        True, header.metadata, arch, tuple(detected.notes), tuple(down.shape[0] for _, down, _, _ in plan),
-        tuple(None if alpha is None else (struct.Struct(ALPHA_DTYPES[alpha.dtype]).unpack_from, alpha.begin)
-              for _, _, _, alpha in plan),
-        ordered, tuple((slot.begin, slot.end) for slot in ordered), layout, json.dumps(adapter, sort_keys=True),
+        True, header.metadata, arch=arch, notes=tuple(detected.notes), ranks=tuple(ranks), alphas=tuple(alphas),
+        slots=tuple(slots[entry.name] for entry in layout.entries), layout=layout,
+        adapter_json=json.dumps(adapter, sort_keys=True),
     )
 
 

@@ -315,17 +315,11 @@ class SafetensorsWriter:
                 raise LytoolsError(f"{self.path}: tensor {entry.name!r} has {len(view)} bytes but was planned with {entry.nbytes}")
         if self.hash_data:
             for view in views:
-                self._sha.update(view)
-                if self._legacy is not None and not self._legacy.done:
-                    self._legacy.feed(view)
-            self._next_index = len(views)
-        self._flush_pending()
+                self._hash_next(view)
         _pwrite_all(self._fd, views, len(self.header))
         self._pending_at = self.total_size
         self._written.update(entry.name for entry in self.entries)
-        self._unsynced += self.total_size
-        if self._unsynced >= WRITEBACK_CHUNK and self.durable:
-            self._start_writeback()
+        self._count_unsynced(self.total_size - len(self.header))
 
     def _planned(self, name: str) -> tuple[int, PlannedTensor]:
         if self._fd is None:
@@ -342,10 +336,7 @@ class SafetensorsWriter:
         if self.hash_data:
             in_sequence = self._in_order and self.entries[self._next_index].name == name
             if in_sequence:
-                self._sha.update(data)
-                self._next_index += 1
-                if self._legacy is not None and not self._legacy.done:
-                    self._legacy.feed(data)
+                self._hash_next(data)
             else:
                 self._in_order = False
         size = len(data)
@@ -362,6 +353,17 @@ class SafetensorsWriter:
             if self._pending_bytes >= _DIRECT_WRITE or len(self._pending) >= _MAX_PENDING:
                 self._flush_pending()
         self._written.add(name)
+        self._count_unsynced(size)
+
+    def _hash_next(self, data: memoryview) -> None:
+        """Feed the running hashes the next tensor in file order."""
+        self._sha.update(data)
+        self._next_index += 1
+        if self._legacy is not None and not self._legacy.done:
+            self._legacy.feed(data)
+
+    def _count_unsynced(self, size: int) -> None:
+        """Count written bytes; durable writers start disk writeback every WRITEBACK_CHUNK."""
         self._unsynced += size
         if self._unsynced >= WRITEBACK_CHUNK and self.durable:
             self._start_writeback()
