@@ -140,15 +140,22 @@ def test_writer_survives_short_writes(tmp_path, monkeypatch, vectored):
         calls.append(1)
         return real_pwrite(fd, memoryview(data)[:100_003], offset)
 
+    ours, theirs = _write_with(monkeypatch, vectored, short_pwritev, short_pwrite, tmp_path, tensors, {"ss_network_dim": "8"})
+    assert len(calls) > 40 and ours.read_bytes() == theirs.read_bytes()
+
+
+def _write_with(monkeypatch, vectored, pwritev, pwrite, folder, tensors, metadata):
+    """Write `tensors` with lytools through the given os.pwritev (vectored) or os.pwrite (the
+    fallback, with pwritev gone), and with safetensors; return (ours, theirs)."""
     if vectored:
-        monkeypatch.setattr(os, "pwritev", short_pwritev)
+        monkeypatch.setattr(os, "pwritev", pwritev)
     else:
         monkeypatch.delattr(os, "pwritev")
-        monkeypatch.setattr(os, "pwrite", short_pwrite)
-    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
-    write_safetensors(ours, tensors, {"ss_network_dim": "8"})
-    safetensors.torch.save_file(tensors, theirs, {"ss_network_dim": "8"})
-    assert len(calls) > 40 and ours.read_bytes() == theirs.read_bytes()
+        monkeypatch.setattr(os, "pwrite", pwrite)
+    ours, theirs = folder / "ours.safetensors", folder / "theirs.safetensors"
+    write_safetensors(ours, tensors, metadata)
+    safetensors.torch.save_file(tensors, theirs, metadata)
+    return ours, theirs
 
 
 def test_writer_bytes_identical_to_safetensors(tmp_path):
@@ -509,13 +516,6 @@ def test_writes_are_cut_into_pieces_the_page_cache_takes_cheaply(tmp_path, monke
         sizes.append(len(memoryview(data)))
         return real_pwrite(fd, data, offset)
 
-    if vectored:
-        monkeypatch.setattr(os, "pwritev", counting_pwritev)
-    else:
-        monkeypatch.delattr(os, "pwritev")
-        monkeypatch.setattr(os, "pwrite", counting_pwrite)
-    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
-    write_safetensors(ours, tensors, {"k": "v"})
-    safetensors.torch.save_file(tensors, theirs, {"k": "v"})
+    ours, theirs = _write_with(monkeypatch, vectored, counting_pwritev, counting_pwrite, tmp_path, tensors, {"k": "v"})
     assert ours.read_bytes() == theirs.read_bytes()
     assert max(sizes) <= WRITE_PIECE and sum(sizes) == ours.stat().st_size and len(sizes) >= 8
