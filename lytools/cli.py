@@ -365,6 +365,9 @@ def _raise_interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI, turning every lytools error into one stderr line and an exit code."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # lytools never calls numpy's BLAS; its OpenBLAS would start a thread per core on import that
+    # spins for about 0.1 s of CPU, taken from the work (--jobs workers) on small machines
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     debug = os.environ.get("LYTOOLS_DEBUG") == "1"
     try:
         set_invocation(sys.argv[1:] if argv is None else argv)

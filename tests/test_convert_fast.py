@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lytools.convert.fast import _scale_into, try_convert
+from lytools.convert.fast import _scale_into, _sparse_nonzero, try_convert
 from lytools.convert.run import ConvertOptions, convert_file
 from lytools.errors import FileFormatError
 from lytools.io import parse_header, read_header, write_safetensors
@@ -60,6 +60,28 @@ def _scaled(raws: list[memoryview], dtype: str, factor: float) -> list[bytes] | 
         return None
     sizes = np.cumsum([0] + [len(raw) for raw in raws])
     return [bytes(out[a:b]) for a, b in zip(sizes[:-1], sizes[1:])]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.05, 0.5, 1.0])
+def test_sparse_nonzero_finds_every_flag(density):
+    rng = np.random.default_rng(int(density * 1000))
+    for length in (0, 8, 64, 4096, 100_000):
+        flags = rng.random(length) < density
+        assert np.array_equal(_sparse_nonzero(flags), np.flatnonzero(flags)), (density, length)
+
+
+def test_fast_path_scales_tensors_of_any_length_like_torch():
+    """Lengths that are not a multiple of 8 (the odd-value flags are scanned in 8-byte words)."""
+    rng = np.random.default_rng(1)
+    sizes = [1, 3, 7, 9, 13, 1021]
+    values = (rng.standard_normal(sum(sizes)) * 1e-4).astype(np.float16)  # many subnormal products
+    cuts = np.cumsum([0] + sizes)
+    raws = [memoryview(values[a:b].tobytes()) for a, b in zip(cuts[:-1], cuts[1:])]
+    for count in range(1, len(raws) + 1):
+        for factor in (0.5, 0.125, 4.0):
+            ours = np.frombuffer(b"".join(_scaled(raws[:count], "F16", factor)), dtype=np.uint16)
+            expected = (torch.from_numpy(values[:cuts[count]].copy()) * factor).numpy().view(np.uint16)
+            assert np.array_equal(ours, expected), (count, factor)
 
 
 def test_fast_path_scales_subnormals_zeros_and_overflow_like_torch():

@@ -144,6 +144,43 @@ def test_writer_survives_short_writes(tmp_path, monkeypatch, vectored):
     assert len(calls) > 40 and ours.read_bytes() == theirs.read_bytes()
 
 
+@pytest.mark.parametrize("outcome", ["reserved", "refused", "missing"])
+def test_writer_reserves_the_file_size_up_front_and_copes_without(tmp_path, monkeypatch, outcome):
+    """The writer asks fallocate(2) for the whole file before writing; a file system that refuses
+    (or a C library without the call) changes nothing in what is written."""
+    import lytools.io.writer as writer_module
+
+    real = writer_module._libc_function
+    calls = []
+
+    def fake_libc_function(name, *argtypes):
+        if not name.startswith("fallocate"):
+            return real(name, *argtypes)
+        if outcome == "missing":
+            return None
+        function = real(name, *argtypes)
+
+        def fallocate(fd, mode, offset, size):
+            calls.append((mode, offset, size, os.fstat(fd).st_size))
+            return function(fd, mode, offset, size) if outcome == "reserved" and function else -1
+        return fallocate
+
+    monkeypatch.setattr(writer_module, "_libc_function", fake_libc_function)
+    tensors = {f"t{i}": torch.randn(i + 1, 7) for i in range(30)} | {"big": torch.randn(300, 200).half()}
+    ours, theirs = _write_with(monkeypatch, True, os.pwritev, os.pwrite, tmp_path, tensors, {"ss_network_dim": "8"})
+    assert ours.read_bytes() == theirs.read_bytes()
+    if outcome == "missing":
+        assert calls == []
+    else:  # one call for the whole planned size, on the empty temporary file
+        assert calls == [(0, 0, ours.stat().st_size, 0)]
+
+
+def test_libc_lookup_is_none_for_a_missing_function():
+    from lytools.io.writer import _libc_function
+
+    assert _libc_function("lytools_no_such_function") is None
+
+
 def _write_with(monkeypatch, vectored, pwritev, pwrite, folder, tensors, metadata):
     """Write `tensors` with lytools through the given os.pwritev (vectored) or os.pwrite (the
     fallback, with pwritev gone), and with safetensors; return (ours, theirs)."""

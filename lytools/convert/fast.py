@@ -359,7 +359,8 @@ def _scale_into(raws: list[memoryview], dtype: str, factor: float, out: memoryvi
     # from a result r: 2 * (magnitude - low) = (r << 1) - 2 * (moved + low), modulo 2**16; it wraps
     # to above 2 * span for magnitudes below `low` (the sign bit is shifted out)
     offset, limit = np.uint16((2 * (moved + low)) & 0xFFFF), 2 * span
-    odd = np.frombuffer(_SCRATCH.get("odd", len(result)), dtype=np.bool_)
+    odd = np.frombuffer(_SCRATCH.get("odd", -(-len(result) // 8) * 8), dtype=np.bool_)
+    odd[len(result):] = False  # the padding to whole 8-byte words (see _sparse_nonzero)
     position = checked = 0
     for index, raw in enumerate(raws):
         bits = np.frombuffer(raw, dtype="<u2")
@@ -372,13 +373,24 @@ def _scale_into(raws: list[memoryview], dtype: str, factor: float, out: memoryvi
             np.subtract(step, offset, out=step)
             np.greater(step, limit, out=odd[checked:position])
             checked = position
-    where = np.flatnonzero(odd)
+    where = _sparse_nonzero(odd)
     if len(where):
         values = result[where] - np.uint16(moved)  # the stored bits again
         if int(np.bitwise_and(values, np.uint16(0x7FFF)).max()) >= 0x7C00:
             return False
         result[where] = _half_products(factor)[values]
     return True
+
+
+def _sparse_nonzero(flags: np.ndarray) -> np.ndarray:
+    """np.flatnonzero for a bool array (of a length that is a multiple of 8) with few True values:
+    finds the 8-byte words with any flag first, then the flags within those words only."""
+    words = flags.view(np.uint64)
+    marked = np.flatnonzero(words != 0)  # numpy finds the True values of a bool array far faster
+    if not len(marked):
+        return marked
+    inside = np.flatnonzero(words[marked].view(np.bool_))
+    return marked[inside >> 3] * 8 + (inside & 7)
 
 
 @functools.lru_cache(maxsize=16)

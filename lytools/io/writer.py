@@ -36,18 +36,42 @@ LEGACY_LENGTH = 0x10000
 
 
 @functools.cache
-def _sync_file_range():
-    """Return Linux sync_file_range (start writeback without waiting), or None elsewhere; looked up
-    on first use, by durable writes only."""
+def _libc_function(name: str, *argtypes):
+    """Return a C library function with these argument types, or None where it is missing; looked
+    up on first use (ctypes' CDLL(None): the C library the interpreter already uses)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter already uses
-        function = libc.sync_file_range
-        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+        function.argtypes = argtypes
         return function
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, ImportError):
         return None
+
+
+def _sync_file_range():
+    """Linux sync_file_range (start writeback without waiting), or None elsewhere."""
+    import ctypes
+
+    return _libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks up front with Linux fallocate(2) (mode 0: the file takes `size`).
+
+    The kernel then only copies each page in: on ext4 buffered writes into reserved blocks cost
+    about a third less CPU than delayed allocation page by page, and the file is laid out in one
+    piece. Best effort: never glibc's posix_fallocate, which writes zeros where the file system
+    has no fallocate; any failure (no such call, unsupported, no space) leaves the writes to
+    report what is wrong."""
+    if size <= 0:
+        return
+    import ctypes
+
+    types = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fallocate = _libc_function("fallocate64", *types) or _libc_function("fallocate", *types)  # 64-bit offsets
+    if fallocate is not None:
+        fallocate(fd, 0, 0, size)
 
 
 SYNC_FILE_RANGE_WRITE = 2
@@ -270,6 +294,7 @@ class SafetensorsWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         self._fd = os.open(self.temp_path, flags, 0o666)
         try:
+            _preallocate(self._fd, self.total_size)
             _pwrite_all(self._fd, [memoryview(self.header)], 0)
         except BaseException:
             self.abort()
