@@ -321,7 +321,7 @@ def _read(path: Path, size: int) -> memoryview:
     return memoryview(mapped)
 
 
-CHUNK = 1 << 16  # float16 values checked at a time, right after they are written (still in the CPU cache)
+CHUNK = 1 << 17  # float16 values scaled and checked at a time (with the step's flags, about the size of L2)
 
 
 def _scale_into(raws: list[memoryview], dtype: str, factor: float, out: memoryview) -> bool:
@@ -353,29 +353,29 @@ def _scale_into(raws: list[memoryview], dtype: str, factor: float, out: memoryvi
     # normal: only their exponent field moves, so every value gets `moved` added to its bits. The
     # others (zeros, subnormals, results that leave the normal range, inf/nan) are flagged a
     # cache-sized step at a time and recomputed through float32, rounded to nearest even.
-    moved = (shift << 10) & 0xFFFF
+    moved = np.uint16((shift << 10) & 0xFFFF)
     low = max(1, 1 - shift) << 10
     span = ((min(30, 30 - shift) << 10) | 0x3FF) - low
     # from a result r: 2 * (magnitude - low) = (r << 1) - 2 * (moved + low), modulo 2**16; it wraps
     # to above 2 * span for magnitudes below `low` (the sign bit is shifted out)
-    offset, limit = np.uint16((2 * (moved + low)) & 0xFFFF), 2 * span
-    odd = np.frombuffer(_SCRATCH.get("odd", -(-len(result) // 8) * 8), dtype=np.bool_)
-    odd[len(result):] = False  # the padding to whole 8-byte words (see _sparse_nonzero)
-    position = checked = 0
-    for index, raw in enumerate(raws):
-        bits = np.frombuffer(raw, dtype="<u2")
-        np.add(bits, np.uint16(moved), out=result[position:position + len(bits)])
-        position += len(bits)
-        if position - checked >= CHUNK or index == len(raws) - 1:  # check what was just written, still in cache
-            chunk = result[checked:position]
-            step = np.frombuffer(_SCRATCH.get("magnitudes", 2 * len(chunk)), dtype="<u2")
-            np.left_shift(chunk, 1, out=step)
-            np.subtract(step, offset, out=step)
-            np.greater(step, limit, out=odd[checked:position])
-            checked = position
+    offset, limit = np.uint16((2 * (int(moved) + low)) & 0xFFFF), np.uint16(2 * span)
+    if raws:  # one copy of every tensor (a C loop), then each step is worked on in the cache
+        np.concatenate([np.frombuffer(raw, dtype="<u2") for raw in raws], out=result)
+    total = len(result)
+    odd = np.frombuffer(_SCRATCH.get("odd", -(-total // 8) * 8), dtype=np.bool_)
+    odd[total:] = False  # the padding to whole 8-byte words (see _sparse_nonzero)
+    step = np.frombuffer(_SCRATCH.get("magnitudes", 2 * min(total, CHUNK)), dtype="<u2")
+    add, left_shift, subtract, greater = np.add, np.left_shift, np.subtract, np.greater
+    for begin in range(0, total, CHUNK):
+        chunk = result[begin:begin + CHUNK]
+        magnitudes = step[:len(chunk)]
+        add(chunk, moved, out=chunk)
+        left_shift(chunk, 1, out=magnitudes)
+        subtract(magnitudes, offset, out=magnitudes)
+        greater(magnitudes, limit, out=odd[begin:begin + len(chunk)])
     where = _sparse_nonzero(odd)
     if len(where):
-        values = result[where] - np.uint16(moved)  # the stored bits again
+        values = result[where] - moved  # the stored bits again
         if int(np.bitwise_and(values, np.uint16(0x7FFF)).max()) >= 0x7C00:
             return False
         result[where] = _half_products(factor)[values]
