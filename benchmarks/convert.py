@@ -1,7 +1,7 @@
 """Batch convert throughput: N synthetic full-size SD1 LoRAs, kohya -> diffusers with --jobs 2,
 against a plain file copy of the same files in the same run (target: >= 70% of copy throughput).
 
-    flock /tmp/lytools-heavy.lock /work/venv/bin/python -m benchmarks.convert [--files 200] [--rank 16] [--jobs 2] [--rounds 3]
+    flock /tmp/lytools-heavy.lock /work/venv/bin/python -m benchmarks.convert [--files 200] [--rank 16] [--jobs 2] [--rounds 3] [--warmup 1]
 
 Contenders (each in its own child process, inputs warm in the page cache for all of them, and
 `sync` run before each so none pays for the dirty pages another left behind; the order turns by
@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="Times each contender runs (this machine's disk and "
                         "page cache vary a lot from one run to the next).")
+    parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first: on this VM the round right after "
+                        "the inputs are written runs the copy several times slower, which favoured convert.")
     parser.add_argument("--keep", action="store_true", help="Keep the files under /tmp/lytools-bench-convert.")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # build | check, run in a child process
     args = parser.parse_args()
@@ -169,7 +171,8 @@ def main() -> None:
         runs: dict[str, list[tuple[float, int, float]]] = {label: [] for label, _, _ in contenders}
         last_out = None
         worst = None
-        for round_index in range(args.rounds):
+        for round_index in range(args.warmup + args.rounds):
+            timed = round_index >= args.warmup
             # the order turns by one each round, so no contender always follows the same one: on a VM
             # the page cache a contender fills costs more the longer ago the memory was freed
             turn = round_index % len(contenders)
@@ -180,12 +183,14 @@ def main() -> None:
                 command = [str(out) if part is None else part for part in command]
                 warm(src)
                 os.sync()
-                runs[label].append(run_child(command, stdin))
+                measured = run_child(command, stdin)
+                if timed:
+                    runs[label].append(measured)
                 if worst is None and label == contenders[2][0]:  # spot check of one output set, not timed
                     worst = float(subprocess.run(me + ["check", str(src), str(out)], check=True, capture_output=True,
                                                  text=True, cwd=REPO).stdout.split()[-1])
         labels = [label for label, _, _ in contenders]
-        print(f"{args.rounds} rounds, each contender once per round, in an order that turns each round; the median "
+        print(f"{args.rounds} timed rounds after {args.warmup} untimed, each contender once per round, in an order that turns each round; the median "
               f"wall time of each, its range, and the median of its per-round ratio to that round's plain copy")
         print(f"{'contender':<34} {'wall s':>8} {'range s':>13} {'MB/s':>9} {'vs copy':>8} {'CPU s':>7} {'peak RSS':>11}")
         copies = [seconds for seconds, _, _ in runs[labels[0]]]
