@@ -386,9 +386,9 @@ def _sparse_nonzero(flags: np.ndarray) -> np.ndarray:
     """np.flatnonzero for a bool array (of a length that is a multiple of 8) with few True values:
     finds the 8-byte words with any flag first, then the flags within those words only."""
     words = flags.view(np.uint64)
+    if not np.count_nonzero(words):
+        return np.empty(0, dtype=np.intp)  # nothing to fix up (a quick scan of whole words)
     marked = np.flatnonzero(words != 0)  # numpy finds the True values of a bool array far faster
-    if not len(marked):
-        return marked
     inside = np.flatnonzero(words[marked].view(np.bool_))
     return marked[inside >> 3] * 8 + (inside & 7)
 
