@@ -8,6 +8,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from lytools.arch import network as _layout
 from lytools.errors import NetworkError
 
 # suffix -> tensor shape (header-only view of one module)
@@ -15,9 +16,9 @@ Shapes = Mapping[str, tuple[int, ...]]
 # tiny scalar tensors whose values detection may use: "alpha", "on_input"
 Scalars = Mapping[str, float]
 
-# keys any rank-based algorithm may carry besides its own factors
-ALPHA = "alpha"
-DORA_SCALE = "dora_scale"
+# keys any rank-based algorithm may carry besides its own factors (named with the key layouts)
+ALPHA, DORA_SCALE = _layout.ALPHA, _layout.DORA_SCALE
+
 
 
 @dataclass(frozen=True)

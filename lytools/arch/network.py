@@ -24,33 +24,37 @@ from lytools.errors import LytoolsError
 
 Shape = tuple[int, ...]
 
+# the LyCORIS/kohya suffixes of a LoRA module's tensors, which every key layout is read into
+LORA_DOWN, LORA_UP, LORA_MID = "lora_down.weight", "lora_up.weight", "lora_mid.weight"
+ALPHA, DORA_SCALE = "alpha", "dora_scale"
+
 KOHYA_PREFIXES = (
     "lora_prior_unet_", "lora_prior_te_", "lora_transformer_", "lora_unet_", "lora_te1_", "lora_te2_",
     "lora_te3_", "lora_te_", "oft_unet_",
 )
 # dotted-layout suffixes (longest first) -> LyCORIS spelling
 _DOTTED_SUFFIXES = (
-    (".lora_linear_layer.down.weight", "lora_down.weight"),
-    (".lora_linear_layer.up.weight", "lora_up.weight"),
-    (".lora_A.default.weight", "lora_down.weight"),
-    (".lora_B.default.weight", "lora_up.weight"),
-    (".lora.down.weight", "lora_down.weight"),
-    (".lora.up.weight", "lora_up.weight"),
-    (".lora_A.weight", "lora_down.weight"),
-    (".lora_B.weight", "lora_up.weight"),
+    (".lora_linear_layer.down.weight", LORA_DOWN),
+    (".lora_linear_layer.up.weight", LORA_UP),
+    (".lora_A.default.weight", LORA_DOWN),
+    (".lora_B.default.weight", LORA_UP),
+    (".lora.down.weight", LORA_DOWN),
+    (".lora.up.weight", LORA_UP),
+    (".lora_A.weight", LORA_DOWN),
+    (".lora_B.weight", LORA_UP),
     (".lora_B.bias", "lora_up.bias"),
-    (".lora_magnitude_vector", "dora_scale"),
-    (".lora_down.weight", "lora_down.weight"),
-    (".lora_up.weight", "lora_up.weight"),
-    (".lora_mid.weight", "lora_mid.weight"),
-    (".down.weight", "lora_down.weight"),  # xlabs processor modules
-    (".up.weight", "lora_up.weight"),
+    (".lora_magnitude_vector", DORA_SCALE),
+    (".lora_down.weight", LORA_DOWN),
+    (".lora_up.weight", LORA_UP),
+    (".lora_mid.weight", LORA_MID),
+    (".down.weight", LORA_DOWN),  # xlabs processor modules
+    (".up.weight", LORA_UP),
 )
 _LYCORIS_SUFFIXES = (
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
     "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "rescale", "on_input",
-    "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha", "dora_scale",
+    "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", ALPHA, DORA_SCALE,
 )
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 _XLABS = re.compile(r"^double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])$")
@@ -172,8 +176,8 @@ def module_shapes(keys: Mapping[str, str], shapes: Mapping[str, Shape]) -> dict[
 
 def module_io(suffixes: Mapping[str, Shape]) -> tuple[int, int] | None:
     """Return (out, flattened in) of a module's ΔW from its factor shapes, or None when unknown."""
-    if "lora_up.weight" in suffixes and "lora_down.weight" in suffixes:
-        up, down = suffixes["lora_up.weight"], suffixes["lora_down.weight"]
+    if LORA_UP in suffixes and LORA_DOWN in suffixes:
+        up, down = suffixes[LORA_UP], suffixes[LORA_DOWN]
         kernel = suffixes["lora_mid.weight"][2:] if "lora_mid.weight" in suffixes else down[2:]
         return up[0], down[1] * math.prod(kernel)
     if "hada_w1_a" in suffixes and "hada_w1_b" in suffixes and "hada_t1" not in suffixes:
@@ -206,7 +210,7 @@ def _describe_io(name: str, items: tuple[tuple[str, Shape], ...]) -> tuple[int, 
     return info.delta_shape[0], math.prod(info.delta_shape[1:])
 
 
-_PLAIN_LORA = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
+_PLAIN_LORA = frozenset({LORA_DOWN, LORA_UP, ALPHA})
 
 
 def _io(name: str, suffixes: Mapping[str, Shape]) -> tuple[int, int] | None:
@@ -214,7 +218,7 @@ def _io(name: str, suffixes: Mapping[str, Shape]) -> tuple[int, int] | None:
 
     Plain LoRA/LoCon modules, by far the most common, are read by module_io directly (the same
     answer), so detecting such a network needs neither lytools.algos nor torch."""
-    if {"lora_down.weight", "lora_up.weight"} <= suffixes.keys() <= _PLAIN_LORA:
+    if {LORA_DOWN, LORA_UP} <= suffixes.keys() <= _PLAIN_LORA:
         return module_io(suffixes)
     found = _describe_io(name, tuple(sorted(suffixes.items())))
     return found if found is not None else module_io(suffixes)

@@ -8,9 +8,11 @@ import collections
 import math
 from typing import Any, Iterable
 
+from lytools.arch import network
+
 TARGETS = ("kohya", "diffusers", "peft")
 # the kohya/LyCORIS suffixes of a LoRA module
-DOWN, UP, MID, ALPHA, DORA = "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"
+DOWN, UP, MID, ALPHA, DORA = network.LORA_DOWN, network.LORA_UP, network.LORA_MID, network.ALPHA, network.DORA_SCALE
 FOLDED_NOTE = "scales folded into lora_A/lora_B (lora_alpha = r)"
 
 

@@ -12,11 +12,12 @@ import torch
 
 from lytools.algos import ModuleInfo, NetworkModule, apply_module, delta
 from lytools.algos.common import flat2, read_scalar
+from lytools.arch.network import ALPHA, LORA_DOWN, LORA_MID, LORA_UP
 from lytools.errors import NetworkError, UnsupportedError
 from lytools.resize.factors import Spectrum, svd_of_dense, svd_of_product, truncated_factors, tucker_to_flat_down
 from lytools.resize.ranks import RankChoice, select_rank
 
-UP, DOWN, MID, ALPHA = "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"
+UP, DOWN, MID = LORA_UP, LORA_DOWN, LORA_MID
 
 # what happened to a module, as the report says it
 RESIZED, COPIED, TRUNCATED, FLATTENED, KEPT = "resized", "copied", "truncated", "flattened", "kept"

@@ -18,7 +18,7 @@ from lytools.algos import ModuleInfo, NetworkModule
 from lytools.algos.common import flat2, module_scale
 from lytools.io import open_file
 from lytools.resize.modules import (
-    COPIED, DOWN, KEPT, MID, RESIZED, TRUNCATED, UP, Context, ModuleReport, dense_delta, is_plain_lora,
+    ALPHA, COPIED, DOWN, KEPT, MID, RESIZED, TRUNCATED, UP, Context, ModuleReport, dense_delta, is_plain_lora,
 )
 from lytools.resize.factors import tucker_to_flat_down
 
@@ -91,7 +91,7 @@ def verify_output(
             if report.action == KEPT:
                 continue
             source = inputs[report.name]
-            suffixes = [s for s in (UP, DOWN, MID, "alpha") if f"{report.name}.{s}" in keys]
+            suffixes = [s for s in (UP, DOWN, MID, ALPHA) if f"{report.name}.{s}" in keys]
             written = NetworkModule(report.name, {s: reader.get(f"{report.name}.{s}").clone() for s in suffixes})
             dtype = written[DOWN].dtype if DOWN in written else torch.float32
             rounding = ROUNDING.get(dtype, 2e-2)
