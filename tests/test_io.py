@@ -175,10 +175,22 @@ def test_writer_reserves_the_file_size_up_front_and_copes_without(tmp_path, monk
         assert calls == [(0, 0, ours.stat().st_size, 0)]
 
 
-def test_libc_lookup_is_none_for_a_missing_function():
+def test_libc_lookup_is_none_for_a_missing_function_or_library(monkeypatch):
+    import ctypes
+
     from lytools.io.writer import _libc_function
 
     assert _libc_function("lytools_no_such_function") is None
+
+    def no_library(*args, **kwargs):
+        raise TypeError("no C library by that name here")  # what CDLL(None) does off POSIX
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    _libc_function.cache_clear()
+    try:
+        assert _libc_function("fallocate64", ctypes.c_int) is None
+    finally:
+        _libc_function.cache_clear()
 
 
 def _write_with(monkeypatch, vectored, pwritev, pwrite, folder, tensors, metadata):
