@@ -291,6 +291,10 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
     Stray keys are kept for kohya and dropped (named) for diffusers/peft; algorithms the target cannot
     hold (LoHa, LoKr, ... for diffusers/peft) are an error pointing to `lytools resize`.
     """
+    # convert uses numpy for elementwise work only; numpy's OpenBLAS would start a thread per core
+    # on import that spins for about 0.1 s of CPU, taken from the --jobs workers on small machines.
+    # (Set here, not for every command: some torch builds use OpenBLAS for extract's and resize's SVDs.)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import json
 
     from lytools.convert import ConvertOptions, plan_outputs, run_batch
@@ -365,9 +369,6 @@ def _raise_interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI, turning every lytools error into one stderr line and an exit code."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    # lytools never calls numpy's BLAS; its OpenBLAS would start a thread per core on import that
-    # spins for about 0.1 s of CPU, taken from the work (--jobs workers) on small machines
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     debug = os.environ.get("LYTOOLS_DEBUG") == "1"
     try:
         set_invocation(sys.argv[1:] if argv is None else argv)

@@ -146,3 +146,22 @@ def test_exit_code_from_ctx_exit_passes_through():
     finally:
         cli.commands.pop("exit-three-for-test")
     assert info.value.code == 3
+
+
+@pytest.mark.parametrize("preset", [None, "3"])
+def test_convert_keeps_numpy_blas_to_one_thread_unless_told(tmp_path, monkeypatch, preset):
+    """convert sets OPENBLAS_NUM_THREADS=1 (numpy's OpenBLAS would spin a thread per core for nothing)
+    before numpy is imported, and leaves a value the user set alone; other commands leave it unset."""
+    from lytools.testing import build_network
+
+    source = build_network(tmp_path / "n.safetensors", "sd1", factor=8, rank=2, alpha=1.0, seed=0)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", preset or "unset below")  # recorded, so the test's change is undone
+    if preset is None:
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    runner = CliRunner()
+    info = runner.invoke(cli, ["info", str(source)], prog_name="lytools")
+    assert info.exit_code == 0 and os.environ.get("OPENBLAS_NUM_THREADS") == preset
+    converted = runner.invoke(cli, ["convert", str(source), "--to", "diffusers", "-o", str(tmp_path / "d.safetensors"), "-q"],
+                              prog_name="lytools")
+    assert converted.exit_code == 0, converted.output
+    assert os.environ["OPENBLAS_NUM_THREADS"] == (preset or "1")
