@@ -20,7 +20,6 @@ Scalars = Mapping[str, float]
 ALPHA, DORA_SCALE = _layout.ALPHA, _layout.DORA_SCALE
 
 
-
 @dataclass(frozen=True)
 class NetworkModule:
     """One network module: its `<lora_name>` and its tensors keyed by suffix (`lora_up.weight`)."""

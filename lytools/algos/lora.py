@@ -7,11 +7,11 @@ from typing import Sequence
 import torch
 
 from lytools.algos import sparse
-from lytools.arch.network import LORA_DOWN, LORA_MID, LORA_UP
 from lytools.algos.common import (
     ALPHA, DORA_SCALE, ModuleInfo, NetworkModule, Scalars, Shapes, expect_ndim, fail, fit_to,
     flat2, module_scale, reject_foreign, require, scale_from_scalars, tucker,
 )
+from lytools.arch.network import LORA_DOWN, LORA_MID, LORA_UP
 
 UP, DOWN, MID = LORA_UP, LORA_DOWN, LORA_MID
 SUFFIXES = (UP, DOWN, MID, ALPHA, DORA_SCALE, *sparse.SUFFIXES)

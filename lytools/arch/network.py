@@ -154,7 +154,7 @@ def group_network_keys(names: list[str]) -> tuple[dict[str, dict[str, str]], lis
         modules.setdefault(module, {})[suffix] = key
     for module in list(modules):
         suffixes = set(modules[module])
-        if suffixes <= {"alpha", "dora_scale"} or (suffixes == {"weight"} and layout_of_module(module) != "kohya"):
+        if suffixes <= {ALPHA, DORA_SCALE} or (suffixes == {"weight"} and layout_of_module(module) != "kohya"):
             stray.extend(modules.pop(module).values())
     return modules, stray
 
@@ -165,7 +165,7 @@ def module_shapes(keys: Mapping[str, str], shapes: Mapping[str, Shape]) -> dict[
     result: dict[str, Shape] = {}
     for suffix, key in keys.items():
         shape = tuple(shapes[key])
-        if suffix == "dora_scale" and key.endswith("lora_magnitude_vector"):
+        if suffix == DORA_SCALE and key.endswith("lora_magnitude_vector"):
             if len(shape) == 1:
                 shape = (shape[0], 1)
             elif len(shape) == 4 and shape[0] == 1:
@@ -178,7 +178,7 @@ def module_io(suffixes: Mapping[str, Shape]) -> tuple[int, int] | None:
     """Return (out, flattened in) of a module's ΔW from its factor shapes, or None when unknown."""
     if LORA_UP in suffixes and LORA_DOWN in suffixes:
         up, down = suffixes[LORA_UP], suffixes[LORA_DOWN]
-        kernel = suffixes["lora_mid.weight"][2:] if "lora_mid.weight" in suffixes else down[2:]
+        kernel = suffixes[LORA_MID][2:] if LORA_MID in suffixes else down[2:]
         return up[0], down[1] * math.prod(kernel)
     if "hada_w1_a" in suffixes and "hada_w1_b" in suffixes and "hada_t1" not in suffixes:
         return suffixes["hada_w1_a"][0], math.prod(suffixes["hada_w1_b"][1:])

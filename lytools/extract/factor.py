@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lytools.arch.network import ALPHA, LORA_DOWN, LORA_MID, LORA_UP
 from lytools.extract.ranks import RankRule, select_rank, stores_full
 from lytools.extract.svd import LowRank, SvdFailure, energy, exact_spectrum, fixed_rank, robust_svd
 
@@ -235,16 +236,16 @@ def extract_module(
 
     tensors: dict[str, torch.Tensor] = {}
     if len(shape) == 2:
-        tensors["lora_down.weight"] = down_c
-        tensors["lora_up.weight"] = up_c
+        tensors[LORA_DOWN] = down_c
+        tensors[LORA_UP] = up_c
     elif mid_c is not None:
-        tensors["lora_down.weight"] = down_c.reshape(rank, in_features, 1, 1)
-        tensors["lora_mid.weight"] = mid_c
-        tensors["lora_up.weight"] = up_c.reshape(out_features, rank, 1, 1)
+        tensors[LORA_DOWN] = down_c.reshape(rank, in_features, 1, 1)
+        tensors[LORA_MID] = mid_c
+        tensors[LORA_UP] = up_c.reshape(out_features, rank, 1, 1)
     else:
-        tensors["lora_down.weight"] = down_c.reshape((rank,) + tuple(shape[1:]))
-        tensors["lora_up.weight"] = up_c.reshape(out_features, rank, 1, 1)
-    tensors["alpha"] = torch.tensor(float(rank), dtype=options.save_dtype)
+        tensors[LORA_DOWN] = down_c.reshape((rank,) + tuple(shape[1:]))
+        tensors[LORA_UP] = up_c.reshape(out_features, rank, 1, 1)
+    tensors[ALPHA] = torch.tensor(float(rank), dtype=options.save_dtype)
 
     if options.sparse_bias:
         if max(residual.shape) > SPARSE_INDEX_LIMIT:

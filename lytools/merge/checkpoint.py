@@ -23,6 +23,7 @@ import torch
 
 from lytools.algos import apply_module
 from lytools.algos.dora import check_mode
+from lytools.arch.network import LORA_DOWN, LORA_UP
 from lytools.device import resolve_device
 from lytools.errors import LytoolsError, MatchError
 from lytools.io import SafetensorsFile, SafetensorsWriter, open_file, plan_entry
@@ -310,8 +311,8 @@ class _Engine:
         target = weight[slice(*piece.rows)] if piece.rows else weight
         if not target.is_contiguous():
             return False
-        up = module["lora_up.weight"]
-        down = module["lora_down.weight"]
+        up = module[LORA_UP]
+        down = module[LORA_DOWN]
         flat = target.view(target.shape[0], -1)
         up = up.reshape(up.shape[0], -1).to(flat.device, flat.dtype)
         down = down.reshape(down.shape[0], -1).to(flat.device, flat.dtype)

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from lytools.algos import ModuleInfo, NetworkModule, delta
+from lytools.arch.network import ALPHA, LORA_DOWN, LORA_MID, LORA_UP
 from lytools.device import resolve_device
 from lytools.errors import LytoolsError, NetworkError
 from lytools.io import write_safetensors
@@ -34,11 +35,11 @@ from lytools.merge.inputs import NetworkInput, load_network_input
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
 
-UP, DOWN, MID, ALPHA = "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"
+UP, DOWN, MID = LORA_UP, LORA_DOWN, LORA_MID
 
 # additive algorithms whose change is linear in one tensor: ratio folds into that tensor
 FOLD_INTO = {
-    "lora": ("lora_up.weight",),
+    "lora": (LORA_UP,),
     "loha": ("hada_w1_a",),
     "lokr": ("lokr_w1", "lokr_w1_a"),
     "full": ("diff", "diff_b"),
