@@ -1,7 +1,7 @@
 """extract on full-size synthetic SD1 (fp16) and SDXL pairs, fixed rank 32 linear / 32 conv:
 lytools against LyCORIS's extract functions and the exact routes, in the same run.
 
-    flock /tmp/lytools-heavy.lock python benchmarks/extract.py [--arch sd1,sdxl] [--sample 1] [--keep]
+    flock /tmp/lytools-heavy.lock python benchmarks/extract.py [--arch sd1,sdxl] [--device cpu,cuda] [--sample 1] [--keep]
 
 Each contender runs in its own child process (wall time, peak RssAnon):
 - lytools extract, default (randomized range finder where it certifies itself, exact elsewhere);
@@ -11,6 +11,9 @@ Each contender runs in its own child process (wall time, peak RssAnon):
   bare `torch.linalg.svd` + truncation, on the same difference matrices: timed on `--sample` module(s)
   of every distinct shape and extrapolated to all modules by shape counts (labelled "extrapolated").
   LyCORIS's own script additionally loads both models whole; that memory is not part of this figure.
+  LyCORIS is skipped (and said so) where it is not installed.
+Every contender runs on each device of --device in turn (`cuda`: the GPU, its time synchronised;
+the matrices are read on the CPU and moved there, as lytools does).
 
 The pair: lytools.testing base checkpoint, plus a rank-16 LoRA/LoCon on every kohya module and
 Gaussian noise on each changed tensor (build_tuned). Files live in /tmp/lytools-bench-extract and
@@ -55,12 +58,12 @@ def build_pair(arch: str, folder: Path, factor: int = 1) -> tuple[Path, Path]:
     return base, tuned
 
 
-def run_lytools(base: str, tuned: str, out: str, randomized: bool) -> dict:
+def run_lytools(base: str, tuned: str, out: str, randomized: bool, device: str = "cpu") -> dict:
     """Child: one extraction; returns per-module (name, kind, shape, route, rel_error) and counts."""
     from lytools.extract import ExtractOptions, FactorOptions, RankRule, extract
 
     options = ExtractOptions(linear=RankRule("fixed", RANK), conv=RankRule("fixed", RANK), overwrite=True,
-                             device="cpu", factor=FactorOptions(randomized=randomized))
+                             device=device, factor=FactorOptions(randomized=randomized))
     result = extract(base, tuned, out, options)
     return {
         "modules": [(r.name, r.kind, r.shape, r.stored, r.route, r.rel_error) for r in result.records],
@@ -88,9 +91,13 @@ def _sample_matrices(base: str, tuned: str, per_shape: int):
         ]
 
 
-def run_peer(base: str, tuned: str, per_shape: int, which: str) -> dict:
-    """Child: time LyCORIS's extract functions (or bare torch.linalg.svd) per shape class."""
+def run_peer(base: str, tuned: str, per_shape: int, which: str, device: str = "cpu") -> dict:
+    """Child: time LyCORIS's extract functions (or bare torch.linalg.svd) per shape class on `device`."""
     import torch
+
+    def finish() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize(device)
 
     estimate = 0.0
     timed = 0
@@ -102,20 +109,21 @@ def run_peer(base: str, tuned: str, per_shape: int, which: str) -> dict:
                 from lycoris.utils import extract_conv, extract_linear
 
                 if difference.dim() == 4:
-                    extract_conv(difference, "fixed", RANK, "cpu")
+                    extract_conv(difference, "fixed", RANK, device)
                 else:
-                    extract_linear(difference, "fixed", RANK, "cpu")
+                    extract_linear(difference, "fixed", RANK, device)
             else:
-                flat = difference.reshape(difference.shape[0], -1)
+                flat = difference.to(device).reshape(difference.shape[0], -1)
                 u, s, vh = torch.linalg.svd(flat, full_matrices=False)
                 _ = (u[:, :RANK] * s[:RANK]).contiguous(), vh[:RANK].contiguous()
+            finish()
             seconds.append(time.perf_counter() - start)
             timed += 1
         estimate += statistics.mean(seconds) * count
     return {"estimate": estimate, "timed": timed}
 
 
-def report(arch: str, fast, exact, peers: dict, per_shape: int) -> None:
+def report(arch: str, device: str, fast, exact, peers: dict, per_shape: int) -> None:
     exact_errors = {name: error for name, _, _, stored, _, error in exact.result["modules"] if stored == "lora"}
     ratios, routes, worst = [], {}, (None, 0.0)
     for name, kind, shape, stored, route, error in fast.result["modules"]:
@@ -127,7 +135,7 @@ def report(arch: str, fast, exact, peers: dict, per_shape: int) -> None:
         ratios.append(ratio)
         if ratio > worst[1]:
             worst = (name, ratio)
-    print(f"\n== {arch}: fixed rank {RANK} linear / {RANK} conv")
+    print(f"\n== {arch} on {device}: fixed rank {RANK} linear / {RANK} conv")
     print(fast.line())
     print(exact.line())
     for label, peer in peers.items():
@@ -144,15 +152,32 @@ def report(arch: str, fast, exact, peers: dict, per_shape: int) -> None:
     print(f"speed-up vs lytools exact route: {exact.seconds / fast.seconds:.1f}x")
 
 
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sd1,sdxl", help="comma-separated: sd1, sdxl")
+    parser.add_argument("--device", default="cpu", help="comma-separated: cpu, cuda, cuda:N (each contender on each)")
     parser.add_argument("--sample", type=int, default=1, help="peer modules timed per distinct shape")
     parser.add_argument("--workdir", default=str(WORKDIR))
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     parser.add_argument("--factor", type=int, default=1, help="shrink factor (1 = full size; >1 for a smoke run)")
     parser.add_argument("--lytools-only", action="store_true", help="time lytools alone (no exact route, no peers)")
     args = parser.parse_args()
+    import importlib.util
+
+    import torch
+
+    devices = [d.strip() for d in args.device.split(",") if d.strip()]
+    if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    have_lycoris = importlib.util.find_spec("lycoris") is not None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; devices: "
+          + ", ".join(f"{d} ({device_name(d)})" for d in devices), flush=True)
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -160,21 +185,27 @@ def main() -> None:
         for arch in args.arch.split(","):
             base, tuned = build_pair(arch, workdir, args.factor)
             out = workdir / f"{arch}-lora.safetensors"
-            for path in (base, tuned):
-                drop_file_cache(path)
-            fast = measure("lytools extract", run_lytools, str(base), str(tuned), str(out), True)
-            print(fast.line(), flush=True)
-            if args.lytools_only:
-                print(f"lytools: {fast.result['summary']}")
-                continue
-            exact = measure("lytools extract, exact route", run_lytools, str(base), str(tuned), str(out), False)
-            print(exact.line(), flush=True)
-            peers = {}
-            for which, label in (("lycoris", "LyCORIS extract_linear/conv"), ("svd", "torch.linalg.svd route")):
-                peers[label] = measure(label, run_peer, str(base), str(tuned), args.sample, which)
-                print(f"{label}: {peers[label].result['estimate']:.1f} s extrapolated "
-                      f"(sample run {peers[label].seconds:.1f} s, peak RssAnon {human_bytes(peers[label].peak_anon)})", flush=True)
-            report(arch, fast, exact, peers, args.sample)
+            for device in devices:
+                for path in (base, tuned):
+                    drop_file_cache(path)
+                fast = measure(f"lytools extract ({device})", run_lytools, str(base), str(tuned), str(out), True, device)
+                print(fast.line(), flush=True)
+                if args.lytools_only:
+                    print(f"lytools: {fast.result['summary']}")
+                    continue
+                exact = measure(f"lytools extract, exact ({device})", run_lytools, str(base), str(tuned), str(out), False,
+                                device)
+                print(exact.line(), flush=True)
+                peers = {}
+                for which, label in (("lycoris", "LyCORIS extract_linear/conv"), ("svd", "torch.linalg.svd route")):
+                    if which == "lycoris" and not have_lycoris:
+                        print(f"{label}: skipped (lycoris-lora is not installed)", flush=True)
+                        continue
+                    peers[label] = measure(label, run_peer, str(base), str(tuned), args.sample, which, device)
+                    print(f"{label} ({device}): {peers[label].result['estimate']:.1f} s extrapolated "
+                          f"(sample run {peers[label].seconds:.1f} s, peak RssAnon {human_bytes(peers[label].peak_anon)})",
+                          flush=True)
+                report(arch, device, fast, exact, peers, args.sample)
             out.unlink(missing_ok=True)
             if not args.keep:
                 base.unlink(missing_ok=True)

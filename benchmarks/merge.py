@@ -2,12 +2,13 @@
 merged into a full-size synthetic SDXL fp16 checkpoint, against the streaming copy floor and
 sd-mecha (the streaming peer) merging the same files, in the same run.
 
-    flock /tmp/lytools-heavy.lock python benchmarks/merge.py [--factor 1] [--workdir /tmp/lytools-bench-merge] [--keep]
+    flock /tmp/lytools-heavy.lock python benchmarks/merge.py [--factor 1] [--device cpu[,cuda]] [--workdir /tmp/lytools-bench-merge] [--keep]
 
 Each contender runs in its own child process with the base's page cache dropped first; wall
 time and peak anonymous memory (RssAnon) are printed with the ratios. Targets (issue 5): peak
 RssAnon under 1.5 GiB, wall time within 1.3x of the copy floor on CPU. The outputs of lytools
-and sd-mecha are compared tensor by tensor.
+and sd-mecha are compared tensor by tensor. With `--device cpu,cuda`, lytools runs once on each
+(`--device` of the CLI) and the two outputs are compared as well.
 
 Measured 2026-11-23 on the shared 2-core CPU machine (SDXL fp16 6.46 GiB, LoRA 243 MiB, 1052 modules):
     copy floor 33.5 / 33.8 s, 150 MiB; lytools 39.6 / 43.8 s (1.18x / 1.30x), 650 / 667 MiB;
@@ -29,11 +30,11 @@ from benchmarks.common import drop_file_cache, human_bytes, measure, stream_copy
 GIB = 1 << 30
 
 
-def lytools_merge(base: str, lora: str, out: str) -> int:
+def lytools_merge(base: str, lora: str, out: str, device: str = "cpu") -> int:
     """lytools merge through the library entry point the CLI uses."""
     from lytools.merge import run_merge
 
-    result = run_merge([base, lora], out, overwrite=True)
+    result = run_merge([base, lora], out, overwrite=True, device=device)
     return len(result.plan.touched)
 
 
@@ -96,7 +97,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/lytools-bench-merge")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic files")
     parser.add_argument("--no-peer", action="store_true", help="skip sd-mecha")
+    parser.add_argument("--device", default="cpu", help="lytools' --device; comma-separated to run on each (cpu,cuda)")
     args = parser.parse_args()
+    devices = [d.strip() for d in args.device.split(",") if d.strip()]
 
     import torch
 
@@ -115,18 +118,21 @@ def main() -> None:
             build_network(lora, "sdxl", factor=args.factor, rank=args.rank, alpha=args.rank / 2, modules="c3lier",
                           dtype=torch.float16)
             print(f"built {lora.name}: {human_bytes(lora.stat().st_size)} (1052 modules, rank {args.rank})")
-        contenders = {"copy floor (lytools.io)": (stream_copy, [str(base)]),
-                      "lytools merge": (lytools_merge, [str(base), str(lora)])}
+        contenders = {"copy floor (lytools.io)": (stream_copy, [str(base)])}
+        for device in devices:
+            label = "lytools merge" if device == devices[0] else f"lytools merge ({device})"
+            contenders[label] = (lytools_merge, [str(base), str(lora)])
         if not args.no_peer and args.factor == 1:
             contenders["sd-mecha 1.x merge"] = (sd_mecha_merge, [str(base), str(lora)])
         results = {}
         outputs = {}
         for label, (func, inputs) in contenders.items():
-            target = workdir / f"out-{label.split()[0]}.safetensors"
+            target = workdir / f"out-{len(outputs)}-{label.split()[0]}.safetensors"
             target.unlink(missing_ok=True)
             drop_file_cache(base)
+            extra = [devices[0] if label == "lytools merge" else label.split("(")[-1].rstrip(")")] if func is lytools_merge else []
             try:
-                results[label] = measure(label, func, *inputs, str(target))
+                results[label] = measure(label, func, *inputs, str(target), *extra)
             except RuntimeError as exc:
                 print(f"{label}: failed: {str(exc).splitlines()[0][:300]}")
                 continue
@@ -137,7 +143,7 @@ def main() -> None:
         ours = results.get("lytools merge")
         peer = results.get("sd-mecha 1.x merge")
         print(f"file: SDXL fp16 factor {args.factor}, {human_bytes(base.stat().st_size)}; LoRA rank {args.rank}, "
-              f"{human_bytes(lora.stat().st_size)}")
+              f"{human_bytes(lora.stat().st_size)}; lytools on {devices[0]}")
         if floor and ours:
             ratio = ours.seconds / floor.seconds
             print(f"lytools / copy floor: time {ratio:.2f}x (target <= 1.3x: {'met' if ratio <= 1.3 else 'NOT met'})")
@@ -148,6 +154,15 @@ def main() -> None:
                   f"{peer.peak_anon / max(ours.peak_anon, 1):.2f}x")
             count, worst = compare(outputs["lytools merge"], outputs["sd-mecha 1.x merge"], base)
             print(f"outputs agree: {count} changed tensors compared, worst relative difference of the change {worst:.2e}")
+        for device in devices[1:]:
+            label = f"lytools merge ({device})"
+            if label in results and ours:
+                other = results[label]
+                print(f"lytools on {device}: time {other.seconds:.2f} s ({other.seconds / ours.seconds:.2f}x of {devices[0]}), "
+                      f"peak RssAnon {human_bytes(other.peak_anon)}")
+                count, worst = compare(outputs["lytools merge"], outputs[label], base)
+                print(f"{devices[0]} and {device} outputs: {count} changed tensors compared, worst relative difference "
+                      f"of the change {worst:.2e}")
     finally:
         for path in workdir.glob("out-*.safetensors"):
             path.unlink()
