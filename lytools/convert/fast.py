@@ -70,10 +70,13 @@ class _Slot:
 @dataclass(frozen=True)
 class _ScalingPlan:
     """Which output tensors a set of module factors scales, grouped by (dtype, factor), and where
-    each lands in the scratch buffer: groups of (dtype, factor, [(slot, begin, end)], first, last)."""
+    each lands in the scratch buffer: groups of (dtype, factor, [(slot, begin, end)], first, last).
+    `sources`: where each output tensor's bytes come from, in file order: (0, slice of the input's
+    data section) or (1, slice of the scratch buffer)."""
 
     groups: tuple[tuple[str, float, tuple[tuple[int, int, int], ...], int, int], ...]
     total: int
+    sources: tuple[tuple[int, slice], ...]
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,11 @@ class _Structure:
     notes: tuple[str, ...] = ()
     ranks: tuple[int, ...] = ()  # per module
     alphas: tuple[tuple[Callable, int] | None, ...] = ()  # per module: (unpack_from, offset) of its alpha, if any
+    alpha_bytes: tuple[slice, ...] = ()  # every alpha's bytes in the data section: the key of `plans`
     slots: tuple[_Slot, ...] = ()
     layout: Layout | None = None
     adapter_json: str = ""
-    plans: dict[tuple, _ScalingPlan] = field(default_factory=dict)  # by module factors: files mostly share one
+    plans: dict[bytes, _ScalingPlan] = field(default_factory=dict)  # by alpha bytes: files mostly share one
 
 
 _STRUCTURES: dict[tuple, _Structure] = {}
@@ -129,28 +133,18 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
     structure, metadata = _structure_of(source, raw, size, options)
     if not structure.taken:
         return None
-    start = 8 + header_len
-    factors: list[tuple[float, float]] = []
-    split: dict[float, tuple[float, float]] = {}
-    for rank, alpha in zip(structure.ranks, structure.alphas):
-        value = alpha[0](data, start + alpha[1])[0] if alpha is not None else None
-        if value is not None and not math.isfinite(value):
-            return None  # the general path names the bad alpha
-        scale = 1.0 if not value else value / rank  # a missing or zero alpha means alpha = rank
-        pair = split.get(scale)
-        if pair is None:
-            pair = split[scale] = fold_split(scale)
-        factors.append(pair)
-    plan = _scaling_plan(structure, factors)
-    views = [data[start + slot.begin:start + slot.end] for slot in structure.slots]
+    body = data[8 + header_len:]
+    plan = _plan_for(structure, body)
+    if plan is None:
+        return None  # an alpha is not finite: the general path names it
     scaled = _SCRATCH.get("scaled", plan.total)
     for dtype, factor, members, first, last in plan.groups:
-        raws = [views[index] for index, _, _ in members]
+        raws = [body[structure.slots[index].begin:structure.slots[index].end] for index, _, _ in members]
         if not _scale_into(raws, dtype, factor, scaled[first:last]):
             return None  # a value to scale is not finite: the general path names it
-        for index, begin, end in members:
-            views[index] = scaled[begin:end]
-    autov3 = hashlib.sha256(data[start:]).hexdigest()
+    buffers = (body, scaled)
+    views = [buffers[which][where] for which, where in plan.sources]
+    autov3 = hashlib.sha256(body).hexdigest()
     metadata = output_metadata(metadata, source, "diffusers",  # stale sshs_* dropped there (not changed in place)
                                {"lora_adapter_metadata": structure.adapter_json}, autov3, structure.arch)
     writer = SafetensorsWriter(output, structure.layout, metadata, overwrite=options.overwrite, durable=options.fsync)
@@ -206,7 +200,7 @@ def _study(header, options: ConvertOptions) -> _Structure:
     plan = _plan(arch, detected.modules, header.tensors)
     if plan is None:
         return refused
-    entries, slots, ranks, alphas = [], {}, [], []
+    entries, slots, ranks, alphas, alpha_bytes = [], {}, [], [], []
     per_component: dict[str, list[tuple[str, int, float]]] = {}
     for index, (part, down, up, alpha) in enumerate(plan):
         for suffix, info, is_up in (("lora_A.weight", down, False), ("lora_B.weight", up, True)):
@@ -216,12 +210,15 @@ def _study(header, options: ConvertOptions) -> _Structure:
         rank = down.shape[0]
         ranks.append(rank)
         alphas.append(None if alpha is None else (struct.Struct(ALPHA_DTYPES[alpha.dtype]).unpack_from, alpha.begin))
+        if alpha is not None:
+            alpha_bytes.append(slice(alpha.begin, alpha.end))
         per_component.setdefault(part.component, []).append((part.path, rank, float(rank)))
     layout = plan_layout(entries)
     adapter = {f"{component}.{key}": value for component, modules in per_component.items()
                for key, value in lora_config(modules, False).items()}
     return _Structure(
         True, header.metadata, arch=arch, notes=tuple(detected.notes), ranks=tuple(ranks), alphas=tuple(alphas),
+        alpha_bytes=tuple(alpha_bytes),
         slots=tuple(slots[entry.name] for entry in layout.entries), layout=layout,
         adapter_json=json.dumps(adapter, sort_keys=True),
     )
@@ -230,30 +227,50 @@ def _study(header, options: ConvertOptions) -> _Structure:
 PLAN_LIMIT = 8  # scaling plans remembered per structure
 
 
-def _scaling_plan(structure: _Structure, factors: list[tuple[float, float]]) -> _ScalingPlan:
-    """Return (and remember) the scaling plan of `structure` for these (down, up) factors per module."""
-    key = tuple(factors)
+def _plan_for(structure: _Structure, body: memoryview) -> _ScalingPlan | None:
+    """Return the scaling plan for the alphas stored in `body` (a data section of `structure`);
+    None when one is not finite. Plans are remembered by the alphas' bytes: the files of a batch
+    mostly share their alphas, and then one join of a few hundred bytes finds the plan."""
+    key = b"".join([body[where] for where in structure.alpha_bytes])
     plan = structure.plans.get(key)
     if plan is not None:
         return plan
+    factors: list[tuple[float, float]] = []
+    split: dict[float, tuple[float, float]] = {}
+    for rank, alpha in zip(structure.ranks, structure.alphas):
+        value = alpha[0](body, alpha[1])[0] if alpha is not None else None
+        if value is not None and not math.isfinite(value):
+            return None
+        scale = 1.0 if not value else value / rank  # a missing or zero alpha means alpha = rank
+        pair = split.get(scale)
+        if pair is None:
+            pair = split[scale] = fold_split(scale)
+        factors.append(pair)
+    plan = _scaling_plan(structure, factors)
+    if len(structure.plans) >= PLAN_LIMIT:
+        structure.plans.clear()
+    structure.plans[key] = plan
+    return plan
+
+
+def _scaling_plan(structure: _Structure, factors: list[tuple[float, float]]) -> _ScalingPlan:
+    """Return the scaling plan of `structure` for these (down, up) factors per module."""
     groups: dict[tuple[str, float], list[int]] = {}  # (dtype, factor) -> slots, scaled together
     for index, slot in enumerate(structure.slots):
         factor = factors[slot.module][slot.up]
         if factor != 1.0 and slot.begin != slot.end:
             groups.setdefault((slot.dtype, factor), []).append(index)
     planned, position = [], 0
+    sources = [(0, slice(slot.begin, slot.end)) for slot in structure.slots]
     for (dtype, factor), members in groups.items():
         first, placed = position, []
         for index in members:
             slot = structure.slots[index]
             placed.append((index, position, position + slot.end - slot.begin))
+            sources[index] = (1, slice(position, position + slot.end - slot.begin))
             position += slot.end - slot.begin
         planned.append((dtype, factor, tuple(placed), first, position))
-    plan = _ScalingPlan(tuple(planned), position)
-    if len(structure.plans) >= PLAN_LIMIT:
-        structure.plans.clear()
-    structure.plans[key] = plan
-    return plan
+    return _ScalingPlan(tuple(planned), position, tuple(sources))
 
 
 def _plan(arch: str, modules: dict[str, dict[str, str]], infos: dict[str, TensorInfo]):

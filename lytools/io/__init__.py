@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from lytools.errors import FileFormatError
 from lytools.io.dtypes import parse_save_dtype, st_name
 from lytools.io.hashes import FileHashes, file_hashes, modelspec_hash, sd_scripts_hashes, with_sshs_hashes
-from lytools.io.pickled import PickledFile, load_pickled_state_dict
 from lytools.io.safetensors import Header, SafetensorsFile, TensorInfo, parse_header, read_header
 from lytools.io.writer import (
     PICKLE_SUFFIXES,
@@ -36,6 +35,18 @@ from lytools.io.writer import (
 
 if TYPE_CHECKING:
     import torch
+
+    from lytools.io.pickled import PickledFile
+
+_LAZY = {"PickledFile", "load_pickled_state_dict"}  # lytools.io.pickled (pickle, zipfile): imported on first use
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from lytools.io import pickled
+
+        return getattr(pickled, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ShardedFile:
@@ -101,6 +112,8 @@ def open_file(path: str | os.PathLike) -> SafetensorsFile | ShardedFile | Pickle
     if path.name.endswith(".index.json"):
         return ShardedFile(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
+        from lytools.io.pickled import PickledFile
+
         return PickledFile(path)
     return SafetensorsFile(path)
 
