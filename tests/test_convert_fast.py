@@ -111,8 +111,8 @@ def _with(path: Path, extra: dict[str, torch.Tensor], out: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", [
-    "sd3", "flux", "loha", "dora", "bf16", "diffusers-input", "stray", "inf", "save-dtype", "no-fold", "peft", "kohya",
-    "arch", "te1-quirk",
+    "sd3", "flux", "loha", "dora", "bf16", "diffusers-input", "stray", "inf", "inf-alpha", "save-dtype", "no-fold", "peft",
+    "kohya", "arch", "te1-quirk",
 ])
 def test_everything_else_goes_the_general_way(tmp_path, case):
     options = DIFFUSERS
@@ -136,6 +136,10 @@ def test_everything_else_goes_the_general_way(tmp_path, case):
         bad = read_tensors(source)[up].clone()
         bad[0, 0] = float("inf")
         source = _with(source, {up: bad}, tmp_path / "s.safetensors")
+    elif case == "inf-alpha":  # after a file of the same structure with finite alphas (its plan remembered)
+        assert try_convert(source, tmp_path / "first.safetensors", options) is not None
+        alpha, stored = next((k, v) for k, v in read_tensors(source).items() if k.endswith(".alpha"))
+        source = _with(source, {alpha: torch.full_like(stored, float("inf"))}, tmp_path / "s.safetensors")
     elif case == "te1-quirk":  # diffusers' old kohya export of SD1 text-encoder names
         tensors = {k.replace("lora_te_", "lora_te1_"): v for k, v in read_tensors(source).items()}
         source = tmp_path / "q.safetensors"
