@@ -427,6 +427,35 @@ def test_file_hashes_match_hashlib(tmp_path):
     assert file_hashes(small).legacy == hashlib.sha256(b"").hexdigest()[:8]
 
 
+def test_data_sha256_through_a_map_in_pieces_and_by_reading(tmp_path, monkeypatch):
+    import threading
+
+    import lytools.io.hashes as hashes
+
+    data = os.urandom(5000)
+    path = tmp_path / "d.bin"
+    path.write_bytes(data)
+    monkeypatch.setattr(hashes, "MAPPED_PIECE", 777)  # several pieces, the last one short
+    for start in (0, 8, 1234, 4999):
+        assert hashes.data_sha256(path, start) == hashlib.sha256(data[start:]).hexdigest()
+    assert hashes.data_sha256(path, 5000) == hashlib.sha256(b"").hexdigest()  # nothing after the start
+    assert hashes.data_sha256(path, 6000) == hashlib.sha256(b"").hexdigest()
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert hashes.data_sha256(empty, 0) == hashlib.sha256(b"").hexdigest()  # a map of 0 bytes is never asked for
+    cancelled = threading.Event()
+    cancelled.set()
+    assert hashes.data_sha256(path, 8, cancelled) is None
+
+    def no_map(*args, **kwargs):
+        raise OSError("no maps on this file system")
+
+    monkeypatch.setattr(hashes.mmap, "mmap", no_map)
+    monkeypatch.setattr(hashes, "CHUNK", 1000)
+    assert hashes.data_sha256(path, 8) == hashlib.sha256(data[8:]).hexdigest()
+    assert hashes.data_sha256(path, 8, cancelled) is None
+
+
 def test_sd_scripts_hashes_match_the_ss_only_serialisation(tmp_path):
     tensors = {"big": torch.randn(600, 600), "x.alpha": torch.tensor(4.0)}
     metadata = {"ss_network_dim": "4", "modelspec.title": "ignored by the hash"}

@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import hashlib
+import mmap
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -35,8 +37,9 @@ if TYPE_CHECKING:
     import torch
 
 CHUNK = 8 << 20
-__all__ = ["LEGACY_LENGTH", "LEGACY_OFFSET", "CHUNK", "FileHashes", "file_hashes", "sd_scripts_hashes", "with_sshs_hashes",
-           "modelspec_hash"]
+MAPPED_PIECE = 256 << 20  # bytes hashed per call when hashing through a map (see data_sha256)
+__all__ = ["LEGACY_LENGTH", "LEGACY_OFFSET", "CHUNK", "FileHashes", "data_sha256", "file_hashes", "sd_scripts_hashes",
+           "with_sshs_hashes", "modelspec_hash"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,43 @@ def file_hashes(path: str | os.PathLike) -> FileHashes:
                 data.update(chunk[max(0, header.data_start - position) :])
             position = end
     return FileHashes(whole.hexdigest(), data.hexdigest(), legacy.hexdigest())
+
+
+def data_sha256(path: str | os.PathLike, data_start: int, cancelled: threading.Event | None = None) -> str | None:
+    """SHA-256 of a file's bytes from `data_start` to its end (a safetensors file's AutoV3 when
+    `data_start` is where its data section begins); None when `cancelled` is set before the end.
+
+    For the background threads that hash inputs while a command works: the file is hashed through
+    a read-only map, MAPPED_PIECE bytes per call, and hashlib releases the GIL for each call, so the
+    thread takes the GIL back a few times per GiB. Reading 8 MiB at a time instead made it take the
+    GIL back hundreds of times, and on a GPU machine that slowed extract's main thread by about as
+    long as the hashing took. A file that cannot be mapped is read in CHUNK pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size <= data_start:
+            return digest.hexdigest()
+        try:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system without maps, say
+            handle.seek(data_start)
+            while chunk := handle.read(CHUNK):
+                if cancelled is not None and cancelled.is_set():
+                    return None
+                digest.update(chunk)
+            return digest.hexdigest()
+    with mapped:
+        view = memoryview(mapped)
+        try:
+            for start in range(data_start, size, MAPPED_PIECE):
+                if cancelled is not None and cancelled.is_set():
+                    return None
+                piece = view[start:start + MAPPED_PIECE]
+                digest.update(piece)
+                piece.release()
+        finally:
+            view.release()
+    return digest.hexdigest()
 
 
 def sd_scripts_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[str, str]:

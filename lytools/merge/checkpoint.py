@@ -9,7 +9,6 @@ cache for the main loop) and patched into the header before the output is rename
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -28,6 +27,7 @@ from lytools.device import resolve_device
 from lytools.errors import LytoolsError, MatchError
 from lytools.io import SafetensorsFile, SafetensorsWriter, open_file, plan_entry
 from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES
+from lytools.io.hashes import data_sha256
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.merge.fp8 import dequantize, requantize, surviving_share
 from lytools.merge.inputs import NetworkInput, load_network_input
@@ -37,7 +37,6 @@ from lytools.ui import QUIET, Reporter
 
 HASH_PLACEHOLDER = "0" * 12
 LOSS_REPORT_BELOW = 0.5  # report fp8 tensors keeping less than half of their intended change
-CHUNK = 16 << 20
 
 
 @dataclass
@@ -96,19 +95,8 @@ class _BaseHash(threading.Thread):
         self._cancelled = threading.Event()
 
     def run(self) -> None:
-        digest = hashlib.sha256()
         try:
-            with open(self.path, "rb", buffering=0) as handle:
-                handle.seek(self.data_start)
-                buffer = bytearray(CHUNK)
-                view = memoryview(buffer)
-                while not self._cancelled.is_set():
-                    count = handle.readinto(buffer)
-                    if not count:
-                        break
-                    digest.update(view[:count])
-            if not self._cancelled.is_set():
-                self.digest = digest.hexdigest()
+            self.digest = data_sha256(self.path, self.data_start, self._cancelled)
         except OSError as exc:
             self.error = exc
 
