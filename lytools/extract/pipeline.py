@@ -137,8 +137,7 @@ def _prefetch(modules: list[PairedModule], base: _Source, tuned: _Source, pin: b
 
     pin=True (a CUDA device): the weights stay in their stored dtype, in pinned memory, and are
     widened to float32 on the device, so the reader thread only copies bytes and a 16-bit
-    checkpoint pins and sends half as many (no change in time was measurable on an H100, where
-    the hashing and the randomized SVD's small steps set the pace)."""
+    checkpoint pins and sends half as many (no change in time was measurable on an H100)."""
     slots = queue.Queue()
     budget = threading.Semaphore(max(1, PREFETCH_BYTES // (16 << 20)))
     stop = threading.Event()
