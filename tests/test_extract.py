@@ -94,6 +94,7 @@ def test_sd1_metadata_is_what_sd_scripts_writes_plus_provenance(sd1_pair, sd1_ex
     sources = json.loads(metadata["lytools.sources"])
     assert [s["name"] for s in sources] == ["base.safetensors", "tuned.safetensors"]
     assert sources[0]["autov3"] == file_hashes(base).autov3
+    assert sources[1]["autov3"] == file_hashes(tuned).autov3  # each input hashed on its own thread
     assert metadata["lytools.command"].startswith("lytools ") and metadata["lytools.version"]
 
 

@@ -31,10 +31,9 @@ from lytools.extract.ranks import RankRule
 from lytools.extract.report import Summary, summarize, write_report
 from lytools.extract.spill import SpillStore
 from lytools.extract.svd import SvdFailure, energy
-from lytools.io import open_file, write_safetensors
-from lytools.io.hashes import data_sha256
+from lytools.io import SafetensorsFile, open_file, write_safetensors
+from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
-from lytools.io.safetensors import read_header
 from lytools.io.writer import check_output_path
 from lytools.ui import QUIET, Reporter
 
@@ -187,35 +186,14 @@ def _prefetch(modules: list[PairedModule], base: _Source, tuned: _Source, pin: b
 
 
 # -- metadata -----------------------------------------------------------------------------------------
-def _data_sha256(path: Path) -> str | None:
-    """AutoV3 of a safetensors input (its data section), or None for other formats."""
-    if path.suffix.lower() != ".safetensors":
-        return None
-    return data_sha256(path, read_header(path).data_start)
-
-
-class _Hasher:
-    """Hashes the inputs' data sections in the background, one thread per input (hashlib releases
-    the GIL, and the two files are read and hashed side by side)."""
-
-    def __init__(self, paths: list[Path]):
-        self.hashes: dict[Path, str | None] = {}
-        self._threads = [threading.Thread(target=self._hash, args=(path,), name="lytools-extract-hash", daemon=True)
-                         for path in paths]
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def join(self) -> None:
-        for thread in self._threads:
-            thread.join()
-
-    def _hash(self, path: Path) -> None:
-        try:
-            self.hashes[path] = _data_sha256(path)
-        except (OSError, LytoolsError):
-            self.hashes[path] = None
+def _start_hashes(sources: list[_Source]) -> dict[Path, DataHashThread]:
+    """Start hashing every safetensors input's data section (its AutoV3) in the background, one
+    thread per input: the two files are read and hashed side by side (hashlib releases the GIL)."""
+    threads = {source.path: DataHashThread(source.path, source.file.header.data_start)
+               for source in sources if isinstance(source.file, SafetensorsFile)}
+    for thread in threads.values():
+        thread.start()
+    return threads
 
 
 def build_metadata(out: Path, plan: ExtractPlan, records: list[ModuleRecord], options: ExtractOptions,
@@ -266,8 +244,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
             raise OutputExistsError(f"{options.report}: already exists (use --overwrite to replace it)")
     device = resolve_device(options.device)
     base_source, tuned_source = _Source(base), _Source(tuned)
-    hasher = _Hasher([base, tuned])
-    hasher.start()
+    hashers = _start_hashes([base_source, tuned_source])
     try:
         plan = plan_extraction(
             {info.name: tuple(info.shape) for info in base_source.file.infos()},
@@ -306,8 +283,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
             tensors = spill.tensors()
             if not tensors:
                 raise MatchError(f"{base.name} and {tuned.name}: no module differs (nothing to write)")
-            hasher.join()
-            sources = [source_entry(path, hasher.hashes.get(path)) for path in (base, tuned)]
+            for thread in hashers.values():
+                thread.join()
+            sources = [source_entry(path, hashers[path].digest if path in hashers else None) for path in (base, tuned)]
             metadata = build_metadata(out, plan, records, options, sources)
             write_safetensors(out, tensors, metadata, overwrite=options.overwrite, sshs=True)
             del tensors

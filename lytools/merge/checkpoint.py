@@ -27,7 +27,7 @@ from lytools.device import resolve_device
 from lytools.errors import LytoolsError, MatchError
 from lytools.io import SafetensorsFile, SafetensorsWriter, open_file, plan_entry
 from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES
-from lytools.io.hashes import data_sha256
+from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.merge.fp8 import dequantize, requantize, surviving_share
 from lytools.merge.inputs import NetworkInput, load_network_input
@@ -82,26 +82,6 @@ class CheckpointResult:
         if self.verification is not None:
             result["verify"] = self.verification.as_dict()
         return result
-
-
-class _BaseHash(threading.Thread):
-    """SHA-256 of a safetensors file's data section (AutoV3), read sequentially in the background."""
-
-    def __init__(self, path: Path, data_start: int):
-        super().__init__(daemon=True)
-        self.path, self.data_start = path, data_start
-        self.digest: str | None = None
-        self.error: BaseException | None = None
-        self._cancelled = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self.digest = data_sha256(self.path, self.data_start, self._cancelled)
-        except OSError as exc:
-            self.error = exc
-
-    def cancel(self) -> None:
-        self._cancelled.set()
 
 
 class _WriteBehind:
@@ -416,7 +396,7 @@ def merge_into_checkpoint(
 def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporter) -> CheckpointResult:
     hasher = None
     if isinstance(reader, SafetensorsFile):
-        hasher = _BaseHash(reader.path, reader.header.data_start)
+        hasher = DataHashThread(reader.path, reader.header.data_start)
     metadata = merged_metadata(dict(reader.metadata), plan.base, HASH_PLACEHOLDER if hasher else None, networks, rule_set)
     entries = [plan_entry(name, dtype, plan.shapes[name]) for name, dtype in plan.out_dtypes.items()]
     writer = SafetensorsWriter(output, entries, metadata, overwrite=overwrite)
