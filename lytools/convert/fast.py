@@ -69,12 +69,12 @@ class _Slot:
 
 @dataclass(frozen=True)
 class _ScalingPlan:
-    """Which output tensors a set of module factors scales, grouped by (dtype, factor), and where
-    each lands in the scratch buffer: groups of (dtype, factor, [(slot, begin, end)], first, last).
-    `sources`: where each output tensor's bytes come from, in file order: (0, slice of the input's
-    data section) or (1, slice of the scratch buffer)."""
+    """Which tensors a set of module factors scales, grouped by (dtype, factor): groups of (dtype,
+    factor, their slices of the input's data section, first, last), scaled back to back into
+    scratch[first:last]. `sources`: where each output tensor's bytes come from, in file order:
+    (0, slice of the input's data section) or (1, slice of the scratch buffer)."""
 
-    groups: tuple[tuple[str, float, tuple[tuple[int, int, int], ...], int, int], ...]
+    groups: tuple[tuple[str, float, tuple[slice, ...], int, int], ...]
     total: int
     sources: tuple[tuple[int, slice], ...]
 
@@ -138,9 +138,8 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
     if plan is None:
         return None  # an alpha is not finite: the general path names it
     scaled = _SCRATCH.get("scaled", plan.total)
-    for dtype, factor, members, first, last in plan.groups:
-        raws = [body[structure.slots[index].begin:structure.slots[index].end] for index, _, _ in members]
-        if not _scale_into(raws, dtype, factor, scaled[first:last]):
+    for dtype, factor, inputs, first, last in plan.groups:
+        if not _scale_into([body[where] for where in inputs], dtype, factor, scaled[first:last]):
             return None  # a value to scale is not finite: the general path names it
     buffers = (body, scaled)
     views = [buffers[which][where] for which, where in plan.sources]
@@ -263,13 +262,12 @@ def _scaling_plan(structure: _Structure, factors: list[tuple[float, float]]) -> 
     planned, position = [], 0
     sources = [(0, slice(slot.begin, slot.end)) for slot in structure.slots]
     for (dtype, factor), members in groups.items():
-        first, placed = position, []
+        inputs, first = tuple(sources[index][1] for index in members), position
         for index in members:
             slot = structure.slots[index]
-            placed.append((index, position, position + slot.end - slot.begin))
             sources[index] = (1, slice(position, position + slot.end - slot.begin))
             position += slot.end - slot.begin
-        planned.append((dtype, factor, tuple(placed), first, position))
+        planned.append((dtype, factor, inputs, first, position))
     return _ScalingPlan(tuple(planned), position, tuple(sources))
 
 
