@@ -118,21 +118,20 @@ def main() -> None:
             build_network(lora, "sdxl", factor=args.factor, rank=args.rank, alpha=args.rank / 2, modules="c3lier",
                           dtype=torch.float16)
             print(f"built {lora.name}: {human_bytes(lora.stat().st_size)} (1052 modules, rank {args.rank})")
-        contenders = {"copy floor (lytools.io)": (stream_copy, [str(base)])}
+        contenders = {"copy floor (lytools.io)": (stream_copy, [str(base)], {})}
         for device in devices:
             label = "lytools merge" if device == devices[0] else f"lytools merge ({device})"
-            contenders[label] = (lytools_merge, [str(base), str(lora)])
+            contenders[label] = (lytools_merge, [str(base), str(lora)], {"device": device})
         if not args.no_peer and args.factor == 1:
-            contenders["sd-mecha 1.x merge"] = (sd_mecha_merge, [str(base), str(lora)])
+            contenders["sd-mecha 1.x merge"] = (sd_mecha_merge, [str(base), str(lora)], {})
         results = {}
         outputs = {}
-        for label, (func, inputs) in contenders.items():
+        for label, (func, inputs, options) in contenders.items():
             target = workdir / f"out-{len(outputs)}-{label.split()[0]}.safetensors"
             target.unlink(missing_ok=True)
             drop_file_cache(base)
-            extra = [devices[0] if label == "lytools merge" else label.split("(")[-1].rstrip(")")] if func is lytools_merge else []
             try:
-                results[label] = measure(label, func, *inputs, str(target), *extra)
+                results[label] = measure(label, func, *inputs, str(target), **options)
             except RuntimeError as exc:
                 print(f"{label}: failed: {str(exc).splitlines()[0][:300]}")
                 continue
