@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lytools.algos import apply_module, delta, group_keys, load_module
+from lytools.algos import NetworkModule, apply_module, delta, group_keys, load_module
 from lytools.cli import main
 from lytools.device import resolve_device
 from lytools.errors import DeviceError
@@ -77,8 +77,6 @@ def test_golden_merge_on_cuda(path: Path):
     tensors = read_tensors(path)
     network = {key.split(".", 2)[2]: value for key, value in tensors.items() if key.startswith("network.")}
     name = next(key.split(".")[1] for key in tensors if key.startswith("network."))
-    from lytools.algos import NetworkModule
-
     module = NetworkModule(name, network)
     base, bias = tensors["base.weight"], tensors.get("base.bias")
     on_gpu = apply_module(module, base, bias, 0.7, device="cuda")
