@@ -255,3 +255,32 @@ def test_peft_paths_follow_the_wrapped_model_class():
     assert peft_path("sd3", "text_encoder", path) == peft_path("sd3", "text_encoder_2", path) == path
     assert peft_path("flux", "text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q") == "encoder.block.0.layer.0.SelfAttention.q"
     assert peft_path("sd1", "unet", "down_blocks.0.attentions.0.proj_in") == "down_blocks.0.attentions.0.proj_in"
+
+
+def test_config_scale_follows_peft_patterns_and_reads_ambiguous_keys_for_their_module():
+    from lytools.convert.load import config_scale
+
+    config = {"r": 4, "lora_alpha": 2, "rank_pattern": {"proj_out": 2}, "alpha_pattern": {"proj_out": 0.5}}
+    assert config_scale(config, "proj_out", 2) == 0.25
+    # peft would give single_transformer_blocks.N.proj_out rank 2 too (a tail match), which the file
+    # contradicts (rank 4 there): the key was written for the top-level module only
+    assert config_scale(config, "single_transformer_blocks.3.proj_out", 4) == 0.5
+    anchored = {"r": 4, "lora_alpha": 2, "rank_pattern": {"^proj_out": 2}, "alpha_pattern": {"^proj_out": 0.5}}
+    assert config_scale(anchored, "proj_out", 2) == 0.25
+    assert config_scale(anchored, "single_transformer_blocks.3.proj_out", 4) == 0.5
+    # a tail match of the same rank is what peft does: applied
+    assert config_scale({"r": 4, "lora_alpha": 2, "alpha_pattern": {"to_q": 8}}, "blocks.0.attn.to_q", 4) == 2.0
+    # a key that is not a valid expression is matched as text, not a crash
+    assert config_scale({"r": 4, "lora_alpha": 2, "alpha_pattern": {"weird[": 8}}, "a.weird[", 4) == 2.0
+
+
+def test_pattern_keys_anchor_only_paths_that_are_tails_of_others():
+    from lytools.convert.layout import lora_config, pattern_keys
+
+    keys = pattern_keys(["proj_out", "single_transformer_blocks.0.proj_out", "x_embedder", "attn.to_q"])
+    assert keys == {"proj_out": "^proj_out", "single_transformer_blocks.0.proj_out": "single_transformer_blocks.0.proj_out",
+                    "x_embedder": "x_embedder", "attn.to_q": "attn.to_q"}
+    config = lora_config([("proj_out", 2, 2.0), ("single_transformer_blocks.0.proj_out", 4, 4.0),
+                          ("single_transformer_blocks.1.proj_out", 4, 4.0)], False)
+    assert config["rank_pattern"] == {"^proj_out": 2} and config["alpha_pattern"] == {"^proj_out": 2}
+    assert config["target_modules"][0] == "proj_out"  # target_modules are plain names (peft does not read them as expressions)

@@ -275,3 +275,62 @@ def test_peft_text_encoder_adapter_loads_in_transformers_model(tmp_path, arch, c
         for name, module in original.modules.items():
             for suffix, tensor in module.tensors.items():
                 assert torch.equal(net.modules[name][suffix], tensor), f"{adapter.name}: {name}.{suffix}"
+
+
+def _module_tree(shapes: dict[str, tuple[int, int]]) -> torch.nn.Module:
+    """A bare torch model with an nn.Linear(in, out) at every dotted path of `shapes`."""
+    root = torch.nn.Module()
+    for path, (rows, columns) in shapes.items():
+        parent = root
+        *outer, last = path.split(".")
+        for part in outer:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(last, torch.nn.Linear(columns, rows, bias=False))
+    return root
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_flux_mixed_ranks_load_in_peft_with_each_module_its_own_rank(tmp_path, fold):
+    """Flux's top-level `proj_out` (kohya final_layer.linear) is also the tail of every single block's
+    `proj_out`: a rank_pattern key for it must not reach them (peft matches keys as path tails)."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file, save_file
+
+    modules = ["lora_unet_single_blocks_0_linear2", "lora_unet_single_blocks_1_linear2", "lora_unet_final_layer_linear",
+               "lora_unet_double_blocks_0_img_mlp_0"]
+    source = build_network(tmp_path / "k.safetensors", "flux", factor=32, rank=4, alpha=2.0, modules=modules,
+                           optional=("final_layer",))
+    tensors = load_file(source)
+    torch.manual_seed(1)
+    final = "lora_unet_final_layer_linear"  # rank 2 and alpha 0.5 there, rank 4 / alpha 2 elsewhere
+    tensors[f"{final}.lora_down.weight"] = 0.1 * torch.randn(2, tensors[f"{final}.lora_down.weight"].shape[1]).half()
+    tensors[f"{final}.lora_up.weight"] = 0.1 * torch.randn(tensors[f"{final}.lora_up.weight"].shape[0], 2).half()
+    tensors[f"{final}.alpha"] = torch.tensor(0.5).half()
+    save_file(tensors, source)
+
+    out = tmp_path / "d.safetensors"
+    convert_file(source, out, ConvertOptions(target="diffusers", fold=fold))
+    with open(out, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    config = {key.split(".", 1)[1]: value for key, value in json.loads(header["__metadata__"]["lora_adapter_metadata"]).items()
+              if key.startswith("transformer.")}
+    assert "^proj_out" in config["rank_pattern"] and "proj_out" not in config["rank_pattern"]
+
+    state = {k[len("transformer."):]: v.float() for k, v in load_file(out).items()}
+    shapes = {k[: -len(".lora_A.weight")]: (state[k.replace("lora_A", "lora_B")].shape[0], v.shape[1])
+              for k, v in state.items() if k.endswith(".lora_A.weight")}
+    model = inject_adapter_in_model(peft.LoraConfig(**config), _module_tree(shapes))
+    result = set_peft_model_state_dict(model, state)  # a wrong rank anywhere raises a size mismatch
+    assert not [k for k in result.unexpected_keys if "lora_" in k]
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            found[candidates("flux", f"transformer.{path}")[0].module] = module.get_delta_weight("default").float()
+    assert set(found) == set(modules)
+    assert_deltas_match(found, our_deltas(source))
+    # and back to kohya: every module gets its own alpha back
+    convert_file(out, tmp_path / "k2.safetensors", ConvertOptions(target="kohya"))
+    assert_deltas_match(our_deltas(tmp_path / "k2.safetensors"), our_deltas(source))

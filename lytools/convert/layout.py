@@ -37,19 +37,36 @@ def _config_path(path: str) -> str:
     return path[len("text_model."):] if path.startswith("text_model.") else path
 
 
+def pattern_keys(paths: Iterable[str]) -> dict[str, str]:
+    """Return {module path: its rank_pattern / alpha_pattern key}.
+
+    peft reads a pattern key as a regular expression that matches a module path equal to it or
+    ending with '.' + it (`get_pattern_key`), so the path of one module can also name others:
+    Flux's top-level `proj_out` is the tail of every `single_transformer_blocks.N.proj_out`. Such a
+    path is anchored with '^', which keeps it to the module itself; the others are written as they
+    are (what diffusers and peft write)."""
+    paths = list(paths)
+    tails = set()
+    for path in paths:
+        parts = path.split(".")
+        tails.update(".".join(parts[start:]) for start in range(1, len(parts)))
+    return {path: "^" + path if path in tails else path for path in paths}
+
+
 def lora_config(paths_ranks_alphas: Iterable[tuple[str, int, float]], use_dora: bool) -> dict[str, Any]:
     """Return peft LoraConfig fields for modules (path, rank, alpha): the most common rank and
-    alpha as r / lora_alpha, the others in rank_pattern / alpha_pattern (keys: module paths)."""
+    alpha as r / lora_alpha, the others in rank_pattern / alpha_pattern (keys: pattern_keys)."""
     entries = [(_config_path(path), rank, alpha) for path, rank, alpha in paths_ranks_alphas]
     ranks = collections.Counter(rank for _, rank, _ in entries)
     alphas = collections.Counter(alpha for _, _, alpha in entries)
     r = ranks.most_common(1)[0][0]
     lora_alpha = alphas.most_common(1)[0][0]
+    keys = pattern_keys(path for path, _, _ in entries)
     return {
         "r": r,
         "lora_alpha": _number(lora_alpha),
-        "rank_pattern": {path: rank for path, rank, _ in entries if rank != r},
-        "alpha_pattern": {path: _number(alpha) for path, _, alpha in entries if alpha != lora_alpha},
+        "rank_pattern": {keys[path]: rank for path, rank, _ in entries if rank != r},
+        "alpha_pattern": {keys[path]: _number(alpha) for path, _, alpha in entries if alpha != lora_alpha},
         "target_modules": sorted(path for path, _, _ in entries),
         "use_dora": use_dora,
         "use_rslora": False,

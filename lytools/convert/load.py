@@ -110,18 +110,32 @@ def adapter_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict[
     return configs
 
 
-def _pattern_value(patterns: Mapping[str, Any] | None, path: str) -> Any | None:
-    """peft's pattern rule: a key matches a module path that equals it or ends with '.' + it."""
+def _pattern_entry(patterns: Mapping[str, Any] | None, path: str) -> tuple[str | None, Any]:
+    """peft's pattern rule (`get_pattern_key`): the first key, read as a regular expression, that
+    matches the whole module path or a tail of it after a '.'; (None, None) when none does. A key
+    that is not a valid expression (peft would stop on it) is matched as plain text."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
-            return value
-    return None
+        try:
+            found = re.match(rf"(.*\.)?({pattern})$", path)
+        except re.error:
+            found = path == pattern or path.endswith("." + pattern)
+        if found:
+            return pattern, value
+    return None, None
 
 
 def config_scale(config: Mapping[str, Any], path: str, rank: int) -> float:
-    """Return the peft scale of one module: lora_alpha / r (rsLoRA: / sqrt(r)) with the patterns
-    applied; LoHa/LoKr configs call it `alpha`."""
-    alpha = _pattern_value(config.get("alpha_pattern"), path)
+    """Return the peft scale of one module of rank `rank`: lora_alpha / r (rsLoRA: / sqrt(r)) with
+    the patterns applied; LoHa/LoKr configs call it `alpha`.
+
+    A pattern key can name more modules than its writer meant (a bare `proj_out` also matches every
+    `single_transformer_blocks.N.proj_out` of Flux). When the rank_pattern key that matches this
+    module gives another rank than the module has, the key was not written for it (peft could not
+    even load the file): the alpha_pattern entry of that same key is not applied to it either."""
+    rank_key, pattern_rank = _pattern_entry(config.get("rank_pattern"), path)
+    alpha_key, alpha = _pattern_entry(config.get("alpha_pattern"), path)
+    if alpha_key is not None and alpha_key == rank_key and pattern_rank != rank:
+        alpha = None
     if alpha is None:
         key = "alpha" if str(config.get("peft_type", "")).upper() in ("LOHA", "LOKR") else "lora_alpha"
         alpha = config.get(key, 8)
