@@ -91,7 +91,8 @@ def cli() -> None:
 @click.option("--clamp-quantile", type=float, metavar="F",
               help="Clamp the factors at this quantile of their values, like kohya (0.99); off by default; the report gives the error it adds.")
 @click.option("--tucker/--no-tucker", default=False, show_default=True, help="kxk convs as a Tucker core (lora_mid) with 1x1 up/down.")
-@click.option("--sparse-bias", is_flag=True, help="Also store the largest residuals as a sparse correction (bias_indices/values/size).")
+@click.option("--sparse-bias", is_flag=True, help="Also store the largest residuals as a sparse correction (bias_indices/values/size), "
+                   "as LyCORIS's extractor does; only lytools merge applies it (UIs load the low-rank part).")
 @click.option("--sparsity", type=float, metavar="F", help="With --sparse-bias: share of residual entries dropped [default: 0.98].")
 @click.option("--full-fallback/--no-full-fallback", default=True, show_default=True,
               help="Store a module whole when its rank is >= out/2 (LyCORIS's rule; the pair would not be smaller).")
@@ -266,7 +267,8 @@ def info_command(files, as_json, with_hashes, verify, verbose):
 @click.option("--fold/--no-fold", default=None,
               help="Fold alpha/rank into the factors (default for diffusers and peft: every loader then agrees; "
                    "kohya: alpha = rank). --no-fold keeps the factors bit-exact and carries the scale in "
-                   "lora_adapter_metadata / adapter_config.json (lora_alpha, alpha_pattern).")
+                   "lora_adapter_metadata / adapter_config.json (lora_alpha, alpha_pattern), which diffusers "
+                   "and peft read but ComfyUI/Forge do not (they would apply scale 1).")
 @click.option("--component", type=click.Choice(["unet", "te", "te1", "te2", "te3"]),
               help="peft: the one model the adapter is for when the network covers several.")
 @click.option("--arch", type=click.Choice(["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]), default="auto", show_default=True,

@@ -247,3 +247,29 @@ def test_checkpoint_given_to_a_layout_conversion_is_refused(tmp_path, capsys):
     code, out, err = run_cli(capsys, "convert", str(source), "-o", str(tmp_path / "o.safetensors"), "--to", "kohya")
     assert code == 1 and out == "" and "no network modules" in err and "--save-dtype" in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_diffusers_output_names_what_loaders_will_not_apply(tmp_path):
+    """T5 modules have diffusers names (text_encoder_2 for Flux) that no pipeline loads, and --no-fold
+    leaves the scale in metadata only: both are said, on the fast path and the general one."""
+    from lytools.convert.fast import try_convert
+    from lytools.convert.run import ConvertOptions, convert_file
+
+    from lytools.testing import select_modules
+
+    t5 = select_modules("flux", "all", optional=("train_t5xxl",), components=("te3",))
+    unfused = ["lora_unet_single_blocks_0_linear2", "lora_unet_double_blocks_0_img_mlp_0"]  # what the fast path takes
+    source = build_network(tmp_path / "k.safetensors", "flux", factor=32, rank=4, alpha=2.0, modules=unfused + t5)
+    options = ConvertOptions(target="diffusers", overwrite=True)
+    general = convert_file(source, tmp_path / "g.safetensors", options)
+    fast = try_convert(source, tmp_path / "f.safetensors", options)
+    assert fast is not None and fast.notes == general.notes
+    said = [note for note in general.notes if "text_encoder_2 (T5)" in note]
+    assert len(said) == 1 and said[0].startswith(f"{len(t5)} text_encoder_2 (T5) modules") and "transformer, text_encoder" in said[0]
+    assert not any("--no-fold" in note for note in general.notes)
+
+    unfolded = convert_file(source, tmp_path / "n.safetensors", ConvertOptions(target="diffusers", fold=False)).notes
+    assert any(note.startswith("--no-fold: the scales of ") and "ComfyUI" in note for note in unfolded)
+    plain = build_network(tmp_path / "s.safetensors", "sd1", rank=4, alpha=4.0)  # alpha = rank: nothing to say
+    notes = convert_file(plain, tmp_path / "sn.safetensors", ConvertOptions(target="diffusers", fold=False)).notes
+    assert not any("T5" in note or "--no-fold" in note for note in notes)

@@ -150,6 +150,7 @@ def test_conv_dim_zero_skips_kxk_convs_and_csv_report(sd1_pair, tmp_path, capsys
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
     assert "modules extracted" in captured.err and "retained energy" in captured.err
+    assert "sparse corrections" not in captured.err
     with open_file(out) as lora:
         names = set(group_keys(lora.keys()).modules)
         assert not any(name.startswith("lora_te_") for name in names)
@@ -390,3 +391,14 @@ def test_cuda_request_without_cuda_is_a_clear_error(sd1_pair, tmp_path, capsys):
     assert exc.value.code == 1
     assert "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_sparse_bias_says_which_loaders_apply_it(sd1_pair, tmp_path, capsys):
+    folder, base, tuned = sd1_pair
+    out = tmp_path / "sparse.safetensors"
+    main(["extract", str(base), str(tuned), str(out), "--no-unet", "--linear-dim", "2", "--sparse-bias"])
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert "sparse corrections (bias_indices/bias_values/bias_size) are applied by lytools merge only" in captured.err
+    with open_file(out) as lora:
+        assert any(key.endswith(".bias_indices") for key in lora.keys())

@@ -39,7 +39,7 @@ import numpy as np
 from lytools.arch.detect import arch_from_metadata
 from lytools.arch.network import layout_of_module
 from lytools.convert import names
-from lytools.convert.layout import ALPHA, DOWN, FOLDED_NOTE, UP, fold_split, lora_config
+from lytools.convert.layout import ALPHA, DOWN, FOLDED_NOTE, UP, fold_split, lora_config, unloaded_note
 from lytools.convert.run import FileResult, output_metadata
 from lytools.errors import FileFormatError
 from lytools.io import Layout, SafetensorsWriter, parse_header, plan_entry, plan_layout, read_header
@@ -215,8 +215,9 @@ def _study(header, options: ConvertOptions) -> _Structure:
     layout = plan_layout(entries)
     adapter = {f"{component}.{key}": value for component, modules in per_component.items()
                for key, value in lora_config(modules, False).items()}
+    unloaded = unloaded_note(arch, {component: len(modules) for component, modules in per_component.items()})
     return _Structure(
-        True, header.metadata, arch=arch, notes=tuple(detected.notes), ranks=tuple(ranks), alphas=tuple(alphas),
+        True, header.metadata, arch=arch, notes=(*detected.notes, *([unloaded] if unloaded else [])), ranks=tuple(ranks), alphas=tuple(alphas),
         alpha_bytes=tuple(alpha_bytes),
         slots=tuple(slots[entry.name] for entry in layout.entries), layout=layout,
         adapter_json=json.dumps(adapter, sort_keys=True),

@@ -16,6 +16,26 @@ DOWN, UP, MID, ALPHA, DORA = network.LORA_DOWN, network.LORA_UP, network.LORA_MI
 FOLDED_NOTE = "scales folded into lora_A/lora_B (lora_alpha = r)"
 
 
+# the components diffusers' pipeline for each architecture loads LoRA weights into (its
+# `_lora_loadable_modules`); modules of another component are written but no pipeline applies them
+DIFFUSERS_LOADED = {
+    "sd1": ("unet", "text_encoder"), "sd2": ("unet", "text_encoder"), "sdxl": ("unet", "text_encoder", "text_encoder_2"),
+    "sd3": ("transformer", "text_encoder", "text_encoder_2"), "flux": ("transformer", "text_encoder"),
+}
+
+
+def unloaded_note(arch: str, counts: dict[str, int]) -> str | None:
+    """Return a note naming the components (with their module counts) of a diffusers-layout file of
+    `arch` that diffusers' pipeline does not load (the T5 encoder of SD3 and Flux), or None."""
+    loaded = DIFFUSERS_LOADED.get(arch)
+    left = {component: count for component, count in counts.items() if loaded is not None and component not in loaded}
+    if not left:
+        return None
+    named = ", ".join(f"{count} {component} (T5) modules" for component, count in sorted(left.items()))
+    return (f"{named} written, but diffusers' {arch} pipeline loads LoRA only into {', '.join(loaded)} "
+            f"and ComfyUI reads no T5 keys in this layout: keep --to kohya (lora_te3_) to use them")
+
+
 def fold_split(scale: float) -> tuple[float, float]:
     """Return (down factor, up factor) with product `scale`: the down factor is a power of two near
     sqrt(scale), so both factors move by about the same amount and neither underflows in fp16."""

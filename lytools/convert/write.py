@@ -28,7 +28,7 @@ import torch
 from lytools.algos import describe_module, describe_shapes
 from lytools.convert import names
 from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, scale_of, split_fused, swap_halves
-from lytools.convert.layout import FOLDED_NOTE, fold_split, lora_config
+from lytools.convert.layout import FOLDED_NOTE, fold_split, lora_config, unloaded_note
 from lytools.convert.load import Network
 from lytools.errors import LytoolsError, MatchError, UnsupportedError
 from lytools.io.dtypes import is_float
@@ -205,8 +205,17 @@ def to_diffusers(net: Network, *, fold: bool = True, save_dtype: torch.dtype | N
             f"dropped {len(net.stray)} keys that belong to no module ({_many(list(net.stray))}): "
             f"diffusers refuses files that carry them"
         )
+    unloaded = unloaded_note(net.arch, {component: len(entries) for component, entries in per_component.items()})
+    if unloaded:
+        result.notes.append(unloaded)
     if fold:
         result.notes.append(FOLDED_NOTE)
+    else:
+        scaled = sum(1 for entries in per_component.values() for _, rank, alpha in entries if alpha != rank)
+        if scaled:
+            result.notes.append(
+                f"--no-fold: the scales of {scaled} modules (alpha != rank) are only in lora_adapter_metadata, which "
+                f"diffusers and peft apply; ComfyUI/Forge read these factors at scale 1 (fold them for those)")
     return result
 
 

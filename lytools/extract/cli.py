@@ -31,6 +31,9 @@ def run_extract_command(values: Mapping[str, Any], reporter: Reporter) -> None:
     reporter.log(f"extract: {summary.line()} in {result.seconds:.1f} s")
     if summary.skip_reasons:
         reporter.log("extract: skipped: " + ", ".join(f"{count} {why}" for why, count in sorted(summary.skip_reasons.items())))
+    if values["sparse_bias"]:
+        reporter.log("extract: the sparse corrections (bias_indices/bias_values/bias_size) are applied by lytools merge "
+                     "only; ComfyUI, A1111/Forge and LyCORIS load the low-rank part without them")
     failed = summary.skip_reasons.get("failed", 0)
     if failed:
         reporter.warn(f"{failed} module(s) could not be decomposed and were left out (see --report)")
