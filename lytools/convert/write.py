@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from lytools.algos import describe_module, describe_shapes
+from lytools.arch.a1111 import complete_for_a1111
 from lytools.convert import names
 from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, scale_of, split_fused, swap_halves
 from lytools.convert.layout import FOLDED_NOTE, fold_split, lora_config, unloaded_note
@@ -85,6 +86,9 @@ def to_kohya(net: Network, save_dtype: torch.dtype | None = None) -> Converted:
     result = Converted(tensors, {})
     if created:
         result.notes.append(f"wrote alpha = rank for {created} modules that had no alpha (scale 1, as before)")
+    _, completed = complete_for_a1111(tensors, net.arch)
+    if completed:
+        result.notes.append(completed)
     for key, tensor in net.stray.items():
         if key in tensors:
             raise MatchError(f"{net.path}: stray key {key} collides with a converted module key")

@@ -17,12 +17,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 
 from lytools.algos import delta as module_delta
 from lytools.algos import group_keys, load_module
+from lytools.arch.a1111 import complete_for_a1111
+from lytools.arch.network import ALPHA
 from lytools.device import resolve_device
 from lytools.errors import LytoolsError, MatchError, OutputExistsError
 from lytools.extract.factor import Extracted, FactorOptions, ModuleRecord, extract_module
@@ -287,12 +289,15 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
                 thread.join()
             sources = [source_entry(path, hashers[path].digest if path in hashers else None) for path in (base, tuned)]
             metadata = build_metadata(out, plan, records, options, sources)
+            completed, note = complete_for_a1111(tensors, plan.arch)
+            if note:
+                reporter.log(note)
             write_safetensors(out, tensors, metadata, overwrite=options.overwrite, sshs=True)
             del tensors
         records.sort(key=lambda r: r.name)
         verified = None
         if options.verify:
-            verified = verify_output(out, records, plan, base_source, tuned_source, device, reporter)
+            verified = verify_output(out, records, plan, base_source, tuned_source, device, reporter, completed)
     finally:
         base_source.close()
         tuned_source.close()
@@ -330,17 +335,22 @@ def _extract_one(loaded: _Loaded, options: ExtractOptions, device: torch.device)
 
 # -- verification ----------------------------------------------------------------------------------------
 def verify_output(out: Path, records: list[ModuleRecord], plan: ExtractPlan, base: _Source, tuned: _Source,
-                  device: torch.device, reporter: Reporter = QUIET) -> int:
+                  device: torch.device, reporter: Reporter = QUIET, completed: Collection[str] = ()) -> int:
     """Reload `out`, rebuild every stored module and compare it with TUNED − BASE; return the count.
 
     Each module's relative error must match the report (the factors as written) within
-    VERIFY_TOLERANCE; any missing, extra or mismatching module raises VerifyError.
+    VERIFY_TOLERANCE; any missing, extra or mismatching module raises VerifyError. The zero
+    modules added for A1111 (`completed`, lytools.arch.a1111) must be there and all zeros.
     """
     stored = {r.name: r for r in records if r.stored != "skipped"}
     modules = {m.name: m for m in plan.modules}
     with open_file(out) as written:
         groups = group_keys(written.keys())
-        extra = sorted(set(groups.modules) - set(stored))
+        for name in completed:
+            keys = groups.modules.get(name, {})
+            if not keys or any(written.get(key).any() for suffix, key in keys.items() if suffix != ALPHA):
+                raise VerifyError(f"{out}: module {name}, added as zeros for A1111, is missing or not zero")
+        extra = sorted(set(groups.modules) - set(stored) - set(completed))
         missing = sorted(set(stored) - set(groups.modules))
         if extra or missing or groups.stray:
             what = (extra or missing or groups.stray)[0]

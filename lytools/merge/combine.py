@@ -29,6 +29,7 @@ from lytools.algos import ModuleInfo, NetworkModule, delta
 from lytools.arch.network import ALPHA, LORA_DOWN, LORA_MID, LORA_UP
 from lytools.device import resolve_device
 from lytools.errors import LytoolsError, NetworkError
+from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.merge.inputs import NetworkInput, load_network_input
@@ -436,6 +437,9 @@ def merge_networks(
         for suffix, tensor in produced.items():
             tensors[f"{item.name}.{suffix}"] = tensor.contiguous()
     metadata = merged_network_metadata(networks, rule_set, result.modules, rank)
+    _, completed = complete_for_a1111(tensors, metadata=networks[0].metadata)
+    if completed:
+        reporter.log(completed)
     writer = write_safetensors(output, tensors, metadata, overwrite=overwrite, sshs=True)
     result.output = writer.path
     result.output_bytes = writer.total_size

@@ -19,6 +19,7 @@ import torch
 from lytools.algos import ModuleInfo, NetworkModule, describe_module, describe_shapes, group_keys
 from lytools.device import resolve_device
 from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError
+from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import check_output_path, file_hashes, open_file, write_safetensors
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.resize.modules import (
@@ -389,6 +390,9 @@ def resize_file(
                 reporter.warn(warning)
             autov3 = file_hashes(source).autov3 if source.suffix.lower() == ".safetensors" else None
             metadata = resized_metadata(network.metadata, options, rule, summary.modules, source, autov3)
+            _, completed = complete_for_a1111(tensors, metadata=network.metadata)
+            if completed:
+                reporter.log(completed)
             write_safetensors(output, tensors, metadata, overwrite=options.overwrite, sshs=True)
             if options.verify:
                 summary.verify = verify_output(output, network.modules, infos, summary.modules, ctx)
