@@ -112,6 +112,12 @@ def test_fold_keeps_the_weight_change(tmp_path, capsys, arch):
     assert meta[f"{component}.alpha_pattern"] == meta[f"{component}.rank_pattern"]
     assert run_cli(capsys, "convert", str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "k2.safetensors"), "--to", "kohya")[0] == 0
     assert_same_modules(source, tmp_path / "k2.safetensors", bits=False)
+    # kohya to kohya with --fold: alpha = rank in every module, the same change
+    code, _, err = run_cli(capsys, "convert", str(source), "-o", str(tmp_path / "kf.safetensors"), "--to", "kohya", "--fold")
+    assert code == 0 and "scales folded" in err
+    folded = load_network(tmp_path / "kf.safetensors")
+    assert all(float(m["alpha"]) == m["lora_down.weight"].shape[0] for m in folded.modules.values())
+    assert_same_modules(source, tmp_path / "kf.safetensors", bits=False)
 
 
 def test_fold_split_is_a_power_of_two_on_down():

@@ -295,7 +295,7 @@ def _fold_kohya(converted: Converted, net: Network, save_dtype: torch.dtype | No
         factors, _ = _piece_factors(name, {k: v for k, v in module.tensors.items() if k != DORA}, True, save_dtype)
         converted.tensors[f"{name}.{DOWN}"] = factors["lora_A.weight"]
         converted.tensors[f"{name}.{UP}"] = factors["lora_B.weight"]
-        converted.tensors[f"{name}.{ALPHA}"] = cast(alpha_tensor(float(module[DOWN].shape[0]), module.get(ALPHA, module[DOWN])),
+        converted.tensors[f"{name}.{ALPHA}"] = cast(alpha_tensor(float(module[DOWN].shape[0]), module.tensors.get(ALPHA, module[DOWN])),
                                                     save_dtype, keep_precise=True)
     converted.notes.append("scales folded into lora_down/lora_up (alpha = rank)")
     return converted
