@@ -224,7 +224,8 @@ def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv
 @click.option("--hash", "with_hashes", is_flag=True, help="Also compute sha256, AutoV2, AutoV3/sshs_model_hash and legacy hashes (reads the whole file).")
 @click.option("--verify", is_flag=True, help="Compute the hashes and fail when an embedded sshs_*/modelspec hash does not match the file.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-block rank and alpha, full metadata values.")
-def info_command(files, as_json, with_hashes, verify, verbose):
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar on stderr (--hash and --verify show one over the files).")
+def info_command(files, as_json, with_hashes, verify, verbose, quiet):
     """What each FILE is, from its header: kind, architecture, key layout, modules per algorithm,
     rank/alpha, dtypes, sizes and metadata. `-` reads paths from stdin."""
     from lytools.info import format_report, inspect_files, verify_problems
@@ -233,7 +234,10 @@ def info_command(files, as_json, with_hashes, verify, verbose):
     if not paths:
         raise click.UsageError("no input files")
     results, failed = [], False
-    for index, (path, report, error) in enumerate(inspect_files(paths, hashes=with_hashes or verify, verbose=verbose)):
+    reports = inspect_files(paths, hashes=with_hashes or verify, verbose=verbose)
+    if with_hashes or verify:  # reads every file whole: worth a bar on a terminal
+        reports = make_reporter(quiet, 0).progress(reports, total=len(paths), desc="hash")
+    for index, (path, report, error) in enumerate(reports):
         if error is not None:
             failed = True
             click.echo(f"lytools: error: {error}", err=True)

@@ -108,6 +108,9 @@ def test_demo_runs_every_command_and_refuses_a_used_folder(tmp_path):
         assert float(line.split("relative error")[1].split()[0]) < 0.05
     again = run("demo", str(folder))
     assert again.returncode == 1 and "already holds files" in again.stderr
+    quiet = run("demo", str(folder), "--overwrite", "-q")  # -q reaches every inner command, info included
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-2000:]
+    assert str(folder / "extracted-lora.safetensors") in quiet.stdout.splitlines()
 
 
 def _malformed_cases():
