@@ -26,14 +26,14 @@ from lytools.algos import group_keys, load_module
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.arch.network import ALPHA
 from lytools.device import resolve_device
-from lytools.errors import LytoolsError, MatchError, OutputExistsError
+from lytools.errors import LytoolsError, MatchError
 from lytools.extract.factor import Extracted, FactorOptions, ModuleRecord, extract_module
 from lytools.extract.plan import ExtractPlan, PairedModule, plan_extraction
 from lytools.extract.ranks import RankRule
 from lytools.extract.report import Summary, summarize, write_report
 from lytools.extract.spill import SpillStore
 from lytools.extract.svd import SvdFailure, energy
-from lytools.io import SafetensorsFile, open_file, write_safetensors
+from lytools.io import SafetensorsFile, open_file, removed_on_failure, write_safetensors
 from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
 from lytools.io.writer import check_output_path
@@ -242,8 +242,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     if options.report is not None:
         if options.report.suffix.lower() not in (".json", ".csv"):
             raise LytoolsError(f"{options.report}: --report must end in .json or .csv")
-        if options.report.exists() and not options.overwrite:
-            raise OutputExistsError(f"{options.report}: already exists (use --overwrite to replace it)")
+        check_output_path(options.report, options.overwrite)
     device = resolve_device(options.device)
     base_source, tuned_source = _Source(base), _Source(tuned)
     hashers = _start_hashes([base_source, tuned_source])
@@ -297,7 +296,8 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         records.sort(key=lambda r: r.name)
         verified = None
         if options.verify:
-            verified = verify_output(out, records, plan, base_source, tuned_source, device, reporter, completed)
+            with removed_on_failure(out):
+                verified = verify_output(out, records, plan, base_source, tuned_source, device, reporter, completed)
     finally:
         base_source.close()
         tuned_source.close()

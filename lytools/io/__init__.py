@@ -29,6 +29,7 @@ from lytools.io.writer import (
     SafetensorsWriter,
     check_output_path,
     plan_entry,
+    removed_on_failure,
     plan_layout,
     write_safetensors,
 )
@@ -129,6 +130,7 @@ __all__ = [
     "ShardedFile",
     "TensorInfo",
     "check_output_path",
+    "removed_on_failure",
     "file_hashes",
     "load_pickled_state_dict",
     "modelspec_hash",

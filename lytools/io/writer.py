@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +20,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 
 from lytools.errors import LytoolsError, OutputExistsError
@@ -197,6 +198,18 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     if not parent.is_dir():
         raise LytoolsError(f"{path}: folder {parent} does not exist")
     return path
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """Remove `path`, an output already renamed into place, when the block raises or is interrupted:
+    a check of the output (--verify) that fails or is cut short must not leave the file behind."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 class LegacyWindow:

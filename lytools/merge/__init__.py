@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lytools.errors import LytoolsError
-from lytools.io import check_output_path
+from lytools.io import check_output_path, removed_on_failure
 from lytools.ui import QUIET, Reporter
 
 if TYPE_CHECKING:
@@ -95,9 +95,10 @@ def run_merge(
         if verify and not dry_run:
             from lytools.merge.verify import verify_checkpoint
 
-            networks = [load_network_input(path, hash_file=False) for path in paths[1:]]
-            result.verification = verify_checkpoint(result, networks, device)
-            result.verification.raise_on_failure(result.output)
+            with removed_on_failure(result.output):
+                networks = [load_network_input(path, hash_file=False) for path in paths[1:]]
+                result.verification = verify_checkpoint(result, networks, device)
+                result.verification.raise_on_failure(result.output)
         return result
     if dora_mode is not None:
         raise LytoolsError("--dora-mode applies when merging into a checkpoint (DoRA needs the base weights)")
@@ -110,8 +111,9 @@ def run_merge(
     if verify and not dry_run:
         from lytools.merge.verify import verify_network
 
-        result.verification = verify_network(result, paths, Ratios.build(len(paths), ratios, ratio_for), device)
-        result.verification.raise_on_failure(result.output)
+        with removed_on_failure(result.output):
+            result.verification = verify_network(result, paths, Ratios.build(len(paths), ratios, ratio_for), device)
+            result.verification.raise_on_failure(result.output)
     return result
 
 

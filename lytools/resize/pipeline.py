@@ -20,7 +20,7 @@ from lytools.algos import ModuleInfo, NetworkModule, describe_module, describe_s
 from lytools.device import resolve_device
 from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError
 from lytools.arch.a1111 import complete_for_a1111
-from lytools.io import check_output_path, file_hashes, open_file, write_safetensors
+from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, write_safetensors
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.resize.modules import (
     COPIED, FLATTENED, KEPT, RESIZED, TRUNCATED, Context, ModuleReport, ModuleResult, RankRule, is_plain_lora,
@@ -395,10 +395,10 @@ def resize_file(
                 reporter.log(completed)
             write_safetensors(output, tensors, metadata, overwrite=options.overwrite, sshs=True)
             if options.verify:
-                summary.verify = verify_output(output, network.modules, infos, summary.modules, ctx)
-                if not summary.verify.ok:
-                    output.unlink(missing_ok=True)
-                    raise LytoolsError(f"{output}: verification failed: {summary.verify.message}; output removed")
+                with removed_on_failure(output):
+                    summary.verify = verify_output(output, network.modules, infos, summary.modules, ctx)
+                    if not summary.verify.ok:
+                        raise LytoolsError(f"{output}: verification failed: {summary.verify.message}; output removed")
                 reporter.log(summary.verify.message)
         finally:
             if base is not None:

@@ -1,0 +1,73 @@
+"""A run whose --verify pass fails or is interrupted leaves no output behind (CLI.md), and extract
+refuses a --report it could not write before it writes the network."""
+
+from __future__ import annotations
+
+import pytest
+
+from lytools.cli import main
+from lytools.errors import LytoolsError
+from lytools.testing import build_checkpoint, build_network, build_tuned
+
+MODULES = ["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1"]
+
+
+@pytest.fixture
+def models(tmp_path):
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=16)
+    lora = build_network(tmp_path / "lora.safetensors", "sd1", factor=16, rank=4, modules=MODULES)
+    tuned = build_tuned(base, tmp_path / "tuned.safetensors", lora).path
+    return base, lora, tuned
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _fail(*args, **kwargs):
+    raise LytoolsError("verification went wrong")
+
+
+@pytest.mark.parametrize("stop", [_interrupt, _fail])
+def test_extract_verify(models, tmp_path, monkeypatch, stop):
+    base, _, tuned = models
+    monkeypatch.setattr("lytools.extract.pipeline.verify_output", stop)
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(SystemExit) as raised:
+        main(["extract", str(base), str(tuned), str(out), "--verify", "-q"])
+    assert raised.value.code == (130 if stop is _interrupt else 1)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "lora.safetensors", "tuned.safetensors"]
+
+
+@pytest.mark.parametrize("stop", [_interrupt, _fail])
+def test_resize_verify(models, tmp_path, monkeypatch, stop):
+    _, lora, _ = models
+    monkeypatch.setattr("lytools.resize.pipeline.verify_output", stop)
+    out = tmp_path / "r.safetensors"
+    with pytest.raises(SystemExit) as raised:
+        main(["resize", str(lora), str(out), "--rank", "2", "--verify", "-q"])
+    assert raised.value.code == (130 if stop is _interrupt else 1)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["verify_checkpoint", "verify_network"])
+def test_merge_verify(models, tmp_path, monkeypatch, target):
+    base, lora, _ = models
+    monkeypatch.setattr(f"lytools.merge.verify.{target}", _interrupt)
+    out = tmp_path / "m.safetensors"
+    inputs = [str(base), str(lora)] if target == "verify_checkpoint" else [str(lora), str(lora)]
+    with pytest.raises(SystemExit) as raised:
+        main(["merge", *inputs, "-o", str(out), "--verify", "-q"])
+    assert raised.value.code == 130
+    assert not out.exists()
+
+
+def test_extract_report_in_a_missing_folder_is_refused_first(models, tmp_path, capsys):
+    base, _, tuned = models
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(SystemExit) as raised:
+        main(["extract", str(base), str(tuned), str(out), "--report", str(tmp_path / "nodir" / "r.json")])
+    assert raised.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and "internal error" not in err[0]
+    assert not out.exists()
