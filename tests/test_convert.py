@@ -279,3 +279,33 @@ def test_diffusers_output_names_what_loaders_will_not_apply(tmp_path):
     plain = build_network(tmp_path / "s.safetensors", "sd1", rank=4, alpha=4.0)  # alpha = rank: nothing to say
     notes = convert_file(plain, tmp_path / "sn.safetensors", ConvertOptions(target="diffusers", fold=False)).notes
     assert not any("T5" in note or "--no-fold" in note for note in notes)
+
+
+def _slow_process(source, output, options):
+    """Stands in for run.process in the forked workers: a file that takes a while."""
+    import time
+
+    from lytools.convert.run import FileResult
+
+    time.sleep(0.3)
+    output.write_bytes(b"written")
+    return FileResult(source, outputs=[output])
+
+
+def test_interrupted_batch_starts_no_more_files_and_reports_every_written_one(tmp_path, monkeypatch):
+    from lytools.convert import run
+
+    monkeypatch.setattr(run, "process", _slow_process)  # the forked workers inherit the patch
+    pairs = [(tmp_path / f"in{i}.safetensors", tmp_path / f"out{i}.safetensors") for i in range(12)]
+    reported = []
+
+    def on_done(result):
+        reported.append(result)
+        if len(reported) == 1:
+            raise KeyboardInterrupt  # Ctrl-C in the parent while it reports the first file
+
+    with pytest.raises(KeyboardInterrupt):
+        run.run_batch(pairs, run.ConvertOptions(target="kohya"), jobs=2, on_done=on_done)
+    written = {output for _, output in pairs if output.exists()}
+    assert 1 <= len(written) <= 4  # the file reported, the two under way, at most one already queued
+    assert written == {result.outputs[0] for result in reported}

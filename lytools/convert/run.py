@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import stat
 import sys
 import time
@@ -313,11 +314,30 @@ def one_torch_thread():
             torch.set_num_threads(before)
 
 
-def _worker_init() -> None:
+_STOPPING = None  # in a pool worker: the batch's Event, set by the parent when it is interrupted
+
+
+def _worker_init(stopping=None) -> None:
+    global _STOPPING
+    _STOPPING = stopping
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # for a torch imported later
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # between files: Ctrl-C is the parent's to handle
+
+
+def _process_in_worker(source: Path, output: Path, options: ConvertOptions) -> FileResult:
+    """process() in a pool worker: Ctrl-C interrupts the file under way (its temporary output is
+    removed), while a worker waiting for its next file ignores it; a file handed over after the
+    parent was interrupted is not started."""
+    if _STOPPING is not None and _STOPPING.is_set():
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return process(source, output, options)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 PREFETCH_LIMIT = 256 << 20  # inputs up to this size are read ahead while earlier ones convert
@@ -373,16 +393,35 @@ def run_batch(pairs: Sequence[tuple[Path, Path]], options: ConvertOptions, *, jo
         workers = min(jobs, len(pairs))
         read_ahead(2 * workers)
         context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
-            futures = {pool.submit(process, source, output, options): index for index, (source, output) in enumerate(pairs)}
-            for finished, future in enumerate(as_completed(futures), 1):
-                read_ahead(finished + 2 * workers)
-                index = futures[future]
-                try:
-                    results[index] = future.result()
-                except Exception as exc:  # noqa: BLE001 - a crashed worker fails its file, not the batch
-                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                    results[index] = FileResult(pairs[index][0], error=f"{pairs[index][0]}: {type(exc).__name__}: {first}")
-                if on_done:
-                    on_done(results[index])
+        stopping = context.Event()
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                                 initargs=(stopping,)) as pool:
+            futures = {pool.submit(_process_in_worker, source, output, options): index
+                       for index, (source, output) in enumerate(pairs)}
+            try:
+                for finished, future in enumerate(as_completed(futures), 1):
+                    read_ahead(finished + 2 * workers)
+                    _collect(future, futures[future], pairs, results, on_done)
+            except BaseException:
+                # Ctrl-C (or SIGTERM, which the CLI turns into the same): start no other file, let
+                # the ones under way end (interrupted in the workers, or done), and report every
+                # file that was written, so no output is left behind unannounced
+                stopping.set()  # the files already handed to the workers' queue are not started
+                pool.shutdown(wait=True, cancel_futures=True)
+                for future, index in futures.items():
+                    if index not in results and future.done() and not future.cancelled() and future.exception() is None:
+                        _collect(future, index, pairs, results, on_done)
+                raise
     return [results[i] for i in range(len(pairs))]
+
+
+def _collect(future, index: int, pairs: Sequence[tuple[Path, Path]], results: dict[int, FileResult],
+             on_done: Callable[[FileResult], None] | None) -> None:
+    """Record the result of one finished future (a crashed worker fails its file, not the batch)."""
+    try:
+        results[index] = future.result()
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        results[index] = FileResult(pairs[index][0], error=f"{pairs[index][0]}: {type(exc).__name__}: {first}")
+    if on_done:
+        on_done(results[index])
