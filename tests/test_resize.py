@@ -481,3 +481,26 @@ def test_verify_catches_a_wrong_module(network, tmp_path):
     from lytools.resize import Context, RankRule
     result = verify_output(out, source.modules, infos, summary.modules, Context(RankRule(rank=4, conv_rank=4), torch.device("cpu")))
     assert result.failed == [LINEAR] and "relative error" in result.message
+
+
+def test_non_finite_factors_are_refused_by_resize_and_merge(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from lytools.testing import build_checkpoint, build_network
+
+    base = build_checkpoint(tmp_path / "b.safetensors", "sd1", factor=16)
+    build_network(tmp_path / "l.safetensors", "sd1", factor=16, rank=4)
+    tensors = load_file(tmp_path / "l.safetensors")
+    key = sorted(k for k in tensors if k.endswith("lora_up.weight"))[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors")
+    bad = str(tmp_path / "nan.safetensors")
+    for args in (["resize", bad, str(tmp_path / "r.safetensors"), "--rank", "2"],
+                 ["merge", str(base), bad, "-o", str(tmp_path / "m.safetensors")],
+                 ["merge", bad, bad, "-o", str(tmp_path / "n.safetensors"), "--rank", "2"]):
+        with pytest.raises(SystemExit) as raised:
+            main(args)
+        assert raised.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad in err[0] and key.split(".")[0] in err[0] and "1 non-finite values" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors", "l.safetensors", "nan.safetensors"]

@@ -40,7 +40,7 @@ Errors: `NetworkError` for incomplete, inconsistent or unknown modules (the mess
 """
 
 from lytools.algos.apply import Merged, apply_module, apply_to_rows, bias_delta, delta, is_additive
-from lytools.algos.common import ModuleInfo, NetworkModule, read_scalar, scale_for
+from lytools.algos.common import ModuleInfo, NetworkModule, check_finite, read_scalar, scale_for
 from lytools.algos.detect import (
     ALGORITHMS, KNOWN_SUFFIXES, Algorithm, describe_header, describe_module, describe_shapes,
 )
@@ -49,7 +49,7 @@ from lytools.algos.keys import KNOWN_PREFIXES, KeyGroups, group_keys, load_modul
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "DORA_MODES", "KNOWN_PREFIXES", "KNOWN_SUFFIXES", "KeyGroups", "Merged",
-    "ModuleInfo", "NetworkModule", "apply_module", "apply_to_rows", "bias_delta", "delta",
+    "ModuleInfo", "NetworkModule", "apply_module", "apply_to_rows", "bias_delta", "check_finite", "delta",
     "describe_header", "describe_module", "describe_shapes", "group_keys", "is_additive",
     "load_module", "module_prefix", "read_scalar", "scale_for", "split_key",
 ]

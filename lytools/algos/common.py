@@ -135,6 +135,17 @@ def expect_ndim(name: str, suffix: str, shape: tuple[int, ...], *ndims: int) -> 
         raise fail(name, f"{suffix} has shape {list(shape)}, expected {want} dimensions")
 
 
+def check_finite(modules: Mapping[str, NetworkModule]) -> None:
+    """Raise NetworkError naming the first module tensor that holds inf or NaN values: such a file
+    is damaged (a diverged training run, a bad conversion), and merging or resizing it would spread
+    them silently. Network tensors are small; this reads each once."""
+    for name, module in modules.items():
+        for suffix, tensor in module.tensors.items():
+            if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                count = int((~torch.isfinite(tensor)).sum())
+                raise fail(name, f"{suffix} holds {count} non-finite values (inf/NaN): the file is damaged")
+
+
 def read_scalar(name: str, suffix: str, tensor: torch.Tensor) -> float:
     """Return float(tensor.flatten()[0]) for a 0-d or (1,) tensor of any dtype."""
     if tensor.numel() < 1:

@@ -9,7 +9,7 @@ from typing import Iterable
 
 import torch
 
-from lytools.algos import ModuleInfo, NetworkModule, describe_module
+from lytools.algos import ModuleInfo, NetworkModule, check_finite, describe_module
 from lytools.errors import LytoolsError, NetworkError
 from lytools.io import file_hashes, open_file
 
@@ -71,6 +71,7 @@ def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> Ne
     try:
         modules, metadata, stray = _load_modules(path)
         infos = {name: describe_module(module) for name, module in modules.items()}
+        check_finite(modules)
     except NetworkError as exc:
         raise NetworkError(f"{path}: {exc}") from None
     if not modules:

@@ -16,7 +16,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from lytools.algos import ModuleInfo, NetworkModule, describe_module, describe_shapes, group_keys
+from lytools.algos import ModuleInfo, NetworkModule, check_finite, describe_module, describe_shapes, group_keys
 from lytools.device import resolve_device
 from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError
 from lytools.arch.a1111 import complete_for_a1111
@@ -180,6 +180,10 @@ def describe_all(path: Path, network: Network) -> dict[str, ModuleInfo]:
             infos[name] = describe_module(module)
         except LytoolsError as exc:
             raise type(exc)(f"{path}: {exc}") from None
+    try:
+        check_finite(network.modules)
+    except LytoolsError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
     return infos
 
 
