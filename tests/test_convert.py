@@ -246,6 +246,10 @@ def test_peft_file_output_and_config_beside(tmp_path, capsys):
     name = next(iter(net.modules))
     expected = lora_delta(original.modules[name])
     assert (lora_delta(net.modules[name]) - expected).norm() / expected.norm() < 2e-3
+    # SDXL has no te3 (T5 belongs to SD3 and Flux): an error, not its te2 modules
+    code, out, err = run_cli(capsys, "convert", str(source), "-o", str(tmp_path / "t5.safetensors"), "--to", "peft", "--component", "te3")
+    assert code == 1 and out == "" and "no te3 modules in this sdxl network" in err
+    assert not (tmp_path / "t5.safetensors").exists()
 
 
 def test_checkpoint_given_to_a_layout_conversion_is_refused(tmp_path, capsys):

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from lytools.algos import describe_module, describe_shapes
+from lytools.arch import ENCODERS
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.convert import names
 from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, scale_of, split_fused, swap_halves
@@ -228,13 +229,17 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
     pieces = _diffusers_pieces(net)
     present = sorted({p.component for p in pieces})
     if component is not None:
-        wanted = {"unet": ("unet", "transformer"), "te": ("text_encoder",), "te1": ("text_encoder",),
-                  "te2": ("text_encoder_2",), "te3": ("text_encoder_3", "text_encoder_2")}.get(component, (component,))
-        chosen = [c for c in present if c in wanted]
+        # the diffusers component of each of the architecture's models (Flux's T5, te3, is text_encoder_2)
+        encoders = {e.component: e.diffusers for e in ENCODERS.get(net.arch, ())} or {
+            "unet": "unet" if "unet" in present else "transformer", "te": "text_encoder", "te2": "text_encoder_2",
+            "te3": "text_encoder_3"}  # an architecture lytools does not know: the usual names
+        if "te" in encoders:
+            encoders["te1"] = encoders["te"]
+        elif "te1" in encoders:
+            encoders["te"] = encoders["te1"]
+        chosen = [c for c in present if c == encoders.get(component)]
         if not chosen:
-            raise MatchError(f"{net.path}: no {component} modules (the network has {', '.join(present)})")
-        if component == "te3" and net.arch == "flux":
-            chosen = [c for c in chosen if c == "text_encoder_2"]
+            raise MatchError(f"{net.path}: no {component} modules in this {net.arch} network (it has {', '.join(present)})")
         pieces = [p for p in pieces if p.component == chosen[0]]
         skipped = [c for c in present if c != chosen[0]]
     elif len(present) > 1:
