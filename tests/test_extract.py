@@ -402,3 +402,15 @@ def test_sparse_bias_says_which_loaders_apply_it(sd1_pair, tmp_path, capsys):
     assert "sparse corrections (bias_indices/bias_values/bias_size) are applied by lytools merge only" in captured.err
     with open_file(out) as lora:
         assert any(key.endswith(".bias_indices") for key in lora.keys())
+
+
+def test_arch_that_contradicts_the_checkpoints_is_refused(sd1_pair, tmp_path, capsys):
+    folder, base, tuned = sd1_pair
+    for forced in ("sdxl", "sd2"):
+        out = tmp_path / f"{forced}.safetensors"
+        with pytest.raises(SystemExit) as raised:
+            main(["extract", str(base), str(tuned), str(out), "--arch", forced])
+        assert raised.value.code == 1 and not out.exists()
+        assert f"is sd1 by its keys, not {forced}" in capsys.readouterr().err
+    main(["extract", str(base), str(tuned), str(tmp_path / "sd1.safetensors"), "--arch", "sd1", "--no-unet", "-q"])
+    assert (tmp_path / "sd1.safetensors").is_file()

@@ -101,6 +101,10 @@ def plan_extraction(
         _check_same_arch(base_path, tuned_path, base_arch, tuned_arch)
         chosen = base_arch.arch
     else:
+        for path, found in ((base_path, base_arch), (tuned_path, tuned_arch)):
+            if found.arch in NETWORK_ARCHS and found.arch != arch:
+                raise MatchError(f"{path.name} is {found.arch} by its keys, not {arch}: with --arch {arch} its modules "
+                                 f"would get {arch} names and most would be missed (leave --arch auto)")
         chosen = arch
     if chosen in NETWORK_ARCHS:
         plan = _plan_known(chosen, base_shapes, tuned_shapes, base_metadata, tuned_metadata, base_path, tuned_path)
