@@ -97,7 +97,8 @@ def cli() -> None:
 @click.option("--full-fallback/--no-full-fallback", default=True, show_default=True,
               help="Store a module whole when its rank is >= out/2 (LyCORIS's rule; the pair would not be smaller).")
 @click.option("--arch", type=click.Choice(["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]), default="auto", show_default=True,
-              help="Architecture whose kohya names to write; auto detects it (unknown models get generic names).")
+              help="Architecture whose kohya names to write; auto detects it (unknown models get generic names). "
+                   "For checkpoints detected as unknown; one that contradicts the detected architecture is an error.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json|FILE.csv",
               help="Per-module rank, alpha, relative Frobenius error and retained energy.")
 @click.option("--verify", is_flag=True, help="Reload the output and check every module against its difference.")
