@@ -246,7 +246,9 @@ def test_unknown_architecture_uses_generic_names(tmp_path):
 def test_cli_rejects_options_that_would_be_ignored(sd1_pair, tmp_path, capsys):
     folder, base, tuned = sd1_pair
     for args in (["--sparsity", "0.9"], ["--no-unet", "--no-text-encoder"], ["--mode", "ratio"],
-                 ["--mode", "fixed", "--linear-quantile", "0.5"], ["--max-rank", "4"], ["--report", "x.txt"]):
+                 ["--mode", "fixed", "--linear-quantile", "0.5"], ["--max-rank", "4"], ["--report", "x.txt"],
+                 ["--mode", "full", "--tucker"], ["--mode", "full", "--clamp-quantile", "0.99"],
+                 ["--mode", "full", "--sparse-bias"], ["--mode", "full", "--no-full-fallback"]):
         with pytest.raises(SystemExit) as exc:
             main(["extract", str(base), str(tuned), str(tmp_path / "o.safetensors"), *args])
         assert exc.value.code in (1, 2), args

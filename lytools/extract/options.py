@@ -68,7 +68,14 @@ def build_options(
         if other != mode and any(v is not None for v in values):
             raise ExtractUsageError(f"--linear-{other}/--conv-{other} apply to --mode {other}, not --mode {mode}")
     if mode != "fixed" and linear_dim is not None:
-        raise ExtractUsageError(f"--linear-dim applies to --mode fixed (use --max-rank to cap --mode {mode})")
+        cap = "--mode full stores whole differences" if mode == "full" else f"use --max-rank to cap --mode {mode}"
+        raise ExtractUsageError(f"--linear-dim applies to --mode fixed ({cap})")
+    if mode == "full":
+        shaping = [name for name, on in (("--tucker", tucker), ("--clamp-quantile", clamp_quantile is not None),
+                                         ("--sparse-bias", sparse_bias), ("--no-full-fallback", not full_fallback)) if on]
+        if shaping:
+            raise ExtractUsageError(f"{', '.join(shaping)}: shape{'s' if len(shaping) == 1 else ''} low-rank factors; "
+                                    "--mode full stores whole differences")
     if mode != "fixed" and conv_dim not in (None, 0):
         raise ExtractUsageError("--conv-dim applies to --mode fixed; with other modes only --conv-dim 0 (skip kxk convs) is accepted")
     if max_rank is not None and mode in ("fixed", "full"):
