@@ -329,6 +329,9 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
             return
         for note in result.notes:
             reporter.log(f"{result.source.name}: {note}")
+        for line in result.details:
+            reporter.detail(f"{result.source.name}: {line}")
+        reporter.detail(f"{result.source.name}: done in {result.seconds:.3f} s")
         if not as_json:
             for path in result.outputs:
                 click.echo(str(path))

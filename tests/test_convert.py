@@ -313,3 +313,15 @@ def test_interrupted_batch_starts_no_more_files_and_reports_every_written_one(tm
     written = {output for _, output in pairs if output.exists()}
     assert 1 <= len(written) <= 4  # the file reported, the two under way, at most one already queued
     assert written == {result.outputs[0] for result in reported}
+
+
+def test_verbose_says_how_each_file_was_read(tmp_path, capsys):
+    source = build_network(tmp_path / "k.safetensors", "sd1", rank=4, alpha=2.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, quiet = run_cli(capsys, "convert", str(source), "--output-dir", str(out), "--to", "diffusers")
+    assert code == 0 and "read as" not in quiet and "done in" not in quiet
+    code, _, err = run_cli(capsys, "convert", str(source), "--output-dir", str(out), "--to", "diffusers", "-v", "--overwrite")
+    assert code == 0 and "read as a kohya sd1 network of" in err and "fast path" in err and "done in" in err
+    code, _, err = run_cli(capsys, "convert", str(source), "--output-dir", str(out), "--to", "kohya", "-v", "--overwrite")
+    assert code == 0 and "read as a kohya sd1 network of" in err and "fast path" not in err

@@ -149,7 +149,9 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
     writer = SafetensorsWriter(output, structure.layout, metadata, overwrite=options.overwrite, durable=options.fsync)
     with writer:
         writer.write_all(views)
-    result = FileResult(source, outputs=[output], notes=[*structure.notes, FOLDED_NOTE])
+    result = FileResult(source, outputs=[output], notes=[*structure.notes, FOLDED_NOTE],
+                        details=[f"read as a kohya {structure.arch} network of {len(structure.ranks)} modules "
+                                 f"(plain LoRA: the torch-free fast path)"])
     result.seconds = time.perf_counter() - started
     return result
 

@@ -57,6 +57,7 @@ class FileResult:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    details: list[str] = field(default_factory=list)  # what -v shows: how the file was read and written
 
     def as_dict(self) -> dict:
         return {"input": str(self.source), "outputs": [str(p) for p in self.outputs], "notes": self.notes,
@@ -147,6 +148,8 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
     if not net.modules:
         raise LytoolsError(f"{source}: no network modules found (a checkpoint? cast checkpoints with --save-dtype and no --to)")
     result.notes.extend(net.notes)
+    result.details.append(f"read as a {net.layout} {net.arch} network of {len(net.modules)} modules"
+                          + (f", {len(net.stray)} stray keys" if net.stray else ""))
     converted = convert_network(net, options.target, fold=options.fold, save_dtype=options.save_dtype,
                                 component=options.component)
     result.notes.extend(converted.notes)
@@ -232,6 +235,7 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
     result = FileResult(source)
     with open_file(source) as reader:
         keys = list(reader.keys())
+        result.details.append(f"{len(keys)} tensors cast to {st_name(dtype)}, streamed")
         marked = [k for k in keys if k == "scaled_fp8" or k.endswith(_SCALED_FP8_MARKERS[1:])]
         if marked:
             raise UnsupportedError(f"{source}: scaled fp8 file ({marked[0]}): its weights are fp8 x scale; "
