@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lytools.errors import DeviceError
+from lytools.errors import DeviceError, UsageError
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -27,7 +27,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
                 f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present"
             )
         return device
-    raise DeviceError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+    raise UsageError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
 
 
 def compute_dtype(name: str = "float32") -> torch.dtype:

@@ -9,6 +9,12 @@ class LytoolsError(Exception):
     exit_code = 1
 
 
+class UsageError(LytoolsError):
+    """Options that are wrong or contradict each other (or the inputs): exit 2, like Click's own."""
+
+    exit_code = 2
+
+
 class FileFormatError(LytoolsError):
     """A file is not what it claims to be: bad header, truncated, unknown dtype, bad pickle."""
 

@@ -56,6 +56,38 @@ def test_usage_error_exit_2():
     assert "Traceback" not in result.stderr
 
 
+def test_wrong_option_values_are_usage_errors_exit_2(tmp_path, capsys):
+    """Bad values and contradicting options exit 2 like Click's own usage errors, before any output."""
+    from lytools.testing import build_checkpoint, build_network
+
+    base = str(build_checkpoint(tmp_path / "b.safetensors", "sd1", factor=16))
+    lora = str(build_network(tmp_path / "l.safetensors", "sd1", factor=16, rank=4))
+    out = str(tmp_path / "x.safetensors")
+    cases = [
+        ["merge", base, lora, "-o", out, "--ratios", "1", "2"],
+        ["merge", base, lora, "-o", out, "--ratio-for", "unet"],
+        ["merge", base, lora, "-o", out, "--ratio-for", "[=2"],
+        ["merge", base, lora, "-o", out, "--device", "foo"],
+        ["merge", base, lora, "-o", out, "--rank", "4"],
+        ["merge", lora, lora, "-o", out, "--rank", "0"],
+        ["merge", lora, lora, "-o", out, "--dora-mode", "comfy"],
+        ["resize", lora, out, "--rank", "0"],
+        ["resize", lora, out, "--rank", "2", "--conv-rank", "0"],
+        ["resize", lora, out, "--rank", "2", "--method-param", "0.5"],
+        ["resize", lora, out, "--rank", "2", "--max-rank", "4"],
+        ["extract", base, base, out, "--clamp-quantile", "2"],
+        ["convert", lora, "--to", "kohya"],
+        ["convert", lora, "--to", "kohya", "-o", out, "--output-dir", str(tmp_path)],
+    ]
+    for args in cases:
+        with pytest.raises(SystemExit) as raised:
+            main(args)
+        err = capsys.readouterr().err
+        assert raised.value.code == 2, (args, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 @pytest.mark.parametrize("debug", [False, True], ids=["plain", "LYTOOLS_DEBUG"])
 def test_unexpected_exception_is_one_line_unless_debugging(monkeypatch, capsys, debug):
     @cli.command("explode-for-test")
@@ -83,10 +115,10 @@ def test_unexpected_exception_is_one_line_unless_debugging(monkeypatch, capsys, 
 
 def test_device_errors_are_clear():
     from lytools.device import resolve_device
-    from lytools.errors import DeviceError
+    from lytools.errors import DeviceError, UsageError
 
     assert str(resolve_device("cpu")) == "cpu"
-    with pytest.raises(DeviceError, match="expected auto, cpu, cuda"):
+    with pytest.raises(UsageError, match="expected auto, cpu, cuda"):
         resolve_device("tpu")
     if not __import__("torch").cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA is not available"):

@@ -423,6 +423,6 @@ def test_dora_mode_on_the_command_line(tmp_path, sd1, capsys):
 
     _, ckpt, a, b = sd1
     code, _, err = run_cli(capsys, "merge", str(a), str(b), "-o", str(tmp_path / "n.safetensors"), "--dora-mode", "comfy")
-    assert code == 1 and "--dora-mode applies when merging into a checkpoint" in err
+    assert code == 2 and "--dora-mode applies when merging into a checkpoint" in err
     code, out, _ = run_cli(capsys, "merge", str(ckpt), str(a), "--dry-run", "--json", "--dora-mode", "comfy")
     assert code == 0 and json.loads(out)["dora_mode"] == "comfy"

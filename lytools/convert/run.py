@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from lytools.convert.layout import TARGETS
-from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError
+from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.dtypes import FP8_NAMES, is_float, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, add_provenance, carried, source_entry
@@ -93,9 +93,9 @@ def output_for(source: Path, output_dir: Path, target: str | None) -> Path:
 def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path | None, target: str | None) -> list[tuple[Path, Path]]:
     """Return (input, output) pairs; refuse clashes between outputs and outputs that are inputs."""
     if output is not None and output_dir is not None:
-        raise LytoolsError("give either -o/--output or --output-dir, not both")
+        raise UsageError("give either -o/--output or --output-dir, not both")
     if output is None and output_dir is None:
-        raise LytoolsError("say where to write: -o OUT for one input, --output-dir DIR for many")
+        raise UsageError("say where to write: -o OUT for one input, --output-dir DIR for many")
     if output is not None:
         if len(sources) != 1:
             raise LytoolsError(f"-o takes one input ({len(sources)} given); use --output-dir DIR for many")

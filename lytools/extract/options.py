@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lytools.errors import LytoolsError
+from lytools.errors import UsageError
 from lytools.extract.factor import FactorOptions
 from lytools.extract.pipeline import ExtractOptions
 from lytools.extract.ranks import RankRule
@@ -17,7 +17,7 @@ DEFAULT_DIM = 32
 DEFAULT_SPARSITY = 0.98
 
 
-class ExtractUsageError(LytoolsError):
+class ExtractUsageError(UsageError):
     """Options that contradict each other (exit 2, like any usage error)."""
 
     exit_code = 2

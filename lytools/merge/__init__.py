@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from lytools.errors import LytoolsError
+from lytools.errors import LytoolsError, UsageError
 from lytools.io import check_output_path, removed_on_failure
 from lytools.ui import QUIET, Reporter
 
@@ -75,7 +75,7 @@ def run_merge(
     if not paths:
         raise LytoolsError("merge: no inputs")
     if output is None and not dry_run:
-        raise LytoolsError("merge: -o OUT is required (or --dry-run)")
+        raise UsageError("merge: -o OUT is required (or --dry-run)")
     if output is not None and not dry_run:
         check_output_path(output, overwrite)
     kinds = [file_kind(path) for path in paths]
@@ -86,7 +86,7 @@ def run_merge(
         if len(paths) < 2:
             raise LytoolsError(f"{paths[0].name}: a checkpoint alone: give the networks to merge into it")
         if rank is not None or conv_rank is not None:
-            raise LytoolsError("--rank/--conv-rank apply when merging networks into one network, not into a checkpoint")
+            raise UsageError("--rank/--conv-rank apply when merging networks into one network, not into a checkpoint")
         result = merge_into_checkpoint(
             paths[0], paths[1:], output, ratios=ratios, ratio_for=ratio_for, allow_unmatched=allow_unmatched,
             save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite,
@@ -101,9 +101,9 @@ def run_merge(
                 result.verification.raise_on_failure(result.output)
         return result
     if dora_mode is not None:
-        raise LytoolsError("--dora-mode applies when merging into a checkpoint (DoRA needs the base weights)")
+        raise UsageError("--dora-mode applies when merging into a checkpoint (DoRA needs the base weights)")
     if allow_unmatched:
-        raise LytoolsError("--allow-unmatched applies when merging into a checkpoint (the first input is a network)")
+        raise UsageError("--allow-unmatched applies when merging into a checkpoint (the first input is a network)")
     result = merge_networks(
         paths, output, ratios=ratios, ratio_for=ratio_for, rank=rank, conv_rank=conv_rank,
         save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite, reporter=reporter,

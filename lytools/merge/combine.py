@@ -28,7 +28,7 @@ import torch
 from lytools.algos import ModuleInfo, NetworkModule, delta
 from lytools.arch.network import ALPHA, LORA_DOWN, LORA_MID, LORA_UP
 from lytools.device import resolve_device
-from lytools.errors import LytoolsError, NetworkError
+from lytools.errors import NetworkError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.metadata import add_provenance, carried, source_entry
@@ -395,11 +395,11 @@ def merge_networks(
     """Merge networks into one network file (exact concatenation, or SVD to `rank`)."""
     started = time.perf_counter()
     if rank is not None and rank < 1:
-        raise LytoolsError(f"--rank {rank}: must be at least 1")
+        raise UsageError(f"--rank {rank}: must be at least 1")
     if conv_rank is not None and conv_rank < 1:
-        raise LytoolsError(f"--conv-rank {conv_rank}: must be at least 1")
+        raise UsageError(f"--conv-rank {conv_rank}: must be at least 1")
     if conv_rank is not None and rank is None:
-        raise LytoolsError("--conv-rank needs --rank (without a rank, networks are concatenated exactly)")
+        raise UsageError("--conv-rank needs --rank (without a rank, networks are concatenated exactly)")
     where = resolve_device(device)
     networks = [load_network_input(path, hash_file=not dry_run) for path in network_paths]
     rule_set = Ratios.build(len(networks), ratios, ratio_for)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from lytools.errors import LytoolsError
+from lytools.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,9 @@ def parse_float(text: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise LytoolsError(f"{what}: {text!r} is not a number") from None
+        raise UsageError(f"{what}: {text!r} is not a number") from None
     if not math.isfinite(value):
-        raise LytoolsError(f"{what}: {text!r} is not a finite number")
+        raise UsageError(f"{what}: {text!r} is not a finite number")
     return value
 
 
@@ -44,11 +44,11 @@ def parse_rule(text: str) -> RatioRule:
     """Return the rule of one `--ratio-for REGEX=R` (split at the last '=')."""
     pattern_text, equals, factor_text = text.rpartition("=")
     if not equals or not pattern_text:
-        raise LytoolsError(f"--ratio-for {text!r}: expected REGEX=R, e.g. 'input_blocks_[0-3]_=0.5'")
+        raise UsageError(f"--ratio-for {text!r}: expected REGEX=R, e.g. 'input_blocks_[0-3]_=0.5'")
     try:
         pattern = re.compile(pattern_text)
     except re.error as exc:
-        raise LytoolsError(f"--ratio-for {text!r}: bad regular expression ({exc})") from None
+        raise UsageError(f"--ratio-for {text!r}: bad regular expression ({exc})") from None
     return RatioRule(text, pattern, parse_float(factor_text, f"--ratio-for {text!r}"))
 
 
@@ -66,7 +66,7 @@ class Ratios:
         if not ratios:
             per_input = [1.0] * count
         elif len(ratios) != count:
-            raise LytoolsError(
+            raise UsageError(
                 f"--ratios: {len(ratios)} value(s) given for {count} network input(s); give one per network"
             )
         else:

@@ -18,7 +18,7 @@ import torch
 
 from lytools.algos import ModuleInfo, NetworkModule, check_finite, describe_module, describe_shapes, group_keys
 from lytools.device import resolve_device
-from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError
+from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, write_safetensors
 from lytools.io.metadata import add_provenance, carried, source_entry
@@ -64,27 +64,27 @@ class ResizeOptions:
 def check_options(options: ResizeOptions) -> None:
     """Raise LytoolsError for option combinations that cannot mean anything."""
     if options.method not in METHODS:
-        raise LytoolsError(f"--method {options.method}: expected one of {', '.join(METHODS)}")
+        raise UsageError(f"--method {options.method}: expected one of {', '.join(METHODS)}")
     for flag, value in (("--rank", options.rank), ("--conv-rank", options.conv_rank), ("--max-rank", options.max_rank)):
         if value is not None and value < 1:
-            raise LytoolsError(f"{flag} {value}: must be at least 1")
+            raise UsageError(f"{flag} {value}: must be at least 1")
     if options.method == "fixed":
         if options.rank is None:
-            raise LytoolsError("--rank N is required (or a dynamic --method with --method-param)")
+            raise UsageError("--rank N is required (or a dynamic --method with --method-param)")
         if options.method_param is not None:
-            raise LytoolsError("--method-param applies to the dynamic methods (sv_ratio, sv_fro, sv_cumulative)")
+            raise UsageError("--method-param applies to the dynamic methods (sv_ratio, sv_fro, sv_cumulative)")
         if options.max_rank is not None:
-            raise LytoolsError("--max-rank caps the dynamic methods; with --method fixed use --rank")
+            raise UsageError("--max-rank caps the dynamic methods; with --method fixed use --rank")
     else:
         if options.truncate:
-            raise LytoolsError("--truncate keeps a fixed number of ranks; it does not combine with --method " + options.method)
+            raise UsageError("--truncate keeps a fixed number of ranks; it does not combine with --method " + options.method)
         if options.method_param is None:
-            raise LytoolsError(f"--method {options.method} needs --method-param F")
+            raise UsageError(f"--method {options.method} needs --method-param F")
         param = options.method_param
         if not math.isfinite(param) or param <= 0:
-            raise LytoolsError(f"--method-param {param}: must be a positive number")
+            raise UsageError(f"--method-param {param}: must be a positive number")
         if options.method in ("sv_fro", "sv_cumulative") and param > 1:
-            raise LytoolsError(f"--method-param {param}: {options.method} takes a share between 0 and 1")
+            raise UsageError(f"--method-param {param}: {options.method} takes a share between 0 and 1")
 
 
 @dataclass
@@ -349,7 +349,7 @@ def resize_file(
     output = check_output_path(output, options.overwrite)
     if options.report is not None:
         if options.report.suffix.lower() not in (".json", ".csv"):
-            raise LytoolsError(f"--report {options.report}: expected a .json or .csv file name")
+            raise UsageError(f"--report {options.report}: expected a .json or .csv file name")
         check_output_path(options.report, options.overwrite)
     device = resolve_device(options.device)
     with open_network(source) as network:
