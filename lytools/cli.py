@@ -48,11 +48,13 @@ def save_dtype_option(default: str | None = None, fp8: bool = False):
 
 
 def expand_inputs(paths: tuple[str, ...]) -> list[Path]:
-    """Return input paths, with `-` replaced by the lines of stdin (one path per line)."""
+    """Return input paths, with `-` replaced by the lines of stdin (one path per line; only the line
+    ending is removed, so a name may begin or end with spaces; blank lines are skipped)."""
     result: list[Path] = []
     for path in paths:
         if path == "-":
-            result.extend(Path(line.strip()) for line in sys.stdin if line.strip())
+            lines = (line.rstrip("\r\n") for line in sys.stdin)
+            result.extend(Path(line) for line in lines if line.strip())
         else:
             result.append(Path(path))
     return result

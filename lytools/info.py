@@ -463,6 +463,7 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
             row("legacy", hashes["sshs_legacy_hash"])
         else:
             row("sha256", f"{hashes['sha256']} ({hashes['note']})")
+            row("AutoV2", hashes["autov2"])
         for name, check in (hashes.get("embedded") or {}).items():
             verdict = {True: "matches", False: "DOES NOT MATCH", None: "unverified"}[check.get("matches")]
             extra = f"; {check['note']}" if check.get("note") else ""

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +294,22 @@ def test_peft_dora_magnitude_is_output_axis(tmp_path):
     network = report["network"]
     assert network["dora"] and network["dora_axes"] == {"out": network["modules"]}
     assert network["invalid_module_count"] == 0
+
+
+def test_stdin_names_keep_their_spaces_and_crlf_is_a_line_end(tmp_path, models):
+    spaced = tmp_path / " spaced .safetensors"
+    spaced.write_bytes(Path(models["sd1"]).read_bytes())
+    result = run_info("-", "--json", stdin=f"{spaced}\r\n\n{models['flux']}\n")
+    assert result.exit_code == 0, result.stderr
+    assert [r["path"] for r in json.loads(result.stdout)] == [str(spaced), str(models["flux"])]
+
+
+def test_hash_of_a_pickle_shows_its_autov2(tmp_path):
+
+
+    path = tmp_path / "w.pt"
+    torch.save({"a": torch.zeros(2)}, path)
+    result = run_info(path, "--hash")
+    assert result.exit_code == 0, result.stderr
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert "AutoV2" in result.stdout and digest[:10] in result.stdout
