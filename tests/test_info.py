@@ -305,8 +305,6 @@ def test_stdin_names_keep_their_spaces_and_crlf_is_a_line_end(tmp_path, models):
 
 
 def test_hash_of_a_pickle_shows_its_autov2(tmp_path):
-
-
     path = tmp_path / "w.pt"
     torch.save({"a": torch.zeros(2)}, path)
     result = run_info(path, "--hash")
