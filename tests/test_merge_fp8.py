@@ -183,3 +183,15 @@ def test_per_row_scaled_checkpoint_merges_with_rows_raised(files, tmp_path):
     true = rows[key].float() * old_scale[:, None] + 500.0 * change_of(net, NAME)
     restored = merged[key].float() * new_scale[:, None]
     assert float((restored - true).norm() / true.norm()) < 0.05
+
+
+def test_lost_changes_are_one_warning_and_listed_with_v(files, tmp_path, capsys):
+    from lytools.cli import main
+
+    folder, net = files
+    main(["merge", str(folder / "plain.safetensors"), str(net), "-o", str(tmp_path / "o.safetensors"), "--ratios", "1e-4"])
+    err = capsys.readouterr().err
+    assert err.count("survives requantization") == 1 and "-v lists them" in err
+    main(["merge", str(folder / "plain.safetensors"), str(net), "-o", str(tmp_path / "v.safetensors"), "--ratios", "1e-4", "-v"])
+    detailed = capsys.readouterr().err
+    assert detailed.count("survives requantization") > 2 and module_table("sd1")[NAME].key in detailed

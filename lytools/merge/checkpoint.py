@@ -436,10 +436,15 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
         raise
     finally:
         torch.set_num_threads(threads)
-    for loss in engine.result_losses:
-        reporter.warn(
-            f"fp8: {loss.tensor}: only {loss.kept:.0%} of the change from {', '.join(loss.modules)} survives requantization"
-        )
+    losses = engine.result_losses
+    if losses:  # one line for them all (a LoRA can touch hundreds of tensors); each with -v
+        worst = min(losses, key=lambda loss: loss.kept)
+        kept = sorted(loss.kept for loss in losses)
+        reporter.warn(f"fp8: in {len(losses)} tensor(s) only part of the change survives requantization "
+                      f"(median {kept[len(kept) // 2]:.0%} kept, least {worst.kept:.0%} in {worst.tensor}); -v lists them")
+        for loss in losses:
+            reporter.detail(f"fp8: {loss.tensor}: only {loss.kept:.0%} of the change from {', '.join(loss.modules)} "
+                            "survives requantization")
     if engine.scale_raised:
         reporter.log(f"fp8: {len(engine.scale_raised)} tensor scale(s) raised so the merged weights fit fp8 (no saturation)")
     if engine.saturated:
