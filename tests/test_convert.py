@@ -325,3 +325,16 @@ def test_verbose_says_how_each_file_was_read(tmp_path, capsys):
     assert code == 0 and "read as a kohya sd1 network of" in err and "fast path" in err and "done in" in err
     code, _, err = run_cli(capsys, "convert", str(source), "--output-dir", str(out), "--to", "kohya", "-v", "--overwrite")
     assert code == 0 and "read as a kohya sd1 network of" in err and "fast path" not in err
+
+
+def test_folding_leaves_no_stale_alpha_in_the_metadata(tmp_path, capsys):
+    meta = {"ss_network_dim": "4", "ss_network_alpha": "2.0", "ss_network_args": json.dumps({"conv_dim": "2", "conv_alpha": "1"})}
+    source = build_network(tmp_path / "k.safetensors", "sd1", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0,
+                           modules="c3lier", metadata=meta)
+    for target, extra in (("diffusers", []), ("kohya", ["--fold"]), ("kohya", [])):
+        out = tmp_path / f"{target}{len(extra)}.safetensors"
+        assert run_cli(capsys, "convert", str(source), "-o", str(out), "--to", target, *extra)[0] == 0
+        written = open_file(out).metadata
+        folded = bool(extra) or target == "diffusers"
+        assert written["ss_network_alpha"] == ("4.0" if folded else "2.0"), target
+        assert json.loads(written["ss_network_args"])["conv_alpha"] == ("2.0" if folded else "1"), target

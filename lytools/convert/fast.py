@@ -145,7 +145,7 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
     views = [buffers[which][where] for which, where in plan.sources]
     autov3 = hashlib.sha256(body).hexdigest()
     metadata = output_metadata(metadata, source, "diffusers",  # stale sshs_* dropped there (not changed in place)
-                               {"lora_adapter_metadata": structure.adapter_json}, autov3, structure.arch)
+                               {"lora_adapter_metadata": structure.adapter_json}, autov3, structure.arch, folded=True)
     writer = SafetensorsWriter(output, structure.layout, metadata, overwrite=options.overwrite, durable=options.fsync)
     with writer:
         writer.write_all(views)

@@ -117,11 +117,38 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
 
 
 # -- metadata ----------------------------------------------------------------------------------------
+def folds(options: ConvertOptions) -> bool:
+    """Whether the conversion folds every scale into the factors (alpha = rank afterwards)."""
+    return options.fold if options.fold is not None else options.target in ("diffusers", "peft")
+
+
+def _alpha_is_rank(meta: dict[str, str]) -> None:
+    """After folding, the trainer's alpha is the rank: say so in ss_network_alpha and in
+    ss_network_args' conv_alpha (written as sd-scripts writes them, a float after an int dim)."""
+    def like_alpha(dim: str) -> str:
+        try:
+            return str(float(int(dim)))
+        except ValueError:
+            return dim  # "Dynamic" and the like
+
+    if "ss_network_alpha" in meta and "ss_network_dim" in meta:
+        meta["ss_network_alpha"] = like_alpha(meta["ss_network_dim"])
+    try:
+        args = json.loads(meta.get("ss_network_args", ""))
+    except ValueError:
+        return
+    if isinstance(args, dict) and "conv_alpha" in args and "conv_dim" in args:
+        args["conv_alpha"] = like_alpha(str(args["conv_dim"]))
+        meta["ss_network_args"] = json.dumps(args)
+
+
 def output_metadata(stored: dict[str, str], source: Path, target: str | None, extra: dict[str, str],
-                    autov3: str | None = None, arch: str | None = None) -> dict[str, str]:
+                    autov3: str | None = None, arch: str | None = None, folded: bool = False) -> dict[str, str]:
     """Return an output's metadata: the input's carried forward (never stale hashes), adapted to the
-    target layout, with `extra` and lytools' provenance (the input's AutoV3) added."""
+    target layout (and to folded scales), with `extra` and lytools' provenance (the input's AutoV3) added."""
     meta = carried(stored)
+    if folded:
+        _alpha_is_rank(meta)
     if target is not None:
         for key in list(meta):
             if key in _ADAPTER_KEYS or key.endswith("_lora_adapter_metadata"):
@@ -158,7 +185,7 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.notes.append("lora_adapter_metadata dropped: its scales are in the alpha tensors now")
     if options.target == "peft":
         adapter, config_path = peft_paths(output)
-        meta = output_metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch)
+        meta = output_metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch, folds(options))
         made_folder = adapter.parent != output.parent and not adapter.parent.exists()
         if made_folder:
             adapter.parent.mkdir()
@@ -171,7 +198,8 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
             raise
         result.outputs = [adapter, config_path]
     else:
-        meta = output_metadata(stored, source, options.target, converted.metadata, net.data_sha256, net.arch)
+        meta = output_metadata(stored, source, options.target, converted.metadata, net.data_sha256, net.arch,
+                               folds(options))
         write_network(output, converted.tensors, meta, overwrite=options.overwrite, durable=options.fsync,
                       sshs=options.target == "kohya")
         result.outputs = [output]
