@@ -68,7 +68,7 @@ class CheckpointResult:
         """One line for stderr: what was merged into what, and how long it took."""
         plan = self.plan
         inputs = ", ".join(f"{Path(s.path).name} x {s.ratio:g}" for s in plan.inputs)
-        return (f"merged {inputs} into {plan.base.name}: {len(plan.touched)} of {len(plan.out_dtypes)} tensors changed"
+        return (f"merged {inputs} into {plan.base.name}: {len(plan.touched)} of {len(plan.out_dtypes)} tensors the networks target"
                 f" in {self.seconds:.1f} s")
 
     def as_dict(self) -> dict:
