@@ -68,8 +68,8 @@ class CheckpointResult:
         """One line for stderr: what was merged into what, and how long it took."""
         plan = self.plan
         inputs = ", ".join(f"{Path(s.path).name} x {s.ratio:g}" for s in plan.inputs)
-        return (f"merged {inputs} into {plan.base.name}: {len(plan.touched)} of {len(plan.out_dtypes)} tensors the networks target"
-                f" in {self.seconds:.1f} s")
+        return (f"merged {inputs} into {plan.base.name} in {self.seconds:.1f} s: the networks target "
+                f"{len(plan.touched)} of its {len(plan.out_dtypes)} tensors")
 
     def as_dict(self) -> dict:
         result = {"mode": "checkpoint", "output": str(self.output) if self.output else None, **self.plan.as_dict()}
