@@ -116,3 +116,17 @@ def test_bundled_embeddings_and_stable_cascade_are_named():
     assert any("1 bundled textual-inversion" in note for note in found.notes)
     cascade = detect_network({"lora_prior_unet_down_levels_0.lora_down.weight": (4, 64), "lora_prior_unet_down_levels_0.lora_up.weight": (64, 4)})
     assert cascade.arch == "unknown" and any("Stable Cascade" in note for note in cascade.notes)
+
+
+def test_bare_peft_text_encoder_paths_are_matched_by_shape(tmp_path):
+    """A peft adapter of SDXL's second text encoder (CLIP-G, 32 layers of width 1280) shares its
+    layer paths with CLIP-L and SD2's OpenCLIP: its shapes rule SD2 out (it was detected as sd2),
+    and SD3's CLIP-G fits it exactly as well, so detection says so instead of guessing."""
+    from lytools.testing import build_network
+
+    te2 = build_network(tmp_path / "te2.safetensors", "sdxl", layout="peft", components=["te2"], factor=8)
+    found = detect_network(read_header(te2).tensors)
+    assert found.arch == "unknown" and any("fit sdxl and sd3 equally" in note for note in found.notes)
+    assert detect_network(read_header(te2).tensors, {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}).arch == "sdxl"
+    sd2 = build_network(tmp_path / "sd2.safetensors", "sd2", layout="peft", components=["te"], factor=8)
+    assert detect_network(read_header(sd2).tensors).arch == "sd2"

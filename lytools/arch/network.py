@@ -245,9 +245,16 @@ def _score(modules: Mapping[str, Mapping[str, Shape]], arch: str) -> tuple[int, 
     table = _tables()[arch]
     hits: list[tuple[tuple[int, int] | None, Shape, str]] = []
     for module, suffixes in modules.items():
-        target = next((table[n] for n in lookup_names(module) if n in table), None)
-        if target is not None:
-            hits.append((_io(module, suffixes), target.shape, target.component))
+        names = lookup_names(module)
+        if module.startswith("base_model.model."):  # a bare peft path may belong to any text encoder
+            names += tuple(f"{component}.{names[0]}" for component in ("text_encoder_2", "text_encoder_3"))
+        targets = [table[n] for n in names if n in table]
+        if not targets:
+            continue
+        io = _io(module, suffixes)
+        # the spelling whose shape fits (SDXL's te1 and te2 share their layer paths), else the first
+        target = next((t for t in targets if io is not None and any(_fits(io, t.shape, s) for s in SCALES)), targets[0])
+        hits.append((io, target.shape, target.component))
     best_scale, best = 1, -1
     measurable = sum(1 for io, _, _ in hits if io is not None)
     for scale in SCALES:
