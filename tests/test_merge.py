@@ -426,3 +426,18 @@ def test_dora_mode_on_the_command_line(tmp_path, sd1, capsys):
     assert code == 2 and "--dora-mode applies when merging into a checkpoint" in err
     code, out, _ = run_cli(capsys, "merge", str(ckpt), str(a), "--dry-run", "--json", "--dora-mode", "comfy")
     assert code == 0 and json.loads(out)["dora_mode"] == "comfy"
+
+
+def test_dora_mode_without_dora_warns_and_dora_sums_point_to_a_checkpoint(tmp_path, sd1, capsys):
+    from tests.test_convert import run_cli
+
+    _, ckpt, a, _ = sd1
+    code, _, err = run_cli(capsys, "merge", str(ckpt), str(a), "--dry-run", "--dora-mode", "comfy")
+    assert code == 0 and "--dora-mode comfy: no network holds DoRA modules" in err
+    code, _, err = run_cli(capsys, "merge", str(ckpt), str(a), "--dry-run")
+    assert code == 0 and "--dora-mode" not in err
+    name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    plain = build_network(tmp_path / "plain.safetensors", "sd1", factor=16, rank=4, modules=[name], seed=1)
+    dora = build_network(tmp_path / "dora.safetensors", "sd1", factor=16, rank=4, modules=[name], seed=2, dora=True)
+    code, _, err = run_cli(capsys, "merge", str(dora), str(plain), "-o", str(tmp_path / "x.safetensors"))
+    assert code == 1 and "merge them into a checkpoint" in err and "--rank" not in err

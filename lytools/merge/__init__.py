@@ -90,7 +90,7 @@ def run_merge(
         result = merge_into_checkpoint(
             paths[0], paths[1:], output, ratios=ratios, ratio_for=ratio_for, allow_unmatched=allow_unmatched,
             save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite,
-            dora_mode=dora_mode or "lycoris", reporter=reporter,
+            dora_mode=dora_mode, reporter=reporter,
         )
         if verify and not dry_run:
             from lytools.merge.verify import verify_checkpoint

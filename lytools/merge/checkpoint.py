@@ -349,7 +349,7 @@ def merge_into_checkpoint(
     device: str = "auto",
     dry_run: bool = False,
     overwrite: bool = False,
-    dora_mode: str = "lycoris",
+    dora_mode: str | None = None,
     reporter: Reporter = QUIET,
 ) -> CheckpointResult:
     """Merge networks (any algorithm and key style) into a checkpoint; return what was done.
@@ -358,13 +358,17 @@ def merge_into_checkpoint(
     order. With `dry_run` only the plan is made (headers and network files are read, nothing
     is written). Errors leave no output file. dora_mode: "lycoris" (the reference: the full
     direction change, the magnitude interpolated by the ratio) or "comfy" (ComfyUI: the ratio
-    interpolates between the base and the full DoRA result); they agree at ratio 1.
+    interpolates between the base and the full DoRA result); they agree at ratio 1. None: lycoris,
+    without the warning an explicit mode gets when no network holds DoRA.
     """
     started = time.perf_counter()
+    given_mode, dora_mode = dora_mode, dora_mode or "lycoris"
     check_mode(dora_mode)
     base = Path(base)
     where = resolve_device(device)
     networks = [load_network_input(path, hash_file=not dry_run) for path in network_paths]
+    if given_mode is not None and not any(info.dora for n in networks for info in n.infos.values()):
+        reporter.warn(f"--dora-mode {given_mode}: no network holds DoRA modules, so it changes nothing")
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
     for network in networks:
         if network.stray:

@@ -204,6 +204,9 @@ def _method(name: str, parts: list[Contribution], rank: int | None, files: Seque
             "merge it into a checkpoint instead"
         )
     algos = ", ".join(sorted({p.info.algo + (" + DoRA" if p.info.dora else "") for p in parts}))
+    if any(not p.info.additive or p.info.needs_weight for p in parts):  # --rank cannot take them either
+        raise NetworkError(f"module {name}: {algos} from {len(parts)} inputs cannot be combined without the base "
+                           "weight; merge them into a checkpoint")
     raise NetworkError(
         f"module {name}: {algos} from {len(parts)} inputs cannot be combined exactly; use --rank N to re-factor the sum"
     )
