@@ -150,6 +150,19 @@ def _read_scalar(handle, key: str) -> float | None:
     return float(tensor.detach().flatten()[0].float())
 
 
+def _target_kind(arch: str, module: str) -> str | None:
+    """The kind (linear, conv3x3, conv1x1, norm) of the layer `module` names in `arch`, if known."""
+    from lytools.arch import alias_table
+    from lytools.arch.keymap import NETWORK_ARCHS
+    from lytools.arch.network import lookup_names
+
+    if arch not in NETWORK_ARCHS:
+        return None
+    table = alias_table(arch)
+    target = next((table[name] for name in lookup_names(module) if name in table), None)
+    return target.kind if target is not None else None
+
+
 def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], net: NetworkArch,
                     verbose: bool) -> dict[str, Any]:
     from lytools.algos import KNOWN_SUFFIXES, describe_shapes
@@ -189,9 +202,11 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
             scales.append(info.scale)
         if info.dora:
             dora[info.dora] += 1
-        if info.is_conv:
+        # LoHa/LoKr store a conv flattened: its kernel is then the target module's
+        kind = _target_kind(net.arch, module) if info.kernel is None else None
+        if info.is_conv or kind == "conv3x3":
             conv["tucker" if info.tucker else "kxk"] += 1
-        elif info.kernel == (1, 1):
+        elif info.kernel == (1, 1) or kind == "conv1x1":
             conv["1x1"] += 1
         if verbose:
             label = block_of(module)

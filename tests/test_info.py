@@ -311,3 +311,15 @@ def test_hash_of_a_pickle_shows_its_autov2(tmp_path):
     assert result.exit_code == 0, result.stderr
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert "AutoV2" in result.stdout and digest[:10] in result.stdout
+
+
+def test_loha_convs_are_counted_like_lora_ones(tmp_path):
+    """LoHa stores a conv's factors flattened (no kernel in the shapes): the target layer says it is a conv."""
+    from lytools.testing import build_network
+
+    counts = {}
+    for algo in ("lora", "loha"):
+        path = build_network(tmp_path / f"{algo}.safetensors", "sd1", factor=8, rank=4, modules="c3lier", algo=algo)
+        [report] = info_json(path)
+        counts[algo] = report["network"]["conv_modules"]
+    assert counts["loha"] == counts["lora"] and counts["lora"]["kxk"] > 0 and counts["lora"]["1x1"] > 0
