@@ -130,3 +130,25 @@ def test_bare_peft_text_encoder_paths_are_matched_by_shape(tmp_path):
     assert detect_network(read_header(te2).tensors, {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}).arch == "sdxl"
     sd2 = build_network(tmp_path / "sd2.safetensors", "sd2", layout="peft", components=["te"], factor=8)
     assert detect_network(read_header(sd2).tensors).arch == "sd2"
+
+
+@pytest.mark.parametrize("algo", ["ia3", "oft"])
+def test_one_width_modules_are_placed_by_that_width(algo):
+    """IA3 vectors and OFT blocks give one width of their layer, not (out, in): it still tells SD1
+    from SD2, whose kohya names are the same (such files were 'unknown')."""
+    import torch
+
+    from lytools.arch import module_table
+    from lytools.testing import shrink_shape
+
+    table = module_table("sd1")
+    names = [n for n, target in table.items() if target.kind in ("linear", "conv3x3")][:30]
+    tensors = {}
+    for name in names:
+        out = shrink_shape(table[name].shape, 8)[0]
+        if algo == "ia3":
+            tensors[f"{name}.weight"] = torch.ones(out)
+        else:
+            tensors[f"{name}.oft_blocks"] = torch.zeros(out // 4, 4, 4)
+    found = detect_network(tensors)
+    assert (found.arch, found.scale) == ("sd1", 8), found.notes

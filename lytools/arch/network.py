@@ -228,11 +228,28 @@ def _shrunk(dim: int, scale: int) -> int:
     return dim // scale if scale > 1 and dim % 64 == 0 else dim
 
 
-def _fits(io: tuple[int, int], shape: Shape, scale: int) -> bool:
+def _fits(io: tuple[int, int | None], shape: Shape, scale: int) -> bool:
+    """Whether a module's (out, flattened in) fits a target shape at a shrink scale; (dim, None),
+    the one width of an IA3 vector or OFT blocks, fits the target's output or input width."""
     out, inp = io
     if len(shape) < 2:
         return False
+    if inp is None:
+        return out in (_shrunk(shape[0], scale), _shrunk(shape[1], scale))
     return out == _shrunk(shape[0], scale) and inp == _shrunk(shape[1], scale) * math.prod(shape[2:])
+
+
+def _one_width(suffixes: Mapping[str, Shape]) -> tuple[int, None] | None:
+    """(width, None) for modules whose factors give one width only: an IA3 vector (`weight`, its
+    output or input), OFT/BOFT blocks ([..., n, b, b]: n·b outputs); else None."""
+    vector = suffixes.get("weight")
+    if vector is not None and len(vector) == 1:
+        return vector[0], None
+    for key in ("oft_blocks", "oft_diag"):
+        blocks = suffixes.get(key)
+        if blocks is not None and len(blocks) >= 3 and blocks[-1] == blocks[-2]:
+            return blocks[-3] * blocks[-1], None
+    return None
 
 
 @functools.cache
@@ -251,7 +268,7 @@ def _score(modules: Mapping[str, Mapping[str, Shape]], arch: str) -> tuple[int, 
         targets = [table[n] for n in names if n in table]
         if not targets:
             continue
-        io = _io(module, suffixes)
+        io = _io(module, suffixes) or _one_width(suffixes)
         # the spelling whose shape fits (SDXL's te1 and te2 share their layer paths), else the first
         target = next((t for t in targets if io is not None and any(_fits(io, t.shape, s) for s in SCALES)), targets[0])
         hits.append((io, target.shape, target.component))
