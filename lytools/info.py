@@ -348,6 +348,14 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
                 notes.extend(_adapter_config_notes(path, metadata))
             if net.scale != 1:
                 notes.append(f"shapes fit {net.arch} scaled down {net.scale}x (a synthetic test model)")
+            if net.layout in ("kohya", "lycoris"):
+                from lytools.arch.a1111 import missing_attention_parts
+
+                gaps = missing_attention_parts(net.arch, net.modules)
+                if gaps:
+                    notes.append(f"AUTOMATIC1111 skips the OpenCLIP attention layers that hold only some of q/k/v/out "
+                                 f"({len(gaps)} modules missing, e.g. {next(iter(gaps))}); lytools convert --to kohya "
+                                 "completes them with zero modules")
             notes.extend(net.notes)
         else:
             found = detect_checkpoint(shapes, metadata)

@@ -79,3 +79,13 @@ def test_extract_completes_a_layer_whose_out_proj_did_not_change(tmp_path, capsy
         names = {key.split(".")[0] for key in lora.keys()}
         assert set(PARTIAL) | ADDED <= names
         assert not lora.get(LAYER.format(0, "out") + ".lora_up.weight").any()
+
+
+def test_info_names_the_layers_a1111_would_skip(tmp_path):
+    from lytools.info import inspect_file
+
+    source = build_network(tmp_path / "partial.safetensors", "sd2", rank=4, modules=PARTIAL)
+    notes = inspect_file(source)["notes"]
+    assert any("AUTOMATIC1111 skips" in note and "2 modules missing" in note for note in notes)
+    complete = build_network(tmp_path / "whole.safetensors", "sd2", rank=4)
+    assert not any("AUTOMATIC1111" in note for note in inspect_file(complete)["notes"])
