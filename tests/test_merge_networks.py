@@ -353,3 +353,22 @@ def test_svd_of_stacked_factors_is_the_best_approximation(out, inp, total_rank, 
     error = float((new_up @ new_down - product).norm())
     assert error == pytest.approx(float(sigma[keep:].norm()), abs=1e-8 * float(sigma.norm()) + 1e-10)
     assert kept == pytest.approx(float(sigma[:keep].norm() / sigma.norm()), abs=1e-9)
+
+
+def test_rank_merge_says_a_bias_change_is_dropped(tmp_path, capsys):
+    """A full module's diff_b (or a norm's b_norm) has no place in the re-factored LoRA: said, not silent."""
+    from safetensors.torch import load_file, save_file
+
+    from lytools.cli import main
+    from tests.shared import shared_dir
+
+    if shared_dir() is None:
+        pytest.skip("../shared fixtures not found")
+    golden = load_file(shared_dir() / "fixtures" / "golden" / "full-linear.safetensors")
+    network = {k[len("network."):]: v for k, v in golden.items() if k.startswith("network.")}
+    assert any(k.endswith(".diff_b") for k in network)
+    save_file(network, tmp_path / "full.safetensors")
+    source = str(tmp_path / "full.safetensors")
+    main(["merge", source, source, "--ratios", "0.5", "0.5", "--rank", "8", "-o", str(tmp_path / "r.safetensors")])
+    err = capsys.readouterr().err
+    assert "1 module(s) also change their layer's bias" in err and "lora_unet_down_blocks_0_attentions_0_proj_in" in err

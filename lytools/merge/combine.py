@@ -417,6 +417,12 @@ def merge_networks(
         [{"path": str(n.path), "ratio": rule_set.per_input[i], "modules": len(n.modules)} for i, n in enumerate(networks)]
     )
     methods = {name: _method(name, parts, rank, files) for name, parts in by_name.items()}
+    biased = sorted(name for name, parts in by_name.items()
+                    if methods[name] == "svd" and any(p.info.bias_delta and p.ratio != 0 for p in parts))
+    if biased:  # the re-factored module is a LoRA, which holds no bias
+        reporter.warn(f"{len(biased)} module(s) also change their layer's bias (full diff_b, norm b_norm), which the "
+                      f"rank-{rank} LoRA cannot hold: that part is dropped ({', '.join(biased[:3])}"
+                      f"{', ...' if len(biased) > 3 else ''})")
     dtype = _output_dtype(networks, save_dtype)
     for name, parts in by_name.items():
         result.modules.append(
