@@ -29,25 +29,17 @@ def _fail(*args, **kwargs):
 
 
 @pytest.mark.parametrize("stop", [_interrupt, _fail])
-def test_extract_verify(models, tmp_path, monkeypatch, stop):
-    base, _, tuned = models
-    monkeypatch.setattr("lytools.extract.pipeline.verify_output", stop)
+@pytest.mark.parametrize("command", ["extract", "resize"])
+def test_verify_that_stops_removes_the_output(models, tmp_path, monkeypatch, command, stop):
+    base, lora, tuned = models
+    monkeypatch.setattr(f"lytools.{command}.pipeline.verify_output", stop)
     out = tmp_path / "x.safetensors"
+    inputs = [str(base), str(tuned)] if command == "extract" else [str(lora)]
+    options = ["--rank", "2"] if command == "resize" else []
     with pytest.raises(SystemExit) as raised:
-        main(["extract", str(base), str(tuned), str(out), "--verify", "-q"])
+        main([command, *inputs, str(out), *options, "--verify", "-q"])
     assert raised.value.code == (130 if stop is _interrupt else 1)
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "lora.safetensors", "tuned.safetensors"]
-
-
-@pytest.mark.parametrize("stop", [_interrupt, _fail])
-def test_resize_verify(models, tmp_path, monkeypatch, stop):
-    _, lora, _ = models
-    monkeypatch.setattr("lytools.resize.pipeline.verify_output", stop)
-    out = tmp_path / "r.safetensors"
-    with pytest.raises(SystemExit) as raised:
-        main(["resize", str(lora), str(out), "--rank", "2", "--verify", "-q"])
-    assert raised.value.code == (130 if stop is _interrupt else 1)
-    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "lora.safetensors", "tuned.safetensors"]
 
 
 @pytest.mark.parametrize("target", ["verify_checkpoint", "verify_network"])
