@@ -181,6 +181,13 @@ def test_fp8_network_keeps_alpha_precise(tmp_path, capsys):
     alphas = [t for k, t in out.items() if k.endswith(".alpha")]
     assert alphas and all(t.dtype == torch.float32 and abs(float(t) - 0.3) < 1e-3 for t in alphas)
     assert all(t.dtype == torch.float8_e4m3fn for k, t in out.items() if k.endswith(".weight"))
+    # a dtype-only conversion (no --to) keeps them too: e5m2 would store alpha 11 as 12
+    source = build_network(tmp_path / "k11.safetensors", "sd1", rank=4, alpha=11.0, dtype=torch.float32)
+    assert run_cli(capsys, "convert", str(source), "-o", str(tmp_path / "c.safetensors"), "--save-dtype", "fp8_e5m2")[0] == 0
+    out = tensors_of(tmp_path / "c.safetensors")
+    alphas = [t for k, t in out.items() if k.endswith(".alpha")]
+    assert alphas and all(t.dtype == torch.float32 and float(t) == 11.0 for t in alphas)
+    assert all(t.dtype == torch.float8_e5m2 for k, t in out.items() if k.endswith(".weight"))
 
 
 def test_checkpoint_dtype_streaming(tmp_path, capsys):

@@ -247,6 +247,9 @@ def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, ove
 _SCALED_FP8_MARKERS = ("scaled_fp8", ".scale_weight", ".weight_scale", ".input_scale")
 
 
+PRECISE_SUFFIXES = (".alpha", ".dora_scale", ".lora_magnitude_vector")  # kept float32 when casting to fp8
+
+
 def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool = False, durable: bool = True) -> FileResult:
     """Write `source` with every floating tensor in `dtype`, streaming tensor by tensor.
 
@@ -271,15 +274,20 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
         stored = dict(reader.metadata or {})
         meta = output_metadata(stored, source, None, {})
         infos = {info.name: info for info in reader.infos()}
+        # a network's alphas and DoRA magnitudes are not narrowed to fp8 (as with --to): an fp8 alpha
+        # of 11 would read 12, every module's scale off by 9%
+        precise = {name for name in infos if name.endswith(PRECISE_SUFFIXES)} if dtype.itemsize == 1 else set()
         planned = []
         for name, info in infos.items():
-            out_dtype = dtype if is_float(info.torch_dtype) else info.torch_dtype
+            out_dtype = (torch.float32 if name in precise else dtype) if is_float(info.torch_dtype) else info.torch_dtype
             planned.append(plan_entry(name, out_dtype, info.shape))
         saturated = 0
 
         def produce(name: str) -> torch.Tensor:
             nonlocal saturated
             tensor = reader.get(name)
+            if name in precise:
+                return cast(tensor, dtype, keep_precise=True)
             if is_float(tensor.dtype) and st_name(dtype) in FP8_NAMES and tensor.dtype != dtype:
                 limit = torch.finfo(dtype).max
                 wide = tensor.float()
