@@ -416,3 +416,13 @@ def test_arch_that_contradicts_the_checkpoints_is_refused(sd1_pair, tmp_path, ca
         assert f"is sd1 by its keys, not {forced}" in capsys.readouterr().err
     main(["extract", str(base), str(tuned), str(tmp_path / "sd1.safetensors"), "--arch", "sd1", "--no-unet", "-q"])
     assert (tmp_path / "sd1.safetensors").is_file()
+
+
+def test_a_network_given_as_a_checkpoint_is_named(sd1_pair, tmp_path, capsys):
+    folder, base, tuned = sd1_pair
+    network = build_network(tmp_path / "lora.safetensors", "sd1", rank=4)
+    for pair in ((network, tuned), (base, network)):
+        with pytest.raises(SystemExit) as raised:
+            main(["extract", str(pair[0]), str(pair[1]), str(tmp_path / "x.safetensors")])
+        assert raised.value.code == 1
+        assert "lora.safetensors is a network (LoRA/LyCORIS), not a checkpoint" in capsys.readouterr().err
