@@ -84,7 +84,7 @@ def _is_network(shapes: Mapping[str, tuple[int, ...]]) -> bool:
 def _check_same_arch(base_path: Path, tuned_path: Path, base: CheckpointArch, tuned: CheckpointArch) -> None:
     if base.arch != tuned.arch:
         raise MatchError(
-            f"{base_path.name} is a {base.arch} checkpoint but {tuned_path.name} is {tuned.arch}: "
+            f"{base_path.name} is {base.arch} by its keys but {tuned_path.name} is {tuned.arch}: "
             "different architectures cannot be extracted"
         )
 
