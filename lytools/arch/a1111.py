@@ -44,19 +44,28 @@ def missing_attention_parts(arch: str, modules: Iterable[str]) -> dict[str, str]
     return missing
 
 
-def complete_attention_layers(arch: str, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Add a zero LoRA module (lora_down [1, in], lora_up [out, 1], alpha 1) to `tensors` for each
-    attention part missing_attention_parts names; return the names added (sorted).
-
-    The zero factors take the dtype of the layer's other module; its size (the OpenCLIP width,
-    q/k/v/out are square) from that module's ΔW."""
-    import torch
-
+def _modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {suffix: tensor}} of a network's tensors."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         split = split_network_key(key)
         if split is not None:
             modules.setdefault(split[0], {})[split[1]] = tensor
+    return modules
+
+
+def complete_attention_layers(arch: str, tensors: dict[str, torch.Tensor],
+                              modules: dict[str, dict[str, torch.Tensor]] | None = None) -> list[str]:
+    """Add a zero LoRA module (lora_down [1, in], lora_up [out, 1], alpha 1) to `tensors` for each
+    attention part missing_attention_parts names; return the names added (sorted). `modules`: the
+    tensors grouped by _modules, when the caller has them already.
+
+    The zero factors take the dtype of the layer's other module; its size (the OpenCLIP width,
+    q/k/v/out are square) from that module's ΔW."""
+    import torch
+
+    if modules is None:
+        modules = _modules(tensors)
     added = []
     for name, sibling in missing_attention_parts(arch, modules).items():
         factors = modules[sibling]
@@ -83,13 +92,12 @@ def completed_note(arch: str, added: list[str]) -> str:
             f"applies such a layer only whole (ΔW unchanged)")
 
 
-
 def complete_for_a1111(tensors: dict[str, torch.Tensor], arch: str | None = None,
                        metadata: Mapping[str, str] | None = None) -> tuple[list[str], str | None]:
     """complete_attention_layers for `arch` (detected from the tensors' names and shapes when None,
     only if some layer would need it); return (the modules added, the note to show or None)."""
-    names = {split[0] for split in map(split_network_key, tensors) if split is not None}
-    wanted = [a for a in OPEN_CLIP_PREFIX if (arch is None or a == arch) and missing_attention_parts(a, names)]
+    modules = _modules(tensors)
+    wanted = [a for a in OPEN_CLIP_PREFIX if (arch is None or a == arch) and missing_attention_parts(a, modules)]
     if not wanted:
         return [], None
     if arch is None:
@@ -98,5 +106,5 @@ def complete_for_a1111(tensors: dict[str, torch.Tensor], arch: str | None = None
         arch = detect_network({key: tuple(t.shape) for key, t in tensors.items()}, metadata or {}).arch
         if arch not in wanted:
             return [], None
-    added = complete_attention_layers(arch, tensors)
+    added = complete_attention_layers(arch, tensors, modules)
     return added, completed_note(arch, added) if added else None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from lytools.convert.layout import TARGETS
+from lytools.convert.layout import ALPHA, DORA, TARGETS
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.dtypes import FP8_NAMES, is_float, st_name
@@ -117,11 +117,6 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
 
 
 # -- metadata ----------------------------------------------------------------------------------------
-def folds(options: ConvertOptions) -> bool:
-    """Whether the conversion folds every scale into the factors (alpha = rank afterwards)."""
-    return options.fold if options.fold is not None else options.target in ("diffusers", "peft")
-
-
 def _alpha_is_rank(meta: dict[str, str]) -> None:
     """After folding, the trainer's alpha is the rank: say so in ss_network_alpha and in
     ss_network_args' conv_alpha (written as sd-scripts writes them, a float after an int dim)."""
@@ -185,7 +180,7 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.notes.append("lora_adapter_metadata dropped: its scales are in the alpha tensors now")
     if options.target == "peft":
         adapter, config_path = peft_paths(output)
-        meta = output_metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch, folds(options))
+        meta = output_metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch, converted.folded)
         made_folder = adapter.parent != output.parent and not adapter.parent.exists()
         if made_folder:
             adapter.parent.mkdir()
@@ -199,7 +194,7 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.outputs = [adapter, config_path]
     else:
         meta = output_metadata(stored, source, options.target, converted.metadata, net.data_sha256, net.arch,
-                               folds(options))
+                               converted.folded)
         write_network(output, converted.tensors, meta, overwrite=options.overwrite, durable=options.fsync,
                       sshs=options.target == "kohya")
         result.outputs = [output]
@@ -247,7 +242,7 @@ def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, ove
 _SCALED_FP8_MARKERS = ("scaled_fp8", ".scale_weight", ".weight_scale", ".input_scale")
 
 
-PRECISE_SUFFIXES = (".alpha", ".dora_scale", ".lora_magnitude_vector")  # kept float32 when casting to fp8
+PRECISE_SUFFIXES = (f".{ALPHA}", f".{DORA}", ".lora_magnitude_vector")  # kept float32 when casting to fp8
 
 
 def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool = False, durable: bool = True) -> FileResult:

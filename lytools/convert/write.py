@@ -47,6 +47,7 @@ class Converted:
     notes: list[str] = field(default_factory=list)
     stray_kept: list[str] = field(default_factory=list)
     stray_dropped: list[str] = field(default_factory=list)
+    folded: bool = False  # every LoRA module's scale is in its factors (alpha = rank)
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None, *, keep_precise: bool = False) -> torch.Tensor:
@@ -213,6 +214,7 @@ def to_diffusers(net: Network, *, fold: bool = True, save_dtype: torch.dtype | N
     unloaded = unloaded_note(net.arch, {component: len(entries) for component, entries in per_component.items()})
     if unloaded:
         result.notes.append(unloaded)
+    result.folded = fold
     if fold:
         result.notes.append(FOLDED_NOTE)
     else:
@@ -264,7 +266,7 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
         "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True,
         "modules_to_save": None, **lora_config(entries, use_dora),
     }
-    result = Converted(tensors, {}, adapter_config=config)
+    result = Converted(tensors, {}, adapter_config=config, folded=fold)
     if any(names.peft_path(net.arch, p.component, p.path) != p.path for p in pieces):
         result.notes.append("text-encoder paths as transformers 5's CLIPTextModel names them (no `text_model.` level)")
     if skipped:
@@ -303,4 +305,5 @@ def _fold_kohya(converted: Converted, net: Network, save_dtype: torch.dtype | No
         converted.tensors[f"{name}.{ALPHA}"] = cast(alpha_tensor(float(module[DOWN].shape[0]), module.tensors.get(ALPHA, module[DOWN])),
                                                     save_dtype, keep_precise=True)
     converted.notes.append("scales folded into lora_down/lora_up (alpha = rank)")
+    converted.folded = True
     return converted

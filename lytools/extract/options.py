@@ -20,8 +20,6 @@ DEFAULT_SPARSITY = 0.98
 class ExtractUsageError(UsageError):
     """Options that contradict each other (exit 2, like any usage error)."""
 
-    exit_code = 2
-
 
 def _pair(mode: str, option: str, linear: float | None, conv: float | None) -> tuple[float, float]:
     if linear is None and conv is None:

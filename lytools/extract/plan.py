@@ -72,15 +72,6 @@ def _skip(name: str, component: str, shape: Shape, reason: str) -> ModuleRecord:
     return ModuleRecord(name, component, kind, tuple(shape), "skipped", reason=reason)
 
 
-def _is_network(shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    """True when most keys are LoRA/LyCORIS module tensors (kohya names with their suffixes)."""
-    from lytools.arch.network import group_network_keys
-
-    modules, _ = group_network_keys(list(shapes))
-    keys = sum(len(suffixes) for suffixes in modules.values())
-    return bool(modules) and keys * 2 >= len(shapes)
-
-
 def _check_same_arch(base_path: Path, tuned_path: Path, base: CheckpointArch, tuned: CheckpointArch) -> None:
     if base.arch != tuned.arch:
         raise MatchError(
@@ -104,8 +95,10 @@ def plan_extraction(
     """Return the modules to extract and those skipped (one file only, shapes differ)."""
     if arch not in ARCH_CHOICES:
         raise UnsupportedError(f"--arch {arch}: expected one of {', '.join(ARCH_CHOICES)}")
+    from lytools.merge.inputs import looks_like_network
+
     for path, shapes in ((base_path, base_shapes), (tuned_path, tuned_shapes)):
-        if _is_network(shapes):
+        if looks_like_network(shapes):
             raise MatchError(f"{path.name} is a network (LoRA/LyCORIS), not a checkpoint: extract takes BASE and TUNED "
                              "checkpoints (merge applies a network to a checkpoint)")
     base_arch = detect_checkpoint(base_shapes, base_metadata)
