@@ -70,8 +70,8 @@ def cli() -> None:
 
 # -- extract ----------------------------------------------------------------------------------
 @cli.command("extract")
-@click.argument("base", metavar="BASE", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("tuned", metavar="TUNED", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("base", metavar="BASE", type=click.Path(path_type=Path))  # a folder: diffusers / sharded
+@click.argument("tuned", metavar="TUNED", type=click.Path(path_type=Path))
 @click.argument("output", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--mode", type=click.Choice(["fixed", "threshold", "ratio", "quantile", "full"]), default="fixed",
               show_default=True, help="Rank rule (ALGORITHMS.md 15); full stores each changed module whole (diff).")
@@ -132,7 +132,7 @@ def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_thre
               help="sv_ratio: largest/smallest kept singular value; sv_fro, sv_cumulative: share kept (0..1).")
 @click.option("--max-rank", type=int, help="Cap on the ranks the dynamic methods pick.")
 @click.option("--truncate", is_flag=True, help="DyLoRA / nested-rank files: keep the first N ranks, no SVD.")
-@click.option("--base", type=click.Path(dir_okay=False, path_type=Path), metavar="CHECKPOINT",
+@click.option("--base", type=click.Path(path_type=Path), metavar="CHECKPOINT",
               help="Base model: needed to flatten DoRA, IA3, OFT/BOFT and GLoRA modules.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json|FILE.csv",
               help="Per-module rank, alpha and shares of the spectrum kept.")
@@ -176,8 +176,8 @@ from lytools.merge.options import ratios_option  # noqa: E402  (click plumbing f
 
 @cli.command("merge")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT",
-              help="Output .safetensors (required unless --dry-run).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
+              help="Output .safetensors (required unless --dry-run); a folder when the checkpoint is a diffusers folder.")
 @ratios_option
 @click.option("--ratio-for", "ratio_for", multiple=True, metavar="REGEX=R",
               help="Scale modules whose name matches REGEX by R, on top of their input's ratio (repeatable).")

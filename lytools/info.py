@@ -21,6 +21,7 @@ from lytools.arch import detect_checkpoint, detect_network
 from lytools.arch.network import NetworkArch, module_shapes
 from lytools.errors import LytoolsError
 from lytools.io import PickledFile, SafetensorsFile, ShardedFile, open_file
+from lytools.io.folders import DiffusersFolder
 from lytools.io.hashes import LEGACY_LENGTH, LEGACY_OFFSET, file_hashes
 from lytools.io.writer import build_header, file_order, plan_entry, ss_only
 
@@ -254,6 +255,8 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
 
 
 def _hash_report(path: Path, handle, metadata: Mapping[str, str], entries: list) -> dict[str, Any]:
+    if isinstance(handle, (ShardedFile, DiffusersFolder)):  # hashing the index file would name the wrong bytes
+        return {"note": "stored in several files: no single-file hash (info --hash each weights file)"}
     if not isinstance(handle, SafetensorsFile):
         digest = hashlib.sha256()
         with open(path, "rb") as stream:
@@ -321,7 +324,9 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
         metadata = dict(handle.metadata or {})
         shapes = {name: tuple(info.shape) for name, info in infos.items()}
         dtypes = {name: info.dtype for name, info in infos.items()}
-        report: dict[str, Any] = {"path": str(path), "file_bytes": path.stat().st_size}
+        # a sharded index or a folder: the bytes of every file read, not of the index or the directory entry
+        size = getattr(handle, "file_bytes", None)
+        report: dict[str, Any] = {"path": str(path), "file_bytes": size if size is not None else path.stat().st_size}
         if isinstance(handle, SafetensorsFile):
             report["format"] = "safetensors"
             report["header_bytes"] = handle.header.header_len
@@ -330,7 +335,10 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
                 report["extra_header_fields"] = {name: fields for name, fields in sorted(extra.items())[:50]}
                 report["extra_header_field_count"] = len(extra)
         elif isinstance(handle, ShardedFile):
-            report["format"] = "safetensors (sharded index)"
+            report["format"] = f"safetensors (sharded index, {len(handle.shard_paths)} shards)"
+        elif isinstance(handle, DiffusersFolder):
+            report["format"] = "diffusers folder (" + ", ".join(
+                f"{name}/{weights.name}" for name, weights in handle.weights.items()) + ")"
         elif isinstance(handle, PickledFile):
             report["format"] = "pickle (weights-only load, not header-only)"
         report["tensor_count"] = len(infos)
@@ -484,9 +492,11 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
             row("AutoV2", hashes["autov2"])
             row("AutoV3", f"{hashes['autov3']} (sshs_model_hash {hashes['sshs_model_hash']})")
             row("legacy", hashes["sshs_legacy_hash"])
-        else:
+        elif "sha256" in hashes:
             row("sha256", f"{hashes['sha256']} ({hashes['note']})")
             row("AutoV2", hashes["autov2"])
+        else:
+            row("hashes", hashes["note"])
         for name, check in (hashes.get("embedded") or {}).items():
             verdict = {True: "matches", False: "DOES NOT MATCH", None: "unverified"}[check.get("matches")]
             extra = f"; {check['note']}" if check.get("note") else ""

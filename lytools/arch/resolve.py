@@ -224,15 +224,22 @@ class Resolver:
         return (rows_total,) + rest
 
     # -- tables from this file's keys -------------------------------------------------------------
-    def _component_of(self, key: str) -> tuple[str, str, str] | None:
-        """Return (component, kohya prefix, path) for a text-encoder key, or None."""
+    def _component_of(self, key: str) -> tuple[str, str, str, str] | None:
+        """Return (component, kohya prefix, path, naming style) for a text-encoder key, or None.
+
+        A diffusers-layout file (a diffusers folder read as one file) holds each text encoder under
+        its pipeline component (`text_encoder.`, `text_encoder_2.`, ...) in transformers names."""
         if self.arch not in ENCODERS:
             return None
         for encoder in ENCODERS[self.arch]:
-            if encoder.component == "unet" or not key.startswith(encoder.key_prefix):
+            if encoder.component == "unet":
                 continue
-            rel = key[len(encoder.key_prefix):]
-            return encoder.component, encoder.kohya_prefix, rel
+            if key.startswith(encoder.key_prefix):
+                return encoder.component, encoder.kohya_prefix, key[len(encoder.key_prefix):], encoder.style
+            folder_prefix = encoder.diffusers + "."
+            if self.checkpoint.layout == "diffusers" and key.startswith(folder_prefix):
+                style = "t5" if encoder.style == "t5" else "hf"
+                return encoder.component, encoder.kohya_prefix, key[len(folder_prefix):], style
         return None
 
     def _own_table(self) -> dict[str, tuple[str, Placement, Shape, str]]:
@@ -273,9 +280,9 @@ class Resolver:
             found = self._component_of(key)
             if found is None:
                 continue
-            component, kohya_prefix, rel = found
+            component, kohya_prefix, rel, style = found
             encoder = next(e for e in ENCODERS[self.arch] if e.component == component)
-            if encoder.style == "openclip":
+            if style == "openclip":
                 for hf_path, _ in openclip_to_hf(rel):
                     rows = None
                     if rel.endswith("attn.in_proj_weight"):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lytools.convert.layout import ALPHA, DORA, TARGETS
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
+from lytools.io.folders import DiffusersFolder, FolderWriter
 from lytools.io.dtypes import FP8_NAMES, is_float, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, add_provenance, carried, source_entry
 
@@ -85,6 +86,8 @@ def peft_paths(output: Path) -> tuple[Path, Path]:
 def output_for(source: Path, output_dir: Path, target: str | None) -> Path:
     """Return the output path of `source` under --output-dir (the naming rule)."""
     stem = input_stem(source)
+    if target is None and (source / "model_index.json").is_file():
+        return output_dir / source.name  # a diffusers folder cast: a folder of the same name
     if target == "peft":
         return output_dir / stem
     return output_dir / f"{stem}.safetensors"
@@ -296,7 +299,10 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
             tensors = {name: produce(name) for name in infos}
             write_network(output, tensors, meta, overwrite=overwrite, durable=durable)
         else:
-            writer = SafetensorsWriter(output, planned, meta, overwrite=overwrite, durable=durable)
+            if isinstance(reader, DiffusersFolder):  # a diffusers folder is written as a folder like it
+                writer = FolderWriter(output, reader, planned, meta, overwrite=overwrite)
+            else:
+                writer = SafetensorsWriter(output, planned, meta, overwrite=overwrite, durable=durable)
             with writer:
                 for name in writer.order:
                     writer.write(name, produce(name))

@@ -37,6 +37,7 @@ from lytools.io.writer import (
 if TYPE_CHECKING:
     import torch
 
+    from lytools.io.folders import DiffusersFolder
     from lytools.io.pickled import PickledFile
 
 _LAZY = {"PickledFile", "load_pickled_state_dict"}  # lytools.io.pickled (pickle, zipfile): imported on first use
@@ -60,16 +61,46 @@ class ShardedFile:
             weight_map = index["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FileFormatError(f"{self.path}: not a safetensors index ({type(exc).__name__})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FileFormatError(f"{self.path}: not a safetensors index (weight_map is not an object of shard names)")
         self._shards: dict[str, SafetensorsFile] = {}
         self._where: dict[str, SafetensorsFile] = {}
-        self.metadata = {k: str(v) for k, v in (index.get("metadata") or {}).items()}
+        # the index's own metadata is {"total_size": N}: bookkeeping, not the model's metadata
+        self.metadata: dict[str, str] = {}
+        try:
+            self._open_shards(weight_map)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_shards(self, weight_map: dict[str, str]) -> None:
         for name, shard in weight_map.items():
             if shard not in self._shards:
+                if Path(shard).name != shard:
+                    raise FileFormatError(f"{self.path}: shard {shard!r} is not a file name beside the index")
                 self._shards[shard] = SafetensorsFile(self.path.parent / shard)
             opened = self._shards[shard]
             if name not in opened:
                 raise FileFormatError(f"{self.path}: index names {name!r} in {shard}, which lacks it")
             self._where[name] = opened
+        for shard, opened in self._shards.items():
+            for name in opened.keys():
+                owner = self._where.get(name)
+                if owner is None:
+                    raise FileFormatError(f"{self.path}: shard {shard} holds {name!r}, which the index does not list")
+                if owner is not opened:
+                    raise FileFormatError(f"{self.path}: tensor {name!r} is in two shards ({shard} and {owner.path.name})")
+            if not self.metadata and opened.metadata:
+                self.metadata = dict(opened.metadata)
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [shard.path for shard in self._shards.values()]
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of the shards (the index itself aside)."""
+        return sum(shard.header.file_size for shard in self._shards.values())
 
     def __enter__(self) -> "ShardedFile":
         return self
@@ -103,11 +134,14 @@ class ShardedFile:
         return self.get(name)[start:stop]
 
 
-def open_file(path: str | os.PathLike) -> SafetensorsFile | ShardedFile | PickledFile:
-    """Open any supported input: .safetensors, a sharded index, or a weights-only pickle."""
+def open_file(path: str | os.PathLike) -> SafetensorsFile | ShardedFile | PickledFile | DiffusersFolder:
+    """Open any supported input: .safetensors, a sharded index, a weights-only pickle, or a folder
+    (a diffusers folder, or a folder holding one model: lytools.io.folders)."""
     path = Path(path)
     if path.is_dir():
-        raise FileFormatError(f"{path}: is a directory, not a model file")
+        from lytools.io.folders import open_folder
+
+        return open_folder(path)
     if not path.exists():
         raise FileFormatError(f"{path}: no such file")
     if path.name.endswith(".index.json"):

@@ -40,16 +40,16 @@ def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        found = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: [^\s]+|Unsupported class [^\s]+)", text)
+        # "Unsupported global: GLOBAL builtins.eval was not..." names the global after the word GLOBAL
+        found = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: (?:GLOBAL )?[^\s]+|Unsupported class [^\s]+)", text)
         if found:
             raise UnsafeFileError(
                 f"refusing to load {path}: it contains Python objects beyond tensors "
                 f"({found.group(1)}); convert it with a trusted tool"
             ) from None
         detail = re.search(r"(Unsupported operand [^\n]*)", text)
-        raise FileFormatError(
-            f"{path}: not a readable checkpoint ({detail.group(1) if detail else 'corrupt pickle'})"
-        ) from None
+        reason = f"a pickle the weights-only loader cannot read: {detail.group(1)}" if detail else "corrupt pickle"
+        raise FileFormatError(f"{path}: not a readable checkpoint ({reason})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileFormatError(f"{path}: not a readable checkpoint ({message[:200]})") from None

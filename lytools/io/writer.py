@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import re
 import struct
 from dataclasses import dataclass
@@ -208,7 +209,10 @@ def removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
         yield
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            if os.path.isdir(path) and not os.path.islink(path):  # a diffusers folder written whole
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
         raise
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from lytools.errors import LytoolsError, UsageError
 from lytools.io import check_output_path, removed_on_failure
+from lytools.io.folders import check_folder_output
 from lytools.ui import QUIET, Reporter
 
 if TYPE_CHECKING:
@@ -77,7 +78,10 @@ def run_merge(
     if output is None and not dry_run:
         raise UsageError("merge: -o OUT is required (or --dry-run)")
     if output is not None and not dry_run:
-        check_output_path(output, overwrite)
+        if (paths[0] / "model_index.json").is_file():  # into a diffusers folder: the output is a folder
+            check_folder_output(Path(output), overwrite)
+        else:
+            check_output_path(output, overwrite)
     kinds = [file_kind(path) for path in paths]
     later_checkpoints = [p.name for p, k in zip(paths[1:], kinds[1:]) if k == "checkpoint"]
     if later_checkpoints:

@@ -1,0 +1,299 @@
+"""Model folders read as one file: a diffusers pipeline folder, or a folder holding one model.
+
+A diffusers folder (FORMATS.md 2.1) has `model_index.json` and one sub-folder per component
+(`unet/` or `transformer/`, `text_encoder/`, `text_encoder_2/`, `vae/`, ...), each with
+`config.json` and its weights: `diffusion_pytorch_model.safetensors` (diffusers components) or
+`model.safetensors` (transformers components), possibly sharded (`*.safetensors.index.json`), in
+old repositories a pickled `.bin`. `DiffusersFolder` presents every component's tensors under
+`<component>.<key>` (`unet.down_blocks.0...`, `text_encoder.text_model...`), the names
+architecture detection and the resolver read as the diffusers layout; sub-folders without weights
+(tokenizer, scheduler, feature extractor) are not components.
+
+A folder without `model_index.json` opens as the one model it holds: a single diffusers/transformers
+weights file, or a single `*.safetensors.index.json`.
+
+`FolderWriter` writes a folder shaped like a DiffusersFolder it was planned from: each component's
+weights as one `.safetensors` file, every other file copied, the whole folder built under a
+temporary name beside the target and renamed into place when complete (nothing left on failure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+
+from lytools.errors import FileFormatError, LytoolsError, OutputExistsError
+from lytools.io.safetensors import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from lytools.io.writer import PlannedTensor
+
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+PICKLED_WEIGHTS = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+DENOISERS = ("unet", "transformer", "prior", "decoder")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".gguf")
+
+
+def weights_file(folder: Path) -> Path | None:
+    """Return the weights file of one model folder (single file before an index, safetensors before
+    a pickle), or None when it holds none of the known names."""
+    for stem in WEIGHT_STEMS:
+        for suffix in (".safetensors", ".safetensors.index.json"):
+            candidate = folder / (stem + suffix)
+            if candidate.is_file():
+                return candidate
+    for name in PICKLED_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def open_folder(path: Path):
+    """Open a folder: a diffusers pipeline (model_index.json) or the one model it holds."""
+    if (path / "model_index.json").is_file():
+        return DiffusersFolder(path)
+    weights = weights_file(path)
+    if weights is None:
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if len(indexes) == 1:
+            weights = indexes[0]
+        elif len(indexes) > 1:
+            raise FileFormatError(f"{path}: a folder with {len(indexes)} safetensors indexes; name the one to read")
+    if weights is None:
+        raise FileFormatError(f"{path}: a directory that is neither a diffusers folder (no model_index.json) nor holds "
+                              "a model (no diffusion_pytorch_model/model .safetensors or *.safetensors.index.json)")
+    return _open_weights(weights)
+
+
+def _open_weights(path: Path):
+    from lytools.io import open_file
+
+    return open_file(path)
+
+
+class DiffusersFolder:
+    """A diffusers pipeline folder opened as one file: keys `<component>.<key>` (see module doc)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index_path = self.path / "model_index.json"
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise FileFormatError(f"{index_path}: not a readable model_index.json ({type(exc).__name__})") from None
+        if not isinstance(index, dict):
+            raise FileFormatError(f"{index_path}: not a JSON object")
+        self.components: dict[str, object] = {}  # component -> open file, in model_index order
+        self.weights: dict[str, Path] = {}
+        try:
+            for name in index:
+                if name.startswith("_") or not (self.path / name).is_dir():
+                    continue
+                folder = self.path / name
+                weights = weights_file(folder)
+                if weights is None:
+                    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors*")):
+                        raise FileFormatError(f"{folder}: no diffusion_pytorch_model.safetensors or model.safetensors "
+                                              "(variant files such as *.fp16.safetensors: name the file to read)")
+                    if (folder / "config.json").is_file() and any(folder.glob("*.bin")):
+                        raise FileFormatError(f"{folder}: weights under a name lytools does not know")
+                    continue  # tokenizer, scheduler, feature extractor: no weights
+                self.components[name] = _open_weights(weights)
+                self.weights[name] = weights
+        except BaseException:
+            self.close()
+            raise
+        if not self.components:
+            raise FileFormatError(f"{self.path}: a diffusers folder without any component weights")
+        denoiser = next((c for c in DENOISERS if c in self.components), None)
+        self.denoiser = denoiser
+        self.metadata: dict[str, str] = dict(self.components[denoiser].metadata or {}) if denoiser else {}
+        self._where: dict[str, tuple[str, str]] = {}
+        for component, handle in self.components.items():
+            for key in handle.keys():
+                self._where[f"{component}.{key}"] = (component, key)
+
+    def __enter__(self) -> "DiffusersFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self.components.values():
+            handle.close()
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of every weights file read (shards included)."""
+        total = 0
+        for handle in self.components.values():
+            total += getattr(handle, "file_bytes", None) or handle.path.stat().st_size
+        return total
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _locate(self, name: str) -> tuple[str, str]:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise FileFormatError(f"{self.path}: no tensor named {name!r}") from None
+
+    def info(self, name: str) -> TensorInfo:
+        component, key = self._locate(name)
+        return dataclasses.replace(self.components[component].info(key), name=name)
+
+    def infos(self) -> Iterator[TensorInfo]:
+        return (self.info(name) for name in self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        component, key = self._locate(name)
+        return self.components[component].get(key)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(name)[start:stop]
+
+    def component_of(self, name: str) -> tuple[str, str]:
+        """(component, key inside the component's file) of a folder key."""
+        return self._locate(name)
+
+
+def output_name(weights: Path) -> str:
+    """The single-file name a component's weights are written under (shards and pickles become one .safetensors)."""
+    name = weights.name
+    for stem in WEIGHT_STEMS:
+        if name.startswith(stem + "."):
+            return stem + ".safetensors"
+    return "model.safetensors"
+
+
+class FolderWriter:
+    """Write a diffusers folder shaped like `source` (see the module docstring).
+
+    `entries` plan every output tensor under its folder name (`<component>.<key>`); `order` is the
+    order to write them in (component by component, each in file order). `metadata` goes into the
+    denoiser's file (the first component when there is none); the other files keep their own.
+    """
+
+    def __init__(self, out: str | os.PathLike, source: DiffusersFolder, entries: Iterable[PlannedTensor],
+                 metadata: Mapping[str, str] | None, *, overwrite: bool = False):
+        from lytools.io.writer import SafetensorsWriter
+
+        self.path = Path(out)
+        self.source = source
+        check_folder_output(self.path, overwrite)
+        self.overwrite = overwrite
+        self._temp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self._main = source.denoiser or next(iter(source.components))
+        grouped: dict[str, list[PlannedTensor]] = {c: [] for c in source.components}
+        for entry in entries:
+            component, key = source.component_of(entry.name)
+            grouped[component].append(dataclasses.replace(entry, name=key))
+        if self._temp.exists():
+            shutil.rmtree(self._temp)
+        try:
+            _copy_tree_without_weights(source, self._temp)
+            self._writers: dict[str, SafetensorsWriter] = {}
+            for component, planned in grouped.items():
+                meta = metadata if component == self._main else dict(source.components[component].metadata or {})
+                target = self._temp / component / output_name(source.weights[component])
+                self._writers[component] = SafetensorsWriter(target, planned, meta, overwrite=True)
+        except BaseException:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            raise
+        self.order = [f"{component}.{key}" for component, writer in self._writers.items() for key in writer.order]
+        self._open: list = []
+
+    def __enter__(self) -> "FolderWriter":
+        try:
+            for writer in self._writers.values():
+                writer.__enter__()
+                self._open.append(writer)
+        except BaseException:
+            self.__exit__(*__import__("sys").exc_info())
+            raise
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        component, key = self.source.component_of(name)
+        self._writers[component].write(key, tensor)
+
+    def patch_metadata(self, metadata: Mapping[str, str]) -> None:
+        self._writers[self._main].patch_metadata(metadata)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        failed = exc_type is not None
+        try:
+            for writer in self._open:
+                writer.__exit__(exc_type, exc, tb) if failed else writer.__exit__(None, None, None)
+        except BaseException:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            raise
+        if failed:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            return
+        try:
+            _replace_folder(self._temp, self.path, self.overwrite)
+        except BaseException:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            raise
+
+
+def check_folder_output(path: Path, overwrite: bool) -> None:
+    """Refuse an output folder that exists (unless overwrite), is a file, or whose parent is missing."""
+    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        raise LytoolsError(f"{path}: the output of a diffusers folder is a folder like it; give a folder name, "
+                           f"not a {path.suffix} file name")
+    if path.exists() and not path.is_dir():
+        raise LytoolsError(f"{path}: exists and is not a folder (the output of a diffusers folder is a folder)")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise LytoolsError(f"{path}: refusing to replace a folder that is not a diffusers folder")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LytoolsError(f"{path}: folder {parent} does not exist")
+
+
+def _copy_tree_without_weights(source: DiffusersFolder, temp: Path) -> None:
+    """Copy the pipeline folder except the weights of its components (and hidden files)."""
+    skip: set[Path] = set()
+    for component, weights in source.weights.items():
+        skip.add(weights.resolve())
+        if weights.name.endswith(".index.json"):
+            handle = source.components[component]
+            for shard in getattr(handle, "shard_paths", ()):
+                skip.add(Path(shard).resolve())
+    root = source.path
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(folder).relative_to(root)
+        (temp / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            file = Path(folder) / name
+            # other weights (fp16 variants, flax, single-file copies) would be stale: not copied
+            if name.startswith(".") or file.resolve() in skip or name.lower().endswith(WEIGHT_SUFFIXES):
+                continue
+            shutil.copy2(file, temp / rel / name)
+
+
+def _replace_folder(temp: Path, target: Path, overwrite: bool) -> None:
+    if target.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{target}: already exists (use --overwrite to replace it)")
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
+        os.rename(temp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(temp, target)
