@@ -21,7 +21,7 @@ from lytools.arch import detect_checkpoint, detect_network
 from lytools.arch.network import NetworkArch, module_shapes
 from lytools.errors import LytoolsError
 from lytools.io import PickledFile, SafetensorsFile, ShardedFile, open_file
-from lytools.io.folders import DiffusersFolder
+from lytools.io.folders import DiffusersFolder, lone_shard
 from lytools.io.hashes import LEGACY_LENGTH, LEGACY_OFFSET, file_hashes
 from lytools.io.writer import build_header, file_order, plan_entry, ss_only
 
@@ -387,6 +387,9 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
             if found.scale != 1:
                 notes.append(f"shapes are {found.arch} scaled down {found.scale}x (a synthetic test model)")
             notes.extend(found.notes)
+        shard = lone_shard(path)
+        if shard:  # the rest of the model is in the other shards
+            notes.append(shard.split(": ", 1)[1])
         report["metadata"] = _metadata_summary(metadata)
         if hashes:
             entries = [plan_entry(name, info.dtype, info.shape) for name, info in infos.items()]

@@ -248,6 +248,22 @@ def test_merge_through_an_index_matches_the_single_file(models, tmp_path, capsys
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_lone_shard_is_refused_where_the_whole_model_is_needed(models, tmp_path, capsys):
+    """extract and merge into one shard would work on part of the model (extract exited 0 with the
+    other shards' modules 'in one file only'); info reads it and says what it is; a cast is fine."""
+    index = shard_file(models["base"], tmp_path / "sharded")
+    shard = index.parent / "model-00001-of-00002.safetensors"
+    out = tmp_path / "out.safetensors"
+    for args in (("extract", shard, models["tuned"], out), ("extract", models["base"], shard, out),
+                 ("merge", shard, models["net"], "-o", out)):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, shard.name)
+        assert "model.safetensors.index.json" in err and not out.exists()
+    code, stdout, err = cli(capsys, "info", "--json", shard)
+    assert code == 0 and "one of the 2 shards of model.safetensors.index.json" in stdout
+    assert cli(capsys, "convert", shard, "-o", out, "--save-dtype", "fp16")[0] == 0
+
+
 # -- broken containers --------------------------------------------------------------------------------
 def _broken_index(kind: str, models, folder):
     index = shard_file(models["base"], folder)

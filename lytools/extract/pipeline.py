@@ -34,6 +34,7 @@ from lytools.extract.report import Summary, summarize, write_report
 from lytools.extract.spill import SpillStore
 from lytools.extract.svd import SvdFailure, energy
 from lytools.io import SafetensorsFile, open_file, removed_on_failure, write_safetensors
+from lytools.io.folders import lone_shard
 from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
 from lytools.io.writer import check_output_path
@@ -244,6 +245,10 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
             raise LytoolsError(f"{options.report}: --report must end in .json or .csv")
         check_output_path(options.report, options.overwrite)
     device = resolve_device(options.device)
+    for path in (base, tuned):  # a lone shard would give a network of part of the model
+        problem = lone_shard(path)
+        if problem:
+            raise LytoolsError(problem)
     base_source, tuned_source = _Source(base), _Source(tuned)
     hashers = _start_hashes([base_source, tuned_source])
     try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
@@ -69,6 +70,28 @@ def open_folder(path: Path):
         raise FileFormatError(f"{path}: a directory that is neither a diffusers folder (no model_index.json) nor holds "
                               "a model (no diffusion_pytorch_model/model .safetensors or *.safetensors.index.json)")
     return _open_weights(weights)
+
+
+_SHARD_NAME = re.compile(r"-\d+-of-\d+\.safetensors$")
+
+
+def lone_shard(path: str | os.PathLike) -> str | None:
+    """Return a one-line error when `path` is one shard of a sharded checkpoint (an index beside it
+    names it), else None. For commands that need the whole model (extract, merge into it); info and
+    casting read a shard on its own."""
+    path = Path(path)
+    if not path.is_file() or not _SHARD_NAME.search(path.name):
+        return None
+    for index in sorted(path.parent.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+        if path.name in shards:
+            return (f"{path}: one of the {len(shards)} shards of {index.name}; give the index "
+                    f"(or the folder {path.parent.name or '.'}) to read the whole model")
+    return None
 
 
 def _open_weights(path: Path):

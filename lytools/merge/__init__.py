@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from lytools.errors import LytoolsError, UsageError
 from lytools.io import check_output_path, removed_on_failure
-from lytools.io.folders import check_folder_output
+from lytools.io.folders import check_folder_output, lone_shard
 from lytools.ui import QUIET, Reporter
 
 if TYPE_CHECKING:
@@ -87,6 +87,9 @@ def run_merge(
     if later_checkpoints:
         raise LytoolsError(f"{later_checkpoints[0]}: only the first input may be a checkpoint (networks follow it)")
     if kinds[0] == "checkpoint":
+        problem = lone_shard(paths[0])  # merging into one shard would miss every module of the others
+        if problem:
+            raise LytoolsError(problem)
         if len(paths) < 2:
             raise LytoolsError(f"{paths[0].name}: a checkpoint alone: give the networks to merge into it")
         if rank is not None or conv_rank is not None:
