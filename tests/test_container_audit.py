@@ -107,10 +107,11 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("containers")
     base = build_checkpoint(root / "base.safetensors", "sd1", factor=16, dtype=torch.float32)
     net = build_network(root / "net.safetensors", "sd1", factor=16, rank=4)
+    dora = build_network(root / "dora.safetensors", "sd1", factor=16, rank=4, dora=True)
     tuned = build_tuned(base, root / "tuned.safetensors", net).path
     folder_base = write_diffusers_folder(base, root / "pipe-base", shard_unet=True)
     folder_tuned = write_diffusers_folder(tuned, root / "pipe-tuned")
-    return {"root": root, "base": base, "net": net, "tuned": tuned, "folder_base": folder_base,
+    return {"root": root, "base": base, "net": net, "dora": dora, "tuned": tuned, "folder_base": folder_base,
             "folder_tuned": folder_tuned}
 
 
@@ -328,6 +329,7 @@ def _bad_inputs(tmp):
     yield "broken_model_index", tmp / "pipe", lambda p: (p.mkdir(), (p / "model_index.json").write_text("{oops"))
     yield "variant_only", tmp / "pipe", _variant_only_folder
     yield "index_no_components", tmp / "pipe", lambda p: (p.mkdir(), (p / "model_index.json").write_text("{}"))
+    yield "peft_folder", tmp / "adapter", lambda p: (p.mkdir(), write_safetensors(p / "adapter_model.safetensors", {"w": torch.zeros(2)}))
 
 
 def _variant_only_folder(path):
@@ -360,7 +362,9 @@ def test_network_and_checkpoint_swapped(models, tmp_path, capsys):
              (("extract", models["net"], models["tuned"], out), "net.safetensors"),
              (("resize", models["base"], out, "--rank", "2"), "base.safetensors"),
              (("convert", models["base"], "--to", "kohya", "-o", out), "base.safetensors"),
-             (("merge", models["base"], models["folder_base"], "-o", out), "pipe-base"))
+             (("merge", models["base"], models["folder_base"], "-o", out), "pipe-base"),
+             # it said "no weight for module ... in this checkpoint"
+             (("resize", models["dora"], out, "--rank", "2", "-q", "--base", models["net"]), "net.safetensors"))
     for args, named in cases:
         code, _, err = cli(capsys, *args)
         assert_one_line_error(code, err, named)

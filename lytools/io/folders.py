@@ -66,6 +66,9 @@ def open_folder(path: Path):
             weights = indexes[0]
         elif len(indexes) > 1:
             raise FileFormatError(f"{path}: a folder with {len(indexes)} safetensors indexes; name the one to read")
+    if weights is None and (path / "adapter_model.safetensors").is_file():
+        # read as a file, the adapter finds its adapter_config.json (scale) beside it
+        raise FileFormatError(f"{path}: a peft adapter folder; give its adapter_model.safetensors")
     if weights is None:
         raise FileFormatError(f"{path}: a directory that is neither a diffusers folder (no model_index.json) nor holds "
                               "a model (no diffusion_pytorch_model/model .safetensors or *.safetensors.index.json)")

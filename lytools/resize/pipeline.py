@@ -214,9 +214,14 @@ class BaseWeights:
     def __init__(self, path: Path, metadata: Mapping[str, str] | None = None):
         from lytools.arch import Resolver
 
+        from lytools.merge.inputs import looks_like_network
+
         self.path = path
         self.reader = open_file(path)
         infos = {name: self.reader.info(name) for name in self.reader.keys()}
+        if looks_like_network(infos):  # it said "no weight for module ..." as if a checkpoint lacked it
+            self.reader.close()
+            raise MatchError(f"{path}: a network (LoRA/LyCORIS), not a checkpoint: --base takes the base model")
         self.resolver = Resolver(infos, metadata or self.reader.metadata)
 
     def __call__(self, name: str) -> torch.Tensor:
