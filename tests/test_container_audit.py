@@ -206,6 +206,25 @@ def test_merge_into_diffusers_folder_writes_a_folder(models, tmp_path, capsys):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_merge_creates_a_bias_inside_its_component(models, tmp_path, capsys):
+    """A full-difference module with diff_b on a bias-less weight creates the bias: in a folder it
+    belongs to the component of its weight (it raised 'no tensor named' for the folder)."""
+    module = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    shape = read_tensors(models["base"])[key].shape
+    net = tmp_path / "full.safetensors"
+    write_safetensors(net, {f"{module}.diff": torch.full(shape, 0.01), f"{module}.diff_b": torch.full(shape[:1], 0.5)})
+    single, folder = tmp_path / "single.safetensors", tmp_path / "pipe"
+    assert cli(capsys, "merge", models["base"], net, "-o", single, "-q")[0] == 0
+    code, _, err = cli(capsys, "merge", models["folder_base"], net, "-o", folder, "-q")
+    assert code == 0, err
+    created = unet_names()[key][: -len(".weight")] + ".bias"
+    bias = read_tensors(single)[key[: -len(".weight")] + ".bias"]
+    assert torch.equal(bias, torch.full(shape[:1], 0.5))
+    with open_file(folder / "unet" / "diffusion_pytorch_model.safetensors") as unet:
+        assert torch.equal(unet.get(created), bias)
+
+
 def test_failed_folder_merge_leaves_nothing(models, tmp_path, monkeypatch):
     from lytools.merge import run_merge
     from lytools.merge.checkpoint import _Engine

@@ -190,7 +190,12 @@ class DiffusersFolder:
         return self.get(name)[start:stop]
 
     def component_of(self, name: str) -> tuple[str, str]:
-        """(component, key inside the component's file) of a folder key."""
+        """(component, key inside the component's file) of a folder key; a name the folder lacks (a
+        bias a merge creates) goes to the component its prefix names."""
+        if name not in self._where:
+            component, _, key = name.partition(".")
+            if component in self.components and key:
+                return component, key
         return self._locate(name)
 
 
