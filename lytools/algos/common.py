@@ -141,6 +141,8 @@ def check_finite(modules: Mapping[str, NetworkModule]) -> None:
     them silently. Network tensors are small; this reads each once."""
     for name, module in modules.items():
         for suffix, tensor in module.tensors.items():
+            if tensor.is_floating_point() and tensor.dtype.itemsize == 1:
+                tensor = tensor.float()  # torch has no isfinite for fp8
             if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
                 count = int((~torch.isfinite(tensor)).sum())
                 raise fail(name, f"{suffix} holds {count} non-finite values (inf/NaN): the file is damaged")

@@ -26,7 +26,7 @@ from lytools.convert.layout import ALPHA, DORA, TARGETS
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.folders import DiffusersFolder, FolderWriter
-from lytools.io.dtypes import FP8_NAMES, is_float, st_name
+from lytools.io.dtypes import is_float, saturating_cast, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, add_provenance, carried, source_entry
 
 if TYPE_CHECKING:
@@ -251,7 +251,8 @@ PRECISE_SUFFIXES = (f".{ALPHA}", f".{DORA}", ".lora_magnitude_vector")  # kept f
 def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool = False, durable: bool = True) -> FileResult:
     """Write `source` with every floating tensor in `dtype`, streaming tensor by tensor.
 
-    Integer and bool tensors keep their dtype; fp8 targets saturate to the format's finite range.
+    Integer and bool tensors keep their dtype; values beyond the target's finite range (fp16, fp8)
+    saturate to it, with a note.
     Files whose embedded sshs hashes A1111 reads (networks) get them recomputed; other stale
     hashes are dropped. Scaled-fp8 checkpoints (per-tensor scale siblings) are refused: their
     true weights are fp8 x scale and a plain cast would change them.
@@ -286,28 +287,25 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
             tensor = reader.get(name)
             if name in precise:
                 return cast(tensor, dtype, keep_precise=True)
-            if is_float(tensor.dtype) and st_name(dtype) in FP8_NAMES and tensor.dtype != dtype:
-                limit = torch.finfo(dtype).max
-                wide = tensor.float()
-                if bool((wide.abs() > limit).any()):
-                    saturated += 1
-                    wide = wide.clamp(-limit, limit)
-                return wide.to(dtype)
+            if is_float(tensor.dtype):
+                out, beyond = saturating_cast(tensor, dtype)  # fp16 too: never an inf the input lacked
+                saturated += beyond
+                return out
             return cast(tensor, dtype)
 
-        if "sshs_model_hash" in stored:
-            tensors = {name: produce(name) for name in infos}
-            write_network(output, tensors, meta, overwrite=overwrite, durable=durable)
+        if isinstance(reader, DiffusersFolder):  # a diffusers folder is written as a folder like it
+            writer = FolderWriter(output, reader, planned, meta, overwrite=overwrite)
         else:
-            if isinstance(reader, DiffusersFolder):  # a diffusers folder is written as a folder like it
-                writer = FolderWriter(output, reader, planned, meta, overwrite=overwrite)
-            else:
-                writer = SafetensorsWriter(output, planned, meta, overwrite=overwrite, durable=durable)
-            with writer:
-                for name in writer.order:
-                    writer.write(name, produce(name))
+            # embedded sshs hashes are recomputed as the data streams past (the whole file in memory
+            # before: a checkpoint that carried them cost its full size in RAM)
+            writer = SafetensorsWriter(output, planned, meta, overwrite=overwrite, durable=durable,
+                                       sshs="sshs_model_hash" in stored)
+        with writer:
+            for name in writer.order:
+                writer.write(name, produce(name))
     if saturated:
-        result.notes.append(f"{saturated} tensors had values beyond the {st_name(dtype)} range and were saturated")
+        result.notes.append(f"{saturated} tensors had values beyond the {st_name(dtype)} range "
+                            f"and were saturated to ±{torch.finfo(dtype).max:g}")
     result.outputs = [output]
     result.seconds = time.perf_counter() - started
     return result

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import json
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -33,7 +34,7 @@ from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, scale
 from lytools.convert.layout import FOLDED_NOTE, fold_split, lora_config, unloaded_note
 from lytools.convert.load import Network
 from lytools.errors import LytoolsError, MatchError, UnsupportedError
-from lytools.io.dtypes import is_float
+from lytools.io.dtypes import is_float, saturating_cast
 
 
 
@@ -59,7 +60,20 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype | None, *, keep_precise: bool 
         return tensor
     if keep_precise and dtype.itemsize == 1:
         return tensor.to(torch.float32)
-    return tensor.to(dtype)
+    return _narrow(tensor, dtype)
+
+
+# tensors saturated by casts of the convert_network call in progress (None outside one)
+_SATURATED: ContextVar[list[int] | None] = ContextVar("lytools_convert_saturated", default=None)
+
+
+def _narrow(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor.to(dtype), values beyond dtype's range saturated (never an inf in fp16), counted."""
+    out, beyond = saturating_cast(tensor, dtype)
+    counter = _SATURATED.get()
+    if beyond and counter is not None:
+        counter[0] += 1
+    return out
 
 
 def _many(items: list[str], limit: int = 3) -> str:
@@ -184,8 +198,10 @@ def _scaled(tensor: torch.Tensor, factor: float, out_dtype: torch.dtype, dtype: 
     if factor == 1.0:
         return cast(tensor, dtype)
     if tensor.dtype == out_dtype and tensor.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return tensor * factor
-    return (tensor.float() * factor).to(out_dtype)
+        product = tensor * factor
+        if tensor.dtype == torch.float32 or bool(torch.isfinite(product).all()):
+            return product
+    return _narrow(tensor.float() * factor, out_dtype)
 
 
 def to_diffusers(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None = None) -> Converted:
@@ -282,7 +298,21 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
 def convert_network(net: Network, target: str, *, fold: bool | None = None, save_dtype: torch.dtype | None = None,
                     component: str | None = None) -> Converted:
     """Return the network in the target layout: kohya | diffusers | peft (fold defaults to True for
-    diffusers and peft; kohya never folds)."""
+    diffusers and peft; kohya never folds). Values beyond the output dtype's range saturate, with a note."""
+    counter = [0]
+    token = _SATURATED.set(counter)
+    try:
+        converted = _convert(net, target, fold, save_dtype, component)
+    finally:
+        _SATURATED.reset(token)
+    if counter[0]:
+        limit = f" to ±{torch.finfo(save_dtype).max:g}" if save_dtype is not None else ""
+        converted.notes.append(f"{counter[0]} tensors had values beyond the output dtype's range and were saturated{limit}")
+    return converted
+
+
+def _convert(net: Network, target: str, fold: bool | None, save_dtype: torch.dtype | None,
+             component: str | None) -> Converted:
     if target == "kohya":
         if fold:
             return _fold_kohya(to_kohya(net, save_dtype), net, save_dtype)

@@ -16,8 +16,10 @@ import torch
 from lytools.arch.network import ALPHA, LORA_DOWN, LORA_MID, LORA_UP
 from lytools.extract.ranks import RankRule, select_rank, stores_full
 from lytools.extract.svd import LowRank, SvdFailure, energy, exact_spectrum, fixed_rank, robust_svd
+from lytools.io.dtypes import saturating_cast
 
 SPARSE_INDEX_LIMIT = 32767  # bias_indices / bias_size are int16 (LyCORIS format)
+SATURATED_NOTE = "values beyond the save dtype's range saturated to its largest value (not inf)"
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,24 @@ def _sparse_dense(tensors: dict[str, torch.Tensor], shape: tuple[int, int], devi
     return dense
 
 
+def _store(tensor: torch.Tensor, dtype: torch.dtype, record: ModuleRecord) -> torch.Tensor:
+    """tensor.to(dtype), except that values beyond dtype's range saturate (fp16: never an inf), noted."""
+    out, beyond = saturating_cast(tensor, dtype)
+    if beyond and SATURATED_NOTE not in record.notes:
+        record.notes.append(SATURATED_NOTE)
+    return out
+
+
+def _alpha(rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """alpha = rank as a 0-d tensor in `dtype`, or float32 where `dtype` cannot hold it exactly (bf16
+    above 256, fp16 above 2048): a rounded alpha would scale the module by alpha/rank != 1."""
+    alpha = torch.tensor(float(rank), dtype=dtype)
+    return alpha if float(alpha) == rank else torch.tensor(float(rank), dtype=torch.float32)
+
+
 def _full(name: str, delta: torch.Tensor, record: ModuleRecord, options: FactorOptions,
           bias_delta: torch.Tensor | None) -> Extracted:
-    stored = delta.to(options.save_dtype)
+    stored = _store(delta, options.save_dtype, record)
     error = energy(delta - stored.float())
     total = energy(delta)
     record.stored = "full"
@@ -154,7 +171,7 @@ def _full(name: str, delta: torch.Tensor, record: ModuleRecord, options: FactorO
     record.retained_energy = 1.0 - record.rel_error ** 2
     tensors = {"diff": stored.cpu().contiguous()}
     if bias_delta is not None and bool((bias_delta != 0).any()):
-        tensors["diff_b"] = bias_delta.to(options.save_dtype).cpu().contiguous()
+        tensors["diff_b"] = _store(bias_delta, options.save_dtype, record).cpu().contiguous()
     return Extracted(tensors, record)
 
 
@@ -224,9 +241,9 @@ def extract_module(
         after = _relative(energy(flat32 - _rebuild(up, down, mid, kernel)), total)
         record.clamp_added_error = after - before
 
-    up_c = up.to(options.save_dtype)
-    down_c = down.to(options.save_dtype)
-    mid_c = mid.to(options.save_dtype) if mid is not None else None
+    up_c = _store(up, options.save_dtype, record)
+    down_c = _store(down, options.save_dtype, record)
+    mid_c = _store(mid, options.save_dtype, record) if mid is not None else None
     residual = flat32 - _rebuild(up_c.float(), down_c.float(), mid_c.float() if mid_c is not None else None, kernel)
     error = energy(residual)
     record.rank = rank
@@ -245,7 +262,7 @@ def extract_module(
     else:
         tensors[LORA_DOWN] = down_c.reshape((rank,) + tuple(shape[1:]))
         tensors[LORA_UP] = up_c.reshape(out_features, rank, 1, 1)
-    tensors[ALPHA] = torch.tensor(float(rank), dtype=options.save_dtype)
+    tensors[ALPHA] = _alpha(rank, options.save_dtype)
 
     if options.sparse_bias:
         if max(residual.shape) > SPARSE_INDEX_LIMIT:

@@ -27,7 +27,7 @@ from lytools.arch.a1111 import complete_for_a1111
 from lytools.arch.network import ALPHA
 from lytools.device import resolve_device
 from lytools.errors import LytoolsError, MatchError
-from lytools.extract.factor import Extracted, FactorOptions, ModuleRecord, extract_module
+from lytools.extract.factor import SATURATED_NOTE, Extracted, FactorOptions, ModuleRecord, extract_module
 from lytools.extract.plan import ExtractPlan, PairedModule, plan_extraction
 from lytools.extract.ranks import RankRule
 from lytools.extract.report import Summary, summarize, write_report
@@ -35,6 +35,7 @@ from lytools.extract.spill import SpillStore
 from lytools.extract.svd import SvdFailure, energy
 from lytools.io import SafetensorsFile, open_file, removed_on_failure, write_safetensors
 from lytools.io.folders import lone_shard
+from lytools.io.dtypes import st_name
 from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
 from lytools.io.writer import check_output_path
@@ -286,6 +287,11 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
                         reporter.detail(f"{record.name}: {record.reason}")
                 for note in record.notes:
                     reporter.detail(f"{record.name}: {note}")
+            saturated = [record.name for record in records if SATURATED_NOTE in record.notes]
+            if saturated:
+                reporter.warn(f"{len(saturated)} module(s) had values beyond the range of --save-dtype "
+                              f"{st_name(options.factor.save_dtype)} and were saturated to its largest value, "
+                              f"not written as inf (e.g. {saturated[0]})")
             tensors = spill.tensors()
             if not tensors:
                 raise MatchError(f"{base.name} and {tuned.name}: no module differs (nothing to write)")

@@ -125,3 +125,25 @@ def is_float(dtype: torch.dtype) -> bool:
     """True for the floating dtypes lytools computes on or casts (fp8 included)."""
     names = _torch_maps()["SAFETENSORS_NAMES"]
     return dtype.is_floating_point and dtype in names and names[dtype] in FLOAT_NAMES
+
+
+def saturating_cast(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """Return (`tensor` in `dtype`, whether any finite value lay beyond `dtype`'s finite range).
+
+    In-range values round to nearest exactly as `tensor.to(dtype)`; finite values beyond the range
+    become ±max instead of what torch gives (inf for fp16/bf16/fp8_e5m2, a silent ±448 for
+    fp8_e4m3), so a narrowing --save-dtype never writes an inf the input did not hold. Integer and
+    bool tensors, and casts that do not narrow the range, are plain `.to(dtype)`.
+    """
+    import torch
+
+    if not (tensor.is_floating_point() and dtype.is_floating_point) or tensor.dtype == dtype:
+        return tensor.to(dtype), False
+    limit = torch.finfo(dtype).max
+    if torch.finfo(tensor.dtype).max <= limit:
+        return tensor.to(dtype), False
+    wide = tensor if tensor.dtype.itemsize >= 4 else tensor.float()  # limit is not exact in bf16
+    beyond = (wide.abs() > limit) & torch.isfinite(wide)
+    if not bool(beyond.any()):
+        return tensor.to(dtype), False
+    return torch.where(beyond, wide.sign() * limit, wide).to(dtype), True

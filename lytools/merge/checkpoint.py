@@ -26,7 +26,7 @@ from lytools.arch.network import LORA_DOWN, LORA_UP
 from lytools.device import resolve_device
 from lytools.errors import LytoolsError, MatchError
 from lytools.io import SafetensorsFile, SafetensorsWriter, open_file, plan_entry
-from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES
+from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES, saturating_cast
 from lytools.io.folders import DiffusersFolder, FolderWriter
 from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, carried, source_entry
@@ -64,6 +64,7 @@ class CheckpointResult:
     saturated: list[str] = field(default_factory=list)
     base_autov3: str | None = None
     verification: object | None = None  # VerifyReport when --verify ran
+    overflowed: list[str] = field(default_factory=list)  # non-fp8 tensors saturated at their dtype's limit
 
     def summary(self) -> str:
         """One line for stderr: what was merged into what, and how long it took."""
@@ -79,6 +80,7 @@ class CheckpointResult:
             "fp8_changes_lost": [loss.as_dict() for loss in self.fp8_losses],
             "fp8_scale_raised": self.scale_raised,
             "fp8_saturated": self.saturated,
+            "saturated": self.overflowed,
         })
         if self.verification is not None:
             result["verify"] = self.verification.as_dict()
@@ -155,6 +157,7 @@ class _Engine:
         self.result_losses: list[Fp8Loss] = []
         self.scale_raised: list[str] = []
         self.saturated: list[str] = []
+        self.overflowed: list[str] = []  # non-fp8 outputs with values beyond their dtype's range (saturated)
         self.scale_keys = set(plan.fp8.scale_of.values())
         self.dequantize_scaled = bool(plan.dropped)
 
@@ -181,8 +184,15 @@ class _Engine:
         dtype = self.out_dtype(name)
         scale_key = self.plan.fp8.scale_of.get(name)
         if self.dequantize_scaled and scale_key is not None:
-            return dequantize(stored, self.reader.get(scale_key)).to(dtype)
-        return stored if stored.dtype == dtype else stored.to(dtype)
+            return self._cast(name, dequantize(stored, self.reader.get(scale_key)), dtype)
+        return stored if stored.dtype == dtype else self._cast(name, stored, dtype)
+
+    def _cast(self, name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """value.to(dtype), except that values beyond the dtype's range saturate (fp16: no inf), noted."""
+        out, beyond = saturating_cast(value, dtype)
+        if beyond:
+            self.overflowed.append(name)
+        return out
 
     def _work_dtype(self, name: str) -> torch.dtype:
         info = self.reader.info(name) if name in self.reader else None
@@ -297,7 +307,7 @@ class _Engine:
         dtype = self.out_dtype(key)
         partial = None if any(r is None for r in rows) else _untouched_spans(rows, value.shape[0])
         if self.plan.out_dtypes[key] not in FP8_NAMES:
-            out = value.to(dtype)
+            out = self._cast(key, value, dtype)
             if partial:
                 original = self.untouched(key).to(self.device)
                 for a, b in partial:
@@ -457,7 +467,12 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
         reporter.log(f"fp8: {len(engine.scale_raised)} tensor scale(s) raised so the merged weights fit fp8 (no saturation)")
     if engine.saturated:
         reporter.warn(f"fp8: {len(engine.saturated)} tensor(s) saturated at the fp8 limit")
-    return CheckpointResult(
+    if engine.overflowed:
+        reporter.warn(f"{len(engine.overflowed)} tensor(s) had values beyond the range of their output dtype and "
+                      f"were saturated to its largest value (e.g. {engine.overflowed[0]})")
+    result = CheckpointResult(
         plan, output, 0.0, engine.result_losses, engine.scale_raised, engine.saturated,
         base_hash[:12] if base_hash else None,
     )
+    result.overflowed = engine.overflowed
+    return result

@@ -31,6 +31,7 @@ from lytools.device import resolve_device
 from lytools.errors import NetworkError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
+from lytools.io.dtypes import saturating_cast, st_name
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.merge.inputs import NetworkInput, load_network_input
 from lytools.merge.ratios import Ratios
@@ -433,18 +434,25 @@ def merge_networks(
         result.seconds = time.perf_counter() - started
         return result
     tensors: dict[str, torch.Tensor] = {}
+    saturated: list[str] = []
     for item in reporter.progress(result.modules, total=len(result.modules), desc="merge"):
         parts = by_name[item.name]
         if item.method == "concat":
-            produced = _concat(parts, dtype)
+            produced = _concat(parts, torch.float32)
         elif item.method == "copy":
             produced = _copy(parts[0])
-            produced = {s: (t.to(dtype) if t.is_floating_point() and save_dtype is not None and s != ALPHA else t)
-                        for s, t in produced.items()}
         else:
-            produced, item.kept = _svd(parts, item.rank, where, dtype)
+            produced, item.kept = _svd(parts, item.rank, where, torch.float32)
         for suffix, tensor in produced.items():
+            if suffix != ALPHA and tensor.is_floating_point() and (item.method != "copy" or save_dtype is not None):
+                # cast once; values beyond the dtype's range saturate (fp16: never an inf), said below
+                tensor, beyond = saturating_cast(tensor, dtype)
+                if beyond:
+                    saturated.append(f"{item.name}.{suffix}")
             tensors[f"{item.name}.{suffix}"] = tensor.contiguous()
+    if saturated:
+        reporter.warn(f"{len(saturated)} tensor(s) had values beyond the {st_name(dtype)} range and were saturated to "
+                      f"±{torch.finfo(dtype).max:g} (e.g. {saturated[0]})")
     metadata = merged_network_metadata(networks, rule_set, result.modules, rank)
     _, completed = complete_for_a1111(tensors, metadata=networks[0].metadata)
     if completed:

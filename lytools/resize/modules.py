@@ -12,8 +12,9 @@ import torch
 
 from lytools.algos import ModuleInfo, NetworkModule, apply_module, delta
 from lytools.algos.common import flat2, read_scalar
-from lytools.arch.network import ALPHA, LORA_DOWN, LORA_MID, LORA_UP
+from lytools.arch.network import ALPHA, DORA_SCALE, LORA_DOWN, LORA_MID, LORA_UP
 from lytools.errors import NetworkError, UnsupportedError
+from lytools.io.dtypes import saturating_cast
 from lytools.resize.factors import Spectrum, svd_of_dense, svd_of_product, truncated_factors, tucker_to_flat_down
 from lytools.resize.ranks import RankChoice, select_rank
 
@@ -86,6 +87,8 @@ class Context:
     base_weight: Callable[[str], torch.Tensor | None] | None = None
     # module name, flat ΔW shape -> full ΔW shape when the factors do not tell a conv's kernel
     full_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] | None = None
+    # modules whose values went beyond the output dtype's range (saturated there, not inf): warned once
+    saturated: list[str] = field(default_factory=list, compare=False)
 
 
 def _kind(info: ModuleInfo) -> str:
@@ -105,19 +108,25 @@ def _out_dtype(module: NetworkModule, suffix: str | None, ctx: Context) -> torch
         return ctx.save_dtype
     tensor = module.get(suffix) if suffix else None
     if tensor is None or not tensor.is_floating_point():
-        tensor = next((t for t in module.tensors.values() if t.is_floating_point() and t.dim() > 0), None)
+        # the factors' dtype: a DoRA magnitude is often kept in float32 beside fp16/bf16 factors
+        floats = [(s, t) for s, t in module.tensors.items() if t.is_floating_point() and t.dim() > 0]
+        tensor = next((t for s, t in floats if s != DORA_SCALE), floats[0][1] if floats else None)
     return tensor.dtype if tensor is not None else torch.float32
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, ctx: Context | None = None, name: str = "") -> torch.Tensor:
+    """tensor.to(dtype) for floating tensors; values beyond dtype's range saturate (noted in ctx)."""
     if dtype is None or not tensor.is_floating_point():
         return tensor
-    return tensor.to(dtype)
+    out, beyond = saturating_cast(tensor, dtype)
+    if beyond and ctx is not None:
+        ctx.saturated.append(name)
+    return out
 
 
 def _copied(module: NetworkModule, ctx: Context) -> dict[str, torch.Tensor]:
     """Return the module's tensors as they are (cast only when --save-dtype asks)."""
-    return {suffix: _cast(tensor, ctx.save_dtype) for suffix, tensor in module.tensors.items()}
+    return {suffix: _cast(tensor, ctx.save_dtype, ctx, module.name) for suffix, tensor in module.tensors.items()}
 
 
 def _stored_alpha(alpha: float, dtype: torch.dtype) -> torch.Tensor:
@@ -131,7 +140,7 @@ def _stored_alpha(alpha: float, dtype: torch.dtype) -> torch.Tensor:
 
 def lora_factors(
     spectrum: Spectrum, rank: int, scale: float, kernel: tuple[int, ...], in_channels: int, up_tail: tuple[int, ...],
-    dtype: torch.dtype,
+    dtype: torch.dtype, ctx: Context | None = None, name: str = "",
 ) -> dict[str, torch.Tensor]:
     """Return lora_up / lora_down / alpha of the best rank-`rank` approximation, scale `scale` kept.
 
@@ -148,7 +157,8 @@ def lora_factors(
     if up_tail or kernel:
         new_up = new_up.reshape(out, rank, *up_tail)
         new_down = new_down.reshape(rank, in_channels, *kernel)
-    return {UP: new_up.to("cpu", dtype).contiguous(), DOWN: new_down.to("cpu", dtype).contiguous(), ALPHA: alpha}
+    up_out, down_out = _cast(new_up.cpu(), dtype, ctx, name), _cast(new_down.cpu(), dtype, ctx, name)
+    return {UP: up_out.contiguous(), DOWN: down_out.contiguous(), ALPHA: alpha}
 
 
 def _stored_alpha_value(module: NetworkModule) -> float | None:
@@ -196,7 +206,7 @@ def resize_lora(module: NetworkModule, info: ModuleInfo, ctx: Context) -> Module
     dtype = _out_dtype(module, DOWN, ctx)
     kernel = tuple(info.kernel or ())
     up_tail = tuple(module[UP].shape[2:])
-    tensors = lora_factors(spectrum, rank, scale, kernel, int(module[DOWN].shape[1]), up_tail, dtype)
+    tensors = lora_factors(spectrum, rank, scale, kernel, int(module[DOWN].shape[1]), up_tail, dtype, ctx, module.name)
     report.alpha_out = float(tensors[ALPHA])
     if choice.zero:
         report.note = "zero weight change (largest singular value below 1e-6): rank 1"
@@ -229,7 +239,7 @@ def truncate_lora(module: NetworkModule, info: ModuleInfo, ctx: Context, unit: i
     if unit and target % unit:
         note = f"rank {target} is not a multiple of the DyLoRA unit {unit}"
         report.note = (report.note + "; " if report.note else "") + note
-    tensors = {suffix: _cast(t, ctx.save_dtype).clone().contiguous() for suffix, t in tensors.items()}
+    tensors = {suffix: _cast(t, ctx.save_dtype, ctx, module.name).clone().contiguous() for suffix, t in tensors.items()}
     return ModuleResult(tensors, report)
 
 
@@ -284,7 +294,7 @@ def flatten_module(module: NetworkModule, info: ModuleInfo, ctx: Context) -> Mod
     choice = _choice(spectrum, ctx.rule, is_conv)
     rank = min(choice.rank, spectrum.S.numel())
     dtype = _out_dtype(module, None, ctx)
-    tensors = lora_factors(spectrum, rank, 1.0, kernel, shape[1], (1,) * len(kernel), dtype)
+    tensors = lora_factors(spectrum, rank, 1.0, kernel, shape[1], (1,) * len(kernel), dtype, ctx, module.name)
     report = ModuleReport(
         module.name, algo_label(info), kind, FLATTENED, info.rank, rank, info.alpha, float(tensors[ALPHA]),
         rank_rule=choice.rank, sum_kept=choice.sum_kept, fro_kept=choice.fro_kept, max_ratio=choice.max_ratio,

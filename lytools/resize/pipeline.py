@@ -21,6 +21,7 @@ from lytools.device import resolve_device
 from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, write_safetensors
+from lytools.io.dtypes import saturating_cast
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.resize.modules import (
     COPIED, FLATTENED, KEPT, RESIZED, TRUNCATED, Context, ModuleReport, ModuleResult, RankRule, is_plain_lora,
@@ -391,7 +392,11 @@ def resize_file(
                 reporter.detail(_module_lines(result.report))
             for key, tensor in network.stray.items():
                 keep = options.save_dtype is None or not tensor.is_floating_point()
-                tensors[key] = tensor if keep else tensor.to(options.save_dtype)
+                tensors[key] = tensor if keep else saturating_cast(tensor, options.save_dtype)[0]
+            if ctx.saturated:
+                modules = sorted(set(ctx.saturated))
+                summary.warnings.append(f"{len(modules)} module(s) had values beyond the range of the output dtype and "
+                                        f"were saturated to its largest value, not written as inf (e.g. {modules[0]})")
             summary.stray = sorted(network.stray)
             if summary.stray:
                 reporter.log(f"{len(summary.stray)} tensors that belong to no module copied unchanged")
