@@ -390,6 +390,20 @@ def test_network_and_checkpoint_swapped(models, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_a_file_without_tensors(models, tmp_path, capsys):
+    """Legal (info reads it, a cast copies it); merge says it is empty ('only the first input may be a
+    checkpoint' before), extract refuses it."""
+    zero = write_safetensors(tmp_path / "zero.safetensors", {}, {"a": "b"}).path
+    out = tmp_path / "out.safetensors"
+    for args in (("merge", models["base"], zero, "-o", out), ("merge", zero, models["net"], "-o", out),
+                 ("extract", zero, models["tuned"], out)):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, "zero.safetensors")
+        assert not out.exists()
+    assert "holds no tensors" in cli(capsys, "merge", models["base"], zero, "-o", out)[2]
+    assert cli(capsys, "info", zero)[0] == 0
+
+
 # -- pickles -------------------------------------------------------------------------------------------
 class _Marker:
     """Unpickling this would create the marker file (it must never be unpickled)."""

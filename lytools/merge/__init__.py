@@ -83,6 +83,9 @@ def run_merge(
         else:
             check_output_path(output, overwrite)
     kinds = [file_kind(path) for path in paths]
+    empty = [p for p, k in zip(paths, kinds) if k == "empty"]
+    if empty:  # neither a checkpoint nor a network ("only the first input may be a checkpoint" before)
+        raise LytoolsError(f"{empty[0]}: holds no tensors")
     later_checkpoints = [p.name for p, k in zip(paths[1:], kinds[1:]) if k == "checkpoint"]
     if later_checkpoints:
         raise LytoolsError(f"{later_checkpoints[0]}: only the first input may be a checkpoint (networks follow it)")

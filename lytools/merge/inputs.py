@@ -36,9 +36,12 @@ def looks_like_network(keys: Iterable[str]) -> bool:
 
 
 def file_kind(path: Path) -> str:
-    """Return "network" or "checkpoint" from the file's keys (header only for safetensors)."""
+    """Return "network", "checkpoint" or "empty" (no tensors) from the file's keys (header only for safetensors)."""
     with open_file(path) as handle:
-        return "network" if looks_like_network(handle.keys()) else "checkpoint"
+        keys = handle.keys()
+        if not keys:
+            return "empty"
+        return "network" if looks_like_network(keys) else "checkpoint"
 
 
 @dataclass
