@@ -141,6 +141,8 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
     for dtype, factor, inputs, first, last in plan.groups:
         if not _scale_into([body[where] for where in inputs], dtype, factor, scaled[first:last]):
             return None  # a value to scale is not finite: the general path names it
+        if dtype == "F16" and abs(factor) > 1 and _any_infinite(scaled[first:last]):
+            return None  # a product beyond float16's range: the general path saturates it, with a note
     buffers = (body, scaled)
     views = [buffers[which][where] for which, where in plan.sources]
     autov3 = hashlib.sha256(body).hexdigest()
@@ -398,6 +400,12 @@ def _scale_into(raws: list[memoryview], dtype: str, factor: float, out: memoryvi
             return False
         result[where] = _half_products(factor)[values]
     return True
+
+
+def _any_infinite(raw: memoryview) -> bool:
+    """True when float16 bytes hold an inf or nan (products of finite values: only an overflow)."""
+    bits = np.frombuffer(raw, dtype="<u2")
+    return bool(len(bits)) and int(np.bitwise_and(bits, np.uint16(0x7FFF)).max()) >= 0x7C00
 
 
 def _sparse_nonzero(flags: np.ndarray) -> np.ndarray:
