@@ -13,6 +13,10 @@ is the key without `.weight` and without a leading `model.diffusion_model.` or `
 wrapper. Loaders that build their name table from the model's own keys (ComfyUI, A1111's last
 resort, lytools merge) resolve those names back.
 
+SD3 by rule as well: the table is SD3 medium's (24 joint blocks, no `attn2`); an MMDiT-layout
+block linear it lacks that sd-scripts' lora_sd3 targets (SD3.5 `x_block.attn2.*`, SD3.5 large's
+blocks 24-37 and the full `context_block` of its block 23) is extracted under its kohya name too.
+
 A module that only one file has, or whose shapes differ, is reported as skipped; two files of
 different architectures, or with nothing in common, are an error.
 """
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Mapping
 
 from lytools.arch import CheckpointArch, Placement, Resolver, detect_checkpoint, module_table
+from lytools.arch.keymap import _SD3_TARGETS as SD3_RULE  # sd-scripts lora_sd3's block targets
 from lytools.arch.keymap import NETWORK_ARCHS
 from lytools.errors import MatchError, UnsupportedError
 from lytools.extract.factor import ModuleRecord
@@ -133,7 +138,12 @@ def _plan_known(arch: str, base_shapes, tuned_shapes, base_metadata, tuned_metad
     base_resolver = Resolver(base_shapes, base_metadata, arch=arch)
     tuned_resolver = Resolver(tuned_shapes, tuned_metadata, arch=arch)
     plan = ExtractPlan(arch, base_resolver.checkpoint, tuned_resolver.checkpoint)
-    for name, target in module_table(arch).items():
+    table = module_table(arch)
+    names = [(name, target.component) for name, target in table.items()]
+    if arch == "sd3":
+        names += [(name, "unet") for name in _sd3_rule_names((base_resolver.checkpoint, base_shapes),
+                                                             (tuned_resolver.checkpoint, tuned_shapes), table=table)]
+    for name, component in names:
         in_base = base_resolver.resolve(name)
         in_tuned = tuned_resolver.resolve(name)
         if in_base is None and in_tuned is None:
@@ -141,15 +151,15 @@ def _plan_known(arch: str, base_shapes, tuned_shapes, base_metadata, tuned_metad
         if in_base is None or in_tuned is None:
             only = tuned_path.name if in_base is None else base_path.name
             shape = (in_tuned or in_base).shape
-            plan.skipped.append(_skip(name, target.component, shape, f"only in {only}"))
+            plan.skipped.append(_skip(name, component, shape, f"only in {only}"))
             continue
         if tuple(in_base.shape) != tuple(in_tuned.shape):
-            plan.skipped.append(_skip(name, target.component, in_base.shape,
+            plan.skipped.append(_skip(name, component, in_base.shape,
                                       f"shape {list(in_base.shape)} in {base_path.name}, {list(in_tuned.shape)} in {tuned_path.name}"))
             continue
         if len(in_base.shape) not in (2, 4):
             continue
-        plan.modules.append(PairedModule(name, target.component, in_base.kind, tuple(in_base.shape),
+        plan.modules.append(PairedModule(name, component, in_base.kind, tuple(in_base.shape),
                                          in_base.placements, in_tuned.placements))
     if not plan.modules:
         raise MatchError(
@@ -157,6 +167,22 @@ def _plan_known(arch: str, base_shapes, tuned_shapes, base_metadata, tuned_metad
             f"({len(plan.skipped)} in one file only): different architectures or not {arch} checkpoints"
         )
     return plan
+
+
+def _sd3_rule_names(*files: tuple[CheckpointArch, Mapping[str, Shape]], table: Mapping[str, object]) -> list[str]:
+    """Kohya names of the MMDiT block linears lora_sd3 targets that the (SD3 medium) table lacks."""
+    found: set[str] = set()
+    for checkpoint, shapes in files:
+        prefix = checkpoint.components.get("unet")
+        if prefix is None or checkpoint.layout != "mmdit":
+            continue  # diffusers-layout SD3.5 files: only the table's modules
+        for key in shapes:
+            if key.startswith(prefix) and key.endswith(".weight"):
+                path = key[len(prefix):-len(".weight")]
+                name = "lora_unet_" + path.replace(".", "_")
+                if name not in table and SD3_RULE.match(path):
+                    found.add(name)
+    return sorted(found)
 
 
 def generic_module_name(key: str) -> str | None:
