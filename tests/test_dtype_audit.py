@@ -188,3 +188,26 @@ def test_resize_of_dora_keeps_the_factor_dtype(tmp_path):
     lytools("resize", net, out, "--rank", "2", "--base", base, "-q")
     written = load_file(out)
     assert written[f"{NAME}.lora_up.weight"].dtype == torch.bfloat16  # was float32: the magnitude's dtype
+
+
+def test_merge_networks_default_dtype_is_the_factors_not_a_dora_magnitude(tmp_path):
+    dora = build_network(tmp_path / "d.safetensors", "sd1", factor=16, rank=4, modules=[NAME], dtype=torch.bfloat16,
+                         dora=True)
+    plain = build_network(tmp_path / "p.safetensors", "sd1", factor=16, rank=4, modules=[OTHER], dtype=torch.bfloat16)
+    out = tmp_path / "m.safetensors"
+    lytools("merge", dora, plain, "-o", out, "-q")
+    written = load_file(out)
+    assert written[f"{OTHER}.lora_up.weight"].dtype == torch.bfloat16  # was float32, the magnitude's dtype
+    assert written[f"{NAME}.dora_scale"].dtype == torch.float32
+
+
+def test_folding_into_fp8_factors_is_said(files, tmp_path):
+    tensors = load_file(files / "n.safetensors")  # alpha 3, rank 4: scale 0.75 is no power of two
+    source = tmp_path / "f8.safetensors"
+    write_safetensors(source, {k: (v if k.endswith("alpha") else v.to(torch.float8_e4m3fn)) for k, v in tensors.items()})
+    folded = lytools("convert", source, "--to", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert "fp8 factors: folding alpha/rank rounds them to fp8 again" in folded.stderr
+    kept = lytools("convert", source, "--to", "diffusers", "--no-fold", "-o", tmp_path / "k.safetensors")
+    assert "fp8 again" not in kept.stderr
+    wider = lytools("convert", source, "--to", "diffusers", "--save-dtype", "fp16", "-o", tmp_path / "w.safetensors")
+    assert "fp8 again" not in wider.stderr

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from lytools.algos import ModuleInfo, NetworkModule, delta
-from lytools.arch.network import ALPHA, LORA_DOWN, LORA_MID, LORA_UP
+from lytools.arch.network import ALPHA, DORA_SCALE, LORA_DOWN, LORA_MID, LORA_UP
 from lytools.device import resolve_device
 from lytools.errors import NetworkError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
@@ -377,7 +377,7 @@ def _output_dtype(networks: Sequence[NetworkInput], save_dtype: torch.dtype | No
     for network in networks:
         for module in network.modules.values():
             for suffix, tensor in module.tensors.items():
-                if suffix != ALPHA and tensor.is_floating_point():
+                if suffix not in (ALPHA, DORA_SCALE) and tensor.is_floating_point():  # magnitudes: often float32
                     return tensor.dtype
     return torch.float16
 
