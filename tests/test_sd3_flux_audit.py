@@ -299,3 +299,27 @@ def test_extracted_network_in_diffusers_layout_applies_the_tuned_change(tmp_path
         assert float((applied - change).norm() / change.norm()) < 1e-5, key
         checked += 1
     assert checked == len(dtuned.changed) and (arch != "sd3" or "transformer_blocks.23.norm1_context.linear.weight" in dtuned.changed)
+
+
+def test_sd35_large_plan_covers_all_38_joint_blocks():
+    """Header only: SD3.5 large (width 2432, 38 joint blocks, block 37 pre-only) gets every block linear."""
+    from lytools.arch.manifests import checkpoint_manifest
+    from lytools.extract import plan_extraction
+
+    wider = {1536: 2432, 3072: 4864, 4608: 7296, 6144: 9728, 9216: 14592}
+    medium = {key: tuple(wider.get(d, d) if i < 2 else d for i, d in enumerate(shape))
+              for key, (shape, _) in checkpoint_manifest("sd3")["tensors"].items() if key.startswith(UNET)}
+    shapes = {k: v for k, v in medium.items() if ".joint_blocks.23." not in k}
+    for block in range(23, 38):
+        for key, shape in medium.items():
+            if ".joint_blocks.22." in key and not (block == 37 and ".context_block." in key
+                                                   and (".attn.proj." in key or ".mlp." in key)):
+                shapes[key.replace(".joint_blocks.22.", f".joint_blocks.{block}.")] = shape
+    shapes[UNET + "joint_blocks.37.context_block.adaLN_modulation.1.weight"] = (2 * 2432, 2432)
+    plan = plan_extraction(shapes, shapes, base_path=Path("b"), tuned_path=Path("t"))
+    names = {module.name for module in plan.modules}
+    assert plan.base_arch.variant == "3.5-large" and not plan.skipped
+    assert {n for n in names if n.startswith("lora_unet_joint_blocks_")} == {
+        f"lora_unet_joint_blocks_{b}_{side}_{part}" for b in range(38) for side in ("x_block", "context_block")
+        for part in ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "adaLN_modulation_1")
+        if not (b == 37 and side == "context_block" and part in ("attn_proj", "mlp_fc1", "mlp_fc2"))}
