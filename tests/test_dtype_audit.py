@@ -211,3 +211,19 @@ def test_folding_into_fp8_factors_is_said(files, tmp_path):
     assert "fp8 again" not in kept.stderr
     wider = lytools("convert", source, "--to", "diffusers", "--save-dtype", "fp16", "-o", tmp_path / "w.safetensors")
     assert "fp8 again" not in wider.stderr
+
+
+@pytest.mark.parametrize("to", [None, "kohya"])
+def test_an_alpha_the_save_dtype_would_round_stays_float32(files, tmp_path, to):
+    tensors = load_file(files / "n.safetensors")
+    tensors[f"{NAME}.alpha"] = torch.tensor(0.1)  # bf16 holds 0.10009765625: the scale would move 0.1%
+    tensors[f"{OTHER}.alpha"] = torch.tensor(3.0)
+    source = tmp_path / "a.safetensors"
+    write_safetensors(source, tensors)
+    out = tmp_path / "o.safetensors"
+    lytools("convert", source, "-o", out, "--save-dtype", "bf16", *(["--to", to] if to else []), "-q")
+    written = load_file(out)
+    assert written[f"{NAME}.alpha"].dtype == torch.float32 and float(written[f"{NAME}.alpha"]) == float(torch.tensor(0.1))
+    assert written[f"{OTHER}.alpha"].dtype == torch.bfloat16 and float(written[f"{OTHER}.alpha"]) == 3.0
+    assert written[f"{NAME}.lora_up.weight"].dtype == torch.bfloat16
+    assert torch.equal(written[f"{NAME}.lora_up.weight"], tensors[f"{NAME}.lora_up.weight"].bfloat16())

@@ -259,7 +259,7 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
     """
     import torch
 
-    from lytools.convert.write import cast
+    from lytools.convert.write import cast, rounds_scalar
 
     started = time.perf_counter()
     result = FileResult(source)
@@ -276,6 +276,9 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
         # a network's alphas and DoRA magnitudes are not narrowed to fp8 (as with --to): an fp8 alpha
         # of 11 would read 12, every module's scale off by 9%
         precise = {name for name in infos if name.endswith(PRECISE_SUFFIXES)} if dtype.itemsize == 1 else set()
+        # an alpha fp16/bf16 would round stays float32 too (one value each: read now, for the plan)
+        precise |= {name for name, info in infos.items() if name.endswith(PRECISE_SUFFIXES[0]) and info.shape in ((), (1,))
+                    and is_float(info.torch_dtype) and rounds_scalar(reader.get(name), dtype)}
         planned = []
         for name, info in infos.items():
             out_dtype = (torch.float32 if name in precise else dtype) if is_float(info.torch_dtype) else info.torch_dtype

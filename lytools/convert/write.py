@@ -55,13 +55,19 @@ class Converted:
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None, *, keep_precise: bool = False) -> torch.Tensor:
     """Return the tensor in `dtype` when both are floating; integer/bool tensors keep theirs.
 
-    keep_precise: alphas and DoRA magnitudes are not narrowed to fp8 (they stay float32).
+    keep_precise: alphas and DoRA magnitudes are not narrowed to fp8 (they stay float32), and an
+    alpha that fp16/bf16 would round (bf16 holds 0.1 as 0.1001) stays float32: its module's scale is kept.
     """
     if dtype is None or not is_float(tensor.dtype) or not dtype.is_floating_point or tensor.dtype == dtype:
         return tensor
-    if keep_precise and dtype.itemsize == 1:
+    if keep_precise and (dtype.itemsize == 1 or rounds_scalar(tensor, dtype)):
         return tensor.to(torch.float32)
     return _narrow(tensor, dtype)
+
+
+def rounds_scalar(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True for a one-value tensor (an alpha) whose value `dtype` cannot hold exactly."""
+    return tensor.numel() == 1 and float(tensor.reshape(-1)[0].to(dtype)) != float(tensor.reshape(-1)[0])
 
 
 # tensors saturated by casts of the convert_network call in progress (None outside one)
