@@ -227,3 +227,16 @@ def test_an_alpha_the_save_dtype_would_round_stays_float32(files, tmp_path, to):
     assert written[f"{OTHER}.alpha"].dtype == torch.bfloat16 and float(written[f"{OTHER}.alpha"]) == 3.0
     assert written[f"{NAME}.lora_up.weight"].dtype == torch.bfloat16
     assert torch.equal(written[f"{NAME}.lora_up.weight"], tensors[f"{NAME}.lora_up.weight"].bfloat16())
+
+
+@pytest.mark.parametrize("extra", [[], ["--truncate"]])
+def test_resize_copy_keeps_an_alpha_the_save_dtype_would_round(files, tmp_path, extra):
+    tensors = load_file(files / "n.safetensors")
+    tensors[f"{NAME}.alpha"] = torch.tensor(0.1)
+    source = tmp_path / "a.safetensors"
+    write_safetensors(source, tensors)
+    out = tmp_path / "o.safetensors"
+    lytools("resize", source, out, "--rank", "4", "--save-dtype", "bf16", *extra, "-q")  # rank 4: copied as is
+    written = load_file(out)
+    assert written[f"{NAME}.alpha"].dtype == torch.float32 and float(written[f"{NAME}.alpha"]) == float(torch.tensor(0.1))
+    assert torch.equal(written[f"{NAME}.lora_up.weight"], tensors[f"{NAME}.lora_up.weight"].bfloat16())

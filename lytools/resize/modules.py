@@ -114,10 +114,14 @@ def _out_dtype(module: NetworkModule, suffix: str | None, ctx: Context) -> torch
     return tensor.dtype if tensor is not None else torch.float32
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, ctx: Context | None = None, name: str = "") -> torch.Tensor:
-    """tensor.to(dtype) for floating tensors; values beyond dtype's range saturate (noted in ctx)."""
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, ctx: Context | None = None, name: str = "",
+          suffix: str = "") -> torch.Tensor:
+    """tensor.to(dtype) for floating tensors; values beyond dtype's range saturate (noted in ctx); an
+    alpha the dtype would round (bf16: 0.1 -> 0.1001) stays float32, so its module's scale is kept."""
     if dtype is None or not tensor.is_floating_point():
         return tensor
+    if suffix == ALPHA and tensor.numel() == 1 and float(tensor.reshape(-1)[0].to(dtype)) != float(tensor.reshape(-1)[0]):
+        return tensor.to(torch.float32)
     out, beyond = saturating_cast(tensor, dtype)
     if beyond and ctx is not None:
         ctx.saturated.append(name)
@@ -126,7 +130,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, ctx: Context | None =
 
 def _copied(module: NetworkModule, ctx: Context) -> dict[str, torch.Tensor]:
     """Return the module's tensors as they are (cast only when --save-dtype asks)."""
-    return {suffix: _cast(tensor, ctx.save_dtype, ctx, module.name) for suffix, tensor in module.tensors.items()}
+    return {suffix: _cast(tensor, ctx.save_dtype, ctx, module.name, suffix) for suffix, tensor in module.tensors.items()}
 
 
 def _stored_alpha(alpha: float, dtype: torch.dtype) -> torch.Tensor:
@@ -239,7 +243,7 @@ def truncate_lora(module: NetworkModule, info: ModuleInfo, ctx: Context, unit: i
     if unit and target % unit:
         note = f"rank {target} is not a multiple of the DyLoRA unit {unit}"
         report.note = (report.note + "; " if report.note else "") + note
-    tensors = {suffix: _cast(t, ctx.save_dtype, ctx, module.name).clone().contiguous() for suffix, t in tensors.items()}
+    tensors = {suffix: _cast(t, ctx.save_dtype, ctx, module.name, suffix).clone().contiguous() for suffix, t in tensors.items()}
     return ModuleResult(tensors, report)
 
 
