@@ -150,6 +150,9 @@ def test_sd35_blocks_outside_the_medium_table_are_extracted_and_merge_back(tmp_p
     extracted = {r.name for r in result.records if r.stored != "skipped"}
     expected = {"lora_unet_" + path.replace(".", "_") for path in changed}
     assert extracted == expected and modules_of(ours) == expected  # before: attn2, block 23's proj/mlp, 25 silently missed
+    meta = read_header(out).metadata  # attn2: SD3.5 medium (it said SD3 medium)
+    assert meta["ss_base_model_version"] == "5-medium"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
     merged = tmp_path / "merged.safetensors"
     merge_into_checkpoint(base, [out], merged)
     merged_t, tuned_t = read_tensors(merged), read_tensors(tuned)
@@ -323,3 +326,15 @@ def test_sd35_large_plan_covers_all_38_joint_blocks():
         f"lora_unet_joint_blocks_{b}_{side}_{part}" for b in range(38) for side in ("x_block", "context_block")
         for part in ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "adaLN_modulation_1")
         if not (b == 37 and side == "context_block" and part in ("attn_proj", "mlp_fc1", "mlp_fc2"))}
+
+
+@pytest.mark.parametrize("variant,architecture", [("schnell", "flux-1-schnell/lora"), ("dev", "flux-1-dev/lora")])
+def test_extract_names_the_flux_variant_in_its_metadata(tmp_path, variant, architecture):
+    base = build_checkpoint(tmp_path / "b.safetensors", "flux", factor=FACTOR, components=["unet"], dtype=torch.float32,
+                            keep_blocks=1, variant=variant)
+    net = build_network(tmp_path / "n.safetensors", "flux", factor=FACTOR, rank=2, modules=["lora_unet_double_blocks_0_img_attn_qkv"])
+    tuned = build_tuned(base, tmp_path / "t.safetensors", net)
+    out = tmp_path / "x.safetensors"
+    extract(base, tuned.path, out, ExtractOptions(linear=RankRule("fixed", 2)))
+    meta = read_header(out).metadata
+    assert meta["modelspec.architecture"] == architecture and meta["ss_base_model_version"] == "flux1"

@@ -225,9 +225,24 @@ def build_metadata(out: Path, plan: ExtractPlan, records: list[ModuleRecord], op
     module = "lycoris.kohya" if lycoris else "networks.lora"
     metadata = kohya_network_metadata(arch, dim, alpha, args, module=module)
     metadata.update(network_modelspec(arch, out.stem))
+    _variant_metadata(metadata, arch, plan.base_arch.variant)
     comment = f"extracted by lytools: linear {options.linear.describe()}, conv {options.conv.describe()}"
     metadata["ss_training_comment"] = comment
     return add_provenance(metadata, options.command, sources)
+
+
+# sd-scripts' names for the variants the architecture defaults do not cover (FORMATS.md, metadata keys)
+_SD3_TYPES = {"3.5-large": "5-large", "3.5-medium": "5-medium"}
+
+
+def _variant_metadata(metadata: dict[str, str], arch: str | None, variant: str | None) -> None:
+    """Name SD3.5 (large/medium) and Flux schnell bases in ss_base_model_version / modelspec.architecture:
+    the defaults say SD3 medium and Flux dev."""
+    if arch == "sd3" and variant in _SD3_TYPES:
+        metadata["ss_base_model_version"] = _SD3_TYPES[variant]
+        metadata["modelspec.architecture"] = f"stable-diffusion-3-{_SD3_TYPES[variant]}/lora"
+    elif arch == "flux" and variant == "schnell":
+        metadata["modelspec.architecture"] = "flux-1-schnell/lora"
 
 
 # -- the run -------------------------------------------------------------------------------------------
