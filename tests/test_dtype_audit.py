@@ -240,3 +240,18 @@ def test_resize_copy_keeps_an_alpha_the_save_dtype_would_round(files, tmp_path, 
     written = load_file(out)
     assert written[f"{NAME}.alpha"].dtype == torch.float32 and float(written[f"{NAME}.alpha"]) == float(torch.tensor(0.1))
     assert torch.equal(written[f"{NAME}.lora_up.weight"], tensors[f"{NAME}.lora_up.weight"].bfloat16())
+
+
+def test_merge_saturation_of_a_row_sliced_tensor_is_counted_once(tmp_path):
+    tensors = read_tensors(build_checkpoint(tmp_path / "b.safetensors", "sd2", factor=16, components=("clip_h",),
+                                            dtype=torch.float32))
+    key = next(k for k in tensors if k.endswith("resblocks.0.attn.in_proj_weight"))
+    tensors[key][-1, 0] = 1e6  # in the v rows; the network changes the q rows
+    write_safetensors(tmp_path / "big.safetensors", tensors)
+    net = build_network(tmp_path / "n.safetensors", "sd2", factor=16, rank=4, dtype=torch.float32,
+                        modules=["lora_te_text_model_encoder_layers_0_self_attn_q_proj"])
+    out = tmp_path / "m.safetensors"
+    result = lytools("merge", tmp_path / "big.safetensors", net, "-o", out, "--save-dtype", "fp16", "--json")
+    assert json.loads(result.stdout)["saturated"] == [key]
+    assert "1 tensor(s) had values beyond" in result.stderr
+    assert load_file(out)[key][-1, 0] == 65504

@@ -190,7 +190,7 @@ class _Engine:
     def _cast(self, name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """value.to(dtype), except that values beyond the dtype's range saturate (fp16: no inf), noted."""
         out, beyond = saturating_cast(value, dtype)
-        if beyond:
+        if beyond and name not in self.overflowed:  # a row-sliced tensor passes here twice
             self.overflowed.append(name)
         return out
 
