@@ -142,6 +142,12 @@ def saturating_cast(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
     limit = torch.finfo(dtype).max
     if torch.finfo(tensor.dtype).max <= limit:
         return tensor.to(dtype), False
+    if tensor.numel() == 0:
+        return tensor.to(dtype), False
+    # one reduction pass, no temporary: the usual tensor fits (NaN fails both tests and goes on)
+    low, high = torch.aminmax(tensor if tensor.dtype.itemsize > 1 else tensor.float())
+    if -float(low) <= limit and float(high) <= limit:
+        return tensor.to(dtype), False
     wide = tensor if tensor.dtype.itemsize >= 4 else tensor.float()  # limit is not exact in bf16
     beyond = (wide.abs() > limit) & torch.isfinite(wide)
     if not bool(beyond.any()):
