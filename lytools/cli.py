@@ -35,6 +35,8 @@ device_option = click.option(
     help="Where to compute: auto takes CUDA when present, else CPU.",
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+keep_ema_option = click.option("--keep-ema", is_flag=True,
+                               help="Keep a pickled (.ckpt) checkpoint's EMA copy (model_ema.*), which is left out by default.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 
 
@@ -190,13 +192,14 @@ from lytools.merge.options import ratios_option  # noqa: E402  (click plumbing f
               help="DoRA modules at a ratio other than 1, into a checkpoint: lycoris (default; the reference "
                    "LyCORIS merge: full direction change, magnitude interpolated) or comfy (ComfyUI: "
                    "base + ratio x (full DoRA result - base)). Both agree at ratio 1.")
+@keep_ema_option
 @device_option
 @save_dtype_option()
 @overwrite_option
 @json_option
 @verbosity_options
-def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv_rank, dry_run, verify, dora_mode, device,
-                  save_dtype, overwrite, as_json, quiet, verbose):
+def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv_rank, dry_run, verify, dora_mode, keep_ema,
+                  device, save_dtype, overwrite, as_json, quiet, verbose):
     """Merge networks into a checkpoint (first INPUT a checkpoint), or networks into one network.
     Any algorithm and key style; `-` reads paths from stdin."""
     import json
@@ -208,7 +211,8 @@ def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv
     result = run_merge(
         expand_inputs(inputs), output, ratios=parse_ratios(ratios), ratio_for=ratio_for,
         allow_unmatched=allow_unmatched, rank=rank, conv_rank=conv_rank, save_dtype=parse_save_dtype(save_dtype),
-        device=device, dry_run=dry_run, overwrite=overwrite, verify=verify, dora_mode=dora_mode, reporter=reporter,
+        device=device, dry_run=dry_run, overwrite=overwrite, verify=verify, dora_mode=dora_mode, keep_ema=keep_ema,
+        reporter=reporter,
     )
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
@@ -286,11 +290,12 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
                    "outputs are still written to a temporary file and renamed (never partial after an error or "
                    "Ctrl-C), and the system writes them back in its own time, as cp does.")
 @save_dtype_option(fp8=True)
+@keep_ema_option
 @overwrite_option
 @json_option
 @verbosity_options
-def convert_command(inputs, output, output_dir, target, fold, component, arch, jobs, fsync, save_dtype, overwrite, as_json,
-                    quiet, verbose):
+def convert_command(inputs, output, output_dir, target, fold, component, arch, jobs, fsync, save_dtype, keep_ema, overwrite,
+                    as_json, quiet, verbose):
     """Rewrite networks in another key layout (kohya, diffusers, peft) and/or dtype, or cast checkpoints.
 
     Reads every layout lytools knows (kohya/LyCORIS, lycoris_, diffusers, peft, ComfyUI, old diffusers).
@@ -317,12 +322,15 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
         raise click.UsageError("nothing to do: give --to kohya|diffusers|peft and/or --save-dtype")
     if target is None and (fold is not None or component is not None):
         raise click.UsageError("--fold/--no-fold and --component need --to")
+    if keep_ema and target is not None:
+        raise click.UsageError("--keep-ema applies to casting a checkpoint (--save-dtype without --to)")
     if component is not None and target != "peft":
         raise click.UsageError("--component applies to --to peft")
     if output is not None and len(sources) > 1:
         raise click.UsageError(f"-o takes one input ({len(sources)} given); use --output-dir DIR")
     options = ConvertOptions(target=target, save_dtype=parse_save_dtype(save_dtype), fold=fold, component=component,
-                             arch=None if arch == "auto" else arch, overwrite=overwrite, fsync=fsync)
+                             arch=None if arch == "auto" else arch, overwrite=overwrite, fsync=fsync,
+                             keep_ema=keep_ema)
     pairs = plan_outputs(sources, output, output_dir, target)
 
     def done(result) -> None:

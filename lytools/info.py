@@ -319,7 +319,7 @@ def _sd_scripts_legacy(handle: SafetensorsFile, metadata: Mapping[str, str], ent
 def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Return what a file is, as a JSON-ready dict (see the module docstring for what is read)."""
     path = Path(path)
-    with open_file(path) as handle:
+    with open_file(path, keep_ema=True) as handle:  # info shows what the file holds
         infos = {info.name: info for info in handle.infos()}
         metadata = dict(handle.metadata or {})
         shapes = {name: tuple(info.shape) for name, info in infos.items()}
@@ -387,6 +387,12 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
             if found.scale != 1:
                 notes.append(f"shapes are {found.arch} scaled down {found.scale}x (a synthetic test model)")
             notes.extend(found.notes)
+        if isinstance(handle, PickledFile):
+            if handle.legacy:
+                notes.append("a legacy (torch < 1.6, non-zip) pickle: read whole into memory, not mapped")
+            if handle.ema_count and handle.ema_count < len(infos):
+                notes.append(f"holds an EMA copy ({handle.ema_count} model_ema.* tensors), which merge and convert "
+                             f"leave out unless --keep-ema")
         shard = lone_shard(path)
         if shard:  # the rest of the model is in the other shards
             notes.append(shard.split(": ", 1)[1])

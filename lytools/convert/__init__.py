@@ -33,7 +33,7 @@ Writing
     convert_file(input, output, ConvertOptions(target, save_dtype, fold, component, arch, overwrite)) -> FileResult
         one network, atomic; metadata carried (stale sshs_* recomputed, lora_adapter_metadata rebuilt,
         lytools.version/command/sources added); peft also writes adapter_config.json (peft_paths)
-    cast_file(input, output, dtype, overwrite=False) -> FileResult
+    cast_file(input, output, dtype, overwrite=False, keep_ema=False) -> FileResult
         any file (network or checkpoint) with floating tensors cast, streamed tensor by tensor;
         integer tensors keep their dtype; fp8 saturates; scaled-fp8 files refused
     plan_outputs(inputs, output, output_dir, target) -> [(input, output)]   naming rule (run.py)

@@ -47,6 +47,7 @@ class ConvertOptions:
     arch: str | None = None
     overwrite: bool = False
     fsync: bool = False  # flush each output to disk before reporting it (durable against power loss)
+    keep_ema: bool = False  # a pickled checkpoint's EMA copy (model_ema.*) is cast and written too
 
 
 @dataclass
@@ -248,7 +249,8 @@ _SCALED_FP8_MARKERS = ("scaled_fp8", ".scale_weight", ".weight_scale", ".input_s
 PRECISE_SUFFIXES = (f".{ALPHA}", f".{DORA}", ".lora_magnitude_vector")  # kept float32 when casting to fp8
 
 
-def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool = False, durable: bool = True) -> FileResult:
+def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool = False, durable: bool = True,
+              keep_ema: bool = False) -> FileResult:
     """Write `source` with every floating tensor in `dtype`, streaming tensor by tensor.
 
     Integer and bool tensors keep their dtype; values beyond the target's finite range (fp16, fp8)
@@ -260,10 +262,13 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
     import torch
 
     from lytools.convert.write import cast, rounds_scalar
+    from lytools.io.pickled import PickledFile
 
     started = time.perf_counter()
     result = FileResult(source)
-    with open_file(source) as reader:
+    with open_file(source, keep_ema=keep_ema) as reader:
+        if isinstance(reader, PickledFile):
+            result.notes.extend(reader.notes())  # read whole into memory / EMA copy left out
         keys = list(reader.keys())
         result.details.append(f"{len(keys)} tensors cast to {st_name(dtype)}, streamed")
         marked = [k for k in keys if k == "scaled_fp8" or k.endswith(_SCALED_FP8_MARKERS[1:])]
@@ -321,7 +326,8 @@ def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
             if options.save_dtype is None:
                 raise LytoolsError("nothing to do: give --to LAYOUT and/or --save-dtype DTYPE")
             with one_torch_thread():
-                return cast_file(source, output, options.save_dtype, overwrite=options.overwrite, durable=options.fsync)
+                return cast_file(source, output, options.save_dtype, overwrite=options.overwrite, durable=options.fsync,
+                                 keep_ema=options.keep_ema)
         if options.target not in TARGETS:
             raise LytoolsError(f"unknown target layout {options.target!r} (kohya, diffusers, peft)")
         from lytools.convert.fast import try_convert

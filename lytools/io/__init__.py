@@ -134,9 +134,10 @@ class ShardedFile:
         return self.get(name)[start:stop]
 
 
-def open_file(path: str | os.PathLike) -> SafetensorsFile | ShardedFile | PickledFile | DiffusersFolder:
+def open_file(path: str | os.PathLike, *, keep_ema: bool = False) -> SafetensorsFile | ShardedFile | PickledFile | DiffusersFolder:
     """Open any supported input: .safetensors, a sharded index, a weights-only pickle, or a folder
-    (a diffusers folder, or a folder holding one model: lytools.io.folders)."""
+    (a diffusers folder, or a folder holding one model: lytools.io.folders). A pickle's EMA copy
+    (model_ema.*) is left out unless keep_ema (FORMATS.md 6); PickledFile.notes() says so."""
     path = Path(path)
     if path.is_dir():
         from lytools.io.folders import open_folder
@@ -149,7 +150,7 @@ def open_file(path: str | os.PathLike) -> SafetensorsFile | ShardedFile | Pickle
     if path.suffix.lower() in PICKLE_SUFFIXES:
         from lytools.io.pickled import PickledFile
 
-        return PickledFile(path)
+        return PickledFile(path, keep_ema=keep_ema)
     return SafetensorsFile(path)
 
 

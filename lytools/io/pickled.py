@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 NESTING_KEYS = ("state_dict", "model", "module", "ema", "model_state", "params")
+EMA_PREFIX = "model_ema."  # LDM training checkpoints' EMA copy of the UNet (FORMATS.md 6: dropped unless asked for)
 
 
 def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -87,13 +88,35 @@ def _unwrap(path: Path, loaded: object) -> dict[str, torch.Tensor]:
 class PickledFile:
     """A pickled checkpoint behind the same interface as SafetensorsFile (no metadata)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, keep_ema: bool = False):
         self.path = Path(path)
+        self.legacy = not zipfile.is_zipfile(self.path) if self.path.is_file() else False
         self._tensors = load_pickled_state_dict(self.path)
+        # the EMA copy (model_ema.*) goes unless asked for, when the file holds the model itself too
+        ema = [name for name in self._tensors if name.startswith(EMA_PREFIX)]
+        self.ema_dropped = 0
+        if ema and not keep_ema and len(ema) < len(self._tensors):
+            for name in ema:
+                del self._tensors[name]
+            self.ema_dropped = len(ema)
+        self.ema_count = len(ema)
         self.metadata: dict[str, str] = {}
         self._infos = {
             name: TensorInfo(name, st_name(tensor.dtype), tuple(tensor.shape)) for name, tensor in self._tensors.items()
         }
+
+    def notes(self) -> list[str]:
+        """What a user should know about how this file was read (legacy format, EMA copy dropped)."""
+        found = []
+        if self.legacy:
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._tensors.values()}
+            size = sum(storages.values())
+            found.append(f"a legacy (torch < 1.6, non-zip) pickle cannot be mapped, so it is read "
+                         f"whole into memory (about {size / 2**30:.1f} GiB); convert it to safetensors once to avoid that")
+        if self.ema_dropped:
+            found.append(f"its {self.ema_dropped} EMA tensor(s) (model_ema.*) are left out; "
+                         f"--keep-ema keeps them")
+        return found
 
     def __enter__(self) -> "PickledFile":
         return self

@@ -64,6 +64,7 @@ def run_merge(
     overwrite: bool = False,
     verify: bool = False,
     dora_mode: str | None = None,
+    keep_ema: bool = False,
     reporter: Reporter = QUIET,
 ) -> CheckpointResult | NetworkMergeResult:
     """Merge `inputs` into `output`: a checkpoint first means networks into it, else networks into one."""
@@ -100,7 +101,7 @@ def run_merge(
         result = merge_into_checkpoint(
             paths[0], paths[1:], output, ratios=ratios, ratio_for=ratio_for, allow_unmatched=allow_unmatched,
             save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite,
-            dora_mode=dora_mode, reporter=reporter,
+            dora_mode=dora_mode, keep_ema=keep_ema, reporter=reporter,
         )
         if verify and not dry_run:
             from lytools.merge.verify import verify_checkpoint
@@ -114,6 +115,8 @@ def run_merge(
         raise UsageError("--dora-mode applies when merging into a checkpoint (DoRA needs the base weights)")
     if allow_unmatched:
         raise UsageError("--allow-unmatched applies when merging into a checkpoint (the first input is a network)")
+    if keep_ema:
+        raise UsageError("--keep-ema applies when merging into a checkpoint (the first input is a network)")
     result = merge_networks(
         paths, output, ratios=ratios, ratio_for=ratio_for, rank=rank, conv_rank=conv_rank,
         save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite, reporter=reporter,

@@ -30,6 +30,7 @@ from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES, saturating_cast
 from lytools.io.folders import DiffusersFolder, FolderWriter
 from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, carried, source_entry
+from lytools.io.pickled import PickledFile
 from lytools.merge.fp8 import dequantize, requantize, surviving_share
 from lytools.merge.inputs import NetworkInput, load_network_input
 from lytools.merge.plan import CheckpointPlan, Group, Touch, plan_checkpoint_merge
@@ -361,6 +362,7 @@ def merge_into_checkpoint(
     dry_run: bool = False,
     overwrite: bool = False,
     dora_mode: str | None = None,
+    keep_ema: bool = False,
     reporter: Reporter = QUIET,
 ) -> CheckpointResult:
     """Merge networks (any algorithm and key style) into a checkpoint; return what was done.
@@ -384,13 +386,16 @@ def merge_into_checkpoint(
     for network in networks:
         if network.stray:
             reporter.log(f"{network.name}: {len(network.stray)} key(s) outside any module ignored (first: {network.stray[0]})")
-    with open_file(base) as reader:
+    with open_file(base, keep_ema=keep_ema) as reader:
+        for note in reader.notes() if isinstance(reader, PickledFile) else ():
+            reporter.warn(f"{base.name}: {note}")  # read whole into memory / EMA copy left out
         infos = {info.name: info for info in reader.infos()}
         plan = plan_checkpoint_merge(
             base, infos, dict(reader.metadata), networks, rule_set,
             save_dtype=save_dtype, allow_unmatched=allow_unmatched,
         )
         plan.dora_mode = dora_mode
+        plan.keep_ema = keep_ema
         for text in rule_set.unused_rules():
             reporter.warn(f"--ratio-for {text} matched no module")
         if plan.unmatched_count:

@@ -92,6 +92,7 @@ class CheckpointPlan:
     fp8: Fp8Layout
     ratios: Ratios
     dora_mode: str = "lycoris"  # how DoRA modules apply at ratios other than 1 (ALGORITHMS.md: DoRA)
+    keep_ema: bool = False  # a pickled base's EMA copy (model_ema.*) is written too
 
     @property
     def touched(self) -> list[str]:

@@ -49,7 +49,7 @@ def verify_checkpoint(result: CheckpointResult, networks, device: str = "auto") 
     a fresh recomputation, and report how much of each intended change the output dtype kept."""
     report = VerifyReport()
     plan = result.plan
-    with open_file(plan.base) as base, open_file(result.output) as written:
+    with open_file(plan.base, keep_ema=plan.keep_ema) as base, open_file(result.output) as written:
         if sorted(written.keys()) != sorted(plan.out_dtypes):
             raise LytoolsError(f"{result.output}: verification failed: the tensor names differ from the plan")
         engine = _Engine(plan, base, networks, resolve_device(device))
