@@ -338,3 +338,47 @@ def test_extract_names_the_flux_variant_in_its_metadata(tmp_path, variant, archi
     extract(base, tuned.path, out, ExtractOptions(linear=RankRule("fixed", 2)))
     meta = read_header(out).metadata
     assert meta["modelspec.architecture"] == architecture and meta["ss_base_model_version"] == "flux1"
+
+
+def test_sd35_large_block_23_context_modulation_is_not_swapped(tmp_path):
+    """SD3 medium's last block (23) stores its context adaLN as [shift; scale] (2 chunks, swapped in diffusers);
+    in SD3.5 large block 23 is a full block (6 chunks, same order in both layouts). convert swapped those rows
+    too, and the resolver placed a diffusers-named one swapped: wrong ΔW, silently."""
+    from lytools.convert import load_network
+
+    name = "lora_unet_joint_blocks_23_context_block_adaLN_modulation_1"
+    generator = torch.Generator().manual_seed(3)
+    width = 48
+    kohya = {}
+    for module, rows in ((name, 6 * width), ("lora_unet_joint_blocks_0_x_block_attn_qkv", 3 * width)):
+        kohya[f"{module}.lora_down.weight"] = torch.randn(2, width, generator=generator)
+        kohya[f"{module}.lora_up.weight"] = torch.randn(rows, 2, generator=generator)
+        kohya[f"{module}.alpha"] = torch.tensor(2.0)
+    write_safetensors(tmp_path / "k.safetensors", kohya, {})
+    convert_file(tmp_path / "k.safetensors", tmp_path / "d.safetensors", ConvertOptions(target="diffusers", arch="sd3", fold=False))
+    written = read_tensors(tmp_path / "d.safetensors")
+    up = written["transformer.transformer_blocks.23.norm1_context.linear.lora_B.weight"]
+    assert torch.equal(up, kohya[f"{name}.lora_up.weight"])  # rows kept in order
+    back = load_network(tmp_path / "d.safetensors", arch="sd3")
+    assert torch.equal(back.modules[name]["lora_up.weight"], kohya[f"{name}.lora_up.weight"])
+    # diffusers' own SD3 transformer with 26 blocks: block 23 is a full block, block 25 the last
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=26, attention_head_dim=8, num_attention_heads=6,
+        joint_attention_dim=128, caption_projection_dim=48, pooled_projection_dim=64, out_channels=16, pos_embed_max_size=48)
+    layer = model.transformer_blocks[23].norm1_context.linear
+    before = layer.weight.detach().clone()
+    model.load_lora_adapter({k: v for k, v in written.items() if ".transformer_blocks.23." in k}, prefix="transformer",
+                            adapter_name="x")
+    model.fuse_lora(lora_scale=1.0)
+    applied = model.transformer_blocks[23].norm1_context.linear.weight.detach() - before
+    expected = kohya[f"{name}.lora_up.weight"] @ kohya[f"{name}.lora_down.weight"]
+    assert torch.allclose(applied, expected, atol=1e-5)
+    # merging the diffusers-named module into an MMDiT checkpoint whose block 23 is full: rows in order
+    base, _, _ = _sd35_like(tmp_path)
+    merged = tmp_path / "merged.safetensors"
+    merge_into_checkpoint(base, [tmp_path / "d.safetensors"], merged, allow_unmatched=True)
+    key = UNET + "joint_blocks.23.context_block.adaLN_modulation.1.weight"
+    change = read_tensors(merged)[key] - read_tensors(base)[key]
+    assert torch.allclose(change, expected, atol=1e-5)

@@ -92,6 +92,12 @@ def _halves_swapped(key: str, rows: Rows | None, length: int) -> tuple[Placement
             Placement(key, (start, start + half), (half, length)))
 
 
+def _two_chunks(length: int, shape: Shape) -> bool:
+    """True for a [shift; scale] modulation (2·width rows): the swapped ones are those (the final
+    layer's, a pre-only SD3 context block's); SD3.5 large's block 23 is a full 6-chunk block."""
+    return len(shape) == 2 and length == 2 * shape[1]
+
+
 def _scale_rows(rows: Rows | None, full: int, actual: int) -> Rows | None:
     if rows is None or full == actual:
         return rows
@@ -170,8 +176,9 @@ class Resolver:
             rows = _scale_rows(rows, full[0], shape[0])
             if rows is None:
                 return None
-        if target.swap_halves:
-            return _halves_swapped(actual, rows, rows[1] - rows[0] if rows else shape[0])
+        length = rows[1] - rows[0] if rows else shape[0]
+        if target.swap_halves and _two_chunks(length, shape):
+            return _halves_swapped(actual, rows, length)
         return (Placement(actual, rows, None),)
 
     def _diffusers_placements(self, target: CanonicalTarget) -> tuple[Placement, ...] | None:
@@ -189,7 +196,7 @@ class Resolver:
             if rows is None:
                 # the diffusers module is the whole canonical tensor (halves swapped when exactly
                 # one of the name and the file uses diffusers' [scale; shift] order)
-                if swapped != target.swap_halves:
+                if swapped != target.swap_halves and _two_chunks(shape[0], shape):
                     return _halves_swapped(actual, None, shape[0]) if want is None else None
                 if want is None:
                     return (Placement(actual, None, None),)

@@ -207,6 +207,18 @@ def _lokr_rows(name: str, tensors: Tensors) -> tuple[str, int]:
     )
 
 
+def halves_swap_applies(tensors: Tensors) -> bool:
+    """True unless the module's shapes show more than the two [shift; scale] chunks of a modulation.
+
+    The swapped modulations are 2·width rows: the final layer's and a pre-only (last) SD3 context
+    block's. SD3.5 large's block 23 (the last one of SD3 medium, whose table names it) is a full block
+    there: 6·width rows in the same order in both layouts. Shapes that do not tell (LoKr): True."""
+    for rows, width in ((UP, DOWN), ("diff", "diff"), ("hada_w1_a", "hada_w1_b")):
+        if rows in tensors and width in tensors:
+            return int(tensors[rows].shape[0]) == 2 * int(tensors[width].shape[1])
+    return True
+
+
 def swap_halves(name: str, tensors: Tensors) -> dict[str, torch.Tensor]:
     """Return the module with the two halves of its output rows exchanged: ΔW' = [ΔW[h:]; ΔW[:h]].
 

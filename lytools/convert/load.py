@@ -26,7 +26,7 @@ from lytools.algos import NetworkModule, describe_shapes
 from lytools.arch.detect import SCALES
 from lytools.arch.network import layout_of_module
 from lytools.convert import names
-from lytools.convert.fuse import ALPHA, DORA, DOWN, UP, alpha_tensor, fuse_parts, swap_halves
+from lytools.convert.fuse import ALPHA, DORA, DOWN, UP, alpha_tensor, fuse_parts, halves_swap_applies, swap_halves
 from lytools.errors import FileFormatError, LytoolsError, NetworkError, UnsupportedError
 from lytools.io import open_file, read_header
 
@@ -364,7 +364,7 @@ def _pick(arch: str, stored: str, tensors: dict[str, torch.Tensor], scale: int) 
     """Return the canonical reading of a stored module; a module stored in diffusers' [scale; shift]
     row order gets its rows put back in kohya's [shift; scale] order in `tensors`."""
     canonical = _choose(arch, stored, tensors, scale)
-    if canonical is not None and canonical.swap_halves:
+    if canonical is not None and canonical.swap_halves and halves_swap_applies(tensors):
         tensors.update(swap_halves(stored, tensors))
     return canonical
 

@@ -31,7 +31,8 @@ from lytools.algos import describe_module, describe_shapes
 from lytools.arch import ENCODERS
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.convert import names
-from lytools.convert.fuse import ALPHA, DORA, DOWN, MID, UP, alpha_tensor, scale_of, split_fused, swap_halves
+from lytools.convert.fuse import (ALPHA, DORA, DOWN, MID, UP, alpha_tensor, halves_swap_applies, scale_of, split_fused,
+                                  swap_halves)
 from lytools.convert.layout import FOLDED_NOTE, fold_split, lora_config, unloaded_note
 from lytools.convert.load import Network
 from lytools.errors import LytoolsError, MatchError, UnsupportedError
@@ -165,7 +166,8 @@ def _diffusers_pieces(net: Network) -> list[_Piece]:
     for name, module in net.modules.items():
         parts = table[name]
         if len(parts) == 1 and parts[0].module_rows is None:
-            tensors = swap_halves(name, module.tensors) if parts[0].swap_halves else dict(module.tensors)
+            swap = parts[0].swap_halves and halves_swap_applies(module.tensors)
+            tensors = swap_halves(name, module.tensors) if swap else dict(module.tensors)
             pieces.append(_Piece(parts[0].component, parts[0].path, tensors))
             continue
         rows = [names.scale_rows(p.module_rows, net.scale) for p in parts]
