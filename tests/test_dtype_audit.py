@@ -135,8 +135,8 @@ def test_merge_into_checkpoint_saturates_touched_and_untouched(files, tmp_path):
 def test_merge_networks_saturates(files, tmp_path):
     out = tmp_path / "m.safetensors"
     result = lytools("merge", files / "bignet.safetensors", files / "n.safetensors", "-o", out, "--save-dtype", "fp16")
-    assert f"1 tensor(s) had values beyond the F16 range and were saturated to ±65504 (e.g. {NAME}.lora_up.weight)" \
-        in result.stderr
+    assert f"1 tensor(s) had values beyond the range of the output dtype and were saturated to its largest value, " \
+        f"not written as inf (e.g. {NAME}.lora_up.weight)" in result.stderr
     assert all_finite(out)
 
 
@@ -255,3 +255,18 @@ def test_merge_saturation_of_a_row_sliced_tensor_is_counted_once(tmp_path):
     assert json.loads(result.stdout)["saturated"] == [key]
     assert "1 tensor(s) had values beyond" in result.stderr
     assert load_file(out)[key][-1, 0] == 65504
+
+
+def test_merge_networks_copied_module_with_a_ratio_is_cast_once(tmp_path):
+    source = build_network(tmp_path / "a.safetensors", "sd1", factor=16, rank=4, alpha=4.0, modules=[NAME],
+                           dtype=torch.bfloat16)
+    other = build_network(tmp_path / "b.safetensors", "sd1", factor=16, rank=4, modules=[OTHER], dtype=torch.bfloat16)
+    out = tmp_path / "m.safetensors"
+    lytools("merge", source, other, "-o", out, "--ratios", "0.7", "1", "--save-dtype", "fp32", "-q")
+    before, after = load_file(source), load_file(out)
+    intended = 0.7 * (before[f"{NAME}.lora_up.weight"].double() @ before[f"{NAME}.lora_down.weight"].double())
+    got = after[f"{NAME}.lora_up.weight"].double() @ after[f"{NAME}.lora_down.weight"].double()
+    assert float((got - intended).norm() / intended.norm()) < 1e-6  # bf16 in between cost ~1e-3
+    default = tmp_path / "d.safetensors"
+    lytools("merge", source, other, "-o", default, "--ratios", "0.7", "1", "-q")
+    assert load_file(default)[f"{NAME}.lora_up.weight"].dtype == torch.bfloat16

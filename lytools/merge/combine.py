@@ -31,7 +31,7 @@ from lytools.device import resolve_device
 from lytools.errors import NetworkError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
-from lytools.io.dtypes import saturating_cast, st_name
+from lytools.io.dtypes import saturating_cast
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.merge.inputs import NetworkInput, load_network_input
 from lytools.merge.ratios import Ratios
@@ -274,17 +274,18 @@ def _concat(parts: list[Contribution], dtype: torch.dtype) -> dict[str, torch.Te
 
 
 def _copy(part: Contribution) -> dict[str, torch.Tensor]:
-    """Return one contribution's tensors with its ratio folded in exactly."""
+    """Return one contribution's tensors with its ratio folded in (scaled ones in float32: the
+    caller casts once, to --save-dtype or the tensor's own dtype)."""
     tensors = dict(part.module.tensors)
     if part.ratio != 1.0:
         if part.info.algo == "lora":
             c, d = power_split(part.ratio)
-            tensors[UP] = (tensors[UP].float() * c).to(tensors[UP].dtype)
-            tensors[DOWN] = (tensors[DOWN].float() * d).to(tensors[DOWN].dtype)
+            tensors[UP] = tensors[UP].float() * c
+            tensors[DOWN] = tensors[DOWN].float() * d
         else:
             for suffix in FOLD_INTO[part.info.algo]:
                 if suffix in tensors:
-                    tensors[suffix] = (tensors[suffix].float() * part.ratio).to(tensors[suffix].dtype)
+                    tensors[suffix] = tensors[suffix].float() * part.ratio
                     if part.info.algo in ("loha", "lokr"):
                         break
     return tensors
@@ -444,15 +445,17 @@ def merge_networks(
         else:
             produced, item.kept = _svd(parts, item.rank, where, torch.float32)
         for suffix, tensor in produced.items():
-            if suffix != ALPHA and tensor.is_floating_point() and (item.method != "copy" or save_dtype is not None):
+            if suffix != ALPHA and tensor.is_floating_point():
+                # a copied module keeps its own dtypes unless --save-dtype says otherwise
+                target = dtype if item.method != "copy" or save_dtype is not None else parts[0].module.tensors[suffix].dtype
                 # cast once; values beyond the dtype's range saturate (fp16: never an inf), said below
-                tensor, beyond = saturating_cast(tensor, dtype)
+                tensor, beyond = saturating_cast(tensor, target)
                 if beyond:
                     saturated.append(f"{item.name}.{suffix}")
             tensors[f"{item.name}.{suffix}"] = tensor.contiguous()
     if saturated:
-        reporter.warn(f"{len(saturated)} tensor(s) had values beyond the {st_name(dtype)} range and were saturated to "
-                      f"±{torch.finfo(dtype).max:g} (e.g. {saturated[0]})")
+        reporter.warn(f"{len(saturated)} tensor(s) had values beyond the range of the output dtype and were saturated "
+                      f"to its largest value, not written as inf (e.g. {saturated[0]})")
     metadata = merged_network_metadata(networks, rule_set, result.modules, rank)
     _, completed = complete_for_a1111(tensors, metadata=networks[0].metadata)
     if completed:
