@@ -382,3 +382,22 @@ def test_sd35_large_block_23_context_modulation_is_not_swapped(tmp_path):
     key = UNET + "joint_blocks.23.context_block.adaLN_modulation.1.weight"
     change = read_tensors(merged)[key] - read_tensors(base)[key]
     assert torch.allclose(change, expected, atol=1e-5)
+
+
+def test_diffusers_layout_sd35_modules_without_kohya_names_are_reported_not_dropped(tmp_path):
+    """The tables name SD3 medium's diffusers modules only: SD3.5 `attn2` and blocks from 24 in a
+    diffusers-layout file are listed as skipped (report and summary), no longer left out silently."""
+    from lytools.extract import plan_extraction
+
+    base = build_checkpoint(tmp_path / "d.safetensors", "sd3", factor=FACTOR, layout="diffusers", dtype=torch.float32)
+    shapes = {name: info.shape for name, info in read_header(base).tensors.items()}
+    assert not plan_extraction(shapes, shapes, base_path=Path("b"), tuned_path=Path("t")).skipped  # medium: all named
+    for key, shape in list(shapes.items()):
+        if key.startswith("transformer_blocks.22."):
+            shapes[key.replace(".22.", ".24.")] = shape
+    shapes["transformer_blocks.0.attn2.to_q.weight"] = (48, 48)
+    plan = plan_extraction(shapes, shapes, base_path=Path("b"), tuned_path=Path("t"))
+    skipped = {record.name for record in plan.skipped}
+    assert "transformer_blocks.0.attn2.to_q" in skipped and "transformer_blocks.24.attn.to_q" in skipped
+    assert "transformer_blocks.24.norm1_context.linear" in skipped and "transformer_blocks.24.ff_context.net.2" in skipped
+    assert all(record.reason.startswith("no kohya name") for record in plan.skipped)

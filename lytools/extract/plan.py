@@ -24,6 +24,7 @@ different architectures, or with nothing in common, are an error.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -161,6 +162,9 @@ def _plan_known(arch: str, base_shapes, tuned_shapes, base_metadata, tuned_metad
             continue
         plan.modules.append(PairedModule(name, component, in_base.kind, tuple(in_base.shape),
                                          in_base.placements, in_tuned.placements))
+    if arch == "sd3":
+        plan.skipped += _sd3_unnamed((base_resolver.checkpoint, base_shapes, "base"),
+                                     (tuned_resolver.checkpoint, tuned_shapes, "tuned"), modules=plan.modules)
     if not plan.modules:
         raise MatchError(
             f"{base_path.name} and {tuned_path.name}: no {arch} module is present in both files "
@@ -183,6 +187,29 @@ def _sd3_rule_names(*files: tuple[CheckpointArch, Mapping[str, Shape]], table: M
                 if name not in table and SD3_RULE.match(path):
                     found.add(name)
     return sorted(found)
+
+
+# diffusers-layout SD3 block linears (what the MMDiT rule targets, in diffusers names)
+_SD3_DIFFUSERS_RULE = re.compile(r"^transformer_blocks\.\d+\.(attn2?\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)"
+                                 r"|ff(_context)?\.net\.(0\.proj|2)|norm1(_context)?\.linear)\.weight$")
+
+
+def _sd3_unnamed(*files: tuple[CheckpointArch, Mapping[str, Shape], str], modules: list[PairedModule]) -> list[ModuleRecord]:
+    """Skipped records for diffusers-layout SD3.5 block linears the tables cannot name (`attn2`, blocks from 24):
+    said in the report and the summary instead of left out silently."""
+    placed = {p.key for m in modules for p in (*m.base, *m.tuned)}
+    found: dict[str, ModuleRecord] = {}
+    for checkpoint, shapes, which in files:
+        prefix = checkpoint.components.get("unet")
+        if prefix is None or checkpoint.layout != "diffusers":
+            continue
+        for key, shape in shapes.items():
+            path = key[len(prefix):] if key.startswith(prefix) else None
+            if path and key not in placed and path not in found and _SD3_DIFFUSERS_RULE.match(path):
+                found[path] = _skip(path[:-len(".weight")], "unet", tuple(shape),
+                                    f"no kohya name for this SD3.5 module in a diffusers-layout file ({which}): "
+                                    "extract from the single-file (MMDiT) checkpoints")
+    return [found[path] for path in sorted(found)]
 
 
 def generic_module_name(key: str) -> str | None:

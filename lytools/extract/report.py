@@ -63,6 +63,8 @@ def _reason_class(reason: str | None) -> str:
         return "dim 0"
     if reason.startswith("decomposition failed") or "NaN" in reason:
         return "failed"
+    if reason.startswith("no kohya name"):
+        return "without a kohya name (SD3.5 in diffusers layout: extract from the single-file checkpoints)"
     return "other"
 
 
