@@ -270,3 +270,62 @@ def test_merge_networks_copied_module_with_a_ratio_is_cast_once(tmp_path):
     default = tmp_path / "d.safetensors"
     lytools("merge", source, other, "-o", default, "--ratios", "0.7", "1", "-q")
     assert load_file(default)[f"{NAME}.lora_up.weight"].dtype == torch.bfloat16
+
+
+def _scaled_and_true(source: Path, scaled: Path, true: Path) -> None:
+    """Write `source` as a scaled-fp8 checkpoint (per-tensor and per-row scales) and its true weights in f32."""
+    tensors, out, exact = read_tensors(source), {}, {}
+    for index, (key, tensor) in enumerate(sorted(tensors.items())):
+        if tensor.dim() == 2 and key.endswith(".weight") and "embedding" not in key:
+            if index % 2:
+                scale = tensor.abs().amax(dim=1, keepdim=True) / 200.0 + 1e-12  # per row
+            else:
+                scale = tensor.abs().max().reshape(()) / 200.0
+            out[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            out[key[: -len(".weight")] + ".scale_weight"] = scale
+            exact[key] = out[key].float() * scale
+        else:
+            out[key] = exact[key] = tensor
+    out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    write_safetensors(scaled, out)
+    write_safetensors(true, exact)
+
+
+def test_extract_and_resize_read_scaled_fp8_as_fp8_times_scale(tmp_path):
+    from lytools.testing import build_tuned
+
+    base = build_checkpoint(tmp_path / "b.safetensors", "sd2", factor=16, components=("clip_h",), dtype=torch.float32)
+    net = build_network(tmp_path / "n.safetensors", "sd2", factor=16, rank=4, dtype=torch.float32,
+                        modules=["lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                                 "lora_te_text_model_encoder_layers_1_mlp_fc1"])
+    tuned = build_tuned(base, tmp_path / "t.safetensors", net, ratio=30.0).path  # survives fp8 steps
+    _scaled_and_true(base, tmp_path / "bs.safetensors", tmp_path / "bt.safetensors")
+    _scaled_and_true(tuned, tmp_path / "ts.safetensors", tmp_path / "tt.safetensors")
+    for pair, out in (("s", "xs"), ("t", "xt")):
+        lytools("extract", tmp_path / f"b{pair}.safetensors", tmp_path / f"t{pair}.safetensors",
+                tmp_path / f"{out}.safetensors", "--linear-dim", "4", "--save-dtype", "fp32", "-q")
+    scaled, true = load_file(tmp_path / "xs.safetensors"), load_file(tmp_path / "xt.safetensors")
+    assert scaled.keys() == true.keys() and all(torch.equal(scaled[k], true[k]) for k in true)  # was ~500x off
+    dora = build_network(tmp_path / "d.safetensors", "sd2", factor=16, rank=4, dtype=torch.float32, dora=True,
+                         modules=["lora_te_text_model_encoder_layers_0_self_attn_q_proj"])
+    for base_file, out in (("bs", "rs"), ("bt", "rt")):
+        lytools("resize", dora, tmp_path / f"{out}.safetensors", "--rank", "2", "--base",
+                tmp_path / f"{base_file}.safetensors", "-q")
+    scaled, true = load_file(tmp_path / "rs.safetensors"), load_file(tmp_path / "rt.safetensors")
+    assert all(torch.equal(scaled[k], true[k]) for k in true)
+
+
+def test_read_weight_slices_a_per_row_scale_with_the_rows(tmp_path):
+    from lytools.io import open_file
+    from lytools.merge.fp8 import detect_fp8, read_weight
+
+    weight = torch.randn(12, 5)
+    scale = weight.abs().amax(dim=1, keepdim=True) / 100.0
+    stored = (weight / scale).to(torch.float8_e4m3fn)
+    path = tmp_path / "s.safetensors"
+    write_safetensors(path, {"a.qkv.weight": stored, "a.qkv.scale_weight": scale, "scaled_fp8": torch.empty(0)})
+    with open_file(path) as reader:
+        layout = detect_fp8({info.name: info for info in reader.infos()})
+        whole = read_weight(reader, layout, "a.qkv.weight")
+        assert torch.equal(whole, stored.float() * scale)
+        assert torch.equal(read_weight(reader, layout, "a.qkv.weight", (4, 8)), whole[4:8])

@@ -111,15 +111,23 @@ class _Source:
     """An open input file plus a set of its keys (for bias look-ups)."""
 
     def __init__(self, path: Path):
+        from lytools.merge.fp8 import detect_fp8
+
         self.file = open_file(path)
         self.keys_set = set(self.file.keys())
         self.path = path
+        # scaled fp8 (ComfyUI): the weight is fp8 x its scale, never the fp8 value alone (FORMATS.md 1.2)
+        self.fp8 = detect_fp8({info.name: info for info in self.file.infos()})
 
     def get(self, key: str) -> torch.Tensor:
-        return self.file.get(key)
+        from lytools.merge.fp8 import read_weight
+
+        return read_weight(self.file, self.fp8, key)
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self.file.get_rows(key, start, stop)
+        from lytools.merge.fp8 import read_weight
+
+        return read_weight(self.file, self.fp8, key, (start, stop))
 
     def close(self) -> None:
         self.file.close()

@@ -118,3 +118,16 @@ def surviving_share(intended: torch.Tensor, realized: torch.Tensor) -> float:
     if norm == 0.0:
         return 1.0
     return max(0.0, 1.0 - float(torch.linalg.vector_norm(realized - intended)) / norm)
+
+
+def read_weight(reader, layout: Fp8Layout, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Return a checkpoint tensor (its rows [a, b) when given) with a scaled fp8 weight as its true
+    value, fp8 x scale in float32 (a per-row scale sliced with the rows); other tensors as stored."""
+    stored = reader.get(key) if rows is None else reader.get_rows(key, rows[0], rows[1])
+    scale_key = layout.scale_of.get(key)
+    if scale_key is None:
+        return stored
+    scale = reader.get(scale_key)
+    if rows is not None and scale.numel() > 1:
+        scale = scale[rows[0]:rows[1]]
+    return dequantize(stored, scale)

@@ -215,6 +215,7 @@ class BaseWeights:
     def __init__(self, path: Path, metadata: Mapping[str, str] | None = None):
         from lytools.arch import Resolver
 
+        from lytools.merge.fp8 import detect_fp8
         from lytools.merge.inputs import looks_like_network
 
         self.path = path
@@ -224,16 +225,17 @@ class BaseWeights:
             self.reader.close()
             raise MatchError(f"{path}: a network (LoRA/LyCORIS), not a checkpoint: --base takes the base model")
         self.resolver = Resolver(infos, metadata or self.reader.metadata)
+        self.fp8 = detect_fp8(infos)  # scaled fp8: the weight is fp8 x its scale
 
     def __call__(self, name: str) -> torch.Tensor:
+        from lytools.merge.fp8 import read_weight
+
         resolved = self.resolver.resolve(name)
         if resolved is None:
             raise MatchError(f"{self.path}: no weight for module {name} in this checkpoint")
         pieces = []
         for placement in resolved.placements:
-            tensor = self.reader.get(placement.key)
-            if placement.rows is not None:
-                tensor = tensor[placement.rows[0]:placement.rows[1]]
+            tensor = read_weight(self.reader, self.fp8, placement.key, placement.rows)
             pieces.append(tensor.to(torch.float32))
         weight = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
         return weight.reshape(resolved.shape) if weight.numel() == math.prod(resolved.shape) else weight
