@@ -371,7 +371,7 @@ def test_malformed_inputs_fail_in_one_line(tmp_path, capsys, network):
     existing.write_bytes(b"x")
     assert run_cli(["resize", network, existing, "--rank", "2"], capsys)[0] == 1
     for args in (["--method", "sv_fro"], [], ["--rank", "2", "--method-param", "0.5"], ["--method", "sv_fro", "--method-param", "2"],
-                 ["--rank", "0"], ["--method", "sv_ratio", "--method-param", "2", "--truncate"], ["--rank", "2", "--report", tmp_path / "r.txt"]):
+                 ["--method", "sv_ratio", "--method-param", "0.5"], ["--rank", "0"], ["--method", "sv_ratio", "--method-param", "2", "--truncate"], ["--rank", "2", "--report", tmp_path / "r.txt"]):
         code, _, err = run_cli(["resize", network, tmp_path / "o.safetensors", *args], capsys)
         assert code == 2 and err.count("\n") == 1, (args, err)  # option values: usage errors
     assert run_cli(["resize", network, tmp_path / "o.safetensors", "--method", "svd"], capsys)[0] == 2

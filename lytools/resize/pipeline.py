@@ -86,6 +86,9 @@ def check_options(options: ResizeOptions) -> None:
             raise UsageError(f"--method-param {param}: must be a positive number")
         if options.method in ("sv_fro", "sv_cumulative") and param > 1:
             raise UsageError(f"--method-param {param}: {options.method} takes a share between 0 and 1")
+        if options.method == "sv_ratio" and param < 1:  # sigma_1 / param would exceed every singular value
+            raise UsageError(f"--method-param {param}: sv_ratio is the largest kept singular value over the smallest, "
+                             f"at least 1 (e.g. 8)")
 
 
 @dataclass
