@@ -131,7 +131,7 @@ def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_thre
 @click.option("--method", type=click.Choice(["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]), default="fixed",
               show_default=True, help="Rank rule, as kohya's resize tool defines it.")
 @click.option("--method-param", type=float, metavar="F",
-              help="sv_ratio: largest/smallest kept singular value; sv_fro, sv_cumulative: share kept (0..1).")
+              help="sv_ratio: largest/smallest kept singular value (at least 1); sv_fro, sv_cumulative: share kept (0..1).")
 @click.option("--max-rank", type=int, help="Cap on the ranks the dynamic methods pick.")
 @click.option("--truncate", is_flag=True, help="DyLoRA / nested-rank files: keep the first N ranks, no SVD.")
 @click.option("--base", type=click.Path(path_type=Path), metavar="CHECKPOINT",
