@@ -21,3 +21,16 @@ def read_tensors(path: str | os.PathLike) -> dict:
 
     with open_file(path) as handle:
         return {name: handle.get(name).clone() for name in handle.keys()}
+
+
+def run_lytools(capsys, *args) -> tuple[int, str, str]:
+    """Run `lytools ARGS` in this process; return (exit code, stdout, stderr)."""
+    from lytools.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

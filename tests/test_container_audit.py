@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from lytools.arch.manifests import diffusers_names
-from lytools.cli import main
 from lytools.io import open_file, write_safetensors
 from lytools.testing import build_checkpoint, build_network, build_tuned
 from tests.shared import read_tensors
+from tests.shared import run_lytools as cli
 
 TE = "cond_stage_model.transformer."
 VAE = "first_stage_model."
@@ -113,17 +113,6 @@ def models(tmp_path_factory):
     folder_tuned = write_diffusers_folder(tuned, root / "pipe-tuned")
     return {"root": root, "base": base, "net": net, "dora": dora, "tuned": tuned, "folder_base": folder_base,
             "folder_tuned": folder_tuned}
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line_error(code: int, err: str, name: str) -> None:

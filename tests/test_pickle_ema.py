@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 
-from lytools.cli import main
 from lytools.io import open_file
 from lytools.testing import build_checkpoint, build_network
 from tests.shared import read_tensors
+from tests.shared import run_lytools as cli
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +32,6 @@ def models(tmp_path_factory):
     legacy = root / "legacy.ckpt"
     torch.save({"state_dict": tensors}, legacy, _use_new_zipfile_serialization=False)
     return {"base": base, "net": net, "ckpt": ckpt, "legacy": legacy, "tensors": tensors, "ema": ema}
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_open_file_leaves_the_ema_copy_out_unless_asked(models):
