@@ -390,6 +390,7 @@ def test_a_file_without_tensors(models, tmp_path, capsys):
         assert_one_line_error(code, err, "zero.safetensors")
         assert not out.exists()
     assert "holds no tensors" in cli(capsys, "merge", models["base"], zero, "-o", out)[2]
+    assert "zero.safetensors: holds no tensors" in cli(capsys, "extract", models["base"], zero, out)[2]
     assert cli(capsys, "info", zero)[0] == 0
 
 

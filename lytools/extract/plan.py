@@ -104,6 +104,8 @@ def plan_extraction(
     from lytools.merge.inputs import looks_like_network
 
     for path, shapes in ((base_path, base_shapes), (tuned_path, tuned_shapes)):
+        if not shapes:
+            raise MatchError(f"{path.name}: holds no tensors")
         if looks_like_network(shapes):
             raise MatchError(f"{path.name} is a network (LoRA/LyCORIS), not a checkpoint: extract takes BASE and TUNED "
                              "checkpoints (merge applies a network to a checkpoint)")
