@@ -143,6 +143,8 @@ def _diffusers_entries(arch: str, shapes: Mapping[str, tuple[int, ...]]) -> list
         for name, entry in diffusers_table(arch).items():
             if not name.startswith("transformer."):
                 continue
+            if entry.key not in shapes:
+                continue  # SD3.5 modules outside the (SD3 medium) manifest
             path = name[len("transformer."):]
             entries.append((path + ".weight", entry.key, entry.key_rows, entry.swap_halves))
             bias = entry.key[: -len(".weight")] + ".bias"

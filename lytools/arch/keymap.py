@@ -335,6 +335,59 @@ def _sd3_table() -> dict[str, ModuleTarget]:
     return dict(sorted(table.items()))
 
 
+@functools.cache
+def named_modules(arch: str) -> dict[str, ModuleTarget]:
+    """Return every kohya module the name maps know: `module_table(arch)` and, for sd3, the SD3.5 block
+    linears outside SD3 medium's manifest (`_sd35_blocks`, optional "sd35"). The diffusers and alias
+    tables are built from this; module_table stays the manifest's (builders, extract walk it)."""
+    table = module_table(arch)
+    if arch != "sd3":
+        return table
+    return dict(sorted({**table, **_sd35_blocks(table)}.items()))
+
+
+SD35_BLOCKS = 38  # SD3.5 large's joint blocks (the last, 37, pre-only); SD3 / SD3.5 medium have 24
+_SD35_PARTS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+
+
+def _sd35_blocks(table: dict[str, ModuleTarget]) -> dict[str, ModuleTarget]:
+    """SD3.5 block linears SD3 medium's manifest lacks, by rule (optional "sd35", shapes at medium's width):
+    `x_block.attn2.{qkv,proj}` of every block (SD3.5 medium's dual-attention blocks), block 23's full
+    context block, blocks 24-37 as block 0, block 37's context block pre-only (qkv + 2·width adaLN)."""
+    template = {t.path.split(".", 2)[2]: t for t in table.values()
+                if t.path is not None and t.path.startswith("joint_blocks.0.")}
+    width = template["x_block.attn.proj"].shape[0]
+    wanted: dict[str, tuple[int, ...]] = {}
+    for block in range(SD35_BLOCKS):
+        wanted[f"joint_blocks.{block}.x_block.attn2.qkv"] = (3 * width, width)
+        wanted[f"joint_blocks.{block}.x_block.attn2.proj"] = (width, width)
+        if block < 23:
+            continue
+        for side in ("x_block", "context_block"):
+            for part in _SD35_PARTS:
+                sub = f"{side}.{part}"
+                if block == SD35_BLOCKS - 1 and side == "context_block":
+                    if part == "attn.qkv":
+                        wanted[f"joint_blocks.{block}.{sub}"] = template[sub].shape
+                    elif part == "adaLN_modulation.1":
+                        wanted[f"joint_blocks.{block}.{sub}"] = (2 * width, width)
+                    continue
+                wanted[f"joint_blocks.{block}.{sub}"] = template[sub].shape
+    result: dict[str, ModuleTarget] = {}
+    for path, shape in wanted.items():
+        name = "lora_unet_" + path.replace(".", "_")
+        if name in table:
+            continue  # SD3 medium's own entry (block 23's pre-only context adaLN keeps its 2·width rows)
+        parts = fused = None
+        if path.endswith("qkv"):
+            third = shape[0] // 3
+            fused = shape
+            parts = tuple((p, (i * third, (i + 1) * third)) for i, p in enumerate("qkv"))
+        result[name] = ModuleTarget(key=f"{UNET_PREFIX}{path}.weight", kind=kind_of(shape), shape=shape, fused_shape=fused,
+                                    parts=parts, component="unet", optional="sd35", path=path)
+    return result
+
+
 # -- diffusers names --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DiffusersTarget:
@@ -400,7 +453,7 @@ def diffusers_table(arch: str) -> dict[str, DiffusersTarget]:
     """Return {diffusers name: DiffusersTarget} for every kohya module of `arch` (and, for
     sd1/sd2/sdxl UNets, every other module with a weight: conv_in, norms, time_embedding)."""
     table: dict[str, DiffusersTarget] = {}
-    kohya = module_table(arch)
+    kohya = named_modules(arch)
     if arch in ("sd1", "sd2", "sdxl"):
         source = diffusers_names("sdxl" if arch == "sdxl" else "sd1")["modules"]
         shapes = {k: _tuple(v[0]) for k, v in checkpoint_manifest(arch)["tensors"].items()}
@@ -437,7 +490,6 @@ def diffusers_table(arch: str) -> dict[str, DiffusersTarget]:
                 table[diffusers] = DiffusersTarget(diffusers, name, target.key, None, None, target.shape,
                                                    swap_halves=target.path == _SWAPPED_OUTER)
     if arch == "sd3":
-        last = max(int(m.group(1)) for t in kohya.values() if (m := re.match(r"^joint_blocks\.(\d+)\.", t.path or "")))
         for name, target in kohya.items():
             if target.component != "unet" or target.path is None:
                 continue
@@ -452,8 +504,9 @@ def diffusers_table(arch: str) -> dict[str, DiffusersTarget]:
                     table[base + diffusers_sub] = DiffusersTarget(base + diffusers_sub, name, target.key, rows, rows, shape)
             elif (side, sub) in _SD3_DIFFUSERS:
                 diffusers = base + _SD3_DIFFUSERS[(side, sub)]
-                # the last block's context modulation only shifts and scales: diffusers swaps its halves
-                swap = (side, sub) == ("context_block", "adaLN_modulation.1") and int(block) == last
+                # a pre-only (last) block's context modulation only shifts and scales (2·width rows):
+                # diffusers swaps its halves (SD3 medium's block 23, SD3.5 large's block 37)
+                swap = (side, sub) == ("context_block", "adaLN_modulation.1") and target.shape[0] == 2 * target.shape[1]
                 table[diffusers] = DiffusersTarget(diffusers, name, target.key, None, None, target.shape, swap_halves=swap)
     return table
 
@@ -535,7 +588,7 @@ def _build_alias_table(arch: str) -> dict[str, CanonicalTarget]:
         if old is None or (target.in_table and not old.in_table):
             table[alias] = target
 
-    kohya = module_table(arch)
+    kohya = named_modules(arch)
     encoders = {e.component: e for e in ENCODERS[arch]}
     unet = encoders["unet"]
     for name, target in kohya.items():

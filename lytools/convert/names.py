@@ -1,6 +1,6 @@
 """Module names: any stored spelling -> canonical kohya/LyCORIS name, and canonical -> diffusers names.
 
-Every map here is derived from lytools.arch (alias_table, module_table, diffusers_table); this
+Every map here is derived from lytools.arch (alias_table, named_modules, diffusers_table); this
 file adds only the choices convert makes on top of them:
 
 - canonical name of a module outside the kohya tables (LyCORIS full-preset `conv_in`, norms,
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from typing import Mapping
 
-from lytools.arch import ENCODERS, NetworkArch, alias_table, arch_from_metadata, detect_network, diffusers_table, module_table
-from lytools.arch.keymap import NETWORK_ARCHS, UNET_PREFIX, CanonicalTarget
+from lytools.arch import ENCODERS, NetworkArch, alias_table, arch_from_metadata, detect_network, diffusers_table
+from lytools.arch.keymap import NETWORK_ARCHS, UNET_PREFIX, CanonicalTarget, named_modules
 from lytools.arch.network import lookup_names
 
 Rows = tuple[int, int]
@@ -46,7 +46,7 @@ def _unet_native(key: str) -> str:
 
 
 def _canonical(arch: str, target: CanonicalTarget) -> Canonical:
-    table = module_table(arch)
+    table = named_modules(arch)
     owner = table.get(target.module)
     module = target.module
     module_rows = None
@@ -90,7 +90,7 @@ def candidates(arch: str, stored: str) -> list[Canonical]:
         qkv = _LINEAR1_QKV.match(stored)
         if qkv:  # ComfyUI's name for the q;k;v rows of a single block's linear1
             module = f"lora_unet_single_blocks_{qkv.group(1)}_linear1"
-            target = module_table(arch).get(module)
+            target = named_modules(arch).get(module)
             if target is not None and target.parts:
                 rows = (target.parts[0][1][0], target.parts[2][1][1])
                 found.append(Canonical(module, "unet", (rows[1] - rows[0],) + target.shape[1:], rows, True))
@@ -153,7 +153,7 @@ def component_of(arch: str, module: str) -> str | None:
 
 def fused_rows(arch: str, module: str) -> tuple[tuple[str, Rows], ...] | None:
     """Return the named full-size row ranges of a fused kohya module (Flux qkv/linear1, SD3 qkv), or None."""
-    target = module_table(arch).get(module) if arch in NETWORK_ARCHS else None
+    target = named_modules(arch).get(module) if arch in NETWORK_ARCHS else None
     return target.parts if target is not None else None
 
 
@@ -161,7 +161,7 @@ def full_shape(arch: str, module: str) -> tuple[int, ...] | None:
     """Return the full-size ΔW shape of a canonical module, or None when unknown."""
     if arch not in NETWORK_ARCHS:
         return None
-    target = module_table(arch).get(module)
+    target = named_modules(arch).get(module)
     if target is not None:
         return target.shape
     return _whole_shapes(arch).get(module)
