@@ -385,8 +385,8 @@ def test_sd35_large_block_23_context_modulation_is_not_swapped(tmp_path):
 
 
 def test_diffusers_layout_sd35_modules_without_kohya_names_are_reported_not_dropped(tmp_path):
-    """The tables name SD3 medium's diffusers modules only: SD3.5 `attn2` and blocks from 24 in a
-    diffusers-layout file are listed as skipped (report and summary), no longer left out silently."""
+    """SD3.5 `attn2` and blocks from 24 in a diffusers-layout file were left out silently, then listed as
+    skipped; now the name tables know them and they are extracted under their kohya names."""
     from lytools.extract import plan_extraction
 
     base = build_checkpoint(tmp_path / "d.safetensors", "sd3", factor=FACTOR, layout="diffusers", dtype=torch.float32)
@@ -396,8 +396,13 @@ def test_diffusers_layout_sd35_modules_without_kohya_names_are_reported_not_drop
         if key.startswith("transformer_blocks.22."):
             shapes[key.replace(".22.", ".24.")] = shape
     shapes["transformer_blocks.0.attn2.to_q.weight"] = (48, 48)
+    shapes["transformer_blocks.0.attn2.to_k.weight"] = (48, 48)
+    shapes["transformer_blocks.0.attn2.to_v.weight"] = (48, 48)
+    shapes["transformer_blocks.0.attn2.to_out.0.weight"] = (48, 48)
     plan = plan_extraction(shapes, shapes, base_path=Path("b"), tuned_path=Path("t"))
-    skipped = {record.name for record in plan.skipped}
-    assert "transformer_blocks.0.attn2.to_q" in skipped and "transformer_blocks.24.attn.to_q" in skipped
-    assert "transformer_blocks.24.norm1_context.linear" in skipped and "transformer_blocks.24.ff_context.net.2" in skipped
-    assert all(record.reason.startswith("no kohya name") for record in plan.skipped)
+    # SD3.5 names are in the tables now (tests/test_sd35_layouts.py): attn2 and block 24 extract under kohya names
+    names = {module.name for module in plan.modules}
+    assert {"lora_unet_joint_blocks_0_x_block_attn2_qkv", "lora_unet_joint_blocks_0_x_block_attn2_proj",
+            "lora_unet_joint_blocks_24_context_block_mlp_fc2", "lora_unet_joint_blocks_24_context_block_adaLN_modulation_1",
+            "lora_unet_joint_blocks_24_x_block_attn_qkv"} <= names
+    assert not plan.skipped

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from lytools.arch import CheckpointArch, Placement, Resolver, detect_checkpoint, module_table
+from lytools.arch import CheckpointArch, Placement, Resolver, detect_checkpoint
+from lytools.arch.keymap import named_modules
 from lytools.arch.keymap import _SD3_TARGETS as SD3_RULE  # sd-scripts lora_sd3's block targets
 from lytools.arch.keymap import NETWORK_ARCHS
 from lytools.errors import MatchError, UnsupportedError
@@ -141,7 +142,7 @@ def _plan_known(arch: str, base_shapes, tuned_shapes, base_metadata, tuned_metad
     base_resolver = Resolver(base_shapes, base_metadata, arch=arch)
     tuned_resolver = Resolver(tuned_shapes, tuned_metadata, arch=arch)
     plan = ExtractPlan(arch, base_resolver.checkpoint, tuned_resolver.checkpoint)
-    table = module_table(arch)
+    table = named_modules(arch)  # sd3: SD3.5's attn2 and blocks 23-37 too, in either layout
     names = [(name, target.component) for name, target in table.items()]
     if arch == "sd3":
         names += [(name, "unet") for name in _sd3_rule_names((base_resolver.checkpoint, base_shapes),
@@ -197,8 +198,8 @@ _SD3_DIFFUSERS_RULE = re.compile(r"^transformer_blocks\.\d+\.(attn2?\.(to_[qkv]|
 
 
 def _sd3_unnamed(*files: tuple[CheckpointArch, Mapping[str, Shape], str], modules: list[PairedModule]) -> list[ModuleRecord]:
-    """Skipped records for diffusers-layout SD3.5 block linears the tables cannot name (`attn2`, blocks from 24):
-    said in the report and the summary instead of left out silently."""
+    """Skipped records for diffusers-layout SD3 block linears the tables cannot name (blocks beyond SD3.5
+    large's 38): said in the report and the summary instead of left out silently."""
     placed = {p.key for m in modules for p in (*m.base, *m.tuned)}
     found: dict[str, ModuleRecord] = {}
     for checkpoint, shapes, which in files:
