@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lytools.arch.keymap import kohya_to_diffusers
-from lytools.convert import ConvertOptions, convert_file, load_network
+from lytools.convert import ConvertOptions, convert_file
 from lytools.io import write_safetensors
 from lytools.merge import merge_into_checkpoint
 from lytools.testing import build_checkpoint
