@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from lytools.errors import FileFormatError
 from lytools.io.dtypes import parse_save_dtype, st_name
 from lytools.io.hashes import FileHashes, file_hashes, modelspec_hash, sd_scripts_hashes, with_sshs_hashes
-from lytools.io.safetensors import Header, SafetensorsFile, TensorInfo, parse_header, read_header
+from lytools.io.safetensors import Header, MultiFileReader, SafetensorsFile, TensorInfo, parse_header, read_header
 from lytools.io.writer import (
     PICKLE_SUFFIXES,
     Layout,
@@ -35,8 +35,6 @@ from lytools.io.writer import (
 )
 
 if TYPE_CHECKING:
-    import torch
-
     from lytools.io.folders import DiffusersFolder
     from lytools.io.pickled import PickledFile
 
@@ -51,7 +49,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ShardedFile:
+class ShardedFile(MultiFileReader):
     """A `*.safetensors.index.json` (weight_map name -> shard) opened as one file."""
 
     def __init__(self, index_path: str | os.PathLike):
@@ -64,7 +62,7 @@ class ShardedFile:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise FileFormatError(f"{self.path}: not a safetensors index (weight_map is not an object of shard names)")
         self._shards: dict[str, SafetensorsFile] = {}
-        self._where: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, tuple[SafetensorsFile, str]] = {}
         # the index's own metadata is {"total_size": N}: bookkeeping, not the model's metadata
         self.metadata: dict[str, str] = {}
         try:
@@ -82,12 +80,13 @@ class ShardedFile:
             opened = self._shards[shard]
             if name not in opened:
                 raise FileFormatError(f"{self.path}: index names {name!r} in {shard}, which lacks it")
-            self._where[name] = opened
+            self._where[name] = (opened, name)
         for shard, opened in self._shards.items():
             for name in opened.keys():
-                owner = self._where.get(name)
-                if owner is None:
+                located = self._where.get(name)
+                if located is None:
                     raise FileFormatError(f"{self.path}: shard {shard} holds {name!r}, which the index does not list")
+                owner = located[0]
                 if owner is not opened:
                     raise FileFormatError(f"{self.path}: tensor {name!r} is in two shards ({shard} and {owner.path.name})")
             if not self.metadata and opened.metadata:
@@ -102,36 +101,8 @@ class ShardedFile:
         """Bytes of the shards (the index itself aside)."""
         return sum(shard.header.file_size for shard in self._shards.values())
 
-    def __enter__(self) -> "ShardedFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for shard in self._shards.values():
-            shard.close()
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def info(self, name: str) -> TensorInfo:
-        if name not in self._where:
-            raise FileFormatError(f"{self.path}: no tensor named {name!r}")
-        return self._where[name].info(name)
-
-    def infos(self):
-        return (self._where[name].info(name) for name in self._where)
-
-    def get(self, name: str) -> torch.Tensor:
-        self.info(name)
-        return self._where[name].get(name)
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.get(name)[start:stop]
+    def _files(self):
+        return self._shards.values()
 
 
 def open_file(path: str | os.PathLike, *, keep_ema: bool = False) -> SafetensorsFile | ShardedFile | PickledFile | DiffusersFolder:

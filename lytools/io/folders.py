@@ -25,10 +25,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from lytools.errors import FileFormatError, LytoolsError, OutputExistsError
-from lytools.io.safetensors import TensorInfo
+from lytools.io.safetensors import MultiFileReader
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +103,7 @@ def _open_weights(path: Path):
     return open_file(path)
 
 
-class DiffusersFolder:
+class DiffusersFolder(MultiFileReader):
     """A diffusers pipeline folder opened as one file: keys `<component>.<key>` (see module doc)."""
 
     def __init__(self, path: str | os.PathLike):
@@ -140,20 +140,13 @@ class DiffusersFolder:
         denoiser = next((c for c in DENOISERS if c in self.components), None)
         self.denoiser = denoiser
         self.metadata: dict[str, str] = dict(self.components[denoiser].metadata or {}) if denoiser else {}
-        self._where: dict[str, tuple[str, str]] = {}
+        self._where = {}
         for component, handle in self.components.items():
             for key in handle.keys():
-                self._where[f"{component}.{key}"] = (component, key)
+                self._where[f"{component}.{key}"] = (handle, key)
 
-    def __enter__(self) -> "DiffusersFolder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for handle in self.components.values():
-            handle.close()
+    def _files(self):
+        return self.components.values()
 
     @property
     def file_bytes(self) -> int:
@@ -163,32 +156,6 @@ class DiffusersFolder:
             total += getattr(handle, "file_bytes", None) or handle.path.stat().st_size
         return total
 
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def _locate(self, name: str) -> tuple[str, str]:
-        try:
-            return self._where[name]
-        except KeyError:
-            raise FileFormatError(f"{self.path}: no tensor named {name!r}") from None
-
-    def info(self, name: str) -> TensorInfo:
-        component, key = self._locate(name)
-        return dataclasses.replace(self.components[component].info(key), name=name)
-
-    def infos(self) -> Iterator[TensorInfo]:
-        return (self.info(name) for name in self._where)
-
-    def get(self, name: str) -> torch.Tensor:
-        component, key = self._locate(name)
-        return self.components[component].get(key)
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.get(name)[start:stop]
-
     def component_of(self, name: str) -> tuple[str, str]:
         """(component, key inside the component's file) of a folder key; a name the folder lacks (a
         bias a merge creates) goes to the component its prefix names."""
@@ -196,7 +163,8 @@ class DiffusersFolder:
             component, _, key = name.partition(".")
             if component in self.components and key:
                 return component, key
-        return self._locate(name)
+        handle, key = self._locate(name)
+        return next(component for component, opened in self.components.items() if opened is handle), key
 
 
 def output_name(weights: Path) -> str:

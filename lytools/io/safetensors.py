@@ -13,9 +13,9 @@ import json
 import mmap
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from fractions import Fraction
 
@@ -331,4 +331,55 @@ class SafetensorsFile:
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Return rows [start, stop) of a tensor's first axis without touching the others."""
+        return self.get(name)[start:stop]
+
+
+class MultiFileReader:
+    """Several open weight files read as one (a sharded index, a diffusers folder).
+
+    A subclass fills `_where` (each name -> the open file holding it and the tensor's name there)
+    and lists its files in `_files()`; reading by name, close() and the context manager are shared.
+    """
+
+    path: Path
+    _where: dict[str, tuple[Any, str]]
+
+    def _files(self) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._files():
+            handle.close()
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _locate(self, name: str) -> tuple[Any, str]:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise FileFormatError(f"{self.path}: no tensor named {name!r}") from None
+
+    def info(self, name: str) -> TensorInfo:
+        handle, key = self._locate(name)
+        info = handle.info(key)
+        return info if key == name else replace(info, name=name)
+
+    def infos(self) -> Iterator[TensorInfo]:
+        return (self.info(name) for name in self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        handle, key = self._locate(name)
+        return handle.get(key)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.get(name)[start:stop]
