@@ -475,9 +475,7 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
     if engine.overflowed:
         reporter.warn(f"{len(engine.overflowed)} tensor(s) had values beyond the range of their output dtype and "
                       f"were saturated to its largest value (e.g. {engine.overflowed[0]})")
-    result = CheckpointResult(
+    return CheckpointResult(
         plan, output, 0.0, engine.result_losses, engine.scale_raised, engine.saturated,
-        base_hash[:12] if base_hash else None,
+        base_hash[:12] if base_hash else None, overflowed=engine.overflowed,
     )
-    result.overflowed = engine.overflowed
-    return result
