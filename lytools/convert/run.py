@@ -438,6 +438,8 @@ def run_batch(pairs: Sequence[tuple[Path, Path]], options: ConvertOptions, *, jo
         from lytools.convert.names import warm_tables
 
         warm_tables()  # build the name tables once here: the forked workers inherit them
+        if options.target == "diffusers":
+            import lytools.convert.fast  # noqa: F401  (and numpy: imported once, not once per worker)
         workers = min(jobs, len(pairs))
         read_ahead(2 * workers)
         context = multiprocessing.get_context("fork")
