@@ -227,13 +227,16 @@ def build_metadata(out: Path, plan: ExtractPlan, records: list[ModuleRecord], op
         else:
             args = {"conv_dim": "Dynamic", "conv_alpha": "Dynamic"}
     if lycoris:
-        args = {"algo": "locon", **args}
+        # LyCORIS names a network of `diff` modules only "full" (its algo for whole differences)
+        every_full = bool(stored) and all(r.stored == "full" for r in stored)
+        args = {"algo": "full" if every_full else "locon", **args}
         if options.factor.tucker:
             args["use_tucker"] = "True"
     module = "lycoris.kohya" if lycoris else "networks.lora"
     metadata = kohya_network_metadata(arch, dim, alpha, args, module=module)
     metadata.update(network_modelspec(arch, out.stem))
     _variant_metadata(metadata, arch, plan.base_arch.variant)
+    _prediction_metadata(metadata, arch, prediction_of(plan))
     comment = f"extracted by lytools: linear {options.linear.describe()}, conv {options.conv.describe()}"
     metadata["ss_training_comment"] = comment
     return add_provenance(metadata, options.command, sources)
@@ -251,6 +254,45 @@ def _variant_metadata(metadata: dict[str, str], arch: str | None, variant: str |
         metadata["modelspec.architecture"] = f"stable-diffusion-3-{_SD3_TYPES[variant]}/lora"
     elif arch == "flux" and variant == "schnell":
         metadata["modelspec.architecture"] = "flux-1-schnell/lora"
+
+
+def prediction_of(plan: ExtractPlan) -> str:
+    """epsilon | v | unknown: what BASE and TUNED say (metadata or marker keys; FORMATS.md 2.2), unknown
+    when neither says or they disagree. The weights cannot tell (SD2 512 and 768-v have the same shapes)."""
+    said = {plan.base_arch.prediction, plan.tuned_arch.prediction} - {"unknown"}
+    return said.pop() if len(said) == 1 else "unknown"
+
+
+def _prediction_metadata(metadata: dict[str, str], arch: str | None, prediction: str) -> None:
+    """Label a v-prediction network as sd-scripts does with --v_parameterization (ss_base_model_version
+    `sd_v1_v` / `sd_v2_v`, stable-diffusion-v2-768-v, modelspec.prediction_type v, SD2 at 768x768);
+    an SD2 network that is not v is stable-diffusion-v2-512 at 512x512, like sd-scripts' default."""
+    if arch not in ("sd1", "sd2", "sdxl"):
+        return
+    if prediction == "v":
+        metadata["modelspec.prediction_type"] = "v"
+        if arch in ("sd1", "sd2"):
+            metadata["ss_base_model_version"] += "_v"
+        if arch == "sd2":
+            metadata["modelspec.architecture"] = "stable-diffusion-v2-768-v/lora"
+            metadata["modelspec.resolution"] = "768x768"
+    elif arch == "sd2":
+        metadata["modelspec.resolution"] = "512x512"
+
+
+def _warn_labels(plan: ExtractPlan, reporter: Reporter) -> None:
+    """Say what the metadata of the output cannot know for sure, and variants that differ."""
+    base, tuned = plan.base_arch, plan.tuned_arch
+    if plan.arch == "sd2" and prediction_of(plan) == "unknown":
+        said = {base.prediction, tuned.prediction} - {"unknown"}
+        why = ("BASE and TUNED disagree about the prediction type" if len(said) > 1 else
+               "neither BASE nor TUNED names its prediction type in its metadata (SD2 512 is epsilon, 768-v is v)")
+        reporter.warn(f"{why}: the network is labelled stable-diffusion-v2-512 / epsilon, as sd-scripts labels "
+                      "it without --v_parameterization")
+    if not plan.generic and base.variant != tuned.variant:
+        reporter.warn(f"BASE is {base.arch} {base.variant or 'plain'} and TUNED {tuned.arch} {tuned.variant or 'plain'}: "
+                      "layers a LoRA does not cover that differ between the variants (such as conv_in's input "
+                      "channels for inpainting) are not in the network")
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -294,6 +336,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
                 todo.append(module)
         reporter.detail(f"{base.name}: {plan.base_arch.arch} ({plan.base_arch.layout}); {tuned.name}: "
                         f"{plan.tuned_arch.arch} ({plan.tuned_arch.layout}); naming: {plan.arch}")
+        _warn_labels(plan, reporter)
         reporter.log(f"extracting {len(todo)} modules on {device.type} "
                      f"(linear {options.linear.describe()}, conv {options.conv.describe()})")
         # bias deltas go with modules stored whole (`diff_b`); they are a few KiB, so read them always

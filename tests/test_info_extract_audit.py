@@ -1,0 +1,155 @@
+"""Audit of `lytools info` and `lytools extract` (SD1/SD2/SDXL) against the specs, with references
+written independently of lytools: ranks from torch.linalg.svd (ALGORITHMS.md 15), hashes from
+hashlib over the file bytes (FORMATS.md 5.4), ranks/alphas of the golden LyCORIS files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save, save_file
+
+from lytools.extract import ExtractOptions, RankRule, extract
+from lytools.info import inspect_file
+from lytools.io import read_header
+from lytools.testing import build_checkpoint, build_network, build_tuned
+
+from tests.shared import run_lytools, shared_dir
+
+P = "model.diffusion_model."
+TE = "cond_stage_model.transformer.text_model."
+# kohya module -> the single-file key it names (linear, 1x1 conv, kxk conv, text encoder)
+SPECTRUM_MODULES = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": P + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj": P + "middle_block.1.transformer_blocks.0.ff.net.0.proj.weight",
+    "lora_unet_down_blocks_0_attentions_0_proj_in": P + "input_blocks.1.1.proj_in.weight",
+    "lora_unet_down_blocks_1_resnets_0_conv1": P + "input_blocks.4.0.in_layers.2.weight",
+    "lora_unet_up_blocks_3_resnets_0_conv_shortcut": P + "output_blocks.9.0.skip_connection.weight",
+    "lora_te_text_model_encoder_layers_3_self_attn_q_proj": TE + "encoder.layers.3.self_attn.q_proj.weight",
+    "lora_te_text_model_encoder_layers_5_mlp_fc1": TE + "encoder.layers.5.mlp.fc1.weight",
+}
+
+
+# -- extract: rank selection against an independent reference ------------------------------------------
+@pytest.fixture(scope="module")
+def spectrum_pair(tmp_path_factory):
+    """An SD1 pair (factor 8, fp32) whose only changes are known geometric spectra in SPECTRUM_MODULES."""
+    folder = tmp_path_factory.mktemp("audit-spectra")
+    base = build_checkpoint(folder / "base.safetensors", "sd1", factor=8, components=("unet", "clip_l"), dtype=torch.float32)
+    tensors = load_file(base)
+    generator = torch.Generator().manual_seed(0)
+    spectra = {}
+    for index, (name, key) in enumerate(SPECTRUM_MODULES.items()):
+        weight = tensors[key]
+        flat = weight.reshape(weight.shape[0], -1)
+        n = min(flat.shape)
+        sigma = torch.tensor([3.0 * (1 + 0.01 * index) * 0.72 ** j for j in range(n)], dtype=torch.float64)
+        u, _ = torch.linalg.qr(torch.randn(flat.shape[0], n, generator=generator, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(flat.shape[1], n, generator=generator, dtype=torch.float64))
+        tensors[key] = (flat.double() + (u * sigma) @ v.T).float().reshape(weight.shape).contiguous()
+    tuned = folder / "tuned.safetensors"
+    save_file(tensors, tuned)
+    base_tensors = load_file(base)
+    for name, key in SPECTRUM_MODULES.items():  # the reference: svd of what the files hold
+        change = (tensors[key] - base_tensors[key]).reshape(tensors[key].shape[0], -1).double()
+        spectra[name] = (torch.linalg.svd(change, full_matrices=False).S, tuple(tensors[key].shape))
+    return base, tuned, spectra
+
+
+def reference_rank(sigma: torch.Tensor, mode: str, value: float, out: int, flat_in: int, max_rank: int | None) -> int:
+    """ALGORITHMS.md 15, written out again: strict comparisons, cumulative σ (not σ²), then clamps."""
+    if mode == "fixed":
+        rank = int(value)
+    elif mode == "threshold":
+        rank = sum(1 for s in sigma.tolist() if s > value)
+    elif mode == "ratio":
+        rank = sum(1 for s in sigma.tolist() if s > value * float(sigma[0]))
+    else:
+        total, running, rank = float(sigma.sum()), 0.0, 0
+        for s in sigma.tolist():
+            running += s
+            if running < value * total:
+                rank += 1
+    rank = min(max(1, rank), out, flat_in)
+    return min(rank, max_rank) if max_rank is not None and mode != "fixed" else rank
+
+
+RANK_CASES = [
+    ("fixed", 6, 3, None), ("fixed", 30, 50, None),
+    ("threshold", 0.5, 0.25, None), ("threshold", 0.05, 1.0, 7),
+    ("ratio", 0.3, 0.1, None), ("ratio", 0.01, 0.5, 5), ("ratio", 1.0, 0.0, None),
+    ("quantile", 0.5, 0.8, None), ("quantile", 0.95, 0.3, 4), ("quantile", 0.0, 1.0, None),
+]
+
+
+def test_rank_modes_match_an_independent_svd_reference(spectrum_pair, tmp_path):
+    base, tuned, spectra = spectrum_pair
+    for case, (mode, linear, conv, cap) in enumerate(RANK_CASES):
+        result = extract(base, tuned, tmp_path / f"out{case}.safetensors",
+                         ExtractOptions(linear=RankRule(mode, linear, cap), conv=RankRule(mode, conv, cap)))
+        records = {r.name: r for r in result.records}
+        assert {r.name for r in result.records if r.stored != "skipped"} == set(spectra)
+        for name, (sigma, shape) in spectra.items():
+            kxk = len(shape) == 4 and shape[2] * shape[3] > 1  # 1x1 convs follow the linear rule (kohya)
+            rank = reference_rank(sigma, mode, conv if kxk else linear, shape[0], math.prod(shape[1:]), cap)
+            record = records[name]
+            if rank >= shape[0] / 2:  # LyCORIS stores such a module whole
+                assert record.stored == "full", (mode, name, record.rank, rank)
+                continue
+            assert (record.stored, record.rank, record.alpha) == ("lora", rank, float(rank)), (mode, linear, conv, name)
+            optimum = math.sqrt(float(sigma[rank:].square().sum() / sigma.square().sum()))
+            assert abs(record.rel_error - optimum) < 2e-3, (mode, name)  # the best rank-r approximation (fp16)
+
+
+# -- extract: metadata ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd2_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audit-sd2")
+    base = build_checkpoint(folder / "base.safetensors", "sd2", factor=16, components=("unet",))
+    network = build_network(folder / "net.safetensors", "sd2", factor=16, rank=2, components=("unet",))
+    tuned = build_tuned(base, folder / "tuned.safetensors", network).path
+    tensors = load_file(tuned)
+    tuned_v = folder / "tuned-v.safetensors"
+    save_file(tensors, tuned_v, {"modelspec.prediction_type": "v"})
+    return base, tuned, tuned_v
+
+
+def test_sd2_v_prediction_is_labelled_from_metadata_and_unknown_is_said(sd2_pair, tmp_path, capsys):
+    base, tuned, tuned_v = sd2_pair
+    code, _, err = run_lytools(capsys, "extract", base, tuned_v, tmp_path / "v.safetensors", "--linear-dim", "2", "-q")
+    assert code == 0 and "warning" not in err
+    meta = read_header(tmp_path / "v.safetensors").metadata
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v2_v", "True")
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert (meta["modelspec.prediction_type"], meta["modelspec.resolution"]) == ("v", "768x768")
+    # no metadata: sd-scripts' default label (512, epsilon; it wrote 768x768 with -512), with a warning
+    code, _, err = run_lytools(capsys, "extract", base, tuned, tmp_path / "e.safetensors", "--linear-dim", "2", "-q")
+    assert code == 0 and "prediction type" in err
+    meta = read_header(tmp_path / "e.safetensors").metadata
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("sd_v2", "stable-diffusion-v2-512/lora")
+    assert (meta["modelspec.prediction_type"], meta["modelspec.resolution"]) == ("epsilon", "512x512")
+
+
+def test_full_mode_network_is_named_algo_full(sd2_pair, tmp_path):
+    base, tuned, _ = sd2_pair
+    result = extract(base, tuned, tmp_path / "full.safetensors", ExtractOptions(linear=RankRule("full"), conv=RankRule("full")))
+    meta = read_header(result.output).metadata
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"])["algo"] == "full"  # it said locon for a file of diff modules only
+
+
+def test_variants_that_differ_are_said(tmp_path, capsys):
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=16, components=("unet",))
+    network = build_network(tmp_path / "net.safetensors", "sd1", factor=16, rank=2, components=("unet",))
+    tensors = load_file(build_tuned(base, tmp_path / "tuned.safetensors", network).path)
+    conv_in = P + "input_blocks.0.0.weight"
+    tensors[conv_in] = torch.cat([tensors[conv_in], torch.zeros_like(tensors[conv_in])[:, :1].repeat(1, 5, 1, 1)], dim=1)
+    save_file(tensors, tmp_path / "inpaint.safetensors")
+    code, _, err = run_lytools(capsys, "extract", base, tmp_path / "inpaint.safetensors", tmp_path / "o.safetensors",
+                               "--linear-dim", "2", "--conv-dim", "0", "-q")
+    assert code == 0 and "sd1 plain and TUNED sd1 inpaint" in err
