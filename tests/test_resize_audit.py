@@ -82,3 +82,56 @@ def test_sv_fro_rank_keeps_at_least_the_asked_frobenius_share(tmp_path):
         smallest = int((shares < target).sum()) + 1
         assert rank == smallest, target
         assert summary.modules[0].fro_kept >= target
+
+
+# -- metadata tells the ranks written ------------------------------------------------------------------------------
+LINEAR = "lora_unet_down_blocks_0_attentions_0_proj_in"
+CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
+TEXT = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+
+
+def small_locon(path: Path, rank: int = 4, conv_rank: int = 4, alpha: float = 2.0) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"{LINEAR}.lora_up.weight": torch.randn(32, rank, generator=gen), f"{LINEAR}.lora_down.weight": torch.randn(rank, 24, generator=gen),
+        f"{LINEAR}.alpha": torch.tensor(alpha),
+        f"{TEXT}.lora_up.weight": torch.randn(16, rank, generator=gen), f"{TEXT}.lora_down.weight": torch.randn(rank, 16, generator=gen),
+        f"{TEXT}.alpha": torch.tensor(alpha),
+        f"{CONV}.lora_up.weight": torch.randn(20, conv_rank, 1, 1, generator=gen),
+        f"{CONV}.lora_down.weight": torch.randn(conv_rank, 12, 3, 3, generator=gen), f"{CONV}.alpha": torch.tensor(1.0),
+    }
+    args = {"conv_dim": str(conv_rank), "conv_alpha": "1.0", "algo": "locon"}
+    write_safetensors(path, tensors, {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), "ss_training_comment": "c",
+                                      "ss_network_args": json.dumps(args)})
+    return path
+
+
+def test_asking_more_than_the_file_holds_copies_and_says_so(tmp_path):
+    source = small_locon(tmp_path / "n.safetensors")
+    out = tmp_path / "o.safetensors"
+    summary = resize_file(source, out, ResizeOptions(rank=8, conv_rank=16))
+    assert {r.action for r in summary.modules} == {"copied"}
+    tensors, meta = read_all(out)
+    assert all(tensors[f"{n}.lora_down.weight"].shape[0] == 4 for n in (LINEAR, TEXT, CONV))
+    # it said dim 8, alpha Dynamic, conv_dim 16 with the old conv_alpha: no module has those
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1.0", "algo": "locon"}
+    assert meta["ss_training_comment"] == "dimension is resized from 4 to 4; c"
+
+
+def test_mixed_copy_and_resize_metadata(tmp_path):
+    source = small_locon(tmp_path / "n.safetensors", rank=6, conv_rank=3)
+    out = tmp_path / "o.safetensors"
+    resize_file(source, out, ResizeOptions(rank=4, conv_rank=8))
+    tensors, meta = read_all(out)
+    assert tensors[f"{CONV}.lora_down.weight"].shape[0] == 3 and tensors[f"{LINEAR}.lora_down.weight"].shape[0] == 4
+    assert meta["ss_network_dim"] == "4"
+    assert float(meta["ss_network_alpha"]) == pytest.approx(2.0 / 6 * 4, rel=1e-6)
+    assert json.loads(meta["ss_network_args"])["conv_dim"] == "3"
+    assert meta["ss_training_comment"] == "dimension is resized from 6 to 4 (conv: 3); c"
+    # truncation updates conv_dim too (it was left at the old rank)
+    out = tmp_path / "t.safetensors"
+    resize_file(source, out, ResizeOptions(rank=2, conv_rank=2, truncate=True))
+    meta = read_all(out)[1]
+    assert meta["ss_network_dim"] == "2" and json.loads(meta["ss_network_args"])["conv_dim"] == "2"
+    assert meta["ss_network_alpha"] == "2.0"  # truncation keeps alpha

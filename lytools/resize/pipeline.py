@@ -278,33 +278,47 @@ def dylora_unit(metadata: Mapping[str, str]) -> int | None:
     return unit if unit and unit > 0 else None
 
 
+def _is_conv(report: ModuleReport) -> bool:
+    return report.kind in ("conv", "tucker")
+
+
+def _common_alpha(reports: list[ModuleReport], rank: int) -> str | None:
+    """Return the one alpha of the modules written at `rank` (a missing or zero alpha is the rank), or None."""
+    alphas = {round(r.alpha_out if r.alpha_out else float(rank), 6) for r in reports if r.rank_out == rank}
+    return _format_number(alphas.pop()) if len(alphas) == 1 else None
+
+
 def resized_metadata(
     metadata: Mapping[str, str], options: ResizeOptions, rule: RankRule, reports: list[ModuleReport], source: Path,
     autov3: str | None,
 ) -> dict[str, str]:
-    """Return the output metadata: sd-scripts' resize keys, the algorithm if it changed, provenance."""
+    """Return the output metadata: sd-scripts' resize keys, the algorithm if it changed, provenance.
+
+    ss_network_dim and conv_dim are the largest ranks actually written (a module already below the
+    asked rank is copied, so asking for more than a file holds does not raise them), and the alphas
+    those modules carry.
+    """
     meta = carried(metadata)
     rank_reports = [r for r in reports if r.rank_in is not None and r.action != KEPT]
-    linear = [r for r in rank_reports if r.kind not in ("conv", "tucker")] or rank_reports
+    linear = [r for r in rank_reports if not _is_conv(r)] or rank_reports
     old_dim = max((r.rank_in for r in linear), default=None)
-    conv_desc = "" if rule.conv_rank == rule.rank else f" (conv: {rule.conv_rank})"
+    written = [r for r in rank_reports if r.rank_out is not None]
+    linear_out = [r for r in written if not _is_conv(r)] or written
+    conv_out = [r for r in written if _is_conv(r)]
+    new_dim = max((r.rank_out for r in linear_out), default=rule.rank)
+    new_conv_dim = max((r.rank_out for r in conv_out), default=None)
+    conv_desc = "" if new_conv_dim is None or new_conv_dim == new_dim else f" (conv: {new_conv_dim})"
     comment = meta.get("ss_training_comment", "")
     if options.truncate:
-        prefix = f"dimension is truncated from {old_dim} to {rule.rank}{conv_desc}; "
+        prefix = f"dimension is truncated from {old_dim} to {new_dim}{conv_desc}; "
     elif options.method == "fixed":
-        prefix = f"dimension is resized from {old_dim} to {rule.rank}{conv_desc}; "
+        prefix = f"dimension is resized from {old_dim} to {new_dim}{conv_desc}; "
     else:
         prefix = f"Dynamic resize with {options.method}: {options.method_param} from {old_dim}; "
     meta["ss_training_comment"] = prefix + comment
-    written = [r for r in rank_reports if r.rank_out is not None]
-    linear_out = [r for r in written if r.kind not in ("conv", "tucker")] or written
     if options.method == "fixed":
-        meta["ss_network_dim"] = str(rule.rank)
-        alphas = {round(r.alpha_out, 6) for r in linear_out if r.alpha_out is not None and r.rank_out == rule.rank}
-        if len(alphas) == 1:
-            meta["ss_network_alpha"] = _format_number(alphas.pop())
-        else:
-            meta["ss_network_alpha"] = "Dynamic"
+        meta["ss_network_dim"] = str(new_dim)
+        meta["ss_network_alpha"] = _common_alpha(linear_out, new_dim) or "Dynamic"
     else:
         meta["ss_network_dim"] = "Dynamic"
         meta["ss_network_alpha"] = "Dynamic"
@@ -322,17 +336,18 @@ def resized_metadata(
     elif not options.truncate and meta.get("ss_network_module") == "networks.dylora":
         # re-factored by SVD: the leading ranks are no longer nested
         meta["ss_network_module"] = "networks.lora"
-    if not options.truncate and options.method == "fixed" and "ss_network_args" in meta:
+    if options.method == "fixed" and new_conv_dim is not None and "ss_network_args" in meta:
         try:
             args = json.loads(meta["ss_network_args"])
         except ValueError:
             args = None
         if isinstance(args, dict) and "conv_dim" in args:
-            convs = [r for r in written if r.kind in ("conv", "tucker") and r.rank_out == rule.conv_rank]
-            conv_alphas = {round(r.alpha_out, 6) for r in convs if r.alpha_out is not None}
-            args["conv_dim"] = str(rule.conv_rank)
-            if len(conv_alphas) == 1:
-                args["conv_alpha"] = _format_number(conv_alphas.pop())
+            args["conv_dim"] = str(new_conv_dim)
+            conv_alpha = _common_alpha(conv_out, new_conv_dim)
+            if conv_alpha is not None:
+                args["conv_alpha"] = conv_alpha
+            else:  # the convs written at that rank carry different alphas: no one value is true
+                args.pop("conv_alpha", None)
             meta["ss_network_args"] = json.dumps(args)
     if "modelspec.date" in meta:
         meta["modelspec.date"] = datetime.now().replace(microsecond=0).isoformat()
