@@ -152,16 +152,20 @@ def _read_scalar(handle, key: str) -> float | None:
 
 
 def _target_kind(arch: str, module: str) -> str | None:
-    """The kind (linear, conv3x3, conv1x1, norm) of the layer `module` names in `arch`, if known."""
+    """The kind (linear, conv3x3, conv1x1, norm) of the layer `module` names in `arch`, if known. For a
+    network of unknown architecture: the kind every architecture naming such a module agrees on
+    (`..._resnets_0_conv1` is a 3x3 conv in all of them; SD1's 1x1 `proj_in` is linear in SD2)."""
     from lytools.arch import alias_table
     from lytools.arch.keymap import NETWORK_ARCHS
     from lytools.arch.network import lookup_names
 
-    if arch not in NETWORK_ARCHS:
-        return None
-    table = alias_table(arch)
-    target = next((table[name] for name in lookup_names(module) if name in table), None)
-    return target.kind if target is not None else None
+    kinds = set()
+    for candidate in ((arch,) if arch in NETWORK_ARCHS else NETWORK_ARCHS):
+        table = alias_table(candidate)
+        target = next((table[name] for name in lookup_names(module) if name in table), None)
+        if target is not None:
+            kinds.add(target.kind)
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], net: NetworkArch,
@@ -178,6 +182,7 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
     invalid: list[str] = []
     ignored: Counter[str] = Counter()
     blocks: dict[str, dict[str, Any]] = {}
+    oft: dict[str, list[float]] = {"block_size": [], "blocks": [], "butterfly_stages": [], "constraint": []}
     for module, suffixes in sorted(net.modules.items()):
         known = {s: shape for s, shape in module_shapes(suffixes, shapes).items() if s in KNOWN_SUFFIXES}
         ignored.update(s for s in suffixes if s not in KNOWN_SUFFIXES)
@@ -203,6 +208,13 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
             scales.append(info.scale)
         if info.dora:
             dora[info.dora] += 1
+        if info.blocks is not None:  # OFT (n blocks, size b) / BOFT (M stages, n, b): the "dim" is b
+            oft["block_size"].append(info.blocks[-1])
+            oft["blocks"].append(info.blocks[-2])
+            if info.algo == "boft":
+                oft["butterfly_stages"].append(info.blocks[0])
+            if info.constraint:  # alpha of an OFT module: 0 = unconstrained
+                oft["constraint"].append(info.constraint)
         # LoHa/LoKr store a conv flattened: its kernel is then the target module's
         kind = _target_kind(net.arch, module) if info.kernel is None else None
         if info.is_conv or kind == "conv3x3":
@@ -230,6 +242,8 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
         "alpha": _summary(alphas),
         "scale": _summary(scales),
         "modules_without_alpha": missing_alpha,
+        "oft": {key: {k: _number(v) for k, v in summary.items()} if (summary := _summary(values)) else None
+                for key, values in oft.items()} if oft["block_size"] else None,
         "conv_modules": {"kxk": conv["kxk"], "tucker": conv["tucker"], "1x1": conv["1x1"]},
         "stray_keys": sorted(net.stray)[:50],
         "stray_key_count": len(net.stray),
@@ -364,7 +378,9 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
                     notes.append(f"AUTOMATIC1111 skips the OpenCLIP attention layers that hold only some of q/k/v/out "
                                  f"({len(gaps)} modules missing, e.g. {next(iter(gaps))}); lytools convert --to kohya "
                                  "completes them with zero modules")
-            notes.extend(net.notes)
+            # info has no --arch: the commands that write names take it
+            notes.extend(note.replace("say which with --arch", "convert takes --arch")
+                         for note in net.notes)
         else:
             found = detect_checkpoint(shapes, metadata)
             report["kind"] = "checkpoint" if (found.arch != "unknown" or found.components) else "unknown"
@@ -467,6 +483,13 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
         if network["modules_without_alpha"]:
             alpha += f" ({network['modules_without_alpha']} modules without alpha: alpha = rank)"
         row("alpha", alpha)
+        oft = network.get("oft")
+        if oft:
+            text = f"size {_range(oft['block_size'])}, {_range(oft['blocks'])} blocks"
+            if oft["butterfly_stages"]:
+                text += f", {_range(oft['butterfly_stages'])} butterfly stages"
+            text += f"; constraint {_range(oft['constraint'])}" if oft["constraint"] else "; unconstrained"
+            row("oft blocks", text)
         conv = network["conv_modules"]
         row("conv modules", f"{conv['kxk']} kxk, {conv['tucker']} tucker, {conv['1x1']} 1x1")
         row("dora", ("yes: " + _counts(network["dora_axes"]) + " axis") if network["dora"] else "no")

@@ -153,3 +153,130 @@ def test_variants_that_differ_are_said(tmp_path, capsys):
     code, _, err = run_lytools(capsys, "extract", base, tmp_path / "inpaint.safetensors", tmp_path / "o.safetensors",
                                "--linear-dim", "2", "--conv-dim", "0", "-q")
     assert code == 0 and "sd1 plain and TUNED sd1 inpaint" in err
+
+
+# -- info: every LyCORIS algorithm of the golden files (real LyCORIS outputs) ---------------------------
+GOLDEN = shared_dir() / "fixtures" / "golden" if shared_dir() else None
+GOLDEN_FILES = sorted(GOLDEN.glob("*.safetensors")) if GOLDEN and GOLDEN.is_dir() else []
+ALGO_NAMES = {"locon": "lora", "diag-oft": "oft", "norms": "norm"}
+
+
+@pytest.mark.skipif(not GOLDEN_FILES, reason="golden fixtures not found")
+def test_info_names_every_golden_algorithm_with_its_rank_alpha_and_layer(tmp_path):
+    for path in GOLDEN_FILES:
+        header = read_header(path)
+        meta = header.metadata
+        tensors = load_file(path)
+        network = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
+        out = tmp_path / path.name
+        save_file(network, out)  # no metadata: info must tell everything from the tensors
+        report = inspect_file(out)["network"]
+        algo = ALGO_NAMES.get(meta["golden_algo"], meta["golden_algo"])
+        args = json.loads(meta["ss_network_args"])
+        layer = json.loads(meta["golden_layer"])["kind"]
+        case = meta["golden_case"]
+        assert report["algorithms"] == {algo: 1}, path.name
+        alpha_key = meta["golden_lora_name"] + ".alpha"
+        dim = meta.get("ss_network_dim")
+        if algo in ("lora", "loha", "glora") or (algo == "lokr" and not args.get("full_matrix")):
+            assert report["rank"] == {"min": int(dim), "median": int(dim), "max": int(dim)}, path.name
+        else:
+            assert report["rank"] is None, path.name
+        if algo in ("oft", "boft"):  # their "dim" is the block size; alpha is the constraint
+            assert report["oft"]["block_size"]["max"] == int(dim), path.name
+            constraint = float(network[alpha_key])
+            assert (report["oft"]["constraint"] is not None) == (constraint != 0), path.name
+            assert report["alpha"] is None
+        elif alpha_key in network:
+            value = float(network[alpha_key])
+            assert report["alpha"]["max"] == pytest.approx(value), path.name
+        else:
+            assert report["alpha"] is None, path.name
+        conv = report["conv_modules"]
+        if layer == "conv3x3":
+            tucker = "tucker" in case
+            assert (conv["kxk"], conv["tucker"]) == (0 if tucker else 1, 1 if tucker else 0), path.name
+        elif layer == "conv1x1" and algo not in ("loha", "lokr"):  # those store a 1x1 flattened: unknown kernel
+            assert conv["1x1"] == 1, path.name
+        elif layer != "conv1x1":
+            assert conv == {"kxk": 0, "tucker": 0, "1x1": 0}, path.name
+        assert report["dora"] == ("dora" in case), path.name
+        if "dora" in case:
+            assert report["dora_axes"] == {"in" if case.endswith("-in") else "out": 1}, path.name
+        assert report["invalid_module_count"] == 0 and report["stray_key_count"] == 0, path.name
+
+
+def test_info_note_names_a_command_that_takes_arch(tmp_path, capsys):
+    network = {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(48, 4),
+               "lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_b": torch.zeros(4, 288),
+               "lora_unet_down_blocks_0_resnets_0_conv1.hada_w2_a": torch.zeros(48, 4),
+               "lora_unet_down_blocks_0_resnets_0_conv1.hada_w2_b": torch.zeros(4, 288),
+               "lora_unet_down_blocks_0_resnets_0_conv1.alpha": torch.tensor(4.0)}
+    save_file(network, tmp_path / "loha.safetensors")
+    code, out, _ = run_lytools(capsys, "info", tmp_path / "loha.safetensors")
+    # a LoHa stores a 3x3 conv flattened: the name says what it is in every architecture
+    assert code == 0 and "1 kxk" in out
+    assert "say which with --arch" not in out  # info has no --arch
+
+
+# -- info --hash: every hash recomputed here from the file bytes ----------------------------------------
+def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """sd-scripts' precalculate_safetensors_hashes: the bytes safetensors writes with ss_* metadata only."""
+    raw = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    length = struct.unpack("<Q", raw[:8])[0]
+    return hashlib.sha256(raw[8 + length:]).hexdigest(), hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
+
+
+def state_dict_hash(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors.values():
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "0x" + digest.hexdigest()
+
+
+HASH_CASES = {
+    # under 1 MiB: the legacy window is empty input
+    "small": (lambda: {"m.lora_down.weight": torch.randn(4, 64), "m.lora_up.weight": torch.randn(64, 4),
+                       "m.alpha": torch.tensor(2.0)}, 0),
+    # over 1 MiB, other metadata than ss_*: the file's legacy window is not sd-scripts' one
+    "big": (lambda: {f"m{i}.lora_down.weight": torch.randn(8, 2048) for i in range(20)}
+            | {f"m{i}.lora_up.weight": torch.randn(2048, 8).half() for i in range(20)}
+            | {f"m{i}.alpha": torch.tensor(8.0) for i in range(20)}, 0),
+    # a header over 1 MiB: the legacy window lies in the header
+    "big-header": (lambda: {"m.lora_down.weight": torch.randn(4, 64), "m.lora_up.weight": torch.randn(64, 4),
+                            "m.alpha": torch.tensor(2.0)}, 1_200_000),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HASH_CASES))
+def test_info_hashes_equal_hashlib_over_the_file(tmp_path, capsys, case):
+    make, padding = HASH_CASES[case]
+    torch.manual_seed(0)
+    tensors = make()
+    metadata = {"ss_network_dim": "4", "ss_tag_frequency": "x" * padding, "other": "y"}
+    model_hash, legacy_hash = sd_scripts_hashes(tensors, metadata)
+    metadata |= {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+    metadata["modelspec.hash_sha256"] = state_dict_hash(tensors)
+    path = tmp_path / f"{case}.safetensors"
+    save_file(tensors, path, metadata)
+    raw = path.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    whole, data = hashlib.sha256(raw).hexdigest(), hashlib.sha256(raw[8 + length:]).hexdigest()
+    window = hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
+    code, out, _ = run_lytools(capsys, "info", "--json", "--verify", path)
+    assert code == 0
+    [report] = json.loads(out)
+    hashes = report["hashes"]
+    assert (hashes["sha256"], hashes["autov2"], hashes["autov3"]) == (whole, whole[:10], data[:12])
+    assert (hashes["sshs_model_hash"], hashes["sshs_legacy_hash"]) == (data, window)
+    embedded = hashes["embedded"]
+    assert embedded["sshs_model_hash"]["matches"] is True
+    assert embedded["sshs_legacy_hash"] == {"embedded": legacy_hash, "computed": legacy_hash, "matches": True}
+    assert embedded["modelspec.hash_sha256"]["matches"] is not False  # the writer's order is unknown: never a false alarm
+    code, out, _ = run_lytools(capsys, "info", "--hash", path)
+    assert f"AutoV2        {whole[:10]}" in out and data[:12] in out
+    # a stale embedded hash fails --verify with one line naming the file
+    metadata["sshs_model_hash"] = "0" * 64
+    save_file(tensors, path, metadata)
+    code, _, err = run_lytools(capsys, "info", "--verify", path)
+    assert code == 1 and str(path) in err and "sshs_model_hash" in err
