@@ -135,3 +135,58 @@ def test_mixed_copy_and_resize_metadata(tmp_path):
     meta = read_all(out)[1]
     assert meta["ss_network_dim"] == "2" and json.loads(meta["ss_network_args"])["conv_dim"] == "2"
     assert meta["ss_network_alpha"] == "2.0"  # truncation keeps alpha
+
+
+# -- degenerate modules ---------------------------------------------------------------------------------------------
+def test_rank_zero_module_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "z.safetensors"
+    gen = torch.Generator().manual_seed(1)
+    write_safetensors(path, {f"{LINEAR}.lora_up.weight": torch.zeros(32, 0), f"{LINEAR}.lora_down.weight": torch.zeros(0, 24),
+                             f"{LINEAR}.alpha": torch.tensor(4.0),
+                             f"{TEXT}.lora_up.weight": torch.randn(16, 2, generator=gen), f"{TEXT}.lora_down.weight": torch.randn(2, 16, generator=gen)})
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = run_lytools(capsys, "resize", str(path), str(out), "--rank", "1")
+    assert code == 1 and stdout == "" and err.count("\n") == 1  # it was an internal error (division by rank 0)
+    assert str(path) in err and LINEAR in err and "rank-0" in err and not out.exists()
+
+
+def test_all_zero_module_becomes_rank_one_with_its_scale(tmp_path):
+    path = tmp_path / "z.safetensors"
+    write_safetensors(path, {f"{LINEAR}.lora_up.weight": torch.zeros(32, 4), f"{LINEAR}.lora_down.weight": torch.zeros(4, 24),
+                             f"{LINEAR}.alpha": torch.tensor(2.0)})
+    out = tmp_path / "o.safetensors"
+    summary = resize_file(path, out, ResizeOptions(method="sv_fro", method_param=0.9, verify=True))
+    tensors = read_all(out)[0]
+    assert tensors[f"{LINEAR}.lora_down.weight"].shape == (1, 24) and float(tensors[f"{LINEAR}.alpha"]) == 0.5
+    assert not tensors[f"{LINEAR}.lora_up.weight"].any() and torch.isfinite(tensors[f"{LINEAR}.lora_down.weight"]).all()
+    assert summary.modules[0].rank_out == 1 and "zero weight change" in summary.modules[0].note
+
+
+# -- flattened LoHa: the conv kernel comes from the network's own architecture -----------------------------------------
+def test_sdxl_loha_with_diffusers_path_names_keeps_linear_proj_in(tmp_path):
+    from lytools.arch import alias_table, module_table
+    from lytools.testing import build_network, select_modules
+
+    chosen = [m for m in select_modules("sdxl", "c3lier", (), ("unet",)) if "input_blocks_4_1" in m or "in_layers_2" in m][:24]
+    source = build_network(tmp_path / "l.safetensors", "sdxl", factor=16, rank=4, algo="loha", modules=chosen,
+                           dtype=torch.float32)
+    aliases, table = alias_table("sdxl"), module_table("sdxl")
+    diffusers_path = {}
+    for alias, target in aliases.items():
+        if alias.startswith("lora_unet_") and ("down_blocks" in alias or "mid_block" in alias or "up_blocks" in alias):
+            diffusers_path.setdefault(target.key, alias)
+    tensors = read_all(source)[0]
+    renamed = {}
+    for key, value in tensors.items():
+        name, suffix = key.split(".", 1)
+        renamed[f"{diffusers_path.get(table[name].key, name)}.{suffix}"] = value
+    proj_in = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    assert f"{proj_in}.hada_w1_a" in renamed  # an SD1 name too, where it is a 1x1 conv
+    path = tmp_path / "d.safetensors"
+    write_safetensors(path, renamed)
+    out = tmp_path / "o.safetensors"
+    resize_file(path, out, ResizeOptions(rank=3, verify=True))
+    written = read_all(out)[0]
+    assert written[f"{proj_in}.lora_down.weight"].dim() == 2 and written[f"{proj_in}.lora_up.weight"].dim() == 2
+    convs = [k for k in written if k.endswith("lora_down.weight") and "resnets" in k]
+    assert convs and all(written[k].shape[2:] == (3, 3) for k in convs)

@@ -179,6 +179,11 @@ def describe_all(path: Path, network: Network) -> dict[str, ModuleInfo]:
     """Return every module's description; the first malformed module fails the run, naming the file."""
     infos = {}
     for name, module in network.modules.items():
+        empty = next((suffix for suffix, tensor in module.tensors.items() if tensor.dim() > 0 and tensor.numel() == 0), None)
+        if empty is not None:  # a rank-0 module: lytools.algos would divide alpha by rank 0
+            shape = tuple(module.tensors[empty].shape)
+            raise NetworkError(f"{path}: module {name}: {empty} is empty (shape {shape}): a rank-0 module holds no "
+                               "weight change; remove it from the file")
         try:
             describe_shapes(name, module.shapes())  # shapes first: a clear message before any value is read
             infos[name] = describe_module(module)
@@ -247,12 +252,20 @@ class BaseWeights:
         self.reader.close()
 
 
-def table_shape(name: str, flat: tuple[int, ...]) -> tuple[int, ...]:
-    """Return a conv's (out, in, kh, kw) for a module whose factors store it flattened, from the name tables."""
+TABLE_ARCHS = ("sd1", "sdxl", "sd2", "flux")
+
+
+def table_shape(name: str, flat: tuple[int, ...], arch: str | None = None) -> tuple[int, ...]:
+    """Return a conv's (out, in, kh, kw) for a module whose factors store it flattened, from the name tables.
+
+    The network's own architecture is asked first: a diffusers-path name such as
+    lora_unet_down_blocks_1_attentions_0_proj_in is a 1x1 conv in SD1 but a Linear in SDXL.
+    """
     from lytools.arch import alias_table
 
-    for arch in ("sd1", "sdxl", "sd2", "flux"):
-        target = alias_table(arch).get(name)
+    order = ((arch,) if arch in TABLE_ARCHS else ()) + tuple(a for a in TABLE_ARCHS if a != arch)
+    for candidate in order:
+        target = alias_table(candidate).get(name)
         if target is None:
             continue
         kernel = tuple(target.shape[2:])
@@ -261,6 +274,15 @@ def table_shape(name: str, flat: tuple[int, ...]) -> tuple[int, ...]:
             return (flat[0], flat[1] // size, *kernel)
         return flat
     return flat
+
+
+def network_arch(network: Network) -> str | None:
+    """Return the architecture the network's module names and shapes fit (None when unknown)."""
+    from lytools.arch import detect_network
+
+    shapes = {f"{name}.{suffix}": tuple(t.shape) for name, m in network.modules.items() for suffix, t in m.tensors.items()}
+    arch = detect_network(shapes, network.metadata).arch
+    return None if arch == "unknown" else arch
 
 
 # -- metadata ---------------------------------------------------------------------------------------------
@@ -397,7 +419,9 @@ def resize_file(
             reporter.log(f"{source.name}: {', '.join(flattened)} modules become LoRA/LoCon modules (the algorithm changes)")
         base = BaseWeights(options.base) if options.base is not None else None
         try:
-            ctx = Context(rule, device, options.save_dtype, base_weight=base, full_shape=table_shape)
+            arch = network_arch(network) if flattened else None
+            ctx = Context(rule, device, options.save_dtype, base_weight=base,
+                          full_shape=lambda name, flat: table_shape(name, flat, arch))
             summary = ResizeSummary(output)
             tensors: dict[str, torch.Tensor] = {}
             for name in reporter.progress(list(network.modules), total=len(network.modules), desc="resize"):
