@@ -190,3 +190,47 @@ def test_sdxl_loha_with_diffusers_path_names_keeps_linear_proj_in(tmp_path):
     assert written[f"{proj_in}.lora_down.weight"].dim() == 2 and written[f"{proj_in}.lora_up.weight"].dim() == 2
     convs = [k for k in written if k.endswith("lora_down.weight") and "resnets" in k]
     assert convs and all(written[k].shape[2:] == (3, 3) for k in convs)
+
+
+# -- DoRA: refused without the base, baked at strength 1 with it, and said so ----------------------------------------
+def test_dora_needs_the_base_and_warns_what_flattening_means(tmp_path, capsys):
+    from lytools.testing import build_checkpoint, build_network, select_modules
+
+    chosen = [m for m in select_modules("sd1", "c3lier", (), None) if "down_blocks_0" in m][:6]
+    chosen.append("lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+    source = build_network(tmp_path / "d.safetensors", "sd1", factor=16, rank=6, dora=True, modules=chosen,
+                           dtype=torch.float16)
+    base = build_checkpoint(tmp_path / "b.safetensors", "sd1", factor=16)
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = run_lytools(capsys, "resize", str(source), str(out), "--rank", "3")
+    assert code == 1 and err.count("\n") == 1 and "--base" in err and "lora+dora" in err and not out.exists()
+    code, stdout, err = run_lytools(capsys, "resize", str(source), str(out), "--rank", "3", "--base", str(base), "--verify")
+    assert code == 0 and stdout.strip() == str(out)
+    assert "warning:" in err and "strength 1" in err and "verify:" in err
+    tensors = read_all(out)[0]
+    assert not any(k.endswith("dora_scale") for k in tensors)
+    assert {tensors[k].dtype for k in tensors if k.endswith(".weight")} == {torch.float16}
+    assert all(tensors[k].shape[0] == 3 for k in tensors if k.endswith("lora_down.weight"))
+
+
+def test_lycoris_dylora_and_tucker_args_follow_the_refactoring(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    tucker = "lora_unet_down_blocks_0_resnets_0_conv2"
+    tensors = {
+        f"{LINEAR}.lora_up.weight": torch.randn(32, 8, generator=gen), f"{LINEAR}.lora_down.weight": torch.randn(8, 24, generator=gen),
+        f"{tucker}.lora_up.weight": torch.randn(20, 6, 1, 1, generator=gen), f"{tucker}.lora_mid.weight": torch.randn(6, 6, 3, 3, generator=gen),
+        f"{tucker}.lora_down.weight": torch.randn(6, 12, 1, 1, generator=gen), f"{tucker}.alpha": torch.tensor(3.0),
+    }
+    path = tmp_path / "n.safetensors"
+    args = {"algo": "dylora", "use_tucker": "True", "block_size": "2", "conv_dim": "6", "conv_alpha": "3"}
+    write_safetensors(path, tensors, {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)})
+    out = tmp_path / "o.safetensors"
+    resize_file(path, out, ResizeOptions(rank=4, conv_rank=3))
+    written, meta = read_all(out)
+    assert f"{tucker}.lora_mid.weight" not in written
+    assert json.loads(meta["ss_network_args"]) == {"algo": "locon", "use_tucker": "False", "block_size": "2",
+                                                   "conv_dim": "3", "conv_alpha": "1.5"}
+    # a Tucker module kept (already at the rank) keeps use_tucker
+    resize_file(path, out, ResizeOptions(rank=4, conv_rank=6, overwrite=True))
+    written, meta = read_all(out)
+    assert f"{tucker}.lora_mid.weight" in written and json.loads(meta["ss_network_args"])["use_tucker"] == "True"

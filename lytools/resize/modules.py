@@ -305,6 +305,8 @@ def flatten_module(module: NetworkModule, info: ModuleInfo, ctx: Context) -> Mod
         note=f"{algo_label(info)} flattened into a LoRA (the algorithm changes)",
     )
     warnings = []
+    if info.needs_weight or not info.additive:
+        report.note += "; taken at strength 1 on the base weights (W' - W)"
     if info.bias_delta:
         report.note += "; its bias change cannot be held by a LoRA and is dropped"
         warnings.append(f"{module.name}: {info.algo} bias change dropped (a LoRA holds no bias)")

@@ -310,6 +310,27 @@ def _common_alpha(reports: list[ModuleReport], rank: int) -> str | None:
     return _format_number(alphas.pop()) if len(alphas) == 1 else None
 
 
+def refactored_args(meta: dict[str, str], reports: list[ModuleReport]) -> None:
+    """Update ss_network_args where the SVD re-factoring changed what they say: LyCORIS algo=dylora is a
+    plain LoCon now, and use_tucker/use_cp are false once no module keeps its Tucker core."""
+    try:
+        args = json.loads(meta.get("ss_network_args") or "null")
+    except ValueError:
+        return
+    if not isinstance(args, dict) or not any(r.action == RESIZED for r in reports):
+        return
+    before = dict(args)
+    if args.get("algo") == "dylora":
+        args["algo"] = "locon"
+    tucker = [r for r in reports if r.kind == "tucker"]
+    if tucker and all(r.action == RESIZED for r in tucker):
+        for key in ("use_tucker", "use_cp"):
+            if key in args:
+                args[key] = "False" if isinstance(args[key], str) else False
+    if args != before:
+        meta["ss_network_args"] = json.dumps(args)
+
+
 def resized_metadata(
     metadata: Mapping[str, str], options: ResizeOptions, rule: RankRule, reports: list[ModuleReport], source: Path,
     autov3: str | None,
@@ -355,9 +376,11 @@ def resized_metadata(
             for key in ("algo", "use_tucker", "use_cp", "dora_wd", "factor", "decompose_both", "full_matrix"):
                 args.pop(key, None)
             meta["ss_network_args"] = json.dumps(args)
-    elif not options.truncate and meta.get("ss_network_module") == "networks.dylora":
-        # re-factored by SVD: the leading ranks are no longer nested
-        meta["ss_network_module"] = "networks.lora"
+    elif not options.truncate:
+        if meta.get("ss_network_module") == "networks.dylora":
+            # re-factored by SVD: the leading ranks are no longer nested
+            meta["ss_network_module"] = "networks.lora"
+        refactored_args(meta, reports)
     if options.method == "fixed" and new_conv_dim is not None and "ss_network_args" in meta:
         try:
             args = json.loads(meta["ss_network_args"])
@@ -417,6 +440,12 @@ def resize_file(
                             if info.algo != "norm" and not is_plain_lora(info)})
         if flattened and not options.truncate:
             reporter.log(f"{source.name}: {', '.join(flattened)} modules become LoRA/LoCon modules (the algorithm changes)")
+            baked = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values() if info.algo != "norm"
+                            and not is_plain_lora(info) and (info.needs_weight or not info.additive)})
+            if baked:
+                reporter.warn(f"{source.name}: {', '.join(baked)} modules are baked from W' - W on the --base weights at "
+                              "strength 1: exact there, but the LoRA scales linearly with strength (they do not) and "
+                              "differs on other base models")
         base = BaseWeights(options.base) if options.base is not None else None
         try:
             arch = network_arch(network) if flattened else None
