@@ -234,3 +234,59 @@ def test_lycoris_dylora_and_tucker_args_follow_the_refactoring(tmp_path):
     resize_file(path, out, ResizeOptions(rank=4, conv_rank=6, overwrite=True))
     written, meta = read_all(out)
     assert f"{tucker}.lora_mid.weight" in written and json.loads(meta["ss_network_args"])["use_tucker"] == "True"
+
+
+# -- figures and optimality against an independent SVD, every method, linear / conv / Tucker / text encoder, dtypes ------
+TUCKER = "lora_unet_down_blocks_0_resnets_0_conv2"
+
+
+def mixed_network(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    tensors = {}
+    up, down = factors_with_spectrum(48, 64, [2 * 0.8 ** i for i in range(12)], 1)
+    tensors.update({f"{LINEAR}.lora_up.weight": up, f"{LINEAR}.lora_down.weight": down, f"{LINEAR}.alpha": torch.tensor(5.0)})
+    up, down = factors_with_spectrum(40, 32 * 9, [0.7 ** i for i in range(10)], 2)
+    tensors.update({f"{CONV}.lora_up.weight": up.reshape(40, 10, 1, 1), f"{CONV}.lora_down.weight": down.reshape(10, 32, 3, 3),
+                    f"{CONV}.alpha": torch.tensor(1.0)})
+    tensors.update({f"{TUCKER}.lora_up.weight": 0.3 * torch.randn(40, 8, 1, 1, generator=gen),
+                    f"{TUCKER}.lora_mid.weight": 0.3 * torch.randn(8, 8, 3, 3, generator=gen),
+                    f"{TUCKER}.lora_down.weight": 0.3 * torch.randn(8, 40, 1, 1, generator=gen), f"{TUCKER}.alpha": torch.tensor(3.0)})
+    up, down = factors_with_spectrum(24, 16, [1, 0.5, 0.3, 0.2, 0.1, 0.05], 3)
+    tensors.update({f"{TEXT}.lora_up.weight": up, f"{TEXT}.lora_down.weight": down})  # no alpha: alpha = rank
+    return {key: value.to(dtype) for key, value in tensors.items()}
+
+
+ROUNDING = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype,save", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, torch.float32),
+                                        (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("options", [dict(rank=4, conv_rank=3), dict(method="sv_fro", method_param=0.9),
+                                     dict(method="sv_ratio", method_param=4.0),
+                                     dict(method="sv_cumulative", method_param=0.7, max_rank=6)],
+                         ids=["fixed", "sv_fro", "sv_ratio", "sv_cumulative"])
+def test_written_change_is_the_truncation_optimum_and_the_figures_are_true(tmp_path, dtype, save, options):
+    source = tmp_path / "n.safetensors"
+    write_safetensors(source, mixed_network(dtype))
+    out = tmp_path / "o.safetensors"
+    summary = resize_file(source, out, ResizeOptions(**options, save_dtype=save, device="cpu"))
+    before, after = read_all(source)[0], read_all(out)[0]
+    assert {t.dtype for k, t in after.items() if k.endswith(".weight")} == {save or dtype}
+    for report in summary.modules:
+        reference = module_change(before, report.name)
+        sigma = torch.linalg.svdvals(reference)
+        rank = after[f"{report.name}.lora_down.weight"].shape[0]
+        rank_in = before[f"{report.name}.lora_down.weight"].shape[0]
+        assert rank == report.rank_out <= rank_in
+        unscaled = sigma / (float(before[f"{report.name}.alpha"]) / rank_in if f"{report.name}.alpha" in before else 1.0)
+        if options.get("method") == "sv_fro":  # the smallest prefix reaching the share, capped at the module's rank
+            shares = (unscaled.square().cumsum(0) / unscaled.square().sum()).sqrt()
+            assert rank == min(int((shares < options["method_param"] - 1e-9).sum()) + 1, rank_in)
+        elif options.get("method") == "sv_ratio":
+            assert rank == min(int((unscaled > unscaled[0] / options["method_param"]).sum()), rank_in)
+        # the written ΔW is a best rank-r approximation: its error is the discarded singular values
+        optimum = float(sigma[rank:].square().sum().sqrt())
+        error = float((module_change(after, report.name) - reference).norm())
+        assert abs(error - optimum) <= ROUNDING[save or dtype] * float(reference.norm()), report.name
+        assert report.fro_kept == pytest.approx(float(sigma[:rank].norm() / sigma.norm()), abs=1e-4)
+        assert report.sum_kept == pytest.approx(float(sigma[:rank].sum() / sigma.sum()), abs=1e-4)
