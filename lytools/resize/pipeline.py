@@ -440,13 +440,9 @@ def resize_file(
                             if info.algo != "norm" and not is_plain_lora(info)})
         if flattened and not options.truncate:
             reporter.log(f"{source.name}: {', '.join(flattened)} modules become LoRA/LoCon modules (the algorithm changes)")
-            baked = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values() if info.algo != "norm"
-                            and not is_plain_lora(info) and (info.needs_weight or not info.additive)})
-            if baked:
-                reporter.warn(f"{source.name}: {', '.join(baked)} modules are baked from W' - W on the --base weights at "
-                              "strength 1: exact there, but the LoRA scales linearly with strength (they do not) and "
-                              "differs on other base models")
         base = BaseWeights(options.base) if options.base is not None else None
+        baked = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values() if info.algo != "norm"
+                        and not is_plain_lora(info) and (info.needs_weight or not info.additive)})
         try:
             arch = network_arch(network) if flattened else None
             ctx = Context(rule, device, options.save_dtype, base_weight=base,
@@ -466,6 +462,10 @@ def resize_file(
             for key, tensor in network.stray.items():
                 keep = options.save_dtype is None or not tensor.is_floating_point()
                 tensors[key] = tensor if keep else saturating_cast(tensor, options.save_dtype)[0]
+            if baked and not options.truncate:  # said once the modules are done, so an error stays the only line
+                summary.warnings.insert(0, f"{source.name}: {', '.join(baked)} modules are baked from W' - W on the --base "
+                                        "weights at strength 1: exact there, but the LoRA scales linearly with strength "
+                                        "(they do not) and differs on other base models")
             if ctx.saturated:
                 modules = sorted(set(ctx.saturated))
                 summary.warnings.append(f"{len(modules)} module(s) had values beyond the range of the output dtype and "
