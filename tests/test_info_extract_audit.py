@@ -106,6 +106,22 @@ def test_rank_modes_match_an_independent_svd_reference(spectrum_pair, tmp_path):
             assert abs(record.rel_error - optimum) < 2e-3, (mode, name)  # the best rank-r approximation (fp16)
 
 
+def test_a_difference_that_is_only_fp16_rounding_is_no_change(spectrum_pair, tmp_path, capsys):
+    """An fp32 base and an fp16 fine-tune: the untouched modules differ by the rounding alone. They were
+    all extracted as rank-32 noise (exit 0); now they are skipped and said, the trained ones kept."""
+    base, tuned, spectra = spectrum_pair
+    half = {key: value.half() for key, value in load_file(tuned).items()}
+    save_file(half, tmp_path / "tuned16.safetensors")
+    result = extract(base, tmp_path / "tuned16.safetensors", tmp_path / "out.safetensors",
+                     ExtractOptions(linear=RankRule("fixed", 8), conv=RankRule("fixed", 8)))
+    assert {r.name for r in result.records if r.stored != "skipped"} == set(spectra)
+    assert sum(1 for r in result.records if (r.reason or "").startswith("differs only by rounding to F16")) > 300
+    save_file({key: value.half() for key, value in load_file(base).items()}, tmp_path / "base16.safetensors")
+    code, _, err = run_lytools(capsys, "extract", base, tmp_path / "base16.safetensors", tmp_path / "noise.safetensors", "-q")
+    assert code == 1 and "no module differs" in err and "rounding" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "noise.safetensors").exists()
+
+
 # -- extract: metadata ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sd2_pair(tmp_path_factory):

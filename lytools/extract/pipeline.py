@@ -133,6 +133,32 @@ class _Source:
         self.file.close()
 
 
+_WIDTHS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16}
+
+
+def rounding_dtype(module: PairedModule, base: _Source, tuned: _Source) -> torch.dtype | None:
+    """The narrower float dtype when BASE and TUNED store this module at different widths (an fp32 base,
+    an fp16 fine-tune), else None: a difference that is only the rounding to it is no change."""
+    if base.fp8.kind != "none" or tuned.fp8.kind != "none":
+        return None
+    try:
+        stored = (base.file.info(module.base[0].key).dtype, tuned.file.info(module.tuned[0].key).dtype)
+    except (KeyError, LytoolsError):
+        return None
+    if any(name not in _WIDTHS for name in stored) or _WIDTHS[stored[0]] == _WIDTHS[stored[1]]:
+        return None
+    narrow = min(stored, key=_WIDTHS.__getitem__)
+    if "F64" in stored:  # read as float32: a second rounding; compare only fp32 with fp16/bf16
+        return None
+    return base.file.info(module.base[0].key).torch_dtype if narrow == stored[0] else tuned.file.info(module.tuned[0].key).torch_dtype
+
+
+def _rounding_only(base_w: torch.Tensor, tuned_w: torch.Tensor, narrow: torch.dtype, base_is_narrow: bool) -> bool:
+    """True when the narrower file holds exactly the other file's values rounded to its dtype."""
+    wide, exact = (tuned_w, base_w) if base_is_narrow else (base_w, tuned_w)
+    return torch.equal(wide.to(narrow).float(), exact)
+
+
 @dataclass
 class _Loaded:
     module: PairedModule
@@ -344,7 +370,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         with SpillStore(out.parent) as spill:
             loaded_iter = _prefetch(todo, base_source, tuned_source, device.type == "cuda", want_bias)
             for loaded in reporter.progress(loaded_iter, total=len(todo), desc="extract"):
-                record, extracted = _extract_one(loaded, options, device)
+                narrow = rounding_dtype(loaded.module, base_source, tuned_source)
+                base_is_narrow = narrow is not None and base_source.file.info(loaded.module.base[0].key).torch_dtype == narrow
+                record, extracted = _extract_one(loaded, options, device, (narrow, base_is_narrow) if narrow else None)
                 records.append(record)
                 if extracted is not None:
                     for suffix, tensor in extracted.tensors.items():
@@ -360,7 +388,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
                               f"not written as inf (e.g. {saturated[0]})")
             tensors = spill.tensors()
             if not tensors:
-                raise MatchError(f"{base.name} and {tuned.name}: no module differs (nothing to write)")
+                rounded = sum(1 for r in records if (r.reason or "").startswith("differs only by rounding"))
+                raise MatchError(f"{base.name} and {tuned.name}: no module differs (nothing to write)"
+                                 + (f"; {rounded} differ only by the rounding of one file's lower precision" if rounded else ""))
             for thread in hashers.values():
                 thread.join()
             sources = [source_entry(path, hashers[path].digest if path in hashers else None) for path in (base, tuned)]
@@ -384,11 +414,16 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     return ExtractResult(out, plan, records, summary, time.perf_counter() - started, verified, metadata)
 
 
-def _extract_one(loaded: _Loaded, options: ExtractOptions, device: torch.device) -> tuple[ModuleRecord, Extracted | None]:
+def _extract_one(loaded: _Loaded, options: ExtractOptions, device: torch.device,
+                 rounding: tuple[torch.dtype, bool] | None = None) -> tuple[ModuleRecord, Extracted | None]:
     module = loaded.module
     rule = _rule_for(module, options)
     base_w = loaded.base.to(device, non_blocking=True).float()
     tuned_w = loaded.tuned.to(device, non_blocking=True).float()
+    if rounding is not None and _rounding_only(base_w, tuned_w, *rounding):
+        # an fp32 base and the same weights saved in fp16: extracting the rounding noise helps no one
+        return ModuleRecord(module.name, module.component, module.kind, module.shape, "skipped",
+                            reason=f"differs only by rounding to {st_name(rounding[0])}"), None
     difference = tuned_w.sub_(base_w)  # private copies (read_module's, or .float()'s): in place is safe
     del base_w
     largest = float(difference.abs().max()) if difference.numel() else 0.0

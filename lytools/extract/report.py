@@ -59,6 +59,8 @@ def _reason_class(reason: str | None) -> str:
         return "shape differs"
     if "min-diff" in reason or reason.startswith("identical"):
         return "unchanged / below min-diff"
+    if reason.startswith("differs only by rounding"):
+        return "unchanged but for the rounding to one file's lower precision"
     if reason.startswith("conv dim 0") or reason.startswith("linear dim 0"):
         return "dim 0"
     if reason.startswith("decomposition failed") or "NaN" in reason:
