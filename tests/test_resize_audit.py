@@ -5,8 +5,8 @@ CLI.md resize, FORMATS.md 5.3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -290,3 +290,16 @@ def test_written_change_is_the_truncation_optimum_and_the_figures_are_true(tmp_p
         assert abs(error - optimum) <= ROUNDING[save or dtype] * float(reference.norm()), report.name
         assert report.fro_kept == pytest.approx(float(sigma[:rank].norm() / sigma.norm()), abs=1e-4)
         assert report.sum_kept == pytest.approx(float(sigma[:rank].sum() / sigma.sum()), abs=1e-4)
+
+
+def test_copied_and_truncated_modules_write_a_0d_alpha(tmp_path):
+    gen = torch.Generator().manual_seed(6)
+    tensors = {f"{LINEAR}.lora_up.weight": torch.randn(32, 4, generator=gen), f"{LINEAR}.lora_down.weight": torch.randn(4, 24, generator=gen),
+               f"{LINEAR}.alpha": torch.tensor([2.0], dtype=torch.float16)}  # LyCORIS' extractor writes [alpha]
+    path = tmp_path / "n.safetensors"
+    write_safetensors(path, tensors)
+    for options in (ResizeOptions(rank=8), ResizeOptions(rank=2, truncate=True), ResizeOptions(rank=2)):
+        out = tmp_path / "o.safetensors"
+        resize_file(path, out, dataclasses.replace(options, overwrite=True))
+        alpha = read_all(out)[0][f"{LINEAR}.alpha"]
+        assert alpha.shape == () and float(alpha) == (1.0 if not options.truncate and options.rank == 2 else 2.0)

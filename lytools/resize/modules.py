@@ -117,7 +117,10 @@ def _out_dtype(module: NetworkModule, suffix: str | None, ctx: Context) -> torch
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, ctx: Context | None = None, name: str = "",
           suffix: str = "") -> torch.Tensor:
     """tensor.to(dtype) for floating tensors; values beyond dtype's range saturate (noted in ctx); an
-    alpha the dtype would round (bf16: 0.1 -> 0.1001) stays float32, so its module's scale is kept."""
+    alpha the dtype would round (bf16: 0.1 -> 0.1001) stays float32, so its module's scale is kept; an alpha
+    stored with shape (1,) (LyCORIS' extractor) is written 0-d, as ALGORITHMS.md 1.3 asks of writers."""
+    if suffix == ALPHA and tensor.dim() > 0 and tensor.numel() == 1:
+        tensor = tensor.reshape(())
     if dtype is None or not tensor.is_floating_point():
         return tensor
     if suffix == ALPHA and tensor.numel() == 1 and float(tensor.reshape(-1)[0].to(dtype)) != float(tensor.reshape(-1)[0]):
