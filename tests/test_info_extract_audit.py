@@ -296,3 +296,89 @@ def test_info_hashes_equal_hashlib_over_the_file(tmp_path, capsys, case):
     save_file(tensors, path, metadata)
     code, _, err = run_lytools(capsys, "info", "--verify", path)
     assert code == 1 and str(path) in err and "sshs_model_hash" in err
+
+
+# -- extract: SD2's fused OpenCLIP in_proj, applied by diffusers ----------------------------------------
+def test_sd2_extract_loads_in_diffusers_with_our_weight_changes(tmp_path):
+    """The q/k/v modules cut from OpenCLIP's fused in_proj_weight (and the linear proj_in of the SD2 UNet)
+    load in diffusers' SD2 pipeline, whose text encoder is a transformers CLIP with separate q/k/v."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from peft.tuners.lora import LoraLayer
+
+    from lytools.algos import delta, group_keys, load_module
+    from lytools.convert.names import candidates
+    from lytools.io import open_file
+    from lytools.testing import select_modules
+
+    factor = 8
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd2", factor=factor, components=("unet", "clip_h"))
+    modules = [m for m in select_modules("sd2", "c3lier")
+               if "_1_" in m or m.endswith(("_0_mlp_fc1", "_0_self_attn_q_proj", "_0_self_attn_v_proj"))]
+    network = build_network(tmp_path / "net.safetensors", "sd2", factor=factor, rank=4, modules=modules)
+    tuned = build_tuned(base, tmp_path / "tuned.safetensors", network, noise=1e-4).path
+    result = extract(base, tuned, tmp_path / "lora.safetensors", ExtractOptions(linear=RankRule("fixed", 6), conv=RankRule("fixed", 6)))
+    shapes = {r.name: r.shape for r in result.records}
+    with open_file(result.output) as lora:
+        ours = {name: delta(load_module(lora, name, keys), shapes[name]) for name, keys in group_keys(lora.keys()).modules.items()}
+    assert {"lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_0_self_attn_v_proj"} <= set(ours)
+
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, layers_per_block=2, block_out_channels=tuple(c // factor for c in (320, 640, 1280, 1280)),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024 // factor, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=8)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=1024 // factor, intermediate_size=4096 // factor, num_hidden_layers=23,
+        num_attention_heads=4, max_position_embeddings=77))
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
+                                             scheduler=diffusers.DDIMScheduler(), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(result.output), adapter_name="x")
+    found = {}
+    for prefix, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        for path, module in model.named_modules():
+            if isinstance(module, LoraLayer) and "x" in module.lora_A:
+                found[candidates("sd2", f"{prefix}.{path}")[0].module] = module.get_delta_weight("x").float()
+    assert set(found) == set(ours)  # k_proj of layer 0 too: the zero module added for A1111
+    for name, change in found.items():
+        expected = ours[name].float()
+        assert torch.allclose(change.reshape(expected.shape), expected, atol=2e-3 * float(expected.abs().max()) + 1e-7), name
+
+
+# -- info: checkpoint variants (FORMATS.md 2.2) --------------------------------------------------------
+def _tiny(*shape):
+    return torch.zeros(*shape, dtype=torch.float16)
+
+
+VARIANTS = {  # header-level checkpoints at 1/16 of the real widths (detection scales them back)
+    "sdxl-refiner": ({P + "input_blocks.0.0.weight": _tiny(24, 4, 3, 3), P + "label_emb.0.0.weight": _tiny(96, 160),
+                      P + "out.2.weight": _tiny(4, 24, 3, 3), P + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": _tiny(48, 80),
+                      "conditioner.embedders.0.model.ln_final.weight": _tiny(80)}, {}, ("sdxl", "refiner", "unknown")),
+    "sdxl-ip2p": ({P + "input_blocks.0.0.weight": _tiny(20, 8, 3, 3), P + "label_emb.0.0.weight": _tiny(80, 176),
+                   P + "out.2.weight": _tiny(4, 20, 3, 3), P + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": _tiny(40, 128)},
+                  {"modelspec.prediction_type": "v"}, ("sdxl", "instruct-pix2pix", "v")),
+    "sd1-inpaint-vpred-keys": ({P + "input_blocks.0.0.weight": _tiny(20, 9, 3, 3), P + "out.2.weight": _tiny(4, 20, 3, 3),
+                                P + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": _tiny(20, 48),
+                                "v_pred": _tiny(0), "ztsnr": _tiny(0)}, {}, ("sd1", "inpaint", "v")),
+    "sd2-768-v-metadata": ({P + "input_blocks.0.0.weight": _tiny(20, 4, 3, 3), P + "out.2.weight": _tiny(4, 20, 3, 3),
+                            P + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": _tiny(20, 64)},
+                           {"modelspec.architecture": "stable-diffusion-v2-768-v"}, ("sd2", None, "v")),
+    "sd2-no-metadata": ({P + "input_blocks.0.0.weight": _tiny(20, 4, 3, 3), P + "out.2.weight": _tiny(4, 20, 3, 3),
+                         P + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": _tiny(20, 64)}, {}, ("sd2", None, "unknown")),
+    "flux-fill": ({"double_blocks.0.img_attn.qkv.weight": _tiny(576, 192), "single_blocks.0.linear1.weight": _tiny(1344, 192),
+                   "img_in.weight": _tiny(192, 24), "guidance_in.in_layer.weight": _tiny(192, 16)}, {}, ("flux", "dev-fill", "unknown")),
+    "flux-schnell": ({"double_blocks.0.img_attn.qkv.weight": _tiny(576, 192), "single_blocks.0.linear1.weight": _tiny(1344, 192),
+                      "img_in.weight": _tiny(192, 4)}, {}, ("flux", "schnell", "unknown")),
+    "chroma": ({"double_blocks.0.img_attn.qkv.weight": _tiny(576, 192), "single_blocks.0.linear1.weight": _tiny(1344, 192),
+                "img_in.weight": _tiny(192, 4), "distilled_guidance_layer.in_proj.weight": _tiny(320, 4)}, {}, ("chroma", None, "unknown")),
+}
+
+
+def test_info_checkpoint_variants_and_prediction_only_from_metadata(tmp_path):
+    for name, (tensors, metadata, expected) in VARIANTS.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, path, metadata or None)
+        report = inspect_file(path)
+        assert (report["architecture"], report["checkpoint"]["variant"], report["checkpoint"]["prediction"]) == expected, name
