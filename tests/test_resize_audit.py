@@ -303,3 +303,22 @@ def test_copied_and_truncated_modules_write_a_0d_alpha(tmp_path):
         resize_file(path, out, dataclasses.replace(options, overwrite=True))
         alpha = read_all(out)[0][f"{LINEAR}.alpha"]
         assert alpha.shape == () and float(alpha) == (1.0 if not options.truncate and options.rank == 2 else 2.0)
+
+
+def test_flattened_loha_takes_its_layer_shape_from_the_base_when_given(tmp_path):
+    """SD1's proj_in is a 1x1 conv, SD2's a Linear: with --base the checkpoint says which (the tables guessed SD1)."""
+    gen = torch.Generator().manual_seed(8)
+    tensors = {f"{LINEAR}.hada_w1_a": torch.randn(32, 3, generator=gen), f"{LINEAR}.hada_w1_b": torch.randn(3, 24, generator=gen),
+               f"{LINEAR}.hada_w2_a": torch.randn(32, 3, generator=gen), f"{LINEAR}.hada_w2_b": torch.randn(3, 24, generator=gen),
+               f"{LINEAR}.alpha": torch.tensor(3.0)}
+    path, base = tmp_path / "h.safetensors", tmp_path / "b.safetensors"
+    write_safetensors(path, tensors)
+    write_safetensors(base, {"down_blocks.0.attentions.0.proj_in.weight": torch.randn(32, 24, generator=gen)})
+    out = tmp_path / "o.safetensors"
+    resize_file(path, out, ResizeOptions(rank=4, base=base, verify=True))
+    written = read_all(out)[0]
+    assert written[f"{LINEAR}.lora_down.weight"].shape == (4, 24) and written[f"{LINEAR}.lora_up.weight"].shape == (32, 4)
+    change = (tensors[f"{LINEAR}.hada_w1_a"] @ tensors[f"{LINEAR}.hada_w1_b"]) * (tensors[f"{LINEAR}.hada_w2_a"] @ tensors[f"{LINEAR}.hada_w2_b"])
+    sigma = torch.linalg.svdvals(change.double())
+    error = float((module_change(written, LINEAR) - change.double()).norm())
+    assert error == pytest.approx(float(sigma[4:].square().sum().sqrt()), rel=1e-4)

@@ -248,8 +248,25 @@ class BaseWeights:
         weight = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
         return weight.reshape(resolved.shape) if weight.numel() == math.prod(resolved.shape) else weight
 
+    def shape_of(self, name: str) -> tuple[int, ...] | None:
+        """Return the module's weight shape in this checkpoint (header only), or None when it has none."""
+        resolved = self.resolver.resolve(name)
+        return None if resolved is None else tuple(resolved.shape)
+
     def close(self) -> None:
         self.reader.close()
+
+
+def kernel_lookup(base: BaseWeights | None, arch: str | None):
+    """Return the Context.full_shape callback: the --base checkpoint's own shape first, then the name tables."""
+
+    def full_shape(name: str, flat: tuple[int, ...]) -> tuple[int, ...]:
+        shape = base.shape_of(name) if base is not None else None
+        if shape is not None and shape[0] == flat[0] and math.prod(shape) == math.prod(flat):
+            return shape
+        return table_shape(name, flat, arch)
+
+    return full_shape
 
 
 TABLE_ARCHS = ("sd1", "sdxl", "sd2", "flux")
@@ -446,7 +463,7 @@ def resize_file(
         try:
             arch = network_arch(network) if flattened else None
             ctx = Context(rule, device, options.save_dtype, base_weight=base,
-                          full_shape=lambda name, flat: table_shape(name, flat, arch))
+                          full_shape=kernel_lookup(base, arch))
             summary = ResizeSummary(output)
             tensors: dict[str, torch.Tensor] = {}
             for name in reporter.progress(list(network.modules), total=len(network.modules), desc="resize"):
