@@ -322,3 +322,23 @@ def test_flattened_loha_takes_its_layer_shape_from_the_base_when_given(tmp_path)
     sigma = torch.linalg.svdvals(change.double())
     error = float((module_change(written, LINEAR) - change.double()).norm())
     assert error == pytest.approx(float(sigma[4:].square().sum().sqrt()), rel=1e-4)
+
+
+def test_fused_flux_modules_from_diffusers_parts_warn_that_the_rank_is_the_fused_one(tmp_path, capsys):
+    from lytools.testing import build_network
+
+    chosen = ["lora_unet_single_blocks_0_linear1", "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj"]
+    source = build_network(tmp_path / "f.safetensors", "flux", factor=16, rank=4, layout="diffusers", modules=chosen,
+                           dtype=torch.float32)
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = run_lytools(capsys, "resize", str(source), str(out), "--rank", "4", "--json", "--verify")
+    assert code == 0
+    payload = json.loads(stdout)
+    ranks = {m["module"]: (m["rank_in"], m["rank_out"], m["action"]) for m in payload["modules"]}
+    assert ranks == {chosen[0]: (16, 4, "resized"), chosen[1]: (12, 4, "resized"), chosen[2]: (4, 4, "copied")}
+    assert len(payload["warnings"]) == 1 and "2 modules were assembled from the q/k/v(/mlp) parts" in payload["warnings"][0]
+    assert "4 parts, rank 16 -> 4" in payload["warnings"][0] and "warning:" in err
+    # asking for the parts' rank times their number keeps every part whole
+    code, stdout, err = run_lytools(capsys, "resize", str(source), str(out), "--rank", "16", "--overwrite", "--json")
+    assert code == 0 and json.loads(stdout)["warnings"] == []
+    assert {m["action"] for m in json.loads(stdout)["modules"]} == {"copied"}

@@ -128,6 +128,8 @@ class Network:
     stray: dict[str, torch.Tensor]
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    # modules assembled from several stored modules (diffusers/peft Flux/SD3 q, k, v(, mlp)): how many
+    parts: dict[str, int] = field(default_factory=dict)
 
 
 def _from_convert(path: Path) -> Network | None:
@@ -138,7 +140,14 @@ def _from_convert(path: Path) -> Network | None:
         return None
     net = load_network(path)
     notes = [f"{path.name}: read as a {net.layout} {net.arch} network; written with kohya names"] + list(net.notes)
-    return Network(dict(net.modules), dict(net.stray), dict(net.metadata), notes)
+    from lytools.arch.network import split_network_key
+
+    parts = {}
+    for name, keys in net.sources.items():
+        stored = {split[0] for split in map(split_network_key, keys) if split is not None}
+        if len(stored) > 1:
+            parts[name] = len(stored)
+    return Network(dict(net.modules), dict(net.stray), dict(net.metadata), notes, parts)
 
 
 @contextlib.contextmanager
@@ -172,7 +181,8 @@ def read_network(path: Path) -> Network:
     """Return the network at `path` with tensors that own their memory (see open_network)."""
     with open_network(path) as network:
         modules = {name: NetworkModule(name, {s: t.clone() for s, t in m.tensors.items()}) for name, m in network.modules.items()}
-        return Network(modules, {k: t.clone() for k, t in network.stray.items()}, network.metadata, network.notes)
+        return Network(modules, {k: t.clone() for k, t in network.stray.items()}, network.metadata, network.notes,
+                       network.parts)
 
 
 def describe_all(path: Path, network: Network) -> dict[str, ModuleInfo]:
@@ -483,6 +493,15 @@ def resize_file(
                 summary.warnings.insert(0, f"{source.name}: {', '.join(baked)} modules are baked from W' - W on the --base "
                                         "weights at strength 1: exact there, but the LoRA scales linearly with strength "
                                         "(they do not) and differs on other base models")
+            fused = [r for r in summary.modules if network.parts.get(r.name, 1) > 1 and r.rank_in and r.rank_out
+                     and r.action in (RESIZED, FLATTENED) and r.rank_out < r.rank_in]
+            if fused:
+                first = fused[0]
+                summary.warnings.append(
+                    f"{len(fused)} modules were assembled from the q/k/v(/mlp) parts of {source.name} into one kohya module "
+                    f"and the rank applies to that module, not to each part (e.g. {first.name}: "
+                    f"{network.parts[first.name]} parts, rank {first.rank_in} -> {first.rank_out}); to keep each part's "
+                    "rank, ask for it times the number of parts")
             if ctx.saturated:
                 modules = sorted(set(ctx.saturated))
                 summary.warnings.append(f"{len(modules)} module(s) had values beyond the range of the output dtype and "
