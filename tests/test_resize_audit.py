@@ -342,3 +342,16 @@ def test_fused_flux_modules_from_diffusers_parts_warn_that_the_rank_is_the_fused
     code, stdout, err = run_lytools(capsys, "resize", str(source), str(out), "--rank", "16", "--overwrite", "--json")
     assert code == 0 and json.loads(stdout)["warnings"] == []
     assert {m["action"] for m in json.loads(stdout)["modules"]} == {"copied"}
+
+
+def test_truncate_refuses_modules_fused_from_parts(tmp_path, capsys):
+    from lytools.testing import build_network
+
+    chosen = ["lora_unet_single_blocks_0_linear1", "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj"]
+    source = build_network(tmp_path / "f.safetensors", "flux", factor=16, rank=4, layout="diffusers", modules=chosen,
+                           dtype=torch.float32)
+    out = tmp_path / "o.safetensors"
+    # the fused down is the parts' downs stacked: its leading 4 ranks were q's alone (k and v written as zeros)
+    code, stdout, err = run_lytools(capsys, "resize", str(source), str(out), "--rank", "4", "--truncate")
+    assert code == 1 and stdout == "" and err.count("\n") == 1 and "--truncate" in err and "assembled from" in err
+    assert not out.exists()

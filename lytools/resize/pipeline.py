@@ -451,9 +451,15 @@ def resize_file(
         check_output_path(options.report, options.overwrite)
     device = resolve_device(options.device)
     with open_network(source) as network:
-        for note in network.notes:
-            reporter.log(note)
         infos = describe_all(source, network)
+        check_inputs(source, infos, options)
+        if options.truncate and network.parts:
+            name, count = next(iter(sorted(network.parts.items())))
+            raise UnsupportedError(
+                f"{source}: module {name} is assembled from {count} q/k/v(/mlp) modules of this file: --truncate would "
+                "keep the leading ranks of the first part only; resize without --truncate")
+        for note in network.notes:  # after the checks, so that a refused input stays a one-line error
+            reporter.log(note)
         unit = dylora_unit(network.metadata)
         if options.truncate and unit is None and network.metadata.get("ss_network_module", "").endswith("dylora"):
             reporter.detail("DyLoRA file without a unit in ss_network_args: truncating without a unit check")
@@ -462,7 +468,6 @@ def resize_file(
             if off:
                 reporter.warn(f"{source.name}: rank {', '.join(map(str, off))} is not a multiple of the DyLoRA unit {unit} "
                               "(the file was trained in blocks of that size)")
-        check_inputs(source, infos, options)
         flattened = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values()
                             if info.algo != "norm" and not is_plain_lora(info)})
         if flattened and not options.truncate:
