@@ -177,6 +177,7 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
     alphas: list[float] = []
     scales: list[float] = []
     missing_alpha = 0
+    zero_alpha = 0  # kohya and LyCORIS read alpha 0 as alpha = rank (scale 1; ALGORITHMS.md 1.3)
     dora: Counter[str] = Counter()
     conv = Counter()
     invalid: list[str] = []
@@ -202,6 +203,7 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
             ranks.append(info.rank)
         if "alpha" in scalars and info.algo not in ("oft", "boft"):
             alphas.append(scalars["alpha"])
+            zero_alpha += scalars["alpha"] == 0 and info.rank is not None
         elif info.rank is not None and "alpha" not in suffixes:
             missing_alpha += 1
         if info.scale is not None:
@@ -242,6 +244,7 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
         "alpha": _summary(alphas),
         "scale": _summary(scales),
         "modules_without_alpha": missing_alpha,
+        "modules_with_zero_alpha": zero_alpha,
         "oft": {key: {k: _number(v) for k, v in summary.items()} if (summary := _summary(values)) else None
                 for key, values in oft.items()} if oft["block_size"] else None,
         "conv_modules": {"kxk": conv["kxk"], "tucker": conv["tucker"], "1x1": conv["1x1"]},
@@ -482,7 +485,12 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
         alpha = _range(network["alpha"])
         if network["modules_without_alpha"]:
             alpha += f" ({network['modules_without_alpha']} modules without alpha: alpha = rank)"
+        if network.get("modules_with_zero_alpha"):
+            alpha += (f" ({network['modules_with_zero_alpha']} modules with alpha 0: kohya and LyCORIS read it as "
+                      "alpha = rank; a loader that applies alpha / rank as stored gets 0)")
         row("alpha", alpha)
+        if network["scale"]:
+            row("scale", f"{_range(network['scale'])} (alpha / rank)")
         oft = network.get("oft")
         if oft:
             text = f"size {_range(oft['block_size'])}, {_range(oft['blocks'])} blocks"

@@ -382,3 +382,17 @@ def test_info_checkpoint_variants_and_prediction_only_from_metadata(tmp_path):
         save_file(tensors, path, metadata or None)
         report = inspect_file(path)
         assert (report["architecture"], report["checkpoint"]["variant"], report["checkpoint"]["prediction"]) == expected, name
+
+
+def test_info_shows_the_scale_and_says_how_alpha_zero_is_read(tmp_path, capsys):
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 320, 1, 1), f"{name}.lora_up.weight": torch.zeros(320, 4, 1, 1),
+               f"{name}.alpha": torch.tensor(0.0)}, tmp_path / "zero.safetensors")
+    save_file({f"{name}.lora_down.weight": torch.zeros(8, 320, 1, 1), f"{name}.lora_up.weight": torch.zeros(320, 8, 1, 1),
+               f"{name}.alpha": torch.tensor(4.0)}, tmp_path / "half.safetensors")
+    code, out, _ = run_lytools(capsys, "info", tmp_path / "zero.safetensors", tmp_path / "half.safetensors")
+    zero, half = out.split("\n\n")
+    assert code == 0 and "1 modules with alpha 0: kohya and LyCORIS read it as alpha = rank" in zero
+    assert "scale         1 (alpha / rank)" in zero and "scale         0.5 (alpha / rank)" in half
+    [report] = json.loads(run_lytools(capsys, "info", "--json", tmp_path / "zero.safetensors")[1])
+    assert report["network"]["modules_with_zero_alpha"] == 1 and report["network"]["scale"]["max"] == 1
