@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,50 @@ def test_truncate_refuses_modules_fused_from_parts(tmp_path, capsys):
     code, stdout, err = run_lytools(capsys, "resize", str(source), str(out), "--rank", "4", "--truncate")
     assert code == 1 and stdout == "" and err.count("\n") == 1 and "--truncate" in err and "assembled from" in err
     assert not out.exists()
+
+
+# -- outputs load in LyCORIS: Tucker cores folded, LoHa flattened ---------------------------------------------------
+def test_tucker_and_loha_inputs_resize_to_locon_that_lycoris_loads(tmp_path):
+    import warnings
+
+    lycoris = pytest.importorskip("lycoris")
+    pytest.importorskip("diffusers")
+    from tests.test_resize_loaders import tiny_unet
+
+    unet = tiny_unet()
+    gen = torch.Generator().manual_seed(2)
+    tensors, shapes = {}, {}
+    for path_name, layer in unet.named_modules():
+        if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) or "resnets" not in path_name and "proj_in" not in path_name:
+            continue
+        name = "lora_unet_" + path_name.replace(".", "_")
+        shape = tuple(layer.weight.shape)
+        shapes[name] = shape
+        if len(shape) == 4 and shape[2:] == (3, 3):  # Tucker LoCon, rank 6
+            tensors[f"{name}.lora_up.weight"] = 0.2 * torch.randn(shape[0], 6, 1, 1, generator=gen)
+            tensors[f"{name}.lora_mid.weight"] = 0.2 * torch.randn(6, 6, 3, 3, generator=gen)
+            tensors[f"{name}.lora_down.weight"] = 0.2 * torch.randn(6, shape[1], 1, 1, generator=gen)
+            tensors[f"{name}.alpha"] = torch.tensor(2.0)
+        else:  # LoHa, rank 3 (its change has rank up to 9)
+            flat_in = math.prod(shape[1:])
+            for half in ("1", "2"):
+                tensors[f"{name}.hada_w{half}_a"] = 0.3 * torch.randn(shape[0], 3, generator=gen)
+                tensors[f"{name}.hada_w{half}_b"] = 0.3 * torch.randn(3, flat_in, generator=gen)
+            tensors[f"{name}.alpha"] = torch.tensor(3.0)
+    source = tmp_path / "in.safetensors"
+    write_safetensors(source, tensors)
+    out = tmp_path / "out.safetensors"
+    resize_file(source, out, ResizeOptions(rank=4, conv_rank=3, verify=True))
+    written = read_all(out)[0]
+    assert not any(".lora_mid." in k or ".hada_" in k for k in written)
+    weights = {"lycoris_" + key[len("lora_unet_"):]: value for key, value in written.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        network, _ = lycoris.create_lycoris_from_weights(1.0, None, unet, weights_sd=weights)
+    loaded = {"lora_unet_" + lora.lora_name[len("lycoris_"):]: lora for lora in network.loras}
+    assert set(loaded) == set(shapes)
+    for name, lora in loaded.items():
+        assert type(lora).__name__ == "LoConModule"
+        change = lora.get_diff_weight(multiplier=1.0, shape=shapes[name])[0]
+        torch.testing.assert_close(change.reshape(change.shape[0], -1).double(), module_change(written, name),
+                                   rtol=1e-4, atol=1e-6)
