@@ -540,6 +540,10 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
         for name, check in (hashes.get("embedded") or {}).items():
             verdict = {True: "matches", False: "DOES NOT MATCH", None: "unverified"}[check.get("matches")]
             extra = f"; {check['note']}" if check.get("note") else ""
+            if name == "sshs_legacy_hash" and check.get("computed") != hashes.get("sshs_legacy_hash"):
+                # sd-scripts hashes the 64 KiB at 1 MiB of the file as it writes it with ss_* metadata only
+                extra += (f" ({check['computed']}: the window of this file saved with its ss_* metadata only, "
+                          f"as sd-scripts computes it; the file's own is the legacy above)")
             row("embedded", f"{name} {verdict}{extra}")
     for note in report.get("notes", []):
         row("note", note)

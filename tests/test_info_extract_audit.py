@@ -290,7 +290,10 @@ def test_info_hashes_equal_hashlib_over_the_file(tmp_path, capsys, case):
     assert embedded["sshs_legacy_hash"] == {"embedded": legacy_hash, "computed": legacy_hash, "matches": True}
     assert embedded["modelspec.hash_sha256"]["matches"] is not False  # the writer's order is unknown: never a false alarm
     code, out, _ = run_lytools(capsys, "info", "--hash", path)
-    assert f"AutoV2        {whole[:10]}" in out and data[:12] in out
+    assert f"AutoV2        {whole[:10]}" in out and data[:12] in out and f"legacy        {window}" in out
+    # the embedded legacy hash follows sd-scripts (file saved with ss_* only): said when it is not this file's window
+    assert (f"({legacy_hash}: the window of this file saved with its ss_* metadata only" in out) == (legacy_hash != window)
+    assert case != "big" or legacy_hash != window
     # a stale embedded hash fails --verify with one line naming the file
     metadata["sshs_model_hash"] = "0" * 64
     save_file(tensors, path, metadata)
