@@ -403,3 +403,14 @@ def test_tucker_and_loha_inputs_resize_to_locon_that_lycoris_loads(tmp_path):
         change = lora.get_diff_weight(multiplier=1.0, shape=shapes[name])[0]
         torch.testing.assert_close(change.reshape(change.shape[0], -1).double(), module_change(written, name),
                                    rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_network_resizes_and_verifies_in_its_own_dtype(tmp_path, dtype):
+    up, down = factors_with_spectrum(64, 64, [1, 0.9, 0.8, 0.7, 1e-4, 1e-4, 1e-4, 1e-4], 0)
+    path = tmp_path / "f8.safetensors"
+    write_safetensors(path, {f"{LINEAR}.lora_up.weight": up.to(dtype), f"{LINEAR}.lora_down.weight": down.to(dtype),
+                             f"{LINEAR}.alpha": torch.tensor(8.0)})
+    out = tmp_path / "o.safetensors"
+    summary = resize_file(path, out, ResizeOptions(rank=4, verify=True))  # e5m2 failed verification: no fp8 allowance
+    assert summary.verify.ok and read_all(out)[0][f"{LINEAR}.lora_down.weight"].dtype == dtype

@@ -23,7 +23,9 @@ from lytools.resize.modules import (
 from lytools.resize.factors import tucker_to_flat_down
 
 # allowed relative error on top of the truncation error, by the dtype the factors were written in
-ROUNDING = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# (fp8: 3 and 2 mantissa bits, relative steps of 1/8 and 1/4; an fp8 input is written in fp8 by default)
+ROUNDING = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2,
+            torch.float8_e4m3fn: 6e-2, torch.float8_e5m2: 1.2e-1}
 
 
 @dataclass
