@@ -105,6 +105,23 @@ def _adapter_config_notes(path: Path, metadata: Mapping[str, str]) -> list[str]:
     return notes
 
 
+def detection_metadata(handle) -> dict[str, str]:
+    """The file's metadata for architecture detection, plus what a diffusers folder says elsewhere: its
+    scheduler/scheduler_config.json `prediction_type` (epsilon | v_prediction) is the folder's own record
+    of the prediction type (FORMATS.md 2.2: take it from metadata, never from the weights)."""
+    import json
+
+    metadata = dict(handle.metadata or {})
+    if isinstance(handle, DiffusersFolder) and "modelspec.prediction_type" not in metadata:
+        try:
+            value = json.loads((handle.path / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type")
+        except (OSError, ValueError, AttributeError):
+            value = None
+        if value in ("epsilon", "v_prediction"):
+            metadata["modelspec.prediction_type"] = value
+    return metadata
+
+
 def _metadata_summary(metadata: Mapping[str, str]) -> dict[str, Any]:
     ss = {k: metadata[k] for k in SS_SHOWN if k in metadata}
     other_ss = sorted(k for k in metadata if k.startswith("ss_") and k not in ss)
@@ -385,7 +402,7 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
             notes.extend(note.replace("say which with --arch", "convert takes --arch")
                          for note in net.notes)
         else:
-            found = detect_checkpoint(shapes, metadata)
+            found = detect_checkpoint(shapes, detection_metadata(handle))
             report["kind"] = "checkpoint" if (found.arch != "unknown" or found.components) else "unknown"
             if report["kind"] == "unknown" and infos:
                 report["kind"] = "checkpoint"  # plain weights of an architecture lytools does not know

@@ -399,3 +399,22 @@ def test_info_shows_the_scale_and_says_how_alpha_zero_is_read(tmp_path, capsys):
     assert "scale         1 (alpha / rank)" in zero and "scale         0.5 (alpha / rank)" in half
     [report] = json.loads(run_lytools(capsys, "info", "--json", tmp_path / "zero.safetensors")[1])
     assert report["network"]["modules_with_zero_alpha"] == 1 and report["network"]["scale"]["max"] == 1
+
+
+def test_a_diffusers_folder_says_its_prediction_type_in_its_scheduler_config(tmp_path, capsys):
+    """stabilityai/stable-diffusion-2-1 and other v models ship as folders whose only record of v is
+    scheduler/scheduler_config.json: info reports it and extract labels the network with it."""
+    from tests.test_container_audit import write_diffusers_folder
+
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=16, components=("unet", "clip_l"), dtype=torch.float32)
+    network = build_network(tmp_path / "net.safetensors", "sd1", factor=16, rank=2, components=("unet",))
+    tuned = build_tuned(base, tmp_path / "tuned.safetensors", network).path
+    folders = [write_diffusers_folder(path, tmp_path / name) for path, name in ((base, "base-pipe"), (tuned, "tuned-pipe"))]
+    for folder in folders:
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    [report] = json.loads(run_lytools(capsys, "info", "--json", folders[0])[1])
+    assert (report["architecture"], report["checkpoint"]["prediction"]) == ("sd1", "v")
+    code, _, err = run_lytools(capsys, "extract", *folders, tmp_path / "v.safetensors", "--linear-dim", "2", "-q")
+    assert code == 0, err
+    meta = read_header(tmp_path / "v.safetensors").metadata
+    assert (meta["ss_base_model_version"], meta["modelspec.prediction_type"]) == ("sd_v1_v", "v")

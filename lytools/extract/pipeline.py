@@ -39,6 +39,7 @@ from lytools.io.dtypes import st_name
 from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
 from lytools.io.writer import check_output_path
+from lytools.info import detection_metadata
 from lytools.ui import QUIET, Reporter
 
 PREFETCH_BYTES = 256 << 20  # float32 bytes of weights the loader may hold ahead of the SVDs
@@ -348,7 +349,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
             {info.name: tuple(info.shape) for info in base_source.file.infos()},
             {info.name: tuple(info.shape) for info in tuned_source.file.infos()},
             base_path=base, tuned_path=tuned,
-            base_metadata=base_source.file.metadata, tuned_metadata=tuned_source.file.metadata,
+            base_metadata=detection_metadata(base_source.file), tuned_metadata=detection_metadata(tuned_source.file),
             arch=options.arch, unet=options.unet, text_encoder=options.text_encoder,
         )
         records: list[ModuleRecord] = list(plan.skipped)
