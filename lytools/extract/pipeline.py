@@ -256,7 +256,7 @@ def build_metadata(out: Path, plan: ExtractPlan, records: list[ModuleRecord], op
     if lycoris:
         # LyCORIS names a network of `diff` modules only "full" (its algo for whole differences)
         every_full = bool(stored) and all(r.stored == "full" for r in stored)
-        args = {"algo": "full" if every_full else "locon", **args}
+        args = {"algo": "full"} if every_full else {"algo": "locon", **args}  # whole differences have no conv dim
         if options.factor.tucker:
             args["use_tucker"] = "True"
     module = "lycoris.kohya" if lycoris else "networks.lora"
