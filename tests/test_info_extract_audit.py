@@ -418,3 +418,15 @@ def test_a_diffusers_folder_says_its_prediction_type_in_its_scheduler_config(tmp
     assert code == 0, err
     meta = read_header(tmp_path / "v.safetensors").metadata
     assert (meta["ss_base_model_version"], meta["modelspec.prediction_type"]) == ("sd_v1_v", "v")
+
+
+def test_extract_refuses_to_replace_an_input_with_the_network(sd2_pair, tmp_path, capsys):
+    base, tuned, _ = sd2_pair
+    for which, target in (("BASE", tmp_path / "base.safetensors"), ("TUNED", tmp_path / "tuned.safetensors")):
+        target.write_bytes((base if which == "BASE" else tuned).read_bytes())
+        before = target.read_bytes()
+        args = (target, tuned) if which == "BASE" else (base, target)
+        code, out, err = run_lytools(capsys, "extract", *args, target, "--overwrite", "--linear-dim", "2", "-q")
+        # it replaced the checkpoint with the LoRA (exit 0)
+        assert code == 2 and f"is {which}" in err and len(err.strip().splitlines()) == 1 and not out
+        assert target.read_bytes() == before

@@ -12,6 +12,7 @@ small factors; the output waits on disk, not in memory.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -26,7 +27,7 @@ from lytools.algos import group_keys, load_module
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.arch.network import ALPHA
 from lytools.device import resolve_device
-from lytools.errors import LytoolsError, MatchError
+from lytools.errors import LytoolsError, MatchError, UsageError
 from lytools.extract.factor import SATURATED_NOTE, Extracted, FactorOptions, ModuleRecord, extract_module
 from lytools.extract.plan import ExtractPlan, PairedModule, plan_extraction
 from lytools.extract.ranks import RankRule
@@ -323,6 +324,30 @@ def _warn_labels(plan: ExtractPlan, reporter: Reporter) -> None:
 
 
 # -- the run -------------------------------------------------------------------------------------------
+def _input_files(source: _Source) -> list[Path]:
+    """Every file an input reads: the file itself, the shards of an index, a folder's weights."""
+    files = [source.path]
+    files += list(getattr(source.file, "shard_paths", []) or [])
+    weights = getattr(source.file, "weights", None)
+    if isinstance(weights, dict):
+        files += list(weights.values())
+    return files
+
+
+def _refuse_input_as_output(out: Path, sources: dict[str, _Source]) -> None:
+    """OUT naming an input (with --overwrite) would replace a checkpoint with the network."""
+    if not out.exists():
+        return
+    for which, source in sources.items():
+        for path in _input_files(source):
+            try:
+                same = Path(path).is_file() and os.path.samefile(out, path)
+            except OSError:
+                same = False
+            if same:
+                raise UsageError(f"{out}: is {which} ({source.path.name}); refusing to replace an input with the network")
+
+
 def _rule_for(module: PairedModule, options: ExtractOptions) -> RankRule:
     return options.conv if module.kxk else options.linear
 
@@ -343,6 +368,12 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         if problem:
             raise LytoolsError(problem)
     base_source, tuned_source = _Source(base), _Source(tuned)
+    try:
+        _refuse_input_as_output(out, {"BASE": base_source, "TUNED": tuned_source})
+    except BaseException:
+        base_source.close()
+        tuned_source.close()
+        raise
     hashers = _start_hashes([base_source, tuned_source])
     try:
         plan = plan_extraction(
