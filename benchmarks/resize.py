@@ -82,7 +82,8 @@ def kohya_rank(S, method: str, param: float | None, new_rank: int) -> int:
     if method == "sv_fro":
         squared = S.pow(2)
         cumulative = torch.cumsum(squared, 0) / float(squared.sum())
-        rank = max(1, min(int(torch.searchsorted(cumulative, param ** 2)) + 1, len(S)))
+        index = int(torch.searchsorted(cumulative, param ** 2)) + 1
+        rank = max(1, min(index, len(S) - 1)) + 1
     else:
         rank = new_rank
     if float(S[0]) < 1e-6:

@@ -149,10 +149,10 @@ def resize_command(source, output, rank, conv_rank, method, method_param, max_ra
     """Reduce the ranks of a LoRA/LoCon/DyLoRA network IN into OUT (other algorithms are flattened
     into a LoRA). -v prints every module's rank and retained Frobenius share.
 
-    The dynamic methods pick ranks as current sd-scripts' resize_lora.py does (sv_fro 0.9 keeps the
-    smallest prefix of singular values reaching 90% of the Frobenius norm; sv_ratio 8 keeps those
-    above 1/8 of the largest); older sd-scripts kept one more. Ranks are capped by
-    --rank/--conv-rank and --max-rank, and never exceed a module's own rank."""
+    The dynamic methods pick ranks as kohya's resize tool long did, including its +1: one singular
+    value more than the definition's count (sv_fro 0.9 keeps the smallest prefix reaching 90% of
+    the Frobenius norm, plus one; sd-scripts since its PR #2194 keeps one fewer), capped by
+    --rank/--conv-rank and --max-rank, and never above a module's own rank."""
     import json
 
     from lytools.io import parse_save_dtype

@@ -137,23 +137,24 @@ def test_tucker_contraction_is_the_lora_mid_product():
 
 # -- rank rules: kohya's dense route written out independently ------------------------------------------
 def kohya_dense_rank(dense: torch.Tensor, method: str, param: float | None, new_rank: int) -> int:
-    """Current sd-scripts' rank rule (after its PR #2194) on the dense spectrum."""
     S = torch.linalg.svdvals(dense.to(torch.float64))
     if method == "sv_ratio":
-        index = int(torch.sum(S > S[0] / param).item()) - 1
+        index = int(torch.sum(S > S[0] / param).item())
+        index = max(1, min(index, len(S) - 1)) + 1
     elif method == "sv_cumulative":
         cumulative = torch.cumsum(S, dim=0) / float(torch.sum(S))
-        index = int(torch.searchsorted(cumulative, param))
+        index = int(torch.searchsorted(cumulative, param)) + 1
+        index = max(1, min(index, len(S) - 1)) + 1
     elif method == "sv_fro":
         squared = S.pow(2)
         cumulative = torch.cumsum(squared, dim=0) / float(torch.sum(squared))
-        index = int(torch.searchsorted(cumulative, param ** 2))
+        index = int(torch.searchsorted(cumulative, param ** 2)) + 1
+        index = max(1, min(index, len(S) - 1)) + 1
     else:
-        index = new_rank - 1
-    index = max(0, min(index, len(S) - 1)) if method != "fixed" else index
+        index = new_rank
     if S[0] < 1e-6:
         return 1
-    return min(index + 1, new_rank)
+    return min(index, new_rank)
 
 
 @pytest.mark.parametrize("method,param", [("sv_ratio", 2.0), ("sv_ratio", 7.5), ("sv_fro", 0.5), ("sv_fro", 0.9),
@@ -171,10 +172,11 @@ def test_dynamic_methods_pick_kohyas_rank(method, param):
 
 def test_rank_rule_edge_cases():
     sigma = torch.tensor([3.0, 2.0, 1.0])
-    # sv_ratio 1.5 keeps sigma > 2: one value
-    assert select_rank(sigma, 10, "sv_ratio", 1.5, None).rank == 1
-    # the whole share is reached at the last non-zero value: rank 3 (padded zeros do not count)
-    assert select_rank(sigma, 10, "sv_fro", 1.0, None).rank == 3
+    # the +1 convention: sv_ratio 1.5 keeps sigma > 2 (one value) and answers 2
+    assert select_rank(sigma, 10, "sv_ratio", 1.5, None).rank == 2
+    # the whole share is reached at the last non-zero value: index 2, + 1, + 1 (padded zeros do not count)
+    assert select_rank(sigma, 10, "sv_fro", 1.0, None).rank == 4
+    # ... and the clamp at len(S) - 1 applies where the spectrum has no zeros
     assert select_rank(sigma, 3, "sv_cumulative", 1.0, None).rank == 3
     zero = select_rank(torch.tensor([5e-7, 1e-7]), 8, "fixed", None, 4)
     assert zero.rank == 1 and zero.zero

@@ -1,5 +1,5 @@
-"""Audit of `lytools resize` as a kohya/LyCORIS user tests it: the dynamic rank rules of current
-sd-scripts, figures reported against an independent torch.linalg.svd, metadata that tells the
+"""Audit of `lytools resize` as a kohya/LyCORIS user tests it: the dynamic rank rules of
+ALGORITHMS.md 16, figures reported against an independent torch.linalg.svd, metadata that tells the
 truth about the written ranks, degenerate modules, flattened conv kernels (spec: ALGORITHMS.md 16,
 CLI.md resize, FORMATS.md 5.3)."""
 
@@ -48,19 +48,21 @@ def module_change(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return scale * up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)
 
 
-# -- rank rules: current sd-scripts (networks/resize_lora.py after PR #2194) ---------------------------------------
+# -- rank rules: ALGORITHMS.md 16 (kohya's rule with its +1 in the index and in the rank) ---------------------------
+# Current sd-scripts (after its PR #2194) dropped that +1 and keeps one or two values fewer; lytools
+# follows the spec, which keeps kohya's long-standing convention.
 @pytest.mark.parametrize("method,param,expected", [
-    # σ = 8, 4, 2, 1: Σσ = 15, Σσ² = 85
-    ("sv_ratio", 3.0, 2),        # kept: σ > 8/3 -> 8, 4
-    ("sv_ratio", 8.0, 3),        # σ > 1 (strict) -> 8, 4, 2
-    ("sv_ratio", 1.0, 1),        # σ > 8: none -> clamped to 1
-    ("sv_cumulative", 0.79, 2),  # shares 8/15 = 0.53, 12/15 = 0.8: two values reach 0.79
-    ("sv_cumulative", 0.81, 3),
-    ("sv_fro", 0.8, 1),          # 64/85 = 0.753 >= 0.64
-    ("sv_fro", 0.9, 2),          # 80/85 = 0.941 >= 0.81
-    ("sv_fro", 0.99, 3),         # 84/85 = 0.988 >= 0.9801
+    # σ = 8, 4, 2, 1 (a spectrum of length 16, the rest zeros): Σσ = 15, Σσ² = 85
+    ("sv_ratio", 3.0, 3),        # σ > 8/3: 8, 4 -> index 2, rank 3
+    ("sv_ratio", 8.0, 4),        # σ > 1 (strict): 8, 4, 2 -> index 3, rank 4
+    ("sv_ratio", 1.0, 2),        # σ > 8: none -> index clamped to 1, rank 2
+    ("sv_cumulative", 0.79, 3),  # shares 8/15 = 0.53, 12/15 = 0.8: searchsorted 1, index 2, rank 3
+    ("sv_cumulative", 0.81, 4),
+    ("sv_fro", 0.8, 2),          # 64/85 = 0.753 >= 0.64: searchsorted 0, index 1, rank 2
+    ("sv_fro", 0.9, 3),          # 80/85 = 0.941 >= 0.81
+    ("sv_fro", 0.99, 4),         # 84/85 = 0.988 >= 0.9801
 ])
-def test_dynamic_rules_keep_the_smallest_prefix(method, param, expected):
+def test_dynamic_rules_follow_the_spec(method, param, expected):
     sigma = torch.tensor([8.0, 4.0, 2.0, 1.0])
     assert select_rank(sigma, 16, method, param, None).rank == expected
     # the cap (--rank / --max-rank) applies after the rule
@@ -68,7 +70,8 @@ def test_dynamic_rules_keep_the_smallest_prefix(method, param, expected):
 
 
 def test_sv_fro_rank_keeps_at_least_the_asked_frobenius_share(tmp_path):
-    """sv_fro t writes the smallest rank whose kept share of ‖ΔW‖_F reaches t, checked on the written file."""
+    """sv_fro t writes the smallest rank whose kept share of ‖ΔW‖_F reaches t, plus kohya's one (capped
+    at the module's own rank), checked on the written file."""
     sigma = [1.0, 0.7, 0.45, 0.3, 0.2, 0.12, 0.08, 0.05]
     up, down = factors_with_spectrum(40, 56, sigma, seed=3)
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -81,7 +84,7 @@ def test_sv_fro_rank_keeps_at_least_the_asked_frobenius_share(tmp_path):
         summary = resize_file(path, out, ResizeOptions(method="sv_fro", method_param=target))
         rank = read_all(out)[0][f"{name}.lora_down.weight"].shape[0]
         smallest = int((shares < target).sum()) + 1
-        assert rank == smallest, target
+        assert rank == min(smallest + 1, len(sigma)), target
         assert summary.modules[0].fro_kept >= target
 
 
@@ -280,11 +283,11 @@ def test_written_change_is_the_truncation_optimum_and_the_figures_are_true(tmp_p
         rank_in = before[f"{report.name}.lora_down.weight"].shape[0]
         assert rank == report.rank_out <= rank_in
         unscaled = sigma / (float(before[f"{report.name}.alpha"]) / rank_in if f"{report.name}.alpha" in before else 1.0)
-        if options.get("method") == "sv_fro":  # the smallest prefix reaching the share, capped at the module's rank
+        if options.get("method") == "sv_fro":  # the smallest prefix reaching the share, + 1, capped at the module's rank
             shares = (unscaled.square().cumsum(0) / unscaled.square().sum()).sqrt()
-            assert rank == min(int((shares < options["method_param"] - 1e-9).sum()) + 1, rank_in)
-        elif options.get("method") == "sv_ratio":
-            assert rank == min(int((unscaled > unscaled[0] / options["method_param"]).sum()), rank_in)
+            assert rank == min(int((shares < options["method_param"] - 1e-9).sum()) + 2, rank_in)
+        elif options.get("method") == "sv_ratio":  # the count above σ_1 / t (at least 1), + 1, capped likewise
+            assert rank == min(max(1, int((unscaled > unscaled[0] / options["method_param"]).sum())) + 1, rank_in)
         # the written ΔW is a best rank-r approximation: its error is the discarded singular values
         optimum = float(sigma[rank:].square().sum().sqrt())
         error = float((module_change(after, report.name) - reference).norm())

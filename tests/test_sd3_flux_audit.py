@@ -163,20 +163,20 @@ def test_sd35_blocks_outside_the_medium_table_are_extracted_and_merge_back(tmp_p
 
 # -- resize: every method on fused modules and mixed ranks ---------------------------------------------------------
 def _kohya_rank(sigma: torch.Tensor, method: str, param: float | None, cap: int) -> int:
-    """Current sd-scripts' rank rule (after its PR #2194) on the dense spectrum (len = min(out, in))."""
+    """ALGORITHMS.md 16 on the dense spectrum (len = min(out, in))."""
     n = sigma.numel()
     if sigma[0] < 1e-6:
         return 1
     if method == "fixed":
         return cap
     if method == "sv_ratio":
-        rank = int((sigma > sigma[0] / param).sum())
+        index = int((sigma > sigma[0] / param).sum())
     else:
         values = sigma if method == "sv_cumulative" else sigma.square()
         target = param if method == "sv_cumulative" else param * param
         cumulative = torch.cumsum(values, 0) / values.sum()
-        rank = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=cumulative.dtype))[0]) + 1
-    return min(max(1, min(rank, n)), cap)
+        index = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=cumulative.dtype))[0]) + 1
+    return min(max(1, min(index, n - 1)) + 1, cap)
 
 
 @pytest.mark.parametrize("arch", ["sd3", "flux"])

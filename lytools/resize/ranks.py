@@ -1,14 +1,11 @@
 """Which rank a module keeps, by the rules of kohya's resize tool (spec: ALGORITHMS.md 16).
 
-The rules are those of current sd-scripts (networks/resize_lora.py after kohya-ss/sd-scripts
-PR #2194, 2025-2026), which dropped an extra +1 the tool had carried since 2023:
-* sv_ratio t: the count of σ_i > σ_1 / t;
-* sv_cumulative t: the smallest prefix whose share of Σσ reaches t (searchsorted + 1);
-* sv_fro t: the smallest prefix whose share of Σσ² reaches t² (its Frobenius share reaches t);
-each clamped to [1, len(σ)]. Older sd-scripts picked one rank more (two for sv_cumulative and
-sv_fro where that fitted). `sigma` may be only the non-zero part of the spectrum (the r_old values
-of a low-rank core): `full_length` is the length kohya's dense SVD would have, min(out, in·k·k),
-and the missing values count as zeros.
+The `+1` in both the index and the rank is kohya's convention; lytools keeps it, as the spec
+says, so that the same parameters pick the same ranks as the sd-scripts most files were resized
+with. (sd-scripts' PR #2194, merged in 2026, dropped it: current versions keep one or two values
+fewer for the same parameter.) `sigma` may be only the non-zero part of the spectrum (the
+r_old values of a low-rank core): `full_length` is the length kohya's dense SVD would have,
+min(out, in·k·k), and the missing values count as zeros.
 """
 
 from __future__ import annotations
@@ -35,8 +32,8 @@ class RankChoice:
     zero: bool  # σ_1 below MIN_SINGULAR_VALUE: treated as a zero matrix
 
 
-def _clamp_rank(rank: int, full_length: int) -> int:
-    return max(1, min(rank, full_length))
+def _clamp_index(index: int, full_length: int) -> int:
+    return max(1, min(index, full_length - 1))
 
 
 def _count_below(cumulative: torch.Tensor, target: float, full_length: int) -> int:
@@ -47,7 +44,7 @@ def _count_below(cumulative: torch.Tensor, target: float, full_length: int) -> i
 
 
 def rule_rank(sigma: torch.Tensor, full_length: int, method: str, param: float | None, new_rank: int | None) -> int:
-    """Return kohya's new rank for descending singular values `sigma` (before the zero check and the cap)."""
+    """Return kohya's new rank for descending singular values `sigma` (before the zero check)."""
     if method == "fixed":
         if new_rank is None:
             raise ValueError("fixed method needs a rank")
@@ -56,15 +53,17 @@ def rule_rank(sigma: torch.Tensor, full_length: int, method: str, param: float |
         raise ValueError(f"{method} needs a parameter")
     values = sigma.to(torch.float64)
     if method == "sv_ratio":
-        return _clamp_rank(int((values > values[0] / param).sum()), full_length)
-    if method == "sv_cumulative":
+        index = int((values > values[0] / param).sum())
+    elif method == "sv_cumulative":
         cumulative = torch.cumsum(values, 0) / values.sum()
-        return _clamp_rank(_count_below(cumulative, param, full_length) + 1, full_length)
-    if method == "sv_fro":
+        index = _count_below(cumulative, param, full_length) + 1
+    elif method == "sv_fro":
         squared = values.square()
         cumulative = torch.cumsum(squared, 0) / squared.sum()
-        return _clamp_rank(_count_below(cumulative, param * param, full_length) + 1, full_length)
-    raise ValueError(f"unknown method {method!r}")
+        index = _count_below(cumulative, param * param, full_length) + 1
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return _clamp_index(index, full_length) + 1
 
 
 def select_rank(
