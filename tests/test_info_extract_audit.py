@@ -430,3 +430,24 @@ def test_extract_refuses_to_replace_an_input_with_the_network(sd2_pair, tmp_path
         # it replaced the checkpoint with the LoRA (exit 0)
         assert code == 2 and f"is {which}" in err and len(err.strip().splitlines()) == 1 and not out
         assert target.read_bytes() == before
+
+
+def test_other_tensors_that_differ_are_counted_not_lost_silently(spectrum_pair, tmp_path, capsys):
+    """A fine-tune also moves biases, norms and embeddings, which a LoRA cannot hold; extract says how many
+    (it said nothing). A bias of a module stored whole travels as diff_b and is not counted."""
+    base, tuned, spectra = spectrum_pair
+    tensors = load_file(tuned)
+    changed = [P + "time_embed.0.weight", P + "input_blocks.1.1.proj_in.bias", P + "out.0.weight",
+               TE + "embeddings.token_embedding.weight"]
+    for key in changed:
+        tensors[key] = tensors[key] + 0.01
+    save_file(tensors, tmp_path / "tuned.safetensors")
+    code, out, err = run_lytools(capsys, "extract", base, tmp_path / "tuned.safetensors", tmp_path / "a.safetensors",
+                                 "--linear-dim", "4", "--conv-dim", "4", "--json")
+    summary = json.loads(out)["summary"]
+    assert code == 0 and summary["uncovered_changes"] == 4 and sorted(summary["uncovered_examples"]) == sorted(changed)
+    assert "4 other tensors differ that a LoRA does not hold" in err
+    result = extract(base, tmp_path / "tuned.safetensors", tmp_path / "b.safetensors",
+                     ExtractOptions(linear=RankRule("full"), conv=RankRule("full"), text_encoder=False))
+    assert sorted(result.uncovered) == sorted([changed[0], changed[2]])  # proj_in's bias is its diff_b now; no TE
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in.diff_b" in load_file(result.output)

@@ -39,6 +39,9 @@ def run_extract_command(values: Mapping[str, Any], reporter: Reporter) -> None:
         reporter.warn(f"{failed} module(s) could not be decomposed and were left out (see --report)")
     if result.verified is not None:
         reporter.log(f"extract: verified {result.verified} modules against the difference")
+    if result.uncovered:
+        reporter.log(f"extract: {len(result.uncovered)} other tensors differ that a LoRA does not hold (biases, norms, "
+                     f"embeddings, conv_in/out...), e.g. {', '.join(result.uncovered[:3])}")
     if values["as_json"]:
         click.echo(json.dumps({
             "output": str(result.output),
@@ -48,6 +51,7 @@ def run_extract_command(values: Mapping[str, Any], reporter: Reporter) -> None:
                 "skipped": summary.skipped, "retained_energy": summary.retained_energy,
                 "mean_rel_error": summary.mean_rel_error, "worst": summary.worst,
                 "skip_reasons": summary.skip_reasons, "verified": result.verified,
+                "uncovered_changes": len(result.uncovered), "uncovered_examples": result.uncovered[:20],
             },
             "modules": [record.as_dict() for record in result.records],
         }, indent=1))

@@ -76,6 +76,7 @@ class ExtractResult:
     seconds: float
     verified: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    uncovered: list[str] = field(default_factory=list)  # other tensors that differ (see uncovered_changes)
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -348,6 +349,51 @@ def _refuse_input_as_output(out: Path, sources: dict[str, _Source]) -> None:
                 raise UsageError(f"{out}: is {which} ({source.path.name}); refusing to replace an input with the network")
 
 
+def _component_of_key(key: str, components: dict[str, str]) -> str | None:
+    """unet | te for a checkpoint key, by the longest component prefix; None for the VAE, schedule
+    buffers and keys outside every component."""
+    found = max(((c, p) for c, p in components.items() if p and key.startswith(p)), key=lambda cp: len(cp[1]), default=None)
+    if found is None:
+        found = ("unet", "") if components.get("unet") == "" else None
+    if found is None or found[0] in ("vae", "schedule"):
+        return None
+    return "unet" if found[0] == "unet" else "te"
+
+
+def uncovered_changes(plan: ExtractPlan, records: list[ModuleRecord], base: _Source, tuned: _Source,
+                      options: ExtractOptions) -> list[str]:
+    """Keys of the selected components that both files hold with one shape, that no extracted module
+    carries, and whose values differ beyond the rounding of the lower precision: biases of low-rank
+    modules, norms, embeddings, conv_in/conv_out... A LoRA cannot hold them; saying so explains a
+    network weaker than its fine-tune. Compared one tensor at a time, in the stored dtypes."""
+    wanted = {name for name, on in (("unet", options.unet), ("te", options.text_encoder)) if on}
+    whole = {r.name for r in records if r.stored == "full"}
+    carried: set[str] = set()
+    for module in plan.modules:
+        for placement in (*module.base, *module.tuned):
+            carried.add(placement.key)
+            if module.name in whole:  # stored whole with its bias (diff_b)
+                carried.add(_bias_key(placement.key) or placement.key)
+    scales = {key for source in (base, tuned) if source.fp8.kind != "none"
+              for key in source.keys_set if source.fp8.is_scale_or_marker(key)}
+    found = []
+    for key in sorted(base.keys_set & tuned.keys_set - carried):
+        if key in scales or _component_of_key(key, plan.base_arch.components) not in wanted:
+            continue
+        base_info, tuned_info = base.file.info(key), tuned.file.info(key)
+        if tuple(base_info.shape) != tuple(tuned_info.shape) or not {base_info.dtype, tuned_info.dtype} <= set(_WIDTHS) | {"F8_E4M3", "F8_E5M2"}:
+            continue
+        old, new = base.get(key), tuned.get(key)
+        if old.dtype == new.dtype:
+            same = torch.equal(old, new)
+        else:  # one file stores it wider: equal when the narrower holds the wider rounded
+            narrow, wide = (old, new) if old.element_size() < new.element_size() else (new, old)
+            same = torch.equal(wide.to(narrow.dtype), narrow) if narrow.element_size() < wide.element_size() else torch.equal(old.float(), new.float())
+        if not same:
+            found.append(key)
+    return found
+
+
 def _rule_for(module: PairedModule, options: ExtractOptions) -> RankRule:
     return options.conv if module.kxk else options.linear
 
@@ -433,6 +479,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
             write_safetensors(out, tensors, metadata, overwrite=options.overwrite, sshs=True)
             del tensors
         records.sort(key=lambda r: r.name)
+        uncovered = uncovered_changes(plan, records, base_source, tuned_source, options)
         verified = None
         if options.verify:
             with removed_on_failure(out):
@@ -443,7 +490,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     summary = summarize(records)
     if options.report is not None:
         write_report(options.report, records, summary, overwrite=True)
-    return ExtractResult(out, plan, records, summary, time.perf_counter() - started, verified, metadata)
+    return ExtractResult(out, plan, records, summary, time.perf_counter() - started, verified, metadata, uncovered)
 
 
 def _extract_one(loaded: _Loaded, options: ExtractOptions, device: torch.device,
