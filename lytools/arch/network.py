@@ -56,12 +56,19 @@ _LYCORIS_SUFFIXES = (
     "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "rescale", "on_input",
     "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", ALPHA, DORA_SCALE,
 )
+# BFL's Flux control LoRAs (FLUX.1 Canny/Depth dev LoRA) carry whole q/k RMSNorm scales, which a loader
+# sets (not adds), next to LoRA factors on BFL names and an img_in for a wider (control-image) input
+_BFL_CONTROL_NORM = re.compile(r"(?:^|\.)(?:double_blocks\.\d+\.(?:img|txt)_attn\.norm|single_blocks\.\d+\.norm)\.(?:query|key)_norm\.scale$")
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 _XLABS = re.compile(r"^double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])$")
+# xlabs-style single-block processors (USO): `qkv_lora` is the q;k;v rows of linear1 (ComfyUI `linear1_qkv`)
+_XLABS_SINGLE = re.compile(r"^single_blocks\.(\d+)\.processor\.(qkv|proj)_lora$")
 
 
 def _processor_module(module: str) -> str:
     """Old diffusers attention-processor names -> module paths (`…attn1.processor.to_q_lora` -> `…attn1.to_q`)."""
+    if _XLABS_SINGLE.match(module):
+        return module
     found = _PROCESSOR.match(module)
     if found:
         sub = "to_out.0" if found.group(2) == "to_out" else found.group(2)
@@ -102,7 +109,7 @@ def layout_of_module(name: str) -> str:
         return "peft"
     if name.startswith(("diffusion_model.", "text_encoders.")):
         return "comfy"
-    if _XLABS.match(name):
+    if _XLABS.match(name) or _XLABS_SINGLE.match(name):
         return "xlabs"
     if name.startswith(("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.")):
         return "diffusers"
@@ -139,6 +146,7 @@ class NetworkArch:
     matched: int = 0  # modules whose name and shape fit `arch`
     scale: int = 1
     notes: list[str] = field(default_factory=list)
+    unsupported: str | None = None  # what the file is when lytools can read its header but not apply it
 
 
 def group_network_keys(names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -309,6 +317,13 @@ def detect_network(tensors: Any, metadata: Mapping[str, str] | None = None) -> N
     bundled = {key.split(".")[1] for key in stray if key.startswith("bundle_emb.") and key.count(".") >= 2}
     if bundled:
         result.notes.append(f"{len(bundled)} bundled textual-inversion embeddings (bundle_emb.*), kept as stray keys")
+    norms = [key for key in stray if _BFL_CONTROL_NORM.search(key)]
+    if norms:
+        result.unsupported = (
+            f"a BFL Flux control LoRA (FLUX.1 Canny/Depth style: {len(norms)} q/k norm scales that replace the model's "
+            "and an img_in for the wider control input), which lytools cannot merge or convert; ComfyUI and diffusers load it"
+        )
+        result.notes.append(result.unsupported)
     by_module = {m: module_shapes(suffixes, shapes) for m, suffixes in modules_keys.items()}
     scores = {arch: _score(by_module, arch) for arch in NETWORK_ARCHS}
     ranked = sorted(scores.items(), key=lambda item: (item[1][0], item[1][1]), reverse=True)

@@ -288,6 +288,8 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
         network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes))
         if not detected.modules:
             return network  # not a network (a checkpoint?): nothing read beyond the header; callers decide
+        if detected.unsupported:
+            raise UnsupportedError(f"{path}: {detected.unsupported}")
 
         def read(key: str) -> torch.Tensor:
             # whole-file tensors already own their (shared) buffer; map views must be copied out

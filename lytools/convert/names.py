@@ -26,7 +26,9 @@ from lytools.arch.keymap import NETWORK_ARCHS, UNET_PREFIX, CanonicalTarget, nam
 from lytools.arch.network import lookup_names
 
 Rows = tuple[int, int]
-_LINEAR1_QKV = re.compile(r"^(?:diffusion_model\.|lora_unet_)?single_blocks[._](\d+)[._]linear1_qkv$")
+_LINEAR1_QKV = re.compile(
+    r"^(?:(?:diffusion_model\.|lora_unet_)?single_blocks[._](\d+)[._]linear1_qkv|single_blocks\.(\d+)\.processor\.qkv_lora)$"
+)
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,8 @@ def candidates(arch: str, stored: str) -> list[Canonical]:
             found.append(hit)
     if not found and arch == "flux":
         qkv = _LINEAR1_QKV.match(stored)
-        if qkv:  # ComfyUI's name for the q;k;v rows of a single block's linear1
-            module = f"lora_unet_single_blocks_{qkv.group(1)}_linear1"
+        if qkv:  # ComfyUI's (and xlabs/USO's) name for the q;k;v rows of a single block's linear1
+            module = f"lora_unet_single_blocks_{qkv.group(1) or qkv.group(2)}_linear1"
             target = named_modules(arch).get(module)
             if target is not None and target.parts:
                 rows = (target.parts[0][1][0], target.parts[2][1][1])

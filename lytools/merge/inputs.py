@@ -23,6 +23,7 @@ NETWORK_KEY_ENDINGS = (
     ".w_norm", ".b_norm", ".on_input", ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight", ".dora_scale",
     ".lora_magnitude_vector", ".lambda_layer", ".q_layer.weight", ".p_layer.weight", ".bias_indices",
     ".bias_values", ".bias_size", ".lora_B.bias",
+    "_lora1.down.weight", "_lora1.up.weight", "_lora2.down.weight", "_lora2.up.weight",  # xlabs Flux processors
 )
 
 
