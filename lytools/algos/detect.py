@@ -28,7 +28,7 @@ class Algorithm:
 
 # In the order of ALGORITHMS.md 13: the first whose detect() matches describes the module.
 ALGORITHMS: tuple[Algorithm, ...] = (
-    Algorithm("lora", lora.SUFFIXES, lora.detect, lora.describe, delta=lora.delta),
+    Algorithm("lora", lora.SUFFIXES, lora.detect, lora.describe, delta=lora.delta, bias_delta=lora.bias_delta),
     Algorithm("loha", loha.SUFFIXES, loha.detect, loha.describe, delta=loha.delta),
     Algorithm("lokr", lokr.SUFFIXES, lokr.detect, lokr.describe, delta=lokr.delta),
     Algorithm("full", full.SUFFIXES, full.detect, full.describe, delta=full.delta, bias_delta=full.bias_delta),

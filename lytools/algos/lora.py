@@ -1,4 +1,8 @@
-"""LoRA / LoCon, including Tucker conv (`lora_mid`) and DyLoRA files (spec: ALGORITHMS.md 2, 12.1)."""
+"""LoRA / LoCon, including Tucker conv (`lora_mid`) and DyLoRA files (spec: ALGORITHMS.md 2, 12.1).
+
+A `diff_b` next to the factors is the layer's bias difference, as ComfyUI's LoRA extraction (LoraSave,
+`bias_diff`) writes it on every layer with a bias: B' = B + m·diff_b, no alpha (like full's `diff_b`).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from lytools.algos.common import (
 from lytools.arch.network import LORA_DOWN, LORA_MID, LORA_UP
 
 UP, DOWN, MID = LORA_UP, LORA_DOWN, LORA_MID
-SUFFIXES = (UP, DOWN, MID, ALPHA, DORA_SCALE, *sparse.SUFFIXES)
+BIAS = "diff_b"
+SUFFIXES = (UP, DOWN, MID, ALPHA, DORA_SCALE, BIAS, *sparse.SUFFIXES)
 
 
 def detect(shapes: Shapes) -> bool:
@@ -44,12 +49,19 @@ def describe(name: str, shapes: Shapes, scalars: Scalars) -> ModuleInfo:
         kernel = tuple(mid[2:])
     if sparse.detect(shapes):
         sparse.check(name, shapes)
+    if BIAS in shapes and tuple(shapes[BIAS]) != (up[0],):
+        raise fail(name, f"{BIAS} {list(shapes[BIAS])} does not match the {up[0]} output rows of {UP}")
     alpha, scale = scale_from_scalars(shapes, scalars, rank)
     return ModuleInfo(
         name=name, algo="lora", suffixes=tuple(sorted(shapes)), rank=rank, alpha=alpha, scale=scale,
         kernel=kernel, tucker=MID in shapes, delta_shape=(up[0], down[1], *kernel),
-        sparse_bias=sparse.detect(shapes),
+        sparse_bias=sparse.detect(shapes), bias_delta=BIAS in shapes,
     )
+
+
+def bias_delta(module: NetworkModule) -> torch.Tensor | None:
+    """Return ΔB = diff_b (no alpha), or None."""
+    return module.get(BIAS)
 
 
 def delta(module: NetworkModule, target_shape: Sequence[int]) -> torch.Tensor:

@@ -282,7 +282,7 @@ class _Engine:
         without the temporaries. Returns False for anything else (Tucker, DoRA, sparse correction,
         zero-padded or fused-row targets with biases), which goes through `apply_module`.
         """
-        if info.algo != "lora" or info.dora or info.tucker or info.sparse_bias or info.scale is None:
+        if info.algo != "lora" or info.dora or info.tucker or info.sparse_bias or info.bias_delta or info.scale is None:
             return False
         if touch.pad_in is not None or any(touch.bias_keys):
             return False

@@ -177,7 +177,7 @@ def _contributions(networks: Sequence[NetworkInput], ratios: Ratios) -> dict[str
 
 
 def _concatenable(info: ModuleInfo) -> bool:
-    return info.algo == "lora" and info.dora is None and not info.sparse_bias
+    return info.algo == "lora" and info.dora is None and not info.sparse_bias and not info.bias_delta
 
 
 def _method(name: str, parts: list[Contribution], rank: int | None, files: Sequence[str]) -> str:

@@ -327,7 +327,7 @@ def keep_module(module: NetworkModule, info: ModuleInfo, ctx: Context) -> Module
 
 def is_plain_lora(info: ModuleInfo) -> bool:
     """True for a LoRA/LoCon whose change is exactly s·up@down (no DoRA, no sparse correction)."""
-    return info.algo == "lora" and not info.dora and not info.sparse_bias
+    return info.algo == "lora" and not info.dora and not info.sparse_bias and not info.bias_delta
 
 
 @contextlib.contextmanager
