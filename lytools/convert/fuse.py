@@ -101,6 +101,13 @@ def fuse_parts(name: str, parts: Sequence[tuple[Rows, Tensors]], total_rows: int
         covered = sum(stop - start for (start, stop), _ in ordered)
         if any(d is None for d in doras) or covered != total_rows:
             raise UnsupportedError(f"module {name}: DoRA magnitudes on only some q/k/v parts cannot be fused")
+        for (start, stop), dora in zip((rows for rows, _ in ordered), doras):
+            if dora.shape[0] != stop - start or (dora.dim() > 1 and dora.shape[1] != 1):
+                # a per-input-channel magnitude normalises over the part's rows only: no fused equivalent
+                raise UnsupportedError(
+                    f"module {name}: its q/k/v parts carry input-axis DoRA magnitudes (dora_scale {list(dora.shape)}), "
+                    "which cannot be fused into one module"
+                )
         result[DORA] = torch.cat([d.reshape(d.shape[0], *d.shape[1:]) for d in doras], dim=0)
     return result
 
