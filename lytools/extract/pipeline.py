@@ -139,21 +139,21 @@ class _Source:
 _WIDTHS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16}
 
 
-def rounding_dtype(module: PairedModule, base: _Source, tuned: _Source) -> torch.dtype | None:
-    """The narrower float dtype when BASE and TUNED store this module at different widths (an fp32 base,
-    an fp16 fine-tune), else None: a difference that is only the rounding to it is no change."""
+def rounding_of(module: PairedModule, base: _Source, tuned: _Source) -> tuple[torch.dtype, bool] | None:
+    """(the narrower dtype, whether BASE is the narrower) when BASE and TUNED store this module at
+    different float widths (an fp32 base, an fp16 fine-tune), else None: a difference that is only the
+    rounding to the narrower dtype is no change. F64 (read as float32, a second rounding) and fp8 are left out."""
     if base.fp8.kind != "none" or tuned.fp8.kind != "none":
         return None
     try:
-        stored = (base.file.info(module.base[0].key).dtype, tuned.file.info(module.tuned[0].key).dtype)
+        infos = (base.file.info(module.base[0].key), tuned.file.info(module.tuned[0].key))
     except (KeyError, LytoolsError):
         return None
-    if any(name not in _WIDTHS for name in stored) or _WIDTHS[stored[0]] == _WIDTHS[stored[1]]:
+    widths = [_WIDTHS.get(info.dtype) for info in infos]
+    if None in widths or 64 in widths or widths[0] == widths[1]:
         return None
-    narrow = min(stored, key=_WIDTHS.__getitem__)
-    if "F64" in stored:  # read as float32: a second rounding; compare only fp32 with fp16/bf16
-        return None
-    return base.file.info(module.base[0].key).torch_dtype if narrow == stored[0] else tuned.file.info(module.tuned[0].key).torch_dtype
+    base_is_narrow = widths[0] < widths[1]
+    return infos[0 if base_is_narrow else 1].torch_dtype, base_is_narrow
 
 
 def _rounding_only(base_w: torch.Tensor, tuned_w: torch.Tensor, narrow: torch.dtype, base_is_narrow: bool) -> bool:
@@ -384,11 +384,11 @@ def uncovered_changes(plan: ExtractPlan, records: list[ModuleRecord], base: _Sou
         if tuple(base_info.shape) != tuple(tuned_info.shape) or not {base_info.dtype, tuned_info.dtype} <= set(_WIDTHS) | {"F8_E4M3", "F8_E5M2"}:
             continue
         old, new = base.get(key), tuned.get(key)
-        if old.dtype == new.dtype:
-            same = torch.equal(old, new)
-        else:  # one file stores it wider: equal when the narrower holds the wider rounded
-            narrow, wide = (old, new) if old.element_size() < new.element_size() else (new, old)
-            same = torch.equal(wide.to(narrow.dtype), narrow) if narrow.element_size() < wide.element_size() else torch.equal(old.float(), new.float())
+        narrow, wide = sorted((old, new), key=lambda t: t.element_size())
+        if narrow.element_size() < wide.element_size():  # equal when the narrower holds the wider rounded
+            same = torch.equal(wide.to(narrow.dtype), narrow)
+        else:
+            same = torch.equal(old, new) if old.dtype == new.dtype else torch.equal(old.float(), new.float())
         if not same:
             found.append(key)
     return found
@@ -448,9 +448,8 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         with SpillStore(out.parent) as spill:
             loaded_iter = _prefetch(todo, base_source, tuned_source, device.type == "cuda", want_bias)
             for loaded in reporter.progress(loaded_iter, total=len(todo), desc="extract"):
-                narrow = rounding_dtype(loaded.module, base_source, tuned_source)
-                base_is_narrow = narrow is not None and base_source.file.info(loaded.module.base[0].key).torch_dtype == narrow
-                record, extracted = _extract_one(loaded, options, device, (narrow, base_is_narrow) if narrow else None)
+                rounding = rounding_of(loaded.module, base_source, tuned_source)
+                record, extracted = _extract_one(loaded, options, device, rounding)
                 records.append(record)
                 if extracted is not None:
                     for suffix, tensor in extracted.tensors.items():
@@ -464,6 +463,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
                 reporter.warn(f"{len(saturated)} module(s) had values beyond the range of --save-dtype "
                               f"{st_name(options.factor.save_dtype)} and were saturated to its largest value, "
                               f"not written as inf (e.g. {saturated[0]})")
+            uncovered = uncovered_changes(plan, records, base_source, tuned_source, options)
             tensors = spill.tensors()
             if not tensors:
                 rounded = sum(1 for r in records if (r.reason or "").startswith("differs only by rounding"))
@@ -479,7 +479,6 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
             write_safetensors(out, tensors, metadata, overwrite=options.overwrite, sshs=True)
             del tensors
         records.sort(key=lambda r: r.name)
-        uncovered = uncovered_changes(plan, records, base_source, tuned_source, options)
         verified = None
         if options.verify:
             with removed_on_failure(out):
