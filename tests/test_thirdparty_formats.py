@@ -439,7 +439,27 @@ def _sd3_kohya():
     ], ".lora_down.weight", ".lora_up.weight", alpha=2)
 
 
+def _sdxl_omi():
+    return _lora([
+        ("unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q", XU + "transformer_blocks.0.attn1.to_q.weight", None, 20, 20),
+        ("unet.input_blocks.4.1.proj_in", XU + "proj_in.weight", None, 20, 20),
+        ("clip_l.text_model.encoder.layers.0.self_attn.q_proj",
+         "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", None, 24, 24),
+        ("clip_g.text_model.encoder.layers.0.self_attn.v_proj", BIGG + "in_proj_weight", (80, 120), 40, 40),
+    ], ".lora_down.weight", ".lora_up.weight", alpha=2)
+
+
+def _sd3_omi():
+    return _lora([
+        ("transformer.joint_blocks.0.x_block.attn.qkv.1", J + "x_block.attn.qkv.weight", (96, 192), 96, 96),
+        ("transformer.joint_blocks.0.context_block.attn.qkv.2", J + "context_block.attn.qkv.weight", (192, 288), 96, 96),
+        ("transformer.joint_blocks.0.x_block.mlp.fc1", J + "x_block.mlp.fc1.weight", None, 96, 384),
+        ("t5.encoder.block.0.layer.0.SelfAttention.q", T5 + "q.weight", None, 256, 256),
+    ], ".lora_down.weight", ".lora_up.weight", alpha=2)
+
+
 SD_FORMATS = {
+    "sdxl-onetrainer-omi": ("sdxl", _sdxl_omi), "sd3-onetrainer-omi": ("sd3", _sd3_omi),
     "sd1-old-diffusers": ("sd1", _sd1_old_diffusers), "sd1-a1111-locon-full-dora": ("sd1", _sd1_a1111),
     "sdxl-kohya": ("sdxl", _sdxl_kohya), "sdxl-diffusers": ("sdxl", _sdxl_diffusers), "sd3-kohya": ("sd3", _sd3_kohya),
 }
@@ -474,3 +494,15 @@ def test_unreadable_network_is_one_line(capsys, ckpts, tmp_path):
     code, out, err = run_lytools(capsys, "merge", ckpts["flux"], path, "-o", tmp_path / "m.safetensors")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "img_attn_qkv" in err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_peft_adapter_of_unknown_architecture_resolves_against_the_checkpoint(ckpts, tmp_path):
+    """A peft adapter (`base_model.model.<path>`) whose names fit more than one architecture (Flux and SD3
+    share the diffusers double-block names) is placed by the checkpoint it is merged into."""
+    tensors, expected = _lora([
+        ("base_model.model.transformer_blocks.0.attn.to_q", DB + "img_attn.qkv.weight", Q, H, H),
+        ("base_model.model.transformer_blocks.0.attn.to_add_out", DB + "txt_attn.proj.weight", None, H, H),
+    ], ".lora_A.weight", ".lora_B.weight")
+    path = _write(tmp_path, "adapter_model", tensors)
+    assert load_network(path).arch == "unknown"
+    _assert_merge(ckpts["flux"], path, expected, tmp_path / "merged.safetensors")

@@ -631,32 +631,45 @@ def _build_alias_table(arch: str) -> dict[str, CanonicalTarget]:
     if arch == "sdxl":
         for alias, sgm in lora_names("sdxl")["diffusers_named_aliases"].items():
             add(alias, table[sgm])
-    if arch == "flux":
-        _add_flux_bfl_aliases(add, kohya)
+    if arch in _OMI:
+        _add_omi_aliases(arch, add, kohya)
     return table
 
 
-# OneTrainer's OMI format (OMI-Model-Standards `convert_flux_lora`) names the Flux transformer
-# `transformer.<BFL path>`, a part of a fused layer `<BFL path>.<i>` (qkv.0/1/2 = q/k/v, linear1.3 =
-# the MLP rows), `x_embedder` as `transformer.img_in.proj`, CLIP-L `clip_l.<HF path>`, T5 `t5.<HF path>`.
-_OMI_FLUX_RENAMES = {"img_in": "img_in.proj"}
-_OMI_FLUX_ENCODERS = {"te1": "clip_l.", "te3": "t5."}
+# OneTrainer's OMI format (OMI-Model-Standards `convert_<arch>_lora`): the denoiser under one prefix with
+# its native (BFL / MMDiT / SGM) paths, a part of a fused layer as `<path>.<i>` (Flux/SD3 qkv.0/1/2 =
+# q/k/v, Flux linear1.3 = the MLP rows), text encoders `clip_l.` / `clip_g.` / `t5.` + HF paths.
+# Renames: Flux `x_embedder` is `transformer.img_in.proj` there.
+@dataclass(frozen=True)
+class _OmiNames:
+    denoiser: str
+    encoders: dict[str, str]
+    renames: dict[str, str]
 
 
-def _add_flux_bfl_aliases(add: Callable[[str, CanonicalTarget], None], kohya: Mapping[str, ModuleTarget]) -> None:
-    """Flux spellings on BFL paths: bare (`double_blocks.0.img_attn.qkv`: BFL's own control LoRAs and
-    bare peft adapters) and OneTrainer's OMI names, parts of fused layers included."""
+_OMI = {
+    "flux": _OmiNames("transformer.", {"te1": "clip_l.", "te3": "t5."}, {"img_in": "img_in.proj"}),
+    "sd3": _OmiNames("transformer.", {"te1": "clip_l.", "te2": "clip_g.", "te3": "t5."}, {}),
+    "sdxl": _OmiNames("unet.", {"te1": "clip_l.", "te2": "clip_g."}, {}),
+}
+
+
+def _add_omi_aliases(arch: str, add: Callable[[str, CanonicalTarget], None], kohya: Mapping[str, ModuleTarget]) -> None:
+    """OMI spellings of every kohya module, parts of fused layers included; for Flux also the bare BFL
+    path (`double_blocks.0.img_attn.qkv`: BFL's own control LoRAs and bare peft adapters)."""
+    omi = _OMI[arch]
     for name, target in kohya.items():
         canonical = CanonicalTarget(name, target.key, target.rows, target.shape, target.kind, target.component, True)
         if target.component != "unet":
-            prefix = _OMI_FLUX_ENCODERS.get(target.component)
+            prefix = omi.encoders.get(target.component)
             if prefix and target.path is not None:
                 add(prefix + target.path, canonical)
             continue
         native = target.key[len(UNET_PREFIX):-len(".weight")]
-        add(native, canonical)
-        add("transformer." + _OMI_FLUX_RENAMES.get(native, native), canonical)
+        if arch == "flux":
+            add(native, canonical)
+        path = omi.denoiser + omi.renames.get(native, native)
+        add(path, canonical)
         for index, (_, rows) in enumerate(target.parts or ()):
             shape = (rows[1] - rows[0],) + tuple(target.shape[1:])
-            part = CanonicalTarget(name, target.key, rows, shape, target.kind, target.component, True)
-            add(f"transformer.{native}.{index}", part)
+            add(f"{path}.{index}", CanonicalTarget(name, target.key, rows, shape, target.kind, target.component, True))

@@ -24,7 +24,7 @@ placements on the same key, its halves crossed, so every consumer of placements 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from lytools.arch.detect import CheckpointArch, detect_checkpoint, shapes_of
@@ -40,6 +40,7 @@ from lytools.arch.keymap import (
     openclip_to_hf,
 )
 from lytools.arch.manifests import checkpoint_manifest, diffusers_names
+from lytools.arch.network import lookup_names
 
 Shape = tuple[int, ...]
 
@@ -327,7 +328,18 @@ class Resolver:
 
     # -- the public question ------------------------------------------------------------------------
     def resolve(self, name: str) -> Resolved | None:
-        """Return where module `name` lands in this checkpoint, or None when nothing matches."""
+        """Return where module `name` lands in this checkpoint, or None when nothing matches.
+        Other spellings of a stored name are tried too (a peft `base_model.model.` path, xlabs names)."""
+        found = self._resolve_one(name)
+        if found is None:
+            for spelling in lookup_names(name):
+                if spelling != name:
+                    found = self._resolve_one(spelling)
+                    if found is not None:
+                        return replace(found, name=name)
+        return found
+
+    def _resolve_one(self, name: str) -> Resolved | None:
         target = self._aliases.get(name)
         if target is not None:
             placements = self._placements(target)
