@@ -506,3 +506,27 @@ def test_peft_adapter_of_unknown_architecture_resolves_against_the_checkpoint(ck
     path = _write(tmp_path, "adapter_model", tensors)
     assert load_network(path).arch == "unknown"
     _assert_merge(ckpts["flux"], path, expected, tmp_path / "merged.safetensors")
+
+
+def test_peft_lora_bias_is_a_scaled_bias_difference(ckpts, tmp_path):
+    """peft `lora_B.bias` (lora_bias=True) changes the layer bias by scale · b, parts of fused layers too."""
+    import json
+
+    tensors, expected = _lora([
+        ("transformer.single_transformer_blocks.0.attn.to_q", SB + "linear1.weight", Q, H, H),
+        ("transformer.single_transformer_blocks.0.attn.to_k", SB + "linear1.weight", K, H, H),
+        ("transformer.transformer_blocks.0.attn.to_out.0", DB + "img_attn.proj.weight", None, H, H),
+    ], ".lora_A.weight", ".lora_B.weight")
+    generator = torch.Generator().manual_seed(5)
+    part_bias, bias = _rand(generator, H), _rand(generator, H)
+    tensors["transformer.single_transformer_blocks.0.attn.to_q.lora_B.bias"] = part_bias
+    tensors["transformer.transformer_blocks.0.attn.to_out.0.lora_B.bias"] = bias
+    path = tmp_path / "bias.safetensors"
+    config = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.lora_bias": True}  # scale 2
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(config)})
+    expected = [Expected(e.key, e.rows, 2 * e.delta) for e in expected]
+    expected += [Expected(SB + "linear1.bias", Q, 2 * part_bias), Expected(DB + "img_attn.proj.bias", None, 2 * bias)]
+    _assert_merge(ckpts["flux"], path, expected, tmp_path / "merged.safetensors")
+    out = tmp_path / "kohya.safetensors"
+    assert convert_file(path, out, ConvertOptions(target="kohya")).error is None
+    _assert_merge(ckpts["flux"], out, expected, tmp_path / "merged2.safetensors")

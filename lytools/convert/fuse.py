@@ -43,8 +43,11 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
 
+BIAS = "diff_b"  # a LoRA module's bias difference (lytools.algos.lora)
+
+
 def _is_plain_lora(tensors: Tensors) -> bool:
-    return DOWN in tensors and UP in tensors and set(tensors) <= LORA_KEYS
+    return DOWN in tensors and UP in tensors and set(tensors) <= LORA_KEYS | {BIAS}
 
 
 # -- split parts -> one fused module ---------------------------------------------------------------
@@ -109,6 +112,14 @@ def fuse_parts(name: str, parts: Sequence[tuple[Rows, Tensors]], total_rows: int
                     "which cannot be fused into one module"
                 )
         result[DORA] = torch.cat([d.reshape(d.shape[0], *d.shape[1:]) for d in doras], dim=0)
+    biases = [t.get(BIAS) for _, t in ordered]
+    present = [b for b in biases if b is not None]
+    if present:  # bias differences of the parts: their rows of the fused layer's bias, zero elsewhere
+        bias = torch.zeros(total_rows, dtype=present[0].dtype)
+        for ((start, stop), _), part_bias in zip(ordered, biases):
+            if part_bias is not None:
+                bias[start:stop] = part_bias
+        result[BIAS] = bias
     return result
 
 

@@ -195,6 +195,22 @@ def _magnitude_to_dora(name: str, tensors: dict[str, torch.Tensor]) -> None:
     tensors[DORA] = magnitude.reshape((out,) + tail).clone()
 
 
+_LORA_BIAS, _DIFF_B = "lora_up.bias", "diff_b"
+
+
+def _lora_bias_to_diff(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """peft's `lora_B.bias` (LoraConfig lora_bias=True) adds scale · b to the layer's bias (peft merges it
+    so): kept as the LoRA module's bias difference `diff_b` with the scale applied."""
+    if _DIFF_B in tensors:
+        raise NetworkError(f"module {name} holds both lora_B.bias and diff_b")
+    bias = tensors.pop(_LORA_BIAS)
+    down = tensors.get(DOWN)
+    scale = 1.0
+    if down is not None and ALPHA in tensors and down.shape[0]:
+        scale = float(tensors[ALPHA].float()) / down.shape[0]
+    tensors[_DIFF_B] = bias if scale == 1.0 else (bias.float() * scale).to(bias.dtype)
+
+
 WHOLE_READ_LIMIT = 4 << 30  # networks up to this size are read with one read() call
 
 
@@ -327,6 +343,8 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
                         scale = config_scale(cfg, module_path, rank)
                         like = tensors.get(DOWN, next(iter(tensors.values())))
                         tensors[ALPHA] = alpha_tensor(scale * rank, like)
+            if _LORA_BIAS in tensors:
+                _lora_bias_to_diff(stored, tensors)
             canonical = _pick(arch, stored, tensors, network.scale)
             if canonical is None:
                 if layout not in ("kohya", "lycoris"):
