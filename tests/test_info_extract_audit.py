@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import struct
-from pathlib import Path
 
 import pytest
 import torch
