@@ -206,7 +206,10 @@ def _flux_comfy():
     # LoraSave with bias_diff: the bias difference next to the factors, and a norm's weight/bias as diff/diff_b
     generator = torch.Generator().manual_seed(2)
     bias, norm_w, norm_b = _rand(generator, H), _rand(generator, 48), _rand(generator, 48)
+    final_bias = _rand(generator, 2 * H)
     tensors["diffusion_model.double_blocks.0.img_attn.proj.diff_b"] = bias
+    tensors["diffusion_model.final_layer.adaLN_modulation.1.diff_b"] = final_bias
+    expected.append(Expected("model.diffusion_model.final_layer.adaLN_modulation.1.bias", None, final_bias))
     tensors["text_encoders.clip_l.transformer.text_model.encoder.layers.0.layer_norm1.diff"] = norm_w
     tensors["text_encoders.clip_l.transformer.text_model.encoder.layers.0.layer_norm1.diff_b"] = norm_b
     expected += [Expected(DB + "img_attn.proj.bias", None, bias), Expected(CLIP + "layer_norm1.weight", None, norm_w),
@@ -530,3 +533,32 @@ def test_peft_lora_bias_is_a_scaled_bias_difference(ckpts, tmp_path):
     out = tmp_path / "kohya.safetensors"
     assert convert_file(path, out, ConvertOptions(target="kohya")).error is None
     _assert_merge(ckpts["flux"], out, expected, tmp_path / "merged2.safetensors")
+
+
+def test_networks_of_several_tools_merge_into_one_exactly(ckpts, tmp_path):
+    """Merge of networks (exact concatenation) across layouts, with ratios: bias differences add up and a
+    module copied at a ratio scales its diff_b too; merged into the checkpoint it equals Σ ratio · ΔW."""
+    ratios = {"onetrainer-omi": 1.0, "xlabs": 0.5, "ai-toolkit": -1.0, "comfy-lorasave": 0.7, "sd-scripts-split-qkv": 2.0}
+    paths, expected = [], []
+    for tool, ratio in ratios.items():
+        tensors, changes = FLUX_FORMATS[tool]()
+        if tool == "comfy-lorasave":  # the CLIP norm has no kohya name (see above)
+            tensors = {k: v for k, v in tensors.items() if "layer_norm1" not in k}
+            changes = [c for c in changes if "layer_norm1" not in c.key]
+        paths.append(_write(tmp_path, tool, tensors))
+        expected += [Expected(c.key, c.rows, ratio * c.delta) for c in changes]
+    merged = tmp_path / "network.safetensors"
+    run_merge(paths, merged, ratios=list(ratios.values()), device="cpu")
+    _assert_merge(ckpts["flux"], merged, expected, tmp_path / "checkpoint.safetensors")
+
+
+def test_copied_module_takes_its_ratio_on_the_bias_difference_too(ckpts, tmp_path):
+    """ComfyUI's img_attn.proj (LoRA + diff_b) is in one input only: copied with the ratio folded in."""
+    comfy, comfy_changes = _flux_comfy()
+    comfy = {k: v for k, v in comfy.items() if "layer_norm1" not in k}
+    comfy_changes = [c for c in comfy_changes if "layer_norm1" not in c.key]
+    kohya, kohya_changes = _flux_kohya()
+    paths = [_write(tmp_path, "comfy", comfy), _write(tmp_path, "kohya", kohya)]
+    run_merge(paths, tmp_path / "network.safetensors", ratios=[0.7, 1.0], device="cpu")
+    expected = [Expected(c.key, c.rows, 0.7 * c.delta) for c in comfy_changes] + kohya_changes
+    _assert_merge(ckpts["flux"], tmp_path / "network.safetensors", expected, tmp_path / "checkpoint.safetensors")

@@ -38,6 +38,7 @@ from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
 
 UP, DOWN, MID = LORA_UP, LORA_DOWN, LORA_MID
+BIAS = "diff_b"  # a LoRA module's bias difference (lytools.algos.lora)
 
 # additive algorithms whose change is linear in one tensor: ratio folds into that tensor
 FOLD_INTO = {
@@ -177,7 +178,7 @@ def _contributions(networks: Sequence[NetworkInput], ratios: Ratios) -> dict[str
 
 
 def _concatenable(info: ModuleInfo) -> bool:
-    return info.algo == "lora" and info.dora is None and not info.sparse_bias and not info.bias_delta
+    return info.algo == "lora" and info.dora is None and not info.sparse_bias
 
 
 def _method(name: str, parts: list[Contribution], rank: int | None, files: Sequence[str]) -> str:
@@ -268,6 +269,9 @@ def _concat(parts: list[Contribution], dtype: torch.dtype) -> dict[str, torch.Te
             position += size
         result[MID] = mid
         result[UP] = up.reshape(up.shape[0], rank, *([1] * len(kernel)))
+    biases = [part.ratio * part.module[BIAS].float() for part in parts if BIAS in part.module.tensors]
+    if biases:  # bias differences (ComfyUI diff_b, peft lora_B.bias) add up exactly
+        result[BIAS] = torch.stack(biases).sum(dim=0)
     result[ALPHA] = torch.tensor(float(rank))
     # alpha = rank must stay exact (fp16 holds integers only up to 2048): stored as float32
     return {suffix: tensor if suffix == ALPHA else tensor.to(dtype) for suffix, tensor in result.items()}
@@ -282,6 +286,8 @@ def _copy(part: Contribution) -> dict[str, torch.Tensor]:
             c, d = power_split(part.ratio)
             tensors[UP] = tensors[UP].float() * c
             tensors[DOWN] = tensors[DOWN].float() * d
+            if BIAS in tensors:
+                tensors[BIAS] = tensors[BIAS].float() * part.ratio
         else:
             for suffix in FOLD_INTO[part.info.algo]:
                 if suffix in tensors:
