@@ -259,9 +259,7 @@ FLUX_FORMATS = {
 def test_flux_network_of_other_tools_merges_exactly(tool, ckpts, tmp_path):
     tensors, expected = FLUX_FORMATS[tool]()
     path = _write(tmp_path, tool, tensors)
-    # a CLIP layer norm (ComfyUI's diff/diff_b) is in no LoRA name table
-    norm = ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.layer_norm1",) if tool == "comfy-lorasave" else ()
-    _assert_all_mapped(path, "flux", norm)
+    _assert_all_mapped(path, "flux")
     _assert_merge(ckpts["flux"], path, expected, tmp_path / "merged.safetensors")
 
 
@@ -269,10 +267,6 @@ def test_flux_network_of_other_tools_merges_exactly(tool, ckpts, tmp_path):
                                          ("xlabs", "kohya"), ("xlabs", "diffusers"), ("comfy-lorasave", "kohya")])
 def test_flux_conversion_keeps_the_change(tool, target, ckpts, tmp_path):
     tensors, expected = FLUX_FORMATS[tool]()
-    norm = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.layer_norm1"
-    if tool == "comfy-lorasave":  # a CLIP norm has no kohya name (test_comfy_text_encoder_norm_...)
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(norm)}
-        expected = [e for e in expected if "layer_norm1" not in e.key]
     source = _write(tmp_path, tool, tensors)
     out = tmp_path / f"{tool}-{target}.safetensors"
     result = convert_file(source, out, ConvertOptions(target=target))
@@ -289,12 +283,28 @@ def test_comfy_bias_difference_has_no_diffusers_spelling(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_comfy_text_encoder_norm_has_no_kohya_name(tmp_path):
-    tensors, _ = _flux_comfy()
-    source = _write(tmp_path, "comfy", tensors)
-    with pytest.raises(LytoolsError, match="no kohya name for flux: .*layers.0.layer_norm1"):
-        convert_file(source, tmp_path / "out.safetensors", ConvertOptions(target="kohya"))
-    assert not (tmp_path / "out.safetensors").exists()
+def test_comfy_modules_outside_the_tables_get_generic_kohya_names(ckpts, tmp_path):
+    """ComfyUI's LoraSave writes every layer: norms as diff/diff_b (SD1 UNet group norm in LDM names, SDXL
+    OpenCLIP-bigG norm in HF names). They read as `<kohya prefix><path>`, convert to kohya and merge."""
+    generator = torch.Generator().manual_seed(6)
+    group_norm, big_g_norm = _rand(generator, 20), _rand(generator, 40)
+    cases = {
+        "sd1": ({"diffusion_model.input_blocks.1.0.in_layers.0.diff": group_norm},
+                [Expected("model.diffusion_model.input_blocks.1.0.in_layers.0.weight", None, group_norm)],
+                "lora_unet_input_blocks_1_0_in_layers_0", _sd1_old_diffusers),
+        "sdxl": ({"text_encoders.clip_g.transformer.text_model.encoder.layers.0.layer_norm1.diff": big_g_norm},
+                 [Expected("conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight", None, big_g_norm)],
+                 "lora_te2_text_model_encoder_layers_0_layer_norm1", _sdxl_diffusers),
+    }
+    for arch, (tensors, expected, name, more) in cases.items():
+        extra, extra_expected = more()
+        source = _write(tmp_path, f"comfy-{arch}", {**tensors, **extra})
+        _assert_all_mapped(source, arch)
+        assert name in load_network(source).modules
+        out = tmp_path / f"comfy-{arch}-kohya.safetensors"
+        assert convert_file(source, out, ConvertOptions(target="kohya")).error is None
+        assert f"{name}.diff" in read_tensors(out)
+        _assert_merge(ckpts[arch], out, expected + extra_expected, tmp_path / f"merged-{arch}.safetensors")
 
 
 def test_comfy_bias_only_module_is_a_clear_error(capsys, ckpts, tmp_path):
@@ -542,9 +552,6 @@ def test_networks_of_several_tools_merge_into_one_exactly(ckpts, tmp_path):
     paths, expected = [], []
     for tool, ratio in ratios.items():
         tensors, changes = FLUX_FORMATS[tool]()
-        if tool == "comfy-lorasave":  # the CLIP norm has no kohya name (see above)
-            tensors = {k: v for k, v in tensors.items() if "layer_norm1" not in k}
-            changes = [c for c in changes if "layer_norm1" not in c.key]
         paths.append(_write(tmp_path, tool, tensors))
         expected += [Expected(c.key, c.rows, ratio * c.delta) for c in changes]
     merged = tmp_path / "network.safetensors"
@@ -553,10 +560,9 @@ def test_networks_of_several_tools_merge_into_one_exactly(ckpts, tmp_path):
 
 
 def test_copied_module_takes_its_ratio_on_the_bias_difference_too(ckpts, tmp_path):
-    """ComfyUI's img_attn.proj (LoRA + diff_b) is in one input only: copied with the ratio folded in."""
+    """ComfyUI's img_attn.proj (LoRA + diff_b) and CLIP norm (diff/diff_b) are in one input only: copied
+    with the ratio folded in."""
     comfy, comfy_changes = _flux_comfy()
-    comfy = {k: v for k, v in comfy.items() if "layer_norm1" not in k}
-    comfy_changes = [c for c in comfy_changes if "layer_norm1" not in c.key]
     kohya, kohya_changes = _flux_kohya()
     paths = [_write(tmp_path, "comfy", comfy), _write(tmp_path, "kohya", kohya)]
     run_merge(paths, tmp_path / "network.safetensors", ratios=[0.7, 1.0], device="cpu")

@@ -347,9 +347,11 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
                 _lora_bias_to_diff(stored, tensors)
             canonical = _pick(arch, stored, tensors, network.scale)
             if canonical is None:
-                if layout not in ("kohya", "lycoris"):
-                    network.unmapped.append(stored)
-                module = stored
+                module = names.comfy_generic(arch, stored) if layout == "comfy" else None
+                if module is None:
+                    if layout not in ("kohya", "lycoris"):
+                        network.unmapped.append(stored)
+                    module = stored
                 if module in wholes:
                     raise NetworkError(f"module {module} is stored twice")
                 wholes[module] = (stored, tensors)

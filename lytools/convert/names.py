@@ -99,6 +99,19 @@ def candidates(arch: str, stored: str) -> list[Canonical]:
     return found
 
 
+def comfy_generic(arch: str, stored: str) -> str | None:
+    """Return the generic kohya name of a ComfyUI-native module no table knows (ComfyUI's LoraSave
+    writes every layer: CLIP layer norms and embeddings, UNet group norms): `<kohya prefix><path
+    with . -> _>` on the path after the component's ComfyUI prefix, which lytools.arch's resolver
+    places on the checkpoint key of that path. None for other spellings and unknown archs."""
+    if arch not in NETWORK_ARCHS:
+        return None
+    for encoder in sorted(ENCODERS[arch], key=lambda e: len(e.comfy), reverse=True):
+        if stored.startswith(encoder.comfy) and len(stored) > len(encoder.comfy):
+            return encoder.kohya_prefix + stored[len(encoder.comfy):].replace(".", "_")
+    return None
+
+
 @dataclass(frozen=True)
 class DiffusersPart:
     """One diffusers/peft module written for a canonical module."""
