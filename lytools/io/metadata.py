@@ -32,7 +32,7 @@ IMPLEMENTATIONS = {
     "sd3": "https://github.com/Stability-AI/generative-models",
     "flux": "https://github.com/black-forest-labs/flux",
 }
-RESOLUTIONS = {"sd1": "512x512", "sd2": "768x768", "sdxl": "1024x1024", "sd3": "1024x1024", "flux": "1024x1024"}
+RESOLUTIONS = {"sd1": "512x512", "sd2": "512x512", "sdxl": "1024x1024", "sd3": "1024x1024", "flux": "1024x1024"}  # sd2: with stable-diffusion-v2-512 (768-v is labelled where known: extract)
 
 
 _invocation: list[str] | None = None
