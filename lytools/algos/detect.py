@@ -58,6 +58,10 @@ def describe_shapes(name: str, shapes: Shapes, scalars: Scalars | None = None) -
     scalars = dict(scalars or {})
     if not set(shapes) - SHARED_SUFFIXES:
         raise fail(name, f"holds only {', '.join(sorted(shapes)) or 'no keys'}, no weight tensors")
+    empty = next((suffix for suffix, shape in sorted(shapes.items()) if shape and 0 in shape), None)
+    if empty is not None:  # a rank-0 module: its scale alpha / rank would divide by zero
+        raise fail(name, f"{empty} is empty (shape {shapes[empty]}): a rank-0 module holds no weight change; "
+                         "remove it from the file")
     for algo in ALGORITHMS:
         if algo.detect(shapes):
             info = algo.describe(name, shapes, scalars)

@@ -189,11 +189,6 @@ def describe_all(path: Path, network: Network) -> dict[str, ModuleInfo]:
     """Return every module's description; the first malformed module fails the run, naming the file."""
     infos = {}
     for name, module in network.modules.items():
-        empty = next((suffix for suffix, tensor in module.tensors.items() if tensor.dim() > 0 and tensor.numel() == 0), None)
-        if empty is not None:  # a rank-0 module: lytools.algos would divide alpha by rank 0
-            shape = tuple(module.tensors[empty].shape)
-            raise NetworkError(f"{path}: module {name}: {empty} is empty (shape {shape}): a rank-0 module holds no "
-                               "weight change; remove it from the file")
         try:
             describe_shapes(name, module.shapes())  # shapes first: a clear message before any value is read
             infos[name] = describe_module(module)
