@@ -4,7 +4,6 @@ line (it used to be an internal ZeroDivisionError from alpha / rank), and info l
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from lytools.algos import describe_shapes

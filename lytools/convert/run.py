@@ -11,6 +11,7 @@ beside it (`adapter_config.json` when OUT is named adapter_model.safetensors, el
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -438,8 +439,8 @@ def run_batch(pairs: Sequence[tuple[Path, Path]], options: ConvertOptions, *, jo
         from lytools.convert.names import warm_tables
 
         warm_tables()  # build the name tables once here: the forked workers inherit them
-        if options.target == "diffusers":
-            import lytools.convert.fast  # noqa: F401  (and numpy: imported once, not once per worker)
+        if options.target == "diffusers":  # the fast path and numpy: imported once here, not once per worker
+            importlib.import_module("lytools.convert.fast")
         workers = min(jobs, len(pairs))
         read_ahead(2 * workers)
         context = multiprocessing.get_context("fork")
