@@ -55,25 +55,27 @@ class NetworkInput:
     metadata: dict[str, str]
     stray: list[str] = field(default_factory=list)
     autov3: str | None = None
+    arch: str = "unknown"  # as lytools.convert.load_network detected it (unknown: a tie or no fit)
 
     @property
     def name(self) -> str:
         return self.path.name
 
 
-def _load_modules(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str], list[str]]:
-    """Return (modules, metadata, stray keys) through lytools.convert's reader (any key style)."""
+def _load_modules(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str], list[str], str]:
+    """Return (modules, metadata, stray keys, arch) through lytools.convert's reader (any key style)."""
     from lytools.convert import load_network  # the one reader of every network key style
 
     network = load_network(path)
-    return dict(network.modules), dict(network.metadata), list(getattr(network, "stray", []))
+    arch = str(getattr(network, "arch", None) or "unknown")
+    return dict(network.modules), dict(network.metadata), list(getattr(network, "stray", [])), arch
 
 
 def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> NetworkInput:
     """Return a network input with every module detected; errors name the file."""
     path = Path(path)
     try:
-        modules, metadata, stray = _load_modules(path)
+        modules, metadata, stray, arch = _load_modules(path)
         infos = {name: describe_module(module) for name, module in modules.items()}
         check_finite(modules)
     except NetworkError as exc:
@@ -81,7 +83,7 @@ def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> Ne
     if not modules:
         raise LytoolsError(f"{path}: no network modules found (is it a checkpoint? checkpoints go first)")
     autov3 = file_hashes(path).data_sha256 if hash_file and path.suffix == ".safetensors" else None
-    return NetworkInput(path, modules, infos, metadata, stray, autov3)
+    return NetworkInput(path, modules, infos, metadata, stray, autov3, arch)
 
 
 def detach(modules: dict[str, NetworkModule]) -> dict[str, NetworkModule]:
