@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -34,6 +35,14 @@ def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+    from lytools.io.safetensors import foreign_format
+
+    foreign = foreign_format(prefix)
+    if foreign:
+        raise FileFormatError(f"{path}: {foreign}, not a pickled checkpoint: lytools reads .safetensors files, their "
+                              "*.safetensors.index.json, diffusers folders and weights-only .ckpt/.pt/.pth/.bin")
     mmap_ok = zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():
@@ -51,7 +60,8 @@ def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         detail = re.search(r"(Unsupported operand [^\n]*)", text)
         reason = f"a pickle the weights-only loader cannot read: {detail.group(1)}" if detail else "corrupt pickle"
         raise FileFormatError(f"{path}: not a readable checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError, TypeError,
+            struct.error) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileFormatError(f"{path}: not a readable checkpoint ({message[:200]})") from None
     return _unwrap(path, loaded)

@@ -102,6 +102,27 @@ def _human(size: int) -> str:
     return f"{size} B"
 
 
+# First bytes of model formats lytools does not read (none can start a safetensors file: read as a
+# header length they all exceed MAX_HEADER_LEN).
+_FOREIGN_MAGIC = (
+    (b"GGUF", "a GGUF file (llama.cpp / ComfyUI-GGUF quantized model)"),
+    (b"GGML", "a GGML file (old llama.cpp model)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras/TensorFlow weights)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"Rar!", "a RAR archive"),
+)
+
+
+def foreign_format(prefix: bytes) -> str | None:
+    """Name the known non-safetensors format whose magic starts `prefix`, else None."""
+    for magic, name in _FOREIGN_MAGIC:
+        if prefix.startswith(magic):
+            return name
+    return None
+
+
 def read_header(path: str | os.PathLike) -> Header:
     """Return the validated header of a safetensors file; raise FileFormatError naming the problem."""
     path = Path(path)
@@ -113,6 +134,10 @@ def read_header(path: str | os.PathLike) -> Header:
                 raise _fail(path, f"not a safetensors file: {file_size} bytes is shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_LEN:
+                foreign = foreign_format(prefix)
+                if foreign:
+                    raise _fail(path, f"{foreign}, not safetensors: lytools reads .safetensors files, their "
+                                      "*.safetensors.index.json, diffusers folders and weights-only .ckpt/.pt/.pth/.bin")
                 if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
                     raise _fail(path, "not a safetensors file (it looks like a pickled checkpoint; use a .ckpt/.pt name)")
                 raise _fail(path, f"not a safetensors file: header length {header_len} exceeds the 100 MB limit")
