@@ -188,3 +188,14 @@ def test_checkpoint_merge_with_text_encoders_and_rules_equals_reference(tmp_path
         total += got.numel()
     if dtype != torch.float32:  # in float32 itself any other order of the sums moves many last bits
         assert off <= max(10, total // 1000)
+
+
+def test_network_for_another_architecture_into_a_checkpoint_names_both(sd1_nets, tmp_path):
+    folder, a, _ = sd1_nets
+    sdxl = build_checkpoint(tmp_path / "xl.safetensors", "sdxl", factor=FACTOR, components=["unet"])
+    out = tmp_path / "out.safetensors"
+    for extra in ((), ("--allow-unmatched",)):
+        result = cli(sdxl, a, "-o", out, *extra, cwd=tmp_path)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "a.safetensors is a sd1 network, xl.safetensors a sdxl checkpoint" in result.stderr
+        assert not out.exists()

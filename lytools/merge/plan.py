@@ -184,6 +184,20 @@ class _Union:
             self.parent[root] = roots[0]
 
 
+_ARCH_FAMILY = {"chroma": "flux"}
+
+
+def _arch_hint(networks: list[NetworkInput], checkpoint_arch: str, base: Path) -> str:
+    """Return "<net> is a <arch> network, <base> a <arch> checkpoint: " when a known pair differs, else ""."""
+    if checkpoint_arch == "unknown":
+        return ""
+    for network in networks:
+        arch = getattr(network, "arch", "unknown")
+        if arch != "unknown" and _ARCH_FAMILY.get(arch, arch) != _ARCH_FAMILY.get(checkpoint_arch, checkpoint_arch):
+            return f"{network.name} is a {arch} network, {base.name} a {checkpoint_arch} checkpoint: "
+    return ""
+
+
 def plan_checkpoint_merge(
     base: Path,
     infos: dict[str, TensorInfo],
@@ -242,14 +256,16 @@ def plan_checkpoint_merge(
             summary.matched += 1
             touches.append(Touch(index, name, ratios.of(index, name), resolved.placements, tuple(bias_keys), pad))
         summaries.append(summary)
+    hint = _arch_hint(networks, resolver.checkpoint.arch, base)
     if misfits:
-        raise MatchError(f"{base}: {len(misfits)} module(s) do not fit the checkpoint: " + "; ".join(misfits[:5])
+        raise MatchError(f"{base}: {hint}{len(misfits)} module(s) do not fit the checkpoint: " + "; ".join(misfits[:5])
                          + (" ..." if len(misfits) > 5 else ""))
     unmatched = [(s.path, name) for s in summaries for name in s.unmatched]
     if unmatched and not allow_unmatched:
         names = ", ".join(name for _, name in unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
         raise MatchError(
-            f"{Path(unmatched[0][0]).name}: {len(unmatched)} module(s) match no tensor of {base.name}: {names}"
+            f"{base if hint else Path(unmatched[0][0]).name}: {hint}{len(unmatched)} module(s) match no tensor of "
+            f"{base.name}: {names}"
             " (--allow-unmatched merges the rest)"
         )
     union = _Union()
