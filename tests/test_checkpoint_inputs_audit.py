@@ -136,3 +136,88 @@ def test_merge_into_comfyui_save_changes_only_expected(tmp_path, capsys, sd1):
     for key in base:
         assert merged[key].dtype == base[key].dtype
         torch.testing.assert_close(merged[key].float(), reference[key].float(), atol=2e-3, rtol=1e-2)
+
+
+# diffusers folders holding only a `variant` (what `--include "*.fp16.safetensors"` downloads leave)
+
+PIPELINE_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                  "safety_checker": [None, None], "feature_extractor": [None, None],
+                  "tokenizer": ["transformers", "CLIPTokenizer"]}
+
+
+@pytest.fixture(scope="module")
+def diffusers_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variant")
+    unet = build_checkpoint(root / "u.safetensors", "sd1", factor=16, layout="diffusers", dtype=torch.float16)
+    net = build_network(root / "n.safetensors", "sd1", factor=16, rank=4, components=["unet"])
+    tuned = build_tuned(unet, root / "t.safetensors", net)
+    return root, unet, net, tuned
+
+
+def _pipeline(folder, files: dict, index=None):
+    (folder / "unet").mkdir(parents=True)
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text("{}")
+    (folder / "model_index.json").write_text(json.dumps(index or PIPELINE_INDEX))
+    (folder / "unet" / "config.json").write_text("{}")
+    for name, tensors in files.items():
+        save_file(tensors, folder / "unet" / name)
+    return folder
+
+
+def test_variant_only_folder_reads_pairs_and_merges(tmp_path, capsys, diffusers_pair):
+    root, unet, net, tuned = diffusers_pair
+    base = _pipeline(tmp_path / "base", {"diffusion_pytorch_model.fp16.safetensors": load_file(unet)})
+    other = _pipeline(tmp_path / "tuned", {"diffusion_pytorch_model.safetensors": load_file(tuned.path)})
+    info = _info(capsys, base)
+    assert (info["architecture"], info["layout"]) == ("sd1", "diffusers")
+    extracted = tmp_path / "x.safetensors"
+    code, _, err = run_lytools(capsys, "extract", base, other, extracted)
+    assert code == 0, err
+    modules = {key.split(".", 1)[0] for key in load_file(extracted)}
+    assert len(modules) == len(tuned.changed)  # every changed layer paired and extracted, nothing else
+    merged = tmp_path / "merged"
+    code, _, err = run_lytools(capsys, "merge", "-o", merged, base, net)
+    assert code == 0, err
+    assert sorted(p.name for p in (merged / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    out, reference, stored = (load_file(merged / "unet" / "diffusion_pytorch_model.safetensors"),
+                              load_file(tuned.path), load_file(unet))
+    assert out.keys() == stored.keys()
+    assert {k for k in out if not torch.equal(out[k], stored[k])} == set(tuned.changed)
+    for key in out:
+        assert out[key].dtype == torch.float16
+        torch.testing.assert_close(out[key].float(), reference[key].float(), atol=2e-3, rtol=1e-2)
+
+
+def test_sharded_variant_index_is_read_whole(tmp_path, capsys, diffusers_pair):
+    _, unet, _, _ = diffusers_pair
+    tensors = load_file(unet)
+    names = sorted(tensors)
+    halves = {"diffusion_pytorch_model.fp16-00001-of-00002.safetensors": names[: len(names) // 2],
+              "diffusion_pytorch_model.fp16-00002-of-00002.safetensors": names[len(names) // 2:]}
+    folder = _pipeline(tmp_path / "p", {shard: {k: tensors[k] for k in keys} for shard, keys in halves.items()})
+    weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    info = _info(capsys, folder)
+    assert (info["architecture"], info["tensor_count"]) == ("sd1", len(names))
+    shard = folder / "unet" / next(iter(halves))
+    code, _, err = run_lytools(capsys, "extract", shard, folder, tmp_path / "x.safetensors")
+    assert code == 1 and "shards" in err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_two_variants_or_null_components(tmp_path, capsys, diffusers_pair):
+    _, unet, _, _ = diffusers_pair
+    tensors = load_file(unet)
+    both = _pipeline(tmp_path / "both", {"diffusion_pytorch_model.fp16.safetensors": tensors,
+                                         "diffusion_pytorch_model.bf16.safetensors": tensors})
+    code, _, err = run_lytools(capsys, "info", both)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "bf16, fp16" in err
+    # a component set to null is not loaded by the pipeline: a leftover folder of it is not read either
+    index = dict(PIPELINE_INDEX, text_encoder=[None, None])
+    nulled = _pipeline(tmp_path / "nulled", {"diffusion_pytorch_model.safetensors": tensors}, index=index)
+    (nulled / "text_encoder").mkdir()
+    (nulled / "text_encoder" / "config.json").write_text("{}")
+    save_file({"text_model.final_layer_norm.weight": torch.ones(48)}, nulled / "text_encoder" / "model.safetensors")
+    info = _info(capsys, nulled)
+    assert info["tensor_count"] == len(tensors) and set(info["checkpoint"]["components"]) == {"unet"}

@@ -344,7 +344,9 @@ def _variant_only_folder(path):
     (path / "unet").mkdir(parents=True)
     (path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
     (path / "unet" / "config.json").write_text("{}")
-    write_safetensors(path / "unet" / "diffusion_pytorch_model.fp16.safetensors", {"conv_in.weight": torch.zeros(2, 2)})
+    # one variant alone is read (tests/test_checkpoint_inputs_audit.py); two are ambiguous
+    for variant in ("fp16", "bf16"):
+        write_safetensors(path / "unet" / f"diffusion_pytorch_model.{variant}.safetensors", {"conv_in.weight": torch.zeros(2, 2)})
 
 
 BAD = [name for name, _, _ in _bad_inputs(__import__("pathlib").Path("."))]

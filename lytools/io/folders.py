@@ -52,7 +52,27 @@ def weights_file(folder: Path) -> Path | None:
     for name in PICKLED_WEIGHTS:
         if (folder / name).is_file():
             return folder / name
-    return None
+    return variant_weights(folder)
+
+
+_VARIANT_FILE = re.compile(r"^(?:%s)\.([A-Za-z0-9_]+)\.safetensors$" % "|".join(WEIGHT_STEMS))
+_VARIANT_INDEX = re.compile(r"^(?:%s)\.safetensors\.index\.([A-Za-z0-9_]+)\.json$" % "|".join(WEIGHT_STEMS))
+
+
+def variant_weights(folder: Path) -> Path | None:
+    """Return the weights of a folder holding only a diffusers `variant` (`diffusion_pytorch_model.fp16.safetensors`,
+    `model.fp16.safetensors`, or a variant index `diffusion_pytorch_model.safetensors.index.fp16.json`), None when
+    it holds none; more than one variant is ambiguous (FileFormatError naming them)."""
+    found: dict[str, Path] = {}
+    for file in sorted(folder.iterdir()) if folder.is_dir() else ():
+        single, index = _VARIANT_FILE.match(file.name), _VARIANT_INDEX.match(file.name)
+        match = single or index
+        if match and file.is_file() and (single or match.group(1) not in found):
+            found[match.group(1)] = file  # a single file wins over an index of the same variant
+    if len(found) > 1:
+        raise FileFormatError(f"{folder}: weights in {len(found)} variants ({', '.join(sorted(found))}) and none "
+                              "under the default name; name the file to read")
+    return next(iter(found.values()), None)
 
 
 def open_folder(path: Path):
@@ -85,7 +105,9 @@ def lone_shard(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if not path.is_file() or not _SHARD_NAME.search(path.name):
         return None
-    for index in sorted(path.parent.glob("*.safetensors.index.json")):
+    indexes = [p for p in sorted(path.parent.glob("*.safetensors.index*.json"))
+               if p.name.endswith(".safetensors.index.json") or _VARIANT_INDEX.match(p.name)]
+    for index in indexes:
         try:
             weight_map = json.loads(index.read_text()).get("weight_map") or {}
             shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
@@ -98,9 +120,17 @@ def lone_shard(path: str | os.PathLike) -> str | None:
 
 
 def _open_weights(path: Path):
-    from lytools.io import open_file
+    from lytools.io import ShardedFile, open_file
 
+    if _VARIANT_INDEX.match(path.name):  # `*.safetensors.index.fp16.json`: not a `.index.json` name
+        return ShardedFile(path)
     return open_file(path)
+
+
+def _disabled(entry: object) -> bool:
+    """True for a model_index.json component set to null (`[null, null]` or `null`): the pipeline
+    does not load it, so neither does lytools (its folder may be a leftover)."""
+    return entry is None or (isinstance(entry, list) and all(part is None for part in entry))
 
 
 class DiffusersFolder(MultiFileReader):
@@ -119,14 +149,14 @@ class DiffusersFolder(MultiFileReader):
         self.weights: dict[str, Path] = {}
         try:
             for name in index:
-                if name.startswith("_") or not (self.path / name).is_dir():
+                if name.startswith("_") or not (self.path / name).is_dir() or _disabled(index[name]):
                     continue
                 folder = self.path / name
                 weights = weights_file(folder)
                 if weights is None:
                     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors*")):
-                        raise FileFormatError(f"{folder}: no diffusion_pytorch_model.safetensors or model.safetensors "
-                                              "(variant files such as *.fp16.safetensors: name the file to read)")
+                        raise FileFormatError(f"{folder}: no diffusion_pytorch_model or model .safetensors (nor a "
+                                              "variant of them); name the weights file to read")
                     if (folder / "config.json").is_file() and any(folder.glob("*.bin")):
                         raise FileFormatError(f"{folder}: weights under a name lytools does not know")
                     continue  # tokenizer, scheduler, feature extractor: no weights
@@ -281,7 +311,8 @@ def _copy_tree_without_weights(source: DiffusersFolder, temp: Path) -> None:
         for name in files:
             file = Path(folder) / name
             # other weights (fp16 variants, flax, single-file copies) would be stale: not copied
-            if name.startswith(".") or file.resolve() in skip or name.lower().endswith(WEIGHT_SUFFIXES):
+            if (name.startswith(".") or file.resolve() in skip or name.lower().endswith(WEIGHT_SUFFIXES)
+                    or _VARIANT_INDEX.match(name)):
                 continue
             shutil.copy2(file, temp / rel / name)
 
