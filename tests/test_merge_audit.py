@@ -199,3 +199,28 @@ def test_network_for_another_architecture_into_a_checkpoint_names_both(sd1_nets,
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "a.safetensors is a sd1 network, xl.safetensors a sdxl checkpoint" in result.stderr
         assert not out.exists()
+
+
+def test_network_merge_metadata_like_sd_scripts(sd1_nets, tmp_path):
+    """FORMATS 5.3: the first input's metadata, fresh sshs_*, a modelspec with merged_from (complete and dated now
+    even when the first input had none), no stale hashes, no trailing separator in the comment."""
+    from lytools.io import file_hashes
+
+    folder, a, b = sd1_nets
+    out = tmp_path / "merged.safetensors"
+    run_merge([a, b], out)
+    meta = read_header(out).metadata
+    assert meta["modelspec.merged_from"] == "a.safetensors, b.safetensors"
+    assert meta["modelspec.sai_model_spec"] and meta["modelspec.title"] == "merged"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_training_comment"] == "merged from a.safetensors x 1, b.safetensors x 1 (concatenated exactly)"
+    assert meta["sshs_model_hash"] == file_hashes(out).data_sha256
+    stale = tmp_path / "stale.safetensors"
+    build_network(stale, "sd1", factor=FACTOR, seed=1, metadata={
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.title": "mine", "modelspec.date": "2023-01-01T00:00:00",
+        "modelspec.hash_sha256": "0xstale", "sshs_model_hash": "stale", "ss_training_comment": "trained"})
+    run_merge([stale, b], out, overwrite=True)
+    meta = read_header(out).metadata
+    assert meta["modelspec.title"] == "mine" and meta["modelspec.date"] != "2023-01-01T00:00:00"
+    assert "modelspec.hash_sha256" not in meta and meta["sshs_model_hash"] == file_hashes(out).data_sha256
+    assert meta["ss_training_comment"].endswith("(concatenated exactly); trained")

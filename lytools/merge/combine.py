@@ -32,7 +32,7 @@ from lytools.errors import NetworkError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.dtypes import saturating_cast
-from lytools.io.metadata import add_provenance, carried, source_entry
+from lytools.io.metadata import add_provenance, carried, network_modelspec, source_entry
 from lytools.merge.inputs import NetworkInput, load_network_input
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
@@ -354,10 +354,22 @@ def _svd(parts: list[Contribution], rank: int, device: torch.device, dtype: torc
 
 # -- metadata ---------------------------------------------------------------------------------------------
 def merged_network_metadata(
-    networks: Sequence[NetworkInput], ratios: Ratios, results: Sequence[ModuleResult], rank: int | None
+    networks: Sequence[NetworkInput], ratios: Ratios, results: Sequence[ModuleResult], rank: int | None,
+    title: str | None = None,
 ) -> dict[str, str]:
-    """Return the first input's metadata updated like sd-scripts' merge, plus lytools provenance."""
+    """Return the first input's metadata updated like sd-scripts' merge, plus lytools provenance.
+
+    Like sd-scripts' merge scripts the output carries a modelspec with `merged_from`: the first input's, dated
+    now, its missing keys (all of them for an input without one) filled for the networks' architecture.
+    """
     meta = carried(networks[0].metadata)
+    arch = next((n.arch for n in networks if n.arch != "unknown"), None)
+    spec = network_modelspec(arch, title or networks[0].path.stem)
+    meta["modelspec.date"] = spec.pop("modelspec.date")
+    if arch == "sd2":  # 512 (epsilon) and 768 (v) networks look alike: no guess
+        spec.pop("modelspec.prediction_type", None)
+    for key, value in spec.items():
+        meta.setdefault(key, value)
     ranks = sorted({m.rank for m in results if m.rank is not None})
     all_lora = all(m.method in ("concat", "svd") for m in results)
     if all_lora:
@@ -366,7 +378,9 @@ def merged_network_metadata(
         meta["ss_network_alpha"] = str(float(ranks[0])) if len(ranks) == 1 else "Dynamic"
     names = [f"{n.name} x {ratios.per_input[i]:g}" for i, n in enumerate(networks)]
     how = f"re-factored to rank {rank}" if rank is not None else "concatenated exactly"
-    meta["ss_training_comment"] = f"merged from {', '.join(names)} ({how}); " + meta.get("ss_training_comment", "")
+    comment = f"merged from {', '.join(names)} ({how})"
+    earlier = meta.get("ss_training_comment", "")
+    meta["ss_training_comment"] = f"{comment}; {earlier}" if earlier else comment
     meta["modelspec.merged_from"] = ", ".join(n.name for n in networks)
     sources = []
     for index, network in enumerate(networks):
@@ -484,7 +498,7 @@ def merge_networks(
     if saturated:
         reporter.warn(f"{len(saturated)} tensor(s) had values beyond the range of the output dtype and were saturated "
                       f"to its largest value, not written as inf (e.g. {saturated[0]})")
-    metadata = merged_network_metadata(networks, rule_set, result.modules, rank)
+    metadata = merged_network_metadata(networks, rule_set, result.modules, rank, Path(output).stem)
     _, completed = complete_for_a1111(tensors, metadata=networks[0].metadata)
     if completed:
         reporter.log(completed)
