@@ -221,3 +221,14 @@ def test_two_variants_or_null_components(tmp_path, capsys, diffusers_pair):
     save_file({"text_model.final_layer_norm.weight": torch.ones(48)}, nulled / "text_encoder" / "model.safetensors")
     info = _info(capsys, nulled)
     assert info["tensor_count"] == len(tensors) and set(info["checkpoint"]["components"]) == {"unet"}
+
+
+def test_safetensors_under_a_pickle_name_is_read_as_safetensors(tmp_path, capsys, sd1):
+    renamed = tmp_path / "model.ckpt"
+    renamed.write_bytes(sd1.read_bytes())
+    info = _info(capsys, renamed)
+    assert (info["format"], info["architecture"]) == ("safetensors", "sd1")
+    out = tmp_path / "half.safetensors"
+    code, _, err = run_lytools(capsys, "convert", "--save-dtype", "fp16", renamed, "-o", out)
+    assert code == 0, err
+    assert load_file(out).keys() == load_file(sd1).keys()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,6 +106,21 @@ class ShardedFile(MultiFileReader):
         return self._shards.values()
 
 
+def _safetensors_inside(path: Path) -> bool:
+    """True when a file with a pickle suffix (.ckpt/.pt/...) holds safetensors (renamed files exist):
+    an 8-byte header length that fits the file, then the header's opening brace."""
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(prefix) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    return 2 <= header_len <= size - 8 and prefix[8:9] == b"{"
+
+
 def open_file(path: str | os.PathLike, *, keep_ema: bool = False) -> SafetensorsFile | ShardedFile | PickledFile | DiffusersFolder:
     """Open any supported input: .safetensors, a sharded index, a weights-only pickle, or a folder
     (a diffusers folder, or a folder holding one model: lytools.io.folders). A pickle's EMA copy
@@ -118,7 +134,7 @@ def open_file(path: str | os.PathLike, *, keep_ema: bool = False) -> Safetensors
         raise FileFormatError(f"{path}: no such file")
     if path.name.endswith(".index.json"):
         return ShardedFile(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES and not _safetensors_inside(path):
         from lytools.io.pickled import PickledFile
 
         return PickledFile(path, keep_ema=keep_ema)
