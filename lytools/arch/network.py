@@ -122,6 +122,8 @@ def lookup_names(name: str) -> tuple[str, ...]:
     """Return the spellings to try in an alias table for a module name as stored in a file."""
     if name.startswith("base_model.model."):
         rest = name[len("base_model.model."):]
+        if rest.startswith("encoder.layers."):  # a CLIP adapter written against transformers 5's CLIPTextModel
+            return (rest, "text_encoder." + rest, "text_encoder.text_model." + rest)
         return (rest, "text_encoder." + rest)
     found = _XLABS.match(name)
     if found:

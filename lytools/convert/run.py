@@ -28,7 +28,7 @@ from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, Us
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.folders import DiffusersFolder, FolderWriter
 from lytools.io.dtypes import is_float, saturating_cast, st_name
-from lytools.io.metadata import IMPLEMENTATIONS, add_provenance, carried, source_entry
+from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, source_entry
 
 if TYPE_CHECKING:
     import torch
@@ -96,7 +96,13 @@ def output_for(source: Path, output_dir: Path, target: str | None) -> Path:
 
 
 def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path | None, target: str | None) -> list[tuple[Path, Path]]:
-    """Return (input, output) pairs; refuse clashes between outputs and outputs that are inputs."""
+    """Return (input, output) pairs; refuse clashes between outputs and outputs that are inputs.
+    An input listed twice (the same file, however spelled: `find ... | lytools convert - ...` over
+    overlapping folders) is converted once."""
+    unique: dict[Path, Path] = {}
+    for source in sources:
+        unique.setdefault(source.resolve(), source)
+    sources = list(unique.values())
     if output is not None and output_dir is not None:
         raise UsageError("give either -o/--output or --output-dir, not both")
     if output is None and output_dir is None:
@@ -186,6 +192,11 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
     if options.target == "peft":
         adapter, config_path = peft_paths(output)
         meta = output_metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch, converted.folded)
+        from lytools.arch.detect import arch_from_metadata
+        if arch_from_metadata(meta) is None and net.arch in MODELSPEC_ARCHITECTURES:
+            # a peft adapter's names lose the component, and a CLIP-L one fits sd1, sdxl, sd3 and
+            # flux alike: say which model it was for, so that it converts back without --arch
+            meta["modelspec.architecture"] = MODELSPEC_ARCHITECTURES[net.arch] + "/lora"
         made_folder = adapter.parent != output.parent and not adapter.parent.exists()
         if made_folder:
             adapter.parent.mkdir()
