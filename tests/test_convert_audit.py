@@ -111,3 +111,14 @@ def test_text_encoder_peft_adapter_converts_back_to_kohya_bit_exactly(tmp_path, 
     for name, module in wanted.items():
         for suffix, tensor in module.tensors.items():
             assert torch.equal(returned.modules[name][suffix], tensor), (name, suffix)
+
+
+def test_peft_output_folder_holding_the_input_adapter_is_refused(tmp_path, capsys):
+    source = build_network(tmp_path / "k.safetensors", "sd1", rank=2, modules=ONE)
+    folder = tmp_path / "adapter"
+    convert_file(source, folder, ConvertOptions(target="peft", component="unet", fold=False))
+    before = (folder / "adapter_model.safetensors").read_bytes(), (folder / "adapter_config.json").read_bytes()
+    code, stdout, err = run_lytools(capsys, "convert", folder / "adapter_model.safetensors", "-o", folder, "--to", "peft",
+                                    "--overwrite")
+    assert code == 1 and stdout == "" and "replace its own input" in err
+    assert ((folder / "adapter_model.safetensors").read_bytes(), (folder / "adapter_config.json").read_bytes()) == before

@@ -121,7 +121,8 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
         key = out.resolve()
         if key in seen:
             raise LytoolsError(f"{seen[key]} and {source} would both be written to {out}; rename one or use separate runs")
-        if key in inputs:
+        written = peft_paths(out)[0].resolve() if target == "peft" else key  # -o DIR holding the input adapter
+        if key in inputs or written in inputs:
             raise LytoolsError(f"{out}: the output would replace its own input; choose another folder")
         seen[key] = source
     return pairs
