@@ -122,3 +122,22 @@ def test_peft_output_folder_holding_the_input_adapter_is_refused(tmp_path, capsy
                                     "--overwrite")
     assert code == 1 and stdout == "" and "replace its own input" in err
     assert ((folder / "adapter_model.safetensors").read_bytes(), (folder / "adapter_config.json").read_bytes()) == before
+
+
+@pytest.mark.parametrize("fold", [False, None])
+def test_diffusers_loads_per_module_ranks_and_alphas_from_the_adapter_metadata(tmp_path, fold):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from tests.test_convert_loaders import assert_deltas_match, lora_layers, tiny_pipeline
+
+    source = _varied(tmp_path, dora=False)
+    out = tmp_path / "d.safetensors"
+    convert_file(source, out, ConvertOptions(target="diffusers", fold=fold))
+    pipe = tiny_pipeline("sd1")
+    pipe.load_lora_weights(str(out), adapter_name="x")
+    found = lora_layers(pipe.unet, "x", "unet", "sd1")
+    ours = {}
+    for name, module in load_network(source).modules.items():
+        up, down = module["lora_up.weight"].float(), module["lora_down.weight"].float()
+        ours[name] = (up.flatten(1) @ down.flatten(1)) * float(module["alpha"]) / down.shape[0]
+    assert_deltas_match(found, ours)
