@@ -34,3 +34,33 @@ def run_lytools(capsys, *args) -> tuple[int, str, str]:
         code = exc.code if isinstance(exc.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def spectrum_factors(out: int, inp: int, sigma: list[float], seed: int, dtype=None):
+    """Return (up (out, r), down (r, inp)) whose product has exactly the singular values `sigma`
+    (float32 unless `dtype`), mixed so the factors are not already its SVD."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rank = len(sigma)
+    q_out, _ = torch.linalg.qr(torch.randn(out, rank, generator=gen, dtype=torch.float64))
+    q_in, _ = torch.linalg.qr(torch.randn(inp, rank, generator=gen, dtype=torch.float64))
+    mix = torch.randn(rank, rank, generator=gen, dtype=torch.float64) + 3 * torch.eye(rank, dtype=torch.float64)
+    up = q_out @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ mix
+    down = torch.linalg.solve(mix, q_in.T)
+    return up.to(dtype or torch.float32), down.to(dtype or torch.float32)
+
+
+def lycoris_modules(unet, tensors: dict) -> dict:
+    """Load kohya `lora_unet_*` tensors into `unet` with LyCORIS's standalone loader; return its
+    modules by kohya name. (That loader names modules `lycoris_<path>`; the kohya wrapper's
+    constructor builds its default modules first, so the tensors are handed over under that prefix.)"""
+    import warnings
+
+    import lycoris
+
+    weights = {"lycoris_" + key[len("lora_unet_"):]: value for key, value in tensors.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        network, _ = lycoris.create_lycoris_from_weights(1.0, None, unet, weights_sd=weights)
+    return {"lora_unet_" + module.lora_name[len("lycoris_"):]: module for module in network.loras}

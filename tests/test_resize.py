@@ -17,7 +17,7 @@ from lytools.io import file_hashes, open_file, write_safetensors
 from lytools.resize import (
     ResizeOptions, resize_file, select_rank, svd_of_product, tucker_to_flat_down,
 )
-from tests.shared import shared_dir
+from tests.shared import shared_dir, spectrum_factors
 
 
 def golden(name: str) -> dict[str, torch.Tensor]:
@@ -29,19 +29,6 @@ def golden(name: str) -> dict[str, torch.Tensor]:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def spectrum_factors(out: int, inp: int, sigma: list[float], seed: int, dtype=torch.float32):
-    """Return (up (out, r), down (r, inp)) whose product has exactly the singular values `sigma`."""
-    gen = torch.Generator().manual_seed(seed)
-    rank = len(sigma)
-    q_out, _ = torch.linalg.qr(torch.randn(out, rank, generator=gen, dtype=torch.float64))
-    q_in, _ = torch.linalg.qr(torch.randn(inp, rank, generator=gen, dtype=torch.float64))
-    # a random rank-mixing keeps the factors from being the SVD already
-    mix = torch.randn(rank, rank, generator=gen, dtype=torch.float64) + 3 * torch.eye(rank, dtype=torch.float64)
-    up = q_out @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ mix
-    down = torch.linalg.solve(mix, q_in.T)
-    return up.to(dtype), down.to(dtype)
-
-
 def lora_delta(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """Return s·up@down flattened (out, in·K) in float64, as a loader rebuilds it (Tucker included)."""
     module = NetworkModule(name, {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name})

@@ -15,24 +15,12 @@ import torch
 
 from lytools.io import open_file, write_safetensors
 from lytools.resize import ResizeOptions, resize_file, select_rank
-from tests.shared import run_lytools
+from tests.shared import lycoris_modules, run_lytools, spectrum_factors
 
 
 def read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with open_file(path) as reader:
         return {key: reader.get(key).clone() for key in reader.keys()}, dict(reader.metadata)
-
-
-def factors_with_spectrum(out: int, inp: int, sigma: list[float], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return float32 (up, down) whose product has exactly the singular values `sigma` (not already an SVD)."""
-    gen = torch.Generator().manual_seed(seed)
-    rank = len(sigma)
-    q_out, _ = torch.linalg.qr(torch.randn(out, rank, generator=gen, dtype=torch.float64))
-    q_in, _ = torch.linalg.qr(torch.randn(inp, rank, generator=gen, dtype=torch.float64))
-    mix = torch.randn(rank, rank, generator=gen, dtype=torch.float64) + 3 * torch.eye(rank, dtype=torch.float64)
-    up = q_out @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ mix
-    down = torch.linalg.solve(mix, q_in.T)
-    return up.float(), down.float()
 
 
 def module_change(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -73,7 +61,7 @@ def test_sv_fro_rank_keeps_at_least_the_asked_frobenius_share(tmp_path):
     """sv_fro t writes the smallest rank whose kept share of ‖ΔW‖_F reaches t, plus kohya's one (capped
     at the module's own rank), checked on the written file."""
     sigma = [1.0, 0.7, 0.45, 0.3, 0.2, 0.12, 0.08, 0.05]
-    up, down = factors_with_spectrum(40, 56, sigma, seed=3)
+    up, down = spectrum_factors(40, 56, sigma, seed=3)
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
     path = tmp_path / "n.safetensors"
     write_safetensors(path, {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(4.0)})
@@ -247,15 +235,15 @@ TUCKER = "lora_unet_down_blocks_0_resnets_0_conv2"
 def mixed_network(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(5)
     tensors = {}
-    up, down = factors_with_spectrum(48, 64, [2 * 0.8 ** i for i in range(12)], 1)
+    up, down = spectrum_factors(48, 64, [2 * 0.8 ** i for i in range(12)], 1)
     tensors.update({f"{LINEAR}.lora_up.weight": up, f"{LINEAR}.lora_down.weight": down, f"{LINEAR}.alpha": torch.tensor(5.0)})
-    up, down = factors_with_spectrum(40, 32 * 9, [0.7 ** i for i in range(10)], 2)
+    up, down = spectrum_factors(40, 32 * 9, [0.7 ** i for i in range(10)], 2)
     tensors.update({f"{CONV}.lora_up.weight": up.reshape(40, 10, 1, 1), f"{CONV}.lora_down.weight": down.reshape(10, 32, 3, 3),
                     f"{CONV}.alpha": torch.tensor(1.0)})
     tensors.update({f"{TUCKER}.lora_up.weight": 0.3 * torch.randn(40, 8, 1, 1, generator=gen),
                     f"{TUCKER}.lora_mid.weight": 0.3 * torch.randn(8, 8, 3, 3, generator=gen),
                     f"{TUCKER}.lora_down.weight": 0.3 * torch.randn(8, 40, 1, 1, generator=gen), f"{TUCKER}.alpha": torch.tensor(3.0)})
-    up, down = factors_with_spectrum(24, 16, [1, 0.5, 0.3, 0.2, 0.1, 0.05], 3)
+    up, down = spectrum_factors(24, 16, [1, 0.5, 0.3, 0.2, 0.1, 0.05], 3)
     tensors.update({f"{TEXT}.lora_up.weight": up, f"{TEXT}.lora_down.weight": down})  # no alpha: alpha = rank
     return {key: value.to(dtype) for key, value in tensors.items()}
 
@@ -363,9 +351,7 @@ def test_truncate_refuses_modules_fused_from_parts(tmp_path, capsys):
 
 # -- outputs load in LyCORIS: Tucker cores folded, LoHa flattened ---------------------------------------------------
 def test_tucker_and_loha_inputs_resize_to_locon_that_lycoris_loads(tmp_path):
-    import warnings
-
-    lycoris = pytest.importorskip("lycoris")
+    pytest.importorskip("lycoris")
     pytest.importorskip("diffusers")
     from tests.test_resize_loaders import tiny_unet
 
@@ -395,11 +381,7 @@ def test_tucker_and_loha_inputs_resize_to_locon_that_lycoris_loads(tmp_path):
     resize_file(source, out, ResizeOptions(rank=4, conv_rank=3, verify=True))
     written = read_all(out)[0]
     assert not any(".lora_mid." in k or ".hada_" in k for k in written)
-    weights = {"lycoris_" + key[len("lora_unet_"):]: value for key, value in written.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        network, _ = lycoris.create_lycoris_from_weights(1.0, None, unet, weights_sd=weights)
-    loaded = {"lora_unet_" + lora.lora_name[len("lycoris_"):]: lora for lora in network.loras}
+    loaded = lycoris_modules(unet, written)
     assert set(loaded) == set(shapes)
     for name, lora in loaded.items():
         assert type(lora).__name__ == "LoConModule"
@@ -410,7 +392,7 @@ def test_tucker_and_loha_inputs_resize_to_locon_that_lycoris_loads(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_network_resizes_and_verifies_in_its_own_dtype(tmp_path, dtype):
-    up, down = factors_with_spectrum(64, 64, [1, 0.9, 0.8, 0.7, 1e-4, 1e-4, 1e-4, 1e-4], 0)
+    up, down = spectrum_factors(64, 64, [1, 0.9, 0.8, 0.7, 1e-4, 1e-4, 1e-4, 1e-4], 0)
     path = tmp_path / "f8.safetensors"
     write_safetensors(path, {f"{LINEAR}.lora_up.weight": up.to(dtype), f"{LINEAR}.lora_down.weight": down.to(dtype),
                              f"{LINEAR}.alpha": torch.tensor(8.0)})

@@ -12,6 +12,7 @@ import torch
 from lytools.algos import NetworkModule, delta
 from lytools.io import open_file, write_safetensors
 from lytools.resize import ResizeOptions, resize_file
+from tests.shared import lycoris_modules
 
 diffusers = pytest.importorskip("diffusers")
 lycoris = pytest.importorskip("lycoris")
@@ -71,14 +72,8 @@ def resized(tmp_path_factory):
 
 def test_output_loads_in_lycoris_with_matching_weights(resized):
     unet, modules, out, deltas = resized
-    # LyCORIS's standalone loader names modules `lycoris_<path>`; the kohya wrapper's constructor
-    # builds its default modules first, so the file's tensors are handed over under that prefix
     with open_file(out) as reader:
-        weights = {"lycoris_" + key[len("lora_unet_"):]: reader.get(key).clone() for key in reader.keys()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        network, _ = lycoris.create_lycoris_from_weights(1.0, None, unet, weights_sd=weights)
-    loaded = {"lora_unet_" + lora.lora_name[len("lycoris_"):]: lora for lora in network.loras}
+        loaded = lycoris_modules(unet, {key: reader.get(key).clone() for key in reader.keys()})
     assert set(loaded) == set(modules)
     for name, lora in loaded.items():
         assert type(lora).__name__ == "LoConModule"
