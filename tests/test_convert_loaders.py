@@ -121,6 +121,31 @@ def test_diffusers_output_loads_with_load_lora_weights(tmp_path, arch):
     assert_deltas_match(found, our_deltas(source))
 
 
+def test_bias_difference_loads_with_load_lora_weights(tmp_path):
+    """A kohya module's diff_b goes out as lora_B.bias; diffusers' loader turns on lora_bias for the
+    UNet and applies it (times the scale) on fuse, exactly the bias difference. (Every UNet module
+    carries one here: lora_bias is per model, and peft cannot fuse it into a layer without a bias.)"""
+    from safetensors.torch import load_file, save_file
+
+    source = build_network(tmp_path / "k.safetensors", "sd1", factor=FACTOR, rank=4, alpha=2.0,
+                           modules=["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0"])
+    tensors = load_file(source)
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    torch.manual_seed(3)
+    bias = 0.05 * torch.randn(tensors[f"{name}.lora_up.weight"].shape[0]).half()
+    tensors[f"{name}.diff_b"] = bias
+    save_file(tensors, source)  # (without the metadata that named the architecture)
+    out = tmp_path / "d.safetensors"
+    convert_file(source, out, ConvertOptions(target="diffusers", arch="sd1"))
+    pipe = tiny_pipeline("sd1")
+    layer = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_out[0]
+    before = layer.bias.detach().clone()
+    pipe.load_lora_weights(str(out), adapter_name="x")
+    pipe.fuse_lora(lora_scale=1.0)
+    torch.testing.assert_close(layer.base_layer.bias.detach() - before if hasattr(layer, "base_layer")
+                               else layer.bias.detach() - before, bias.float(), rtol=1e-3, atol=1e-5)
+
+
 def test_peft_output_loads_in_peft_model(tmp_path):
     source = build_network(tmp_path / "k.safetensors", "sd1", factor=FACTOR, rank=4, alpha=2.0, conv_rank=2,
                            modules=sample_modules("sd1"))

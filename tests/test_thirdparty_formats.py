@@ -18,12 +18,14 @@ row layouts (Flux qkv = [q; k; v], linear1 = [q; k; v; mlp]), not from lytools' 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lytools.convert import ConvertOptions, convert_file, load_network
@@ -274,11 +276,66 @@ def test_flux_conversion_keeps_the_change(tool, target, ckpts, tmp_path):
     _assert_merge(ckpts["flux"], out, expected, tmp_path / "merged.safetensors")
 
 
-def test_comfy_bias_difference_has_no_diffusers_spelling(tmp_path):
+def _flux_comfy_all_biased():
+    """The ComfyUI Flux file with a bias difference on every UNet module (q;k;v rows included)."""
+    tensors, expected = _flux_comfy()
+    tensors = {k: v for k, v in tensors.items() if "layer_norm1" not in k}  # a norm's diff: no LoRA form
+    expected = [item for item in expected if "layer_norm1" not in item.key]
+    qkv_bias = _rand(torch.Generator().manual_seed(9), 3 * H)
+    tensors["diffusion_model.double_blocks.0.img_attn.qkv.diff_b"] = qkv_bias
+    expected.append(Expected(DB + "img_attn.qkv.bias", None, qkv_bias))
+    return tensors, expected
+
+
+def test_comfy_bias_differences_on_some_modules_have_no_peft_spelling(tmp_path):
+    """peft's lora_bias gives every lora_B of a model a bias, which it cannot merge into a layer without
+    one (Flux qkv here has a bias, but the rule is per model): bias differences on only some of a
+    model's modules are refused for diffusers and peft, naming the count; kohya keeps them."""
     tensors, _ = _flux_comfy()
     tensors = {k: v for k, v in tensors.items() if "layer_norm1" not in k}
     source = _write(tmp_path, "comfy", tensors)
-    with pytest.raises(UnsupportedError, match=r"extra tensors \(diff_b\)"):
+    for target, component in (("diffusers", None), ("peft", "unet")):
+        out = tmp_path / f"out-{target}.safetensors"
+        with pytest.raises(UnsupportedError, match=r"bias differences \(diff_b\) on only some modules \(transformer: 2 of 5"):
+            convert_file(source, out, ConvertOptions(target=target, component=component))
+        assert not out.exists()
+    convert_file(source, tmp_path / "k.safetensors", ConvertOptions(target="kohya"))
+
+
+def test_comfy_bias_difference_becomes_lora_b_bias(ckpts, tmp_path):
+    """With a bias difference on every module of a model, the diffusers and peft layouts hold them as
+    peft's lora_B bias (lora_bias=True for that model only); both outputs merge to the same change as
+    the ComfyUI file (final_layer's halves swapped in diffusers names) and read back as diff_b."""
+    tensors, expected = _flux_comfy_all_biased()
+    source = _write(tmp_path, "comfy", tensors)
+    out = tmp_path / "out.safetensors"
+    convert_file(source, out, ConvertOptions(target="diffusers"))
+    written = read_tensors(out)
+    proj = "transformer.transformer_blocks.0.attn.to_out.0.lora_B."
+    assert torch.equal(written[proj + "bias"], tensors["diffusion_model.double_blocks.0.img_attn.proj.diff_b"])
+    assert not any(key.endswith(".bias") for key in written if key.startswith("text_encoder"))
+    with safe_open(out, "pt") as handle:
+        adapter = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert adapter["transformer.lora_bias"] is True and adapter["text_encoder.lora_bias"] is False
+    _assert_merge(ckpts["flux"], out, expected, tmp_path / "merged.safetensors")
+    back = load_network(out)
+    assert {name for name, module in back.modules.items() if "diff_b" in module.tensors} == {
+        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+        "lora_unet_final_layer_adaLN_modulation_1"}
+    peft_out = tmp_path / "adapter_model.safetensors"
+    convert_file(source, peft_out, ConvertOptions(target="peft", component="unet"))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["use_dora"] is False
+    _assert_merge(ckpts["flux"], peft_out, [item for item in expected if item.key.startswith("model.diffusion_model.")],
+                  tmp_path / "merged-peft.safetensors")
+
+
+def test_dora_with_a_bias_difference_has_no_diffusers_spelling(tmp_path):
+    tensors, _ = _flux_comfy()
+    tensors = {k: v for k, v in tensors.items() if "layer_norm1" not in k}
+    tensors["diffusion_model.double_blocks.0.img_attn.proj.dora_scale"] = torch.ones(H, 1)
+    source = _write(tmp_path, "comfy", tensors)
+    with pytest.raises(UnsupportedError, match=r"DoRA with a bias difference"):
         convert_file(source, tmp_path / "out.safetensors", ConvertOptions(target="diffusers"))
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -568,3 +625,54 @@ def test_copied_module_takes_its_ratio_on_the_bias_difference_too(ckpts, tmp_pat
     run_merge(paths, tmp_path / "network.safetensors", ratios=[0.7, 1.0], device="cpu")
     expected = [Expected(c.key, c.rows, 0.7 * c.delta) for c in comfy_changes] + kohya_changes
     _assert_merge(ckpts["flux"], tmp_path / "network.safetensors", expected, tmp_path / "checkpoint.safetensors")
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_lora_b_bias_output_loads_in_peft_with_the_bias_difference(tmp_path, fold):
+    """peft itself (LoraConfig from our lora_adapter_metadata, lora_bias=True) adds the ComfyUI file's
+    bias difference to the layer's bias when it merges, folded or not (scale alpha / r on the bias)."""
+    peft = pytest.importorskip("peft")
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    tensors, _ = _flux_comfy_all_biased()
+    down = tensors["diffusion_model.double_blocks.0.img_attn.proj.lora_down.weight"]
+    tensors["diffusion_model.double_blocks.0.img_attn.proj.alpha"] = torch.tensor(float(down.shape[0]) / 4)  # scale 1/4
+    source = _write(tmp_path, "comfy", tensors)
+    out = tmp_path / "out.safetensors"
+    convert_file(source, out, ConvertOptions(target="diffusers", fold=fold))
+    with safe_open(out, "pt") as handle:
+        adapter = json.loads(handle.metadata()["lora_adapter_metadata"])
+    config = {key.split(".", 1)[1]: value for key, value in adapter.items() if key.startswith("transformer.")}
+    state = {k[len("transformer."):]: v.float() for k, v in load_file(out).items() if k.startswith("transformer.")}
+    root = torch.nn.Module()
+    for key, weight in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        *outer, last = key[: -len(".lora_A.weight")].split(".")
+        parent = root
+        for part in outer:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(last, torch.nn.Linear(weight.shape[1], state[key.replace("lora_A.weight", "lora_B.weight")].shape[0]))
+    model = inject_adapter_in_model(peft.LoraConfig(**config), root)
+    result = set_peft_model_state_dict(model, state)
+    assert not [k for k in result.unexpected_keys if "lora_" in k]
+    changes = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            before = module.base_layer.bias.detach().clone()
+            module.merge()
+            changes[path] = module.base_layer.bias.detach() - before
+    expected = tensors["diffusion_model.double_blocks.0.img_attn.proj.diff_b"].float()
+    torch.testing.assert_close(changes.pop("transformer_blocks.0.attn.to_out.0"), expected, rtol=1e-5, atol=1e-6)
+    final = tensors["diffusion_model.final_layer.adaLN_modulation.1.diff_b"].float()
+    swapped = torch.cat([final[H:], final[:H]])  # diffusers' norm_out.linear holds [scale; shift]
+    torch.testing.assert_close(changes.pop("norm_out.linear"), swapped, rtol=1e-5, atol=1e-6)
+    qkv = tensors["diffusion_model.double_blocks.0.img_attn.qkv.diff_b"].float()
+    for index, part in enumerate(("to_q", "to_k", "to_v")):  # q;k;v rows of the fused bias
+        torch.testing.assert_close(changes.pop(f"transformer_blocks.0.attn.{part}"), qkv[index * H:(index + 1) * H],
+                                   rtol=1e-5, atol=1e-6)
+    assert not changes

@@ -160,6 +160,8 @@ def split_fused(name: str, tensors: Tensors, parts: Sequence[Rows]) -> list[dict
             if dora.shape[0] != up.shape[0]:
                 raise UnsupportedError(f"module {name}: an input-axis DoRA magnitude cannot be split into q/k/v parts")
             part[DORA] = dora[start:stop].clone()
+        if BIAS in tensors:  # the bias difference: its rows, like up's
+            part[BIAS] = tensors[BIAS][start:stop].clone()
         result.append(part)
     return result
 

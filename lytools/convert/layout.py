@@ -73,9 +73,10 @@ def pattern_keys(paths: Iterable[str]) -> dict[str, str]:
     return {path: "^" + path if path in tails else path for path in paths}
 
 
-def lora_config(paths_ranks_alphas: Iterable[tuple[str, int, float]], use_dora: bool) -> dict[str, Any]:
+def lora_config(paths_ranks_alphas: Iterable[tuple[str, int, float]], use_dora: bool, lora_bias: bool = False) -> dict[str, Any]:
     """Return peft LoraConfig fields for modules (path, rank, alpha): the most common rank and
-    alpha as r / lora_alpha, the others in rank_pattern / alpha_pattern (keys: pattern_keys)."""
+    alpha as r / lora_alpha, the others in rank_pattern / alpha_pattern (keys: pattern_keys);
+    `lora_bias`: lora_B holds a bias (a bias difference)."""
     entries = [(_config_path(path), rank, alpha) for path, rank, alpha in paths_ranks_alphas]
     ranks = collections.Counter(rank for _, rank, _ in entries)
     alphas = collections.Counter(alpha for _, _, alpha in entries)
@@ -90,5 +91,5 @@ def lora_config(paths_ranks_alphas: Iterable[tuple[str, int, float]], use_dora: 
         "target_modules": sorted(path for path, _, _ in entries),
         "use_dora": use_dora,
         "use_rslora": False,
-        "lora_bias": False,
+        "lora_bias": lora_bias,
     }

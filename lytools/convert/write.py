@@ -31,7 +31,7 @@ from lytools.algos import describe_module, describe_shapes
 from lytools.arch import ENCODERS
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.convert import names
-from lytools.convert.fuse import (ALPHA, DORA, DOWN, MID, UP, alpha_tensor, halves_swap_applies, scale_of, split_fused,
+from lytools.convert.fuse import (ALPHA, BIAS, DORA, DOWN, MID, UP, alpha_tensor, halves_swap_applies, scale_of, split_fused,
                                   swap_halves)
 from lytools.convert.layout import FOLDED_NOTE, fold_split, lora_config, unloaded_note
 from lytools.convert.load import Network
@@ -135,8 +135,10 @@ def _check_lora_only(net: Network) -> None:
             problems["Tucker lora_mid"].append(name)
         elif info.dora == "in":
             problems["input-axis DoRA"].append(name)
-        elif info.sparse_bias or set(module.tensors) - {DOWN, UP, ALPHA, DORA}:
-            problems["extra tensors (" + ", ".join(sorted(set(module.tensors) - {DOWN, UP, ALPHA, DORA})) + ")"].append(name)
+        elif DORA in module and BIAS in module:
+            problems["DoRA with a bias difference (peft has no lora_bias for DoRA)"].append(name)
+        elif info.sparse_bias or set(module.tensors) - {DOWN, UP, ALPHA, DORA, BIAS}:
+            problems["extra tensors (" + ", ".join(sorted(set(module.tensors) - {DOWN, UP, ALPHA, DORA, BIAS})) + ")"].append(name)
     if problems:
         listed = "; ".join(f"{algo}: {len(mods)} modules ({_many(mods, 2)})" for algo, mods in sorted(problems.items()))
         raise UnsupportedError(
@@ -193,12 +195,36 @@ def _piece_factors(name: str, tensors: Mapping[str, torch.Tensor], fold: bool, d
         down_out, up_out = cast(down, dtype), cast(up, dtype)
         alpha = scale_of(name, tensors) * rank
     factors = {"lora_A.weight": down_out, "lora_B.weight": up_out}
+    bias = tensors.get(BIAS)
+    if bias is not None:  # peft adds lora_B's bias times the scale alpha / r: stored divided by it
+        scale = alpha / rank
+        bias_dtype = dtype if dtype is not None and is_float(bias.dtype) else bias.dtype
+        factors["lora_B.bias"] = cast(bias, dtype) if scale == 1.0 else _narrow(bias.float() / scale, bias_dtype)
     magnitude = tensors.get(DORA)
     if magnitude is not None:
         # peft stores [out] for linear layers, [1, out, 1, 1] for convs (FORMATS.md 3.3)
         shaped = magnitude.reshape(-1) if down.dim() == 2 else magnitude.reshape(1, -1, *([1] * (down.dim() - 2)))
         factors["lora_magnitude_vector"] = cast(shaped.contiguous(), dtype, keep_precise=True)
     return factors, alpha
+
+
+def _check_bias(net: Network, pieces: list[_Piece]) -> set[str]:
+    """Return the components whose modules all carry a bias difference (peft's lora_bias, which
+    gives every lora_B of a model a bias); raise when only some of a component's modules do: peft
+    cannot merge a lora_B bias into a layer that has no bias of its own, so diffusers' fuse_lora
+    and peft's merge would fail on the others."""
+    by_component: dict[str, list[bool]] = collections.defaultdict(list)
+    for piece in pieces:
+        by_component[piece.component].append(BIAS in piece.tensors)
+    partial = {component: flags for component, flags in by_component.items() if any(flags) and not all(flags)}
+    if partial:
+        listed = ", ".join(f"{component}: {sum(flags)} of {len(flags)} modules" for component, flags in sorted(partial.items()))
+        raise UnsupportedError(
+            f"{net.path}: bias differences (diff_b) on only some modules ({listed}); peft's lora_bias gives "
+            f"every module of a model a bias, which cannot be merged into layers that have none; "
+            f"convert --to kohya keeps them"
+        )
+    return {component for component, flags in by_component.items() if all(flags)}
 
 
 def _scaled(tensor: torch.Tensor, factor: float, out_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.Tensor:
@@ -219,6 +245,7 @@ def to_diffusers(net: Network, *, fold: bool = True, save_dtype: torch.dtype | N
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, list[tuple[str, int, float]]] = collections.defaultdict(list)
     dora: dict[str, bool] = collections.defaultdict(bool)
+    biased = _check_bias(net, pieces)
     for piece in pieces:
         factors, alpha = _piece_factors(f"{piece.component}.{piece.path}", piece.tensors, fold, save_dtype)
         for suffix, tensor in factors.items():
@@ -227,7 +254,7 @@ def to_diffusers(net: Network, *, fold: bool = True, save_dtype: torch.dtype | N
         dora[piece.component] |= DORA in piece.tensors
     adapter: dict[str, Any] = {}
     for component, entries in per_component.items():
-        for key, value in lora_config(entries, dora[component]).items():
+        for key, value in lora_config(entries, dora[component], component in biased).items():
             adapter[f"{component}.{key}"] = value
     result = Converted(tensors, {"lora_adapter_metadata": json.dumps(adapter, sort_keys=True)})
     if net.stray:
@@ -279,6 +306,7 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
     tensors: dict[str, torch.Tensor] = {}
     entries: list[tuple[str, int, float]] = []
     use_dora = False
+    lora_bias = bool(_check_bias(net, pieces))
     for piece in pieces:
         factors, alpha = _piece_factors(f"{piece.component}.{piece.path}", piece.tensors, fold, save_dtype)
         path = names.peft_path(net.arch, piece.component, piece.path)
@@ -289,7 +317,7 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True,
-        "modules_to_save": None, **lora_config(entries, use_dora),
+        "modules_to_save": None, **lora_config(entries, use_dora, lora_bias),
     }
     result = Converted(tensors, {}, adapter_config=config, folded=fold)
     if any(names.peft_path(net.arch, p.component, p.path) != p.path for p in pieces):
