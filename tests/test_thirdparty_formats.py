@@ -676,3 +676,32 @@ def test_lora_b_bias_output_loads_in_peft_with_the_bias_difference(tmp_path, fol
         torch.testing.assert_close(changes.pop(f"transformer_blocks.0.attn.{part}"), qkv[index * H:(index + 1) * H],
                                    rtol=1e-5, atol=1e-6)
     assert not changes
+
+
+def test_lora_bias_adapter_round_trips_through_kohya(tmp_path):
+    """peft lora_bias adapter -> kohya (diff_b) -> peft gives the same tensors and lora_bias back."""
+    from lytools.testing import build_network
+
+    modules = ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0",
+               "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff_net_2"]
+    kohya = build_network(tmp_path / "k.safetensors", "sd1", factor=16, rank=4, alpha=4.0, modules=modules)
+    tensors = read_tensors(kohya)
+    generator = torch.Generator().manual_seed(4)
+    for name in modules:
+        tensors[f"{name}.diff_b"] = _rand(generator, tensors[f"{name}.lora_up.weight"].shape[0]).to(torch.float16)
+    with safe_open(kohya, "pt") as handle:
+        metadata = handle.metadata()
+    save_file(tensors, kohya, metadata)
+    first = tmp_path / "a" / "adapter_model.safetensors"
+    first.parent.mkdir()
+    convert_file(kohya, first, ConvertOptions(target="peft", component="unet", arch="sd1"))  # 2 modules: sd1 or sd2
+    back = tmp_path / "back.safetensors"
+    convert_file(first, back, ConvertOptions(target="kohya"))
+    assert {key for key in read_tensors(back) if key.endswith(".diff_b")} == {f"{name}.diff_b" for name in modules}
+    second = tmp_path / "b" / "adapter_model.safetensors"
+    second.parent.mkdir()
+    convert_file(back, second, ConvertOptions(target="peft", component="unet"))
+    one, two = read_tensors(first), read_tensors(second)
+    assert set(one) == set(two) and sum(key.endswith("lora_B.bias") for key in one) == 2
+    assert all(torch.equal(one[key], two[key]) for key in one)
+    assert json.loads((second.parent / "adapter_config.json").read_text())["lora_bias"] is True
