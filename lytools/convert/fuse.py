@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 import torch
 
 from lytools.algos.common import read_scalar, scale_for
+from lytools.algos.lora import BIAS  # a LoRA module's bias difference, diff_b
 from lytools.convert.layout import ALPHA, DORA, DOWN, MID, UP, fold_split  # noqa: F401 (re-exported)
 from lytools.errors import UnsupportedError
 
@@ -41,9 +42,6 @@ def alpha_tensor(value: float, like: torch.Tensor | None) -> torch.Tensor:
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
-
-
-BIAS = "diff_b"  # a LoRA module's bias difference (lytools.algos.lora)
 
 
 def _is_plain_lora(tensors: Tensors) -> bool:

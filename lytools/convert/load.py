@@ -26,7 +26,8 @@ from lytools.algos import NetworkModule, describe_shapes
 from lytools.arch.detect import SCALES
 from lytools.arch.network import layout_of_module
 from lytools.convert import names
-from lytools.convert.fuse import ALPHA, DORA, DOWN, UP, alpha_tensor, fuse_parts, halves_swap_applies, swap_halves
+from lytools.convert.fuse import (ALPHA, BIAS, DORA, DOWN, UP, alpha_tensor, fuse_parts, halves_swap_applies, scale_of,
+                                  swap_halves)
 from lytools.errors import FileFormatError, LytoolsError, NetworkError, UnsupportedError
 from lytools.io import open_file, read_header
 
@@ -195,20 +196,19 @@ def _magnitude_to_dora(name: str, tensors: dict[str, torch.Tensor]) -> None:
     tensors[DORA] = magnitude.reshape((out,) + tail).clone()
 
 
-_LORA_BIAS, _DIFF_B = "lora_up.bias", "diff_b"
+_LORA_BIAS = "lora_up.bias"
 
 
 def _lora_bias_to_diff(name: str, tensors: dict[str, torch.Tensor]) -> None:
     """peft's `lora_B.bias` (LoraConfig lora_bias=True) adds scale · b to the layer's bias (peft merges it
     so): kept as the LoRA module's bias difference `diff_b` with the scale applied."""
-    if _DIFF_B in tensors:
+    if BIAS in tensors:
         raise NetworkError(f"module {name} holds both lora_B.bias and diff_b")
     bias = tensors.pop(_LORA_BIAS)
     down = tensors.get(DOWN)
-    scale = 1.0
-    if down is not None and ALPHA in tensors and down.shape[0]:
-        scale = float(tensors[ALPHA].float()) / down.shape[0]
-    tensors[_DIFF_B] = bias if scale == 1.0 else (bias.float() * scale).to(bias.dtype)
+    # (a rank-0 module is refused when it is described, with its name)
+    scale = scale_of(name, tensors) if down is not None and down.shape[0] else 1.0
+    tensors[BIAS] = bias if scale == 1.0 else (bias.float() * scale).to(bias.dtype)
 
 
 WHOLE_READ_LIMIT = 4 << 30  # networks up to this size are read with one read() call
