@@ -33,7 +33,7 @@ from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.dtypes import saturating_cast
 from lytools.io.metadata import add_provenance, carried, network_modelspec, source_entry
-from lytools.merge.inputs import NetworkInput, load_network_input
+from lytools.merge.inputs import NetworkInput, load_network_input, same_family
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
 
@@ -403,9 +403,6 @@ def _output_dtype(networks: Sequence[NetworkInput], save_dtype: torch.dtype | No
     return torch.float16
 
 
-_ARCH_FAMILY = {"chroma": "flux"}  # Chroma is a pruned Flux: Flux-named modules fit it
-
-
 def check_same_architecture(networks: Sequence[NetworkInput]) -> None:
     """Refuse networks made for different architectures (their union would be a file no model loads whole).
 
@@ -417,7 +414,7 @@ def check_same_architecture(networks: Sequence[NetworkInput]) -> None:
             continue
         if first is None:
             first = network
-        elif _ARCH_FAMILY.get(network.arch, network.arch) != _ARCH_FAMILY.get(first.arch, first.arch):
+        elif not same_family(network.arch, first.arch):
             raise NetworkError(
                 f"{network.path}: a {network.arch} network, but {first.name} is a {first.arch} network: "
                 "networks for different architectures cannot be merged into one"

@@ -86,6 +86,14 @@ def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> Ne
     return NetworkInput(path, modules, infos, metadata, stray, autov3, arch)
 
 
+_ARCH_FAMILY = {"chroma": "flux"}  # Chroma is a pruned Flux: Flux-named modules fit it
+
+
+def same_family(first: str, second: str) -> bool:
+    """True when modules made for architecture `first` fit `second` (equal, or Chroma and Flux)."""
+    return _ARCH_FAMILY.get(first, first) == _ARCH_FAMILY.get(second, second)
+
+
 def detach(modules: dict[str, NetworkModule]) -> dict[str, NetworkModule]:
     """Return modules whose tensors own their memory (not views of a file map)."""
     return {name: NetworkModule(name, {k: t.clone() for k, t in m.tensors.items()}) for name, m in modules.items()}

@@ -20,7 +20,7 @@ from lytools.errors import MatchError, UnsupportedError
 from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES, byte_size, st_name
 from lytools.io.safetensors import TensorInfo
 from lytools.merge.fp8 import Fp8Layout, detect_fp8
-from lytools.merge.inputs import NetworkInput
+from lytools.merge.inputs import NetworkInput, same_family
 from lytools.merge.ratios import Ratios
 
 
@@ -184,16 +184,13 @@ class _Union:
             self.parent[root] = roots[0]
 
 
-_ARCH_FAMILY = {"chroma": "flux"}
-
-
 def _arch_hint(networks: list[NetworkInput], checkpoint_arch: str, base: Path) -> str:
     """Return "<net> is a <arch> network, <base> a <arch> checkpoint: " when a known pair differs, else ""."""
     if checkpoint_arch == "unknown":
         return ""
     for network in networks:
         arch = getattr(network, "arch", "unknown")
-        if arch != "unknown" and _ARCH_FAMILY.get(arch, arch) != _ARCH_FAMILY.get(checkpoint_arch, checkpoint_arch):
+        if arch != "unknown" and not same_family(arch, checkpoint_arch):
             return f"{network.name} is a {arch} network, {base.name} a {checkpoint_arch} checkpoint: "
     return ""
 
