@@ -271,8 +271,8 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT", help="Output for a single INPUT.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Folder for many inputs: DIR/<input name>.safetensors; with --to peft DIR/<input name>/"
-                   "adapter_model.safetensors + adapter_config.json.")
+              help="Folder for many inputs, created when missing: DIR/<input name>.safetensors; with --to peft "
+                   "DIR/<input name>/adapter_model.safetensors + adapter_config.json.")
 @click.option("--to", "target", type=click.Choice(["kohya", "diffusers", "peft"]),
               help="Key layout to write. Omit it to change only the dtype (--save-dtype) of any file, "
                    "networks and checkpoints alike, streamed tensor by tensor.")
@@ -312,7 +312,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import json
 
-    from lytools.convert import ConvertOptions, plan_outputs, run_batch
+    from lytools.convert import ConvertOptions, make_output_dir, plan_outputs, run_batch
     from lytools.io import parse_save_dtype
 
     reporter = make_reporter(quiet, verbose)
@@ -333,6 +333,8 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
                              arch=None if arch == "auto" else arch, overwrite=overwrite, fsync=fsync,
                              keep_ema=keep_ema)
     pairs = plan_outputs(sources, output, output_dir, target)
+    if output_dir is not None:
+        make_output_dir(output_dir)
 
     def done(result) -> None:
         if result.error:

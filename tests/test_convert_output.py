@@ -121,3 +121,33 @@ def test_prefetch_never_opens_a_pipe(tmp_path, monkeypatch):
     prefetch(fifo)  # returns at once: opening a pipe with no writer would block
     prefetch(tmp_path / "missing.safetensors")
     assert opened == []
+
+
+@pytest.mark.parametrize("target", ["diffusers", "peft"])
+def test_output_dir_is_created_when_missing(tmp_path, capsys, target):
+    sources = [build_network(tmp_path / f"n{i}.safetensors", "sd1", rank=4, seed=i) for i in range(2)]
+    out = tmp_path / "new" / "nested"
+    layout = ["--to", target] + (["--component", "unet"] if target == "peft" else [])
+    code, stdout, err = run_cli(capsys, "convert", *map(str, sources), "--output-dir", str(out), *layout)
+    assert code == 0, err
+    written = [out / "n0.safetensors", out / "n1.safetensors"] if target == "diffusers" else \
+        [out / f"n{i}" / "adapter_model.safetensors" for i in range(2)]
+    assert all(str(path) in stdout.splitlines() for path in written)
+    assert all(open_file(path).keys() for path in written)
+
+
+def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    source = build_network(tmp_path / "n.safetensors", "sd1", rank=4)
+    clash = tmp_path / "out"
+    clash.write_bytes(b"not a folder")
+    code, stdout, err = run_cli(capsys, "convert", str(source), "--output-dir", str(clash), "--to", "diffusers")
+    assert code == 2 and stdout == "" and "is a file" in err  # click's usage error for the option
+    assert clash.read_bytes() == b"not a folder"
+
+
+def test_output_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    source = build_network(tmp_path / "n.safetensors", "sd1", rank=4)
+    (tmp_path / "file").write_bytes(b"x")
+    code, stdout, err = run_cli(capsys, "convert", str(source), "--output-dir", str(tmp_path / "file" / "sub"),
+                                "--to", "diffusers")
+    assert code == 1 and stdout == "" and len(err.strip().splitlines()) == 1 and "cannot create the output folder" in err

@@ -37,6 +37,7 @@ Writing
         any file (network or checkpoint) with floating tensors cast, streamed tensor by tensor;
         integer tensors keep their dtype; fp8 saturates; scaled-fp8 files refused
     plan_outputs(inputs, output, output_dir, target) -> [(input, output)]   naming rule (run.py)
+    make_output_dir(output_dir)   creates a missing --output-dir (and parents), as mkdir -p
     run_batch(pairs, options, jobs=N, on_done=callback) -> [FileResult]     N processes, each result
         reported as it finishes; a failed file is a result with .error, the others still run
 
@@ -51,7 +52,7 @@ from typing import Any
 _LAZY = {
     **dict.fromkeys(("Network", "adapter_metadata", "config_scale", "load_network", "peft_config_path"), "lytools.convert.load"),
     **dict.fromkeys(("Converted", "convert_network"), "lytools.convert.write"),
-    **dict.fromkeys(("ConvertOptions", "FileResult", "cast_file", "convert_file", "output_for", "peft_paths", "plan_outputs",
+    **dict.fromkeys(("ConvertOptions", "FileResult", "cast_file", "convert_file", "make_output_dir", "output_for", "peft_paths", "plan_outputs",
                      "process", "run_batch"), "lytools.convert.run"),
 }
 

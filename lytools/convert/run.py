@@ -112,8 +112,8 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
             raise LytoolsError(f"-o takes one input ({len(sources)} given); use --output-dir DIR for many")
         pairs = [(sources[0], output)]
     else:
-        if not output_dir.is_dir():
-            raise LytoolsError(f"{output_dir}: output folder does not exist")
+        if output_dir.exists() and not output_dir.is_dir():
+            raise LytoolsError(f"{output_dir}: not a folder (--output-dir names the folder the outputs go to)")
         pairs = [(source, output_for(source, output_dir, target)) for source in sources]
     seen: dict[Path, Path] = {}
     inputs = {source.resolve() for source in sources}
@@ -126,6 +126,14 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
             raise LytoolsError(f"{out}: the output would replace its own input; choose another folder")
         seen[key] = source
     return pairs
+
+
+def make_output_dir(output_dir: Path) -> None:
+    """Create --output-dir (and its parents) when missing, as `mkdir -p` would."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LytoolsError(f"{output_dir}: cannot create the output folder ({exc.strerror or exc})") from None
 
 
 # -- metadata ----------------------------------------------------------------------------------------
