@@ -441,3 +441,40 @@ def test_dora_mode_without_dora_warns_and_dora_sums_point_to_a_checkpoint(tmp_pa
     dora = build_network(tmp_path / "dora.safetensors", "sd1", factor=16, rank=4, modules=[name], seed=2, dora=True)
     code, _, err = run_cli(capsys, "merge", str(dora), str(plain), "-o", str(tmp_path / "x.safetensors"))
     assert code == 1 and "merge them into a checkpoint" in err and "--rank" not in err
+
+
+def test_ratio_zero_warns_naming_the_input(sd1, tmp_path, capsys):
+    """A network at ratio 0 changes nothing: said on stderr (exit 0); all at 0 into a checkpoint is a plain copy."""
+    from tests.shared import run_lytools
+
+    _, ckpt, a, b = sd1
+    out = tmp_path / "zero.safetensors"
+    code, _, err = run_lytools(capsys, "merge", ckpt, a, "--ratios", "0", "-o", out)
+    assert code == 0
+    assert "warning: ratio 0 for a.safetensors: it changes nothing" in err
+    assert "every ratio is 0: the output is a plain copy of base.safetensors" in err
+    merged, base = read_all(out), read_all(ckpt)
+    assert merged.keys() == base.keys() and all(torch.equal(merged[k], base[k]) for k in base)
+    code, _, err = run_lytools(capsys, "merge", ckpt, a, b, "--ratios", "1", "0", "--dry-run")
+    assert code == 0 and "ratio 0 for b.safetensors: it changes nothing" in err
+    assert "a.safetensors" not in err and "every ratio is 0" not in err
+    code, _, err = run_lytools(capsys, "merge", ckpt, a, b, "--dry-run")
+    assert code == 0 and "ratio 0" not in err
+
+
+def test_ratio_zero_dora_under_the_lycoris_rule_still_changes_the_weight(sd1, tmp_path, capsys):
+    """LyCORIS scales only a DoRA module's magnitude by the ratio: at 0 its direction change still lands,
+    so the warning says so instead of "changes nothing" (and no "plain copy")."""
+    from tests.shared import run_lytools
+
+    _, ckpt, _, _ = sd1
+    name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    dora = build_network(tmp_path / "dora.safetensors", "sd1", factor=16, rank=4, modules=[name], seed=2, dora=True)
+    out = tmp_path / "dora0.safetensors"
+    code, _, err = run_lytools(capsys, "merge", ckpt, dora, "--ratios", "0", "-o", out)
+    assert code == 0 and "ratio 0 for dora.safetensors" in err and "1 DoRA module(s) still apply" in err
+    assert "changes nothing\n" not in err and "plain copy" not in err
+    key = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(read_all(out)[key], read_all(ckpt)[key])
+    code, _, err = run_lytools(capsys, "merge", ckpt, dora, "--ratios", "0", "--dora-mode", "comfy", "--dry-run")
+    assert code == 0 and "ratio 0 for dora.safetensors: it changes nothing" in err and "plain copy" in err

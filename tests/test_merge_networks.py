@@ -372,3 +372,15 @@ def test_rank_merge_says_a_bias_change_is_dropped(tmp_path, capsys):
     main(["merge", source, source, "--ratios", "0.5", "0.5", "--rank", "8", "-o", str(tmp_path / "r.safetensors")])
     err = capsys.readouterr().err
     assert "1 module(s) also change their layer's bias" in err and "lora_unet_down_blocks_0_attentions_0_proj_in" in err
+
+
+def test_ratio_zero_warns_naming_the_input(sd1, tmp_path, capsys):
+    from tests.shared import run_lytools
+
+    _, _, a, b = sd1
+    code, _, err = run_lytools(capsys, "merge", a, b, "--ratios", "0.5", "0", "-o", tmp_path / "ab.safetensors")
+    assert code == 0 and "warning: ratio 0 for b.safetensors: it changes nothing" in err
+    assert "a.safetensors" not in err and "every ratio is 0" not in err
+    code, _, err = run_lytools(capsys, "merge", a, b, "--ratios", "0", "0", "--dry-run")
+    assert code == 0 and "ratio 0 for a.safetensors" in err and "ratio 0 for b.safetensors" in err
+    assert "every ratio is 0: the merged network changes nothing" in err

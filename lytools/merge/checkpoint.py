@@ -150,6 +150,32 @@ def merged_metadata(
     return meta
 
 
+def zero_ratio_warnings(
+    ratios: Ratios, networks: Sequence[NetworkInput], base: Path, dora_mode: str, save_dtype: torch.dtype | None
+) -> list[str]:
+    """Return the warnings for networks merged at ratio 0 (a merge that changes nothing is worth saying).
+
+    At ratio 0 every module adds nothing, except DoRA under the LyCORIS rule: the ratio scales only
+    the magnitude there, so the full direction change still lands (ALGORITHMS.md 7).
+    """
+    zero = ratios.zero_inputs()
+    warnings, still_changing = [], False
+    for index in zero:
+        network = networks[index]
+        dora = sum(1 for info in network.infos.values() if info.dora) if dora_mode == "lycoris" else 0
+        if dora:
+            still_changing = True
+            warnings.append(f"ratio 0 for {network.name}: its other modules change nothing, but its {dora} DoRA "
+                            "module(s) still apply their full direction change (the LyCORIS rule scales only the "
+                            "magnitude by the ratio; --dora-mode comfy leaves them out at ratio 0)")
+        else:
+            warnings.append(f"ratio 0 for {network.name}: it changes nothing")
+    if zero and len(zero) == len(networks) and not still_changing:
+        cast = " (cast by --save-dtype)" if save_dtype is not None else ""
+        warnings.append(f"every ratio is 0: the output is a plain copy of {base.name}{cast}")
+    return warnings
+
+
 class _Engine:
     """Executes a CheckpointPlan against an open checkpoint."""
 
@@ -383,6 +409,8 @@ def merge_into_checkpoint(
     if given_mode is not None and not any(info.dora for n in networks for info in n.infos.values()):
         reporter.warn(f"--dora-mode {given_mode}: no network holds DoRA modules, so it changes nothing")
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
+    for text in zero_ratio_warnings(rule_set, networks, base, dora_mode, save_dtype):
+        reporter.warn(text)
     for network in networks:
         if network.stray:
             reporter.log(f"{network.name}: {len(network.stray)} key(s) outside any module ignored (first: {network.stray[0]})")

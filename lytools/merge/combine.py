@@ -451,6 +451,11 @@ def merge_networks(
     for network in networks:
         if network.stray:
             reporter.log(f"{network.name}: {len(network.stray)} key(s) outside any module not carried (first: {network.stray[0]})")
+    zero = rule_set.zero_inputs()
+    for index in zero:  # its modules are still written, as zero factors
+        reporter.warn(f"ratio 0 for {networks[index].name}: it changes nothing")
+    if zero and len(zero) == len(networks):
+        reporter.warn("every ratio is 0: the merged network changes nothing")
     by_name = _contributions(networks, rule_set)
     for text in rule_set.unused_rules():
         reporter.warn(f"--ratio-for {text} matched no module")

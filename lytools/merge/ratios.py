@@ -82,6 +82,10 @@ class Ratios:
                 self.used.add(rule.text)
         return ratio
 
+    def zero_inputs(self) -> list[int]:
+        """Return the indexes of the inputs whose ratio is 0 (whatever the rules, they add nothing)."""
+        return [index for index, ratio in enumerate(self.per_input) if ratio == 0.0]
+
     def unused_rules(self) -> list[str]:
         """Return the `--ratio-for` rules that matched no module (worth a warning)."""
         return [rule.text for rule in self.rules if rule.text not in self.used]
