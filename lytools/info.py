@@ -384,6 +384,7 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
         if net.modules and network_keys * 2 >= len(infos):
             report["kind"] = "network"
             report["architecture"] = net.arch
+            report["architecture_candidates"] = list(net.tied)  # when unknown because the modules fit several
             report["layout"] = net.layout
             report["network"] = _network_report(handle, shapes, dtypes, net, verbose)
             if net.layout in ("diffusers", "peft"):
@@ -398,9 +399,9 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
                     notes.append(f"AUTOMATIC1111 skips the OpenCLIP attention layers that hold only some of q/k/v/out "
                                  f"({len(gaps)} modules missing, e.g. {next(iter(gaps))}); lytools convert --to kohya "
                                  "completes them with zero modules")
-            # info has no --arch: the commands that write names take it
-            notes.extend(note.replace("say which with --arch", "convert takes --arch")
-                         for note in net.notes)
+            notes.extend(net.notes)
+            if net.tied:  # info has no --arch; of the commands that read networks, convert takes one
+                notes.append(f"lytools convert takes --arch ({' or '.join(net.tied)}) to read it as one of them")
         else:
             found = detect_checkpoint(shapes, detection_metadata(handle))
             report["kind"] = "checkpoint" if (found.arch != "unknown" or found.components) else "unknown"
@@ -485,6 +486,8 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
     checkpoint = report.get("checkpoint")
     if checkpoint and checkpoint.get("variant"):
         arch += f" ({checkpoint['variant']})"
+    if report.get("architecture_candidates"):
+        arch += f" ({' or '.join(report['architecture_candidates'])}: the modules fit each)"
     row("architecture", arch)
     if checkpoint:
         components = ", ".join(f"{k} [{v or 'no prefix'}]" for k, v in checkpoint["components"].items()) or "-"

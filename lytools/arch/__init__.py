@@ -23,7 +23,9 @@ Networks (network.py)
     detect_network(header | shapes, metadata=None) -> NetworkArch
         .arch (sd1 | sd2 | sdxl | sd3 | flux | unknown), .layout (kohya | lycoris | diffusers | peft |
         comfy | xlabs | mixed | unknown), .layouts, .components {unet|te|te1..: modules},
-        .modules {module: {suffix: key}}, .stray, .matched, .scale, .notes
+        .modules {module: {suffix: key}}, .stray, .matched, .scale, .notes,
+        .tied (the architectures the modules fit equally when no metadata picks one; arch is then
+        unknown and the note says so without advice: each command adds its own)
 
 Key maps (keymap.py; sd1, sd2, sdxl, flux from the manifests, sd3 by rule from its checkpoint table)
     module_table(arch) -> {kohya module name: ModuleTarget(key, kind, shape, rows, fused_shape, parts,

@@ -149,6 +149,9 @@ class NetworkArch:
     scale: int = 1
     notes: list[str] = field(default_factory=list)
     unsupported: str | None = None  # what the file is when lytools can read its header but not apply it
+    # the architectures the modules fit equally well when no metadata picks one (arch is then unknown):
+    # the commands that can be told which (convert --arch) say so in their own words
+    tied: tuple[str, ...] = ()
 
 
 def group_network_keys(names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -340,7 +343,8 @@ def detect_network(tensors: Any, metadata: Mapping[str, str] | None = None) -> N
             best_arch = claimed
             shape_hits, name_hits, scale, components = scores[claimed]
         else:
-            result.notes.append("modules fit " + " and ".join(tied) + " equally; say which with --arch")
+            result.tied = tuple(tied)
+            result.notes.append("modules fit " + " and ".join(tied) + " equally")
             return result
     result.arch, result.matched, result.scale = best_arch, shape_hits, scale
     result.components = components

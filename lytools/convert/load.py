@@ -57,6 +57,7 @@ class Network:
     peft_config: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     data_sha256: str | None = None  # AutoV3 of the input (safetensors read whole), for provenance
+    tied: tuple[str, ...] = ()  # the architectures the modules fit equally (arch unknown, none forced)
 
     def component_modules(self) -> dict[str, list[str]]:
         """Return {component: [canonical module names]} (component None: unknown)."""
@@ -301,7 +302,8 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
         metadata = dict(source.metadata or {})
         detected = names.detect_cached({name: info.shape for name, info in infos.items()}, metadata)
         arch = forced_arch or detected.arch
-        network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes))
+        network = Network(path, arch, detected.layout, {}, metadata, scale=detected.scale, notes=list(detected.notes),
+                          tied=() if forced_arch else detected.tied)
         if not detected.modules:
             return network  # not a network (a checkpoint?): nothing read beyond the header; callers decide
         if detected.unsupported:
@@ -313,6 +315,8 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None)
 
         if forced_arch and forced_arch != detected.arch and detected.arch != "unknown":
             network.notes.append(f"detected {detected.arch}, read as {forced_arch} as asked")
+        elif forced_arch and detected.tied:
+            network.notes.append(f"read as {forced_arch} as asked")
         components = adapter_metadata(metadata, path)
         peft = dict(config) if config is not None else None
         if peft is None and detected.layout == "peft":

@@ -190,6 +190,8 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
     if not net.modules:
         raise LytoolsError(f"{source}: no network modules found (a checkpoint? cast checkpoints with --save-dtype and no --to)")
     result.notes.extend(net.notes)
+    if net.tied:  # detection states the tie; this command is the one that can be told which
+        result.notes.append("say which with --arch (" + " or ".join(net.tied) + ")")
     result.details.append(f"read as a {net.layout} {net.arch} network of {len(net.modules)} modules"
                           + (f", {len(net.stray)} stray keys" if net.stray else ""))
     converted = convert_network(net, options.target, fold=options.fold, save_dtype=options.save_dtype,

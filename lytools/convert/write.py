@@ -89,13 +89,20 @@ def _many(items: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def _unknown_arch(net: Network) -> str:
+    """Why the network's architecture is unknown, in a few words."""
+    if net.tied:
+        return "its modules fit " + " and ".join(net.tied) + " equally"
+    return f"architecture not recognised ({net.arch})"
+
+
 # -- kohya --------------------------------------------------------------------------------------------
 def to_kohya(net: Network, save_dtype: torch.dtype | None = None) -> Converted:
     """Return the network in kohya/LyCORIS names: canonical modules and stray keys, dtypes cast."""
     if net.unmapped:
         raise MatchError(
             f"{net.path}: {len(net.unmapped)} modules have no kohya name for {net.arch}: {_many(net.unmapped)}"
-            + ("" if net.arch != "unknown" else " (architecture not recognised; say which with --arch)")
+            + ("" if net.arch != "unknown" else f" ({_unknown_arch(net)}; say which with --arch)")
         )
     tensors: dict[str, torch.Tensor] = {}
     created = 0
@@ -156,7 +163,7 @@ class _Piece:
 
 def _diffusers_pieces(net: Network) -> list[_Piece]:
     if net.arch not in ("sd1", "sd2", "sdxl", "sd3", "flux"):
-        raise MatchError(f"{net.path}: architecture not recognised ({net.arch}); diffusers names need one (--arch)")
+        raise MatchError(f"{net.path}: {_unknown_arch(net)}; diffusers names need one: say which with --arch")
     if net.unmapped:
         raise MatchError(f"{net.path}: {len(net.unmapped)} modules have no {net.arch} name: {_many(net.unmapped)}")
     _check_lora_only(net)
