@@ -3,7 +3,8 @@
 `inspect_file(path)` returns a JSON-ready dict; `format_report(report)` renders it for people.
 Header-only: names, shapes, dtypes and metadata come from the header; the only tensor data read
 are the 0-d `alpha` and `on_input` scalars of network modules (a few bytes each: scales cannot be
-told otherwise). Hashes (`hashes=True`) read the whole file once, streaming. Pickled checkpoints
+told otherwise) and the factors of rank-1 modules shaped like the zero modules that complete OpenCLIP
+attention layers for AUTOMATIC1111 (a few KB each: only their values tell them from trained ones). Hashes (`hashes=True`) read the whole file once, streaming. Pickled checkpoints
 (.ckpt/.pt) have no header: they are loaded with weights-only unpickling (memory-mapped).
 """
 
@@ -185,6 +186,27 @@ def _target_kind(arch: str, module: str) -> str | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
+def _all_zero(handle, key: str) -> bool:
+    try:
+        return not bool(handle.get(key).any())
+    except LytoolsError:
+        return False
+
+
+def _zero_fillers(handle, shapes: Mapping[str, tuple[int, ...]], net: NetworkArch) -> set[str]:
+    """Return the zero rank-1 modules that complete OpenCLIP attention layers for AUTOMATIC1111
+    (lytools.arch.a1111; lytools' kohya outputs hold them): they change nothing and were not trained."""
+    from lytools.arch.a1111 import OPEN_CLIP_PREFIX, fillers, may_be_filler
+
+    arches = [arch for arch in dict.fromkeys((net.arch, *net.tied)) if arch in OPEN_CLIP_PREFIX]
+    zero = {
+        module for module, suffixes in net.modules.items()
+        if any(may_be_filler(arch, module, {s: tuple(shapes[k]) for s, k in suffixes.items()}) for arch in arches)
+        and all(_all_zero(handle, suffixes[s]) for s in ("lora_down.weight", "lora_up.weight"))
+    }
+    return fillers(net.modules, zero) if zero else set()
+
+
 def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], net: NetworkArch,
                     verbose: bool) -> dict[str, Any]:
     from lytools.algos import KNOWN_SUFFIXES, describe_shapes
@@ -201,6 +223,7 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
     ignored: Counter[str] = Counter()
     blocks: dict[str, dict[str, Any]] = {}
     oft: dict[str, list[float]] = {"block_size": [], "blocks": [], "butterfly_stages": [], "constraint": []}
+    zero_fillers = _zero_fillers(handle, shapes, net)
     for module, suffixes in sorted(net.modules.items()):
         known = {s: shape for s, shape in module_shapes(suffixes, shapes).items() if s in KNOWN_SUFFIXES}
         ignored.update(s for s in suffixes if s not in KNOWN_SUFFIXES)
@@ -216,6 +239,8 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
             invalid.append(str(exc))
             continue
         algorithms[info.algo] += 1
+        if module in zero_fillers:
+            continue  # counted apart: in rank, alpha, scale and blocks they would pass for trained rank-1 modules
         if info.rank is not None:
             ranks.append(info.rank)
         if "alpha" in scalars and info.algo not in ("oft", "boft"):
@@ -262,6 +287,9 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
         "scale": _summary(scales),
         "modules_without_alpha": missing_alpha,
         "modules_with_zero_alpha": zero_alpha,
+        # zero rank-1 modules completing OpenCLIP attention layers for A1111: in modules and algorithms,
+        # not in rank, alpha, scale or blocks
+        "zero_filler_modules": len(zero_fillers),
         "oft": {key: {k: _number(v) for k, v in summary.items()} if (summary := _summary(values)) else None
                 for key, values in oft.items()} if oft["block_size"] else None,
         "conv_modules": {"kxk": conv["kxk"], "tucker": conv["tucker"], "1x1": conv["1x1"]},
@@ -501,7 +529,11 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
     if network:
         row("modules", f"{network['modules']}: {_counts(network['algorithms'])}")
         row("components", _counts(network["components"]))
-        row("rank", _range(network["rank"]))
+        rank = _range(network["rank"])
+        if network.get("zero_filler_modules"):
+            rank += (f" (and {network['zero_filler_modules']} zero rank-1 filler modules: A1111 completion of "
+                     "OpenCLIP attention layers, not counted here)")
+        row("rank", rank)
         alpha = _range(network["alpha"])
         if network["modules_without_alpha"]:
             alpha += f" ({network['modules_without_alpha']} modules without alpha: alpha = rank)"

@@ -126,6 +126,36 @@ def test_rank_alpha_summary_and_blocks(tmp_path):
     assert "per block:" in human and "unet:down_blocks_0" in human and "rank          min 2, median 8, max 8" in human
 
 
+def test_zero_modules_completing_open_clip_layers_are_counted_apart(tmp_path, capsys):
+    """lytools' kohya outputs complete SDXL te2 attention layers that hold only some of q/k/v/out with zero
+    rank-1 modules (for A1111): info counts them apart instead of reporting rank 1 and alpha 1 modules."""
+    layer = "lora_te2_text_model_encoder_layers_{}_self_attn_{}_proj"
+    trained = [layer.format(0, "q"), layer.format(0, "v"), layer.format(1, "k"), "lora_te2_text_model_encoder_layers_2_mlp_fc1",
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"]
+    source = testing.build_network(tmp_path / "partial.safetensors", "sdxl", rank=4, alpha=2.0, modules=trained, factor=16)
+    completed = tmp_path / "completed.safetensors"
+    assert CliRunner().invoke(cli, ["convert", str(source), "-o", str(completed), "--to", "kohya"]).exit_code == 0
+    assert len(read_header(completed).tensors) == 3 * (len(trained) + 5)  # 2 + 3 parts completed
+    [report] = info_json(completed, extra=["--verbose"])
+    network = report["network"]
+    assert network["zero_filler_modules"] == 5 and network["modules"] == len(trained) + 5
+    assert network["rank"] == {"min": 4, "median": 4, "max": 4} and network["alpha"] == {"min": 2, "median": 2, "max": 2}
+    assert network["scale"] == {"min": 0.5, "median": 0.5, "max": 0.5}
+    assert network["blocks"]["te2:layers_1"]["rank"] == {"min": 4, "median": 4, "max": 4}
+    human = run_info(completed).stdout
+    assert "rank          4 (and 5 zero rank-1 filler modules: A1111 completion" in human
+    # the same names and shapes with values are trained rank-1 modules, and so is a layer of zero modules only
+    tensors = load_file(completed)
+    tensors[f"{layer.format(0, 'k')}.lora_up.weight"] += 1
+    for part in ("q", "k", "v", "out"):
+        tensors[f"{layer.format(5, part)}.lora_down.weight"] = torch.zeros(1, 80, dtype=torch.float16)
+        tensors[f"{layer.format(5, part)}.lora_up.weight"] = torch.zeros(80, 1, dtype=torch.float16)
+        tensors[f"{layer.format(5, part)}.alpha"] = torch.tensor(1.0, dtype=torch.float16)
+    write_safetensors(tmp_path / "edited.safetensors", tensors)
+    network = info_json(tmp_path / "edited.safetensors")[0]["network"]
+    assert network["zero_filler_modules"] == 4 and network["rank"]["min"] == 1
+
+
 def test_block_labels():
     assert block_of("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") == "unet:input_blocks_4"
     assert block_of("lora_te2_text_model_encoder_layers_31_mlp_fc1") == "te2:layers_31"

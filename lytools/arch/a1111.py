@@ -12,7 +12,7 @@ loader then applies the same weights, A1111 included.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Collection, Iterable, Mapping
 
 from lytools.arch.network import ALPHA, LORA_DOWN, LORA_UP, _io, split_network_key
 
@@ -42,6 +42,24 @@ def missing_attention_parts(arch: str, modules: Iterable[str]) -> dict[str, str]
             if name not in present:
                 missing[name] = sorted(present)[0]
     return missing
+
+
+def may_be_filler(arch: str, name: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether a module has the name and shapes of complete_attention_layers' zero modules in `arch` (an
+    OpenCLIP attention part with lora_down [1, in], lora_up [out, 1] and alpha only); its values decide."""
+    prefix = OPEN_CLIP_PREFIX.get(arch)
+    if prefix is None or not name.startswith(prefix) or not _ATTENTION.match(name) or set(shapes) != {LORA_DOWN, LORA_UP, ALPHA}:
+        return False
+    down, up = shapes[LORA_DOWN], shapes[LORA_UP]
+    return len(down) == 2 and len(up) == 2 and down[0] == 1 and up[1] == 1
+
+
+def fillers(modules: Iterable[str], zero: Collection[str]) -> set[str]:
+    """Return the modules of `zero` (may_be_filler modules whose factors are all zero) that share their
+    attention layer with a module not in `zero`: the zero modules a completed layer holds. (A layer of
+    zero modules only was not completed by anyone: nothing in it was trained.)"""
+    trained = {found.group(1) for name in modules if name not in zero and (found := _ATTENTION.match(name))}
+    return {name for name in zero if (found := _ATTENTION.match(name)) and found.group(1) in trained}
 
 
 def _modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
