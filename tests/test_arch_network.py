@@ -152,3 +152,58 @@ def test_one_width_modules_are_placed_by_that_width(algo):
             tensors[f"{name}.oft_blocks"] = torch.zeros(out // 4, 4, 4)
     found = detect_network(tensors)
     assert (found.arch, found.scale) == ("sd1", 8), found.notes
+
+
+def _text_encoders(arch: str, components: list[str], rename: tuple[str, str] | None = None) -> dict:
+    """Shapes of a kohya network of `arch`'s text encoders only (factor 8; `rename` a prefix)."""
+    plan = testing.network_plan(arch, components=components, factor=8, optional=("train_t5xxl",))
+    shapes = {entry.name: entry.shape for entry in plan.entries}
+    if rename:
+        shapes = {name.replace(rename[0], rename[1], 1): shape for name, shape in shapes.items()}
+    return shapes
+
+
+@pytest.mark.parametrize(
+    "arch,components,rename,expected,tied",
+    [
+        # OneTrainer's Flux T5 is lora_te2_ with T5 module names: no CLIP-G has those
+        ("flux", ["te1", "te3"], ("lora_te3_", "lora_te2_"), "flux", ()),
+        ("sd3", ["te1", "te2", "te3"], None, "sd3", ()),
+        # CLIP-L and CLIP-G are the same models in SDXL and SD3; T5 (sd-scripts' lora_te3_) in SD3 and Flux
+        ("sdxl", ["te1", "te2"], None, "unknown", ("sdxl", "sd3")),
+        ("sd3", ["te1", "te2"], None, "unknown", ("sdxl", "sd3")),
+        ("flux", ["te1", "te3"], None, "unknown", ("sd3", "flux")),
+        ("sdxl", ["te1"], None, "unknown", ("sdxl", "sd3", "flux")),
+    ],
+)
+def test_text_encoder_only_networks(arch, components, rename, expected, tied):
+    found = detect_network(_text_encoders(arch, components, rename))
+    assert (found.arch, found.tied) == (expected, tied)
+    assert found.matched == (len(found.modules) if expected != "unknown" else 0)
+
+
+@pytest.mark.parametrize(
+    "components,metadata,expected",
+    [
+        (["te1", "te2"], {"modelspec.architecture": "stable-diffusion-3-medium/lora"}, "sd3"),
+        (["te1", "te2"], {"ss_base_model_version": "sdxl_base_v1-0"}, "sdxl"),
+        (["te1", "te2"], {"ss_base_model_version": "5-large"}, "sd3"),
+        (["te1", "te3"], {"ss_base_model_version": "flux1"}, "flux"),
+        (["te1", "te3"], {"modelspec.architecture": "stable-diffusion-3-5-large/lora"}, "sd3"),
+        # Chroma networks use Flux's names: its claim picks flux (it was left a tie)
+        (["te3"], {"ss_base_model_version": "chroma"}, "flux"),
+        (["te1"], {"modelspec.architecture": "flux-1-dev/lora"}, "flux"),
+    ],
+)
+def test_metadata_breaks_text_encoder_ties(components, metadata, expected):
+    found = detect_network(_text_encoders("sd3", components), metadata)
+    assert (found.arch, found.tied, found.notes) == (expected, (), [])
+
+
+def test_metadata_outside_a_tie_leaves_it_and_chroma_is_not_a_contradiction(tmp_path):
+    tie = detect_network(_text_encoders("sdxl", ["te1", "te2"]), {"ss_base_model_version": "sd_v1"})
+    assert (tie.arch, tie.tied) == ("unknown", ("sdxl", "sd3"))
+    flux = testing.build_network(tmp_path / "flux.safetensors", "flux", factor=16, components=["unet"])
+    found = detect_network(read_header(flux).tensors, {"ss_base_model_version": "chroma"})
+    assert (found.arch, found.notes) == ("flux", [])
+    assert "metadata says sd3" in detect_network(read_header(flux).tensors, {"ss_base_model_version": "medium"}).notes[0]

@@ -299,6 +299,10 @@ def _score(modules: Mapping[str, Mapping[str, Shape]], arch: str) -> tuple[int, 
     return max(best, 0), len(hits), best_scale, components
 
 
+# a claimed architecture -> the one whose module names its networks use (Chroma, a pruned Flux: Flux's)
+_NAMES_OF = {"chroma": "flux"}
+
+
 def detect_network(tensors: Any, metadata: Mapping[str, str] | None = None) -> NetworkArch:
     """Return the architecture, layout and modules of a network file from its header."""
     shapes = shapes_of(tensors)
@@ -334,14 +338,15 @@ def detect_network(tensors: Any, metadata: Mapping[str, str] | None = None) -> N
     ranked = sorted(scores.items(), key=lambda item: (item[1][0], item[1][1]), reverse=True)
     best_arch, (shape_hits, name_hits, scale, components) = ranked[0]
     claimed = arch_from_metadata(metadata or {})
+    named = _NAMES_OF.get(claimed, claimed)
     if name_hits == 0:
         result.notes.append("no module name matches a known architecture")
         return result
     tied = [arch for arch, score in ranked if score[:2] == (shape_hits, name_hits)]
     if len(tied) > 1:
-        if claimed in tied:
-            best_arch = claimed
-            shape_hits, name_hits, scale, components = scores[claimed]
+        if named in tied:
+            best_arch = named
+            shape_hits, name_hits, scale, components = scores[named]
         else:
             result.tied = tuple(tied)
             result.notes.append("modules fit " + " and ".join(tied) + " equally")
@@ -351,6 +356,6 @@ def detect_network(tensors: Any, metadata: Mapping[str, str] | None = None) -> N
     unmatched = len(modules_keys) - name_hits
     if unmatched:
         result.notes.append(f"{unmatched} module names are not in the {best_arch} tables (full-preset or foreign)")
-    if claimed and claimed != best_arch:
+    if claimed and named != best_arch:
         result.notes.append(f"metadata says {claimed} but the shapes fit {best_arch}; trusting the shapes")
     return result
