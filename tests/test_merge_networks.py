@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from lytools.cli import cli
 from lytools.errors import LytoolsError, NetworkError
-from lytools.io import open_file, sd_scripts_hashes, write_safetensors
+from lytools.io import open_file, read_header, sd_scripts_hashes, write_safetensors
 from lytools.merge import merge_into_checkpoint, merge_networks, run_merge
 from lytools.merge.combine import power_split, svd_factors
 from lytools.merge.ratios import Ratios, parse_ratios
@@ -384,3 +384,45 @@ def test_ratio_zero_warns_naming_the_input(sd1, tmp_path, capsys):
     code, _, err = run_lytools(capsys, "merge", a, b, "--ratios", "0", "0", "--dry-run")
     assert code == 0 and "ratio 0 for a.safetensors" in err and "ratio 0 for b.safetensors" in err
     assert "every ratio is 0: the merged network changes nothing" in err
+
+
+def written_ranks(path: Path) -> dict[str, set]:
+    """Return {"linear"/"conv": {(rank, alpha)}} from the tensors of a kohya LoRA file (kxk convs apart)."""
+    tensors = read_all(path)
+    found: dict[str, set] = {"linear": set(), "conv": set()}
+    for key, down in tensors.items():
+        if key.endswith(".lora_down.weight") and down.abs().sum() > 0:  # not an A1111 zero completion
+            name = key[: -len(".lora_down.weight")]
+            kind = "conv" if down.dim() == 4 and down.shape[2:] != (1, 1) else "linear"
+            found[kind].add((down.shape[0], float(tensors[f"{name}.alpha"])))
+    return found
+
+
+def test_network_metadata_describes_the_ranks_and_alphas_written(tmp_path):
+    """ss_network_dim/alpha: the linear modules' rank and stored alpha, conv_dim/conv_alpha in ss_network_args,
+    "Dynamic" only where the written modules differ (sd-scripts convention), concatenated or re-factored."""
+    a = build_network(tmp_path / "a.safetensors", "sd1", factor=16, rank=4, alpha=2.0, modules="c3lier", seed=1,
+                      metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0",
+                                "ss_network_args": json.dumps({"conv_dim": "4", "conv_alpha": "2.0", "dropout": "0.1"})})
+    b = build_network(tmp_path / "b.safetensors", "sd1", factor=16, rank=6, alpha=3.0, conv_rank=2, modules="c3lier", seed=2)
+    out = tmp_path / "ab.safetensors"
+    for options, dim, conv_dim in (({}, 10, 6), ({"rank": 8}, 8, 6), ({"rank": 8, "conv_rank": 3}, 8, 3)):
+        merge_networks([a, b], out, ratios=[0.5, -1.0], overwrite=True, **options)
+        meta = read_header(out).metadata
+        assert written_ranks(out) == {"linear": {(dim, float(dim))}, "conv": {(conv_dim, float(conv_dim))}}, options
+        assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == (str(dim), f"{dim}.0"), options
+        args = json.loads(meta["ss_network_args"])
+        assert args == {"conv_dim": str(conv_dim), "conv_alpha": f"{conv_dim}.0", "dropout": "0.1"}, options
+    # a LoHa copied with its own alpha beside concatenated LoRAs (alpha = rank): one rank, alphas that differ
+    loha = build_network(tmp_path / "loha.safetensors", "sd1", factor=16, rank=4, alpha=1.0, algo="loha",
+                         modules=["lora_te_text_model_encoder_layers_0_mlp_fc1"], seed=3)
+    lora = build_network(tmp_path / "lora.safetensors", "sd1", factor=16, rank=4, alpha=1.0,
+                         modules=["lora_te_text_model_encoder_layers_1_mlp_fc1"], seed=4)
+    merge_networks([loha, lora], out, overwrite=True)
+    meta = read_header(out).metadata
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "Dynamic")
+    lierla = build_network(tmp_path / "l.safetensors", "sd1", factor=16, rank=4, modules="lierla", seed=5)
+    merge_networks([lierla, b], out, overwrite=True)  # ranks 4 + 6 where both have a module, 6 elsewhere
+    meta = read_header(out).metadata
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("Dynamic", "Dynamic")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}

@@ -69,6 +69,8 @@ class ModuleResult:
     method: str  # concat | copy | svd
     rank: int | None
     kept: float | None = None  # share of the Frobenius norm kept by the SVD
+    conv: bool = False  # a kxk (k > 1) conv: its rank is sd-scripts' conv_dim, not network_dim
+    alpha: float | None = None  # the alpha written (rank when the module stores none), once merged
 
     def as_dict(self) -> dict:
         result = {"module": self.name, "inputs": self.sources, "method": self.method, "rank": self.rank}
@@ -370,12 +372,9 @@ def merged_network_metadata(
         spec.pop("modelspec.prediction_type", None)
     for key, value in spec.items():
         meta.setdefault(key, value)
-    ranks = sorted({m.rank for m in results if m.rank is not None})
-    all_lora = all(m.method in ("concat", "svd") for m in results)
-    if all_lora:
+    if all(m.method in ("concat", "svd") for m in results):
         meta["ss_network_module"] = "networks.lora"
-        meta["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
-        meta["ss_network_alpha"] = str(float(ranks[0])) if len(ranks) == 1 else "Dynamic"
+    meta.update(rank_metadata(results, meta.get("ss_network_args")))
     names = [f"{n.name} x {ratios.per_input[i]:g}" for i, n in enumerate(networks)]
     how = f"re-factored to rank {rank}" if rank is not None else "concatenated exactly"
     comment = f"merged from {', '.join(names)} ({how})"
@@ -389,6 +388,41 @@ def merged_network_metadata(
         sources.append(entry)
     meta = add_provenance(meta, sources=sources)
     meta["lytools.merge"] = json.dumps({**ratios.describe(), "rank": rank}, separators=(",", ":"))
+    return meta
+
+
+def _one_value(values: set) -> str | None:
+    return str(next(iter(values))) if len(values) == 1 else None
+
+
+def rank_metadata(results: Sequence[ModuleResult], network_args: str | None) -> dict[str, str]:
+    """Return ss_network_dim/ss_network_alpha and ss_network_args' conv_dim/conv_alpha for the merged modules.
+
+    As sd-scripts writes them: network_dim is the rank of the linear (and 1x1 conv) modules, conv_dim that of
+    the kxk convs; the alphas are the ones stored, so dim and alpha give the scale the file holds. "Dynamic"
+    only where the modules differ. Keys with nothing to describe (no module with a rank) are left alone.
+    """
+    ranked = [m for m in results if m.rank is not None]
+    linear = [m for m in ranked if not m.conv]
+    conv = [m for m in ranked if m.conv]
+    meta: dict[str, str] = {}
+    if linear:
+        meta["ss_network_dim"] = _one_value({m.rank for m in linear}) or "Dynamic"
+        meta["ss_network_alpha"] = _one_value({float(m.alpha) for m in linear if m.alpha is not None}) or "Dynamic"
+    try:
+        args = json.loads(network_args) if network_args else {}
+    except ValueError:
+        return meta  # not ours to rewrite
+    if not isinstance(args, dict):
+        return meta
+    if conv:
+        args["conv_dim"] = _one_value({m.rank for m in conv}) or "Dynamic"
+        args["conv_alpha"] = _one_value({float(m.alpha) for m in conv if m.alpha is not None}) or "Dynamic"
+    elif ranked:
+        args.pop("conv_dim", None)  # no kxk conv module left
+        args.pop("conv_alpha", None)
+    if args or network_args is not None:
+        meta["ss_network_args"] = json.dumps(args)
     return meta
 
 
@@ -471,9 +505,10 @@ def merge_networks(
                       f"{', ...' if len(biased) > 3 else ''})")
     dtype = _output_dtype(networks, save_dtype)
     for name, parts in by_name.items():
-        result.modules.append(
-            ModuleResult(name, [p.network for p in parts], methods[name], _planned_rank(parts, methods[name], rank, conv_rank))
-        )
+        result.modules.append(ModuleResult(
+            name, [p.network for p in parts], methods[name], _planned_rank(parts, methods[name], rank, conv_rank),
+            conv=any(p.info.is_conv for p in parts),
+        ))
     result.output_bytes = _estimate_bytes(by_name, result.modules, dtype)
     if dry_run or output is None:
         result.seconds = time.perf_counter() - started
@@ -488,6 +523,8 @@ def merge_networks(
             produced = _copy(parts[0])
         else:
             produced, item.kept = _svd(parts, item.rank, where, torch.float32)
+        if item.rank is not None:
+            item.alpha = float(produced[ALPHA]) if ALPHA in produced else float(item.rank)
         for suffix, tensor in produced.items():
             if suffix != ALPHA and tensor.is_floating_point():
                 # a copied module keeps its own dtypes unless --save-dtype says otherwise
