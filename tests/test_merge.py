@@ -130,7 +130,6 @@ def test_metadata_keeps_base_and_records_sources(sd1, tmp_path):
     merge_into_checkpoint(ckpt, [a, b], out, ratios=[0.5, -0.3])
     with open_file(out) as handle:
         meta = handle.metadata
-    assert meta["modelspec.title"] == "base model"
     assert "sshs_model_hash" not in meta  # stale hashes are never copied forward
     sources = json.loads(meta["lytools.sources"])
     assert [s["name"] for s in sources] == ["base.safetensors", "a.safetensors", "b.safetensors"]
@@ -478,3 +477,31 @@ def test_ratio_zero_dora_under_the_lycoris_rule_still_changes_the_weight(sd1, tm
     assert not torch.equal(read_all(out)[key], read_all(ckpt)[key])
     code, _, err = run_lytools(capsys, "merge", ckpt, dora, "--ratios", "0", "--dora-mode", "comfy", "--dry-run")
     assert code == 0 and "ratio 0 for dora.safetensors: it changes nothing" in err and "plain copy" in err
+
+
+def test_checkpoint_modelspec_is_dated_titled_and_lists_what_was_merged(sd1, tmp_path):
+    """FORMATS.md 5.3: a base's modelspec gets date now, the output's title and merged_from (sd-scripts'
+    merge lists the base first); a base without a modelspec gets none; other keys are kept."""
+    from datetime import datetime
+
+    _, ckpt, a, b = sd1
+    dated = tmp_path / "dated.safetensors"
+    old = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": "base model", "modelspec.date": "2023-01-01T00:00:00",
+           "modelspec.architecture": "stable-diffusion-v1", "modelspec.author": "someone"}
+    write_safetensors(dated, read_all(ckpt), old)
+    out = tmp_path / "my merge.safetensors"
+    before = datetime.now().replace(microsecond=0)
+    merge_into_checkpoint(dated, [a, b], out, ratios=[0.5, -0.3])
+    with open_file(out) as handle:
+        meta = handle.metadata
+    assert meta["modelspec.title"] == "my merge"
+    assert before <= datetime.fromisoformat(meta["modelspec.date"]) <= datetime.now()
+    assert len(meta["modelspec.date"]) == len("2023-01-01T00:00:00")
+    assert meta["modelspec.merged_from"] == "dated.safetensors, a.safetensors, b.safetensors"
+    assert meta["modelspec.author"] == "someone" and meta["modelspec.architecture"] == "stable-diffusion-v1"
+    plain = tmp_path / "plain.safetensors"
+    write_safetensors(plain, read_all(ckpt), {"format": "pt"})
+    merge_into_checkpoint(plain, [a], tmp_path / "plain-out.safetensors")
+    with open_file(tmp_path / "plain-out.safetensors") as handle:
+        assert not [key for key in handle.metadata if key.startswith("modelspec.")]
+        assert handle.metadata["format"] == "pt"

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -137,15 +138,26 @@ def compute_threads(device: torch.device) -> int:
 
 
 def merged_metadata(
-    base_meta: dict[str, str], base: Path, base_hash: str | None, networks: Sequence[NetworkInput], ratios: Ratios
+    base_meta: dict[str, str], base: Path, base_hash: str | None, networks: Sequence[NetworkInput], ratios: Ratios,
+    *, title: str | None = None, date: str | None = None,
 ) -> dict[str, str]:
-    """Return the base's metadata (minus stale hashes) plus what was merged (lytools.*)."""
+    """Return the base's metadata (minus stale hashes) plus what was merged (lytools.*).
+
+    A base that carries a modelspec gets it updated as FORMATS.md 5.3 asks and sd-scripts' merge does:
+    dated `date` (default now), titled `title` (the output's name), `merged_from` the base and the
+    networks. A base without one gets none (a checkpoint's modelspec is not ours to invent).
+    """
     sources = [source_entry(base, base_hash)]
     for index, network in enumerate(networks):
         entry = dict(source_entry(network.path, network.autov3))
         entry["ratio"] = format(ratios.per_input[index], "g")
         sources.append(entry)
-    meta = add_provenance(carried(base_meta), sources=sources)
+    meta = carried(base_meta)
+    if title is not None and any(key.startswith("modelspec.") for key in meta):
+        meta["modelspec.date"] = date or datetime.now().replace(microsecond=0).isoformat()
+        meta["modelspec.title"] = title
+        meta["modelspec.merged_from"] = ", ".join([base.name, *(network.name for network in networks)])
+    meta = add_provenance(meta, sources=sources)
     meta["lytools.merge"] = json.dumps(ratios.describe(), separators=(",", ":"))
     return meta
 
@@ -445,7 +457,10 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
     hasher = None
     if isinstance(reader, SafetensorsFile):
         hasher = DataHashThread(reader.path, reader.header.data_start)
-    metadata = merged_metadata(dict(reader.metadata), plan.base, HASH_PLACEHOLDER if hasher else None, networks, rule_set)
+    # planned with a placeholder hash, patched once the base is hashed: the same date both times
+    dated = dict(title=output.stem, date=datetime.now().replace(microsecond=0).isoformat())
+    metadata = merged_metadata(dict(reader.metadata), plan.base, HASH_PLACEHOLDER if hasher else None, networks,
+                               rule_set, **dated)
     entries = [plan_entry(name, dtype, plan.shapes[name]) for name, dtype in plan.out_dtypes.items()]
     if isinstance(reader, DiffusersFolder):  # a folder like the base, each component's file streamed
         writer = FolderWriter(output, reader, entries, metadata, overwrite=overwrite)
@@ -480,7 +495,8 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
                 if hasher.error is not None:
                     raise LytoolsError(f"{plan.base}: read error while hashing ({hasher.error})")
                 base_hash = hasher.digest
-                writer.patch_metadata(merged_metadata(dict(reader.metadata), plan.base, base_hash, networks, rule_set))
+                writer.patch_metadata(merged_metadata(dict(reader.metadata), plan.base, base_hash, networks, rule_set,
+                                                      **dated))
     except BaseException:
         if hasher:
             hasher.cancel()
