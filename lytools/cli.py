@@ -40,12 +40,12 @@ keep_ema_option = click.option("--keep-ema", is_flag=True,
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 
 
-def save_dtype_option(default: str | None = None, fp8: bool = False):
+def save_dtype_option(default: str | None = None, fp8: bool = False, default_help: str = "the input's dtype"):
     choices = ["fp32", "fp16", "bf16"] + (["fp8_e4m3", "fp8_e5m2"] if fp8 else [])
     return click.option(
         "--save-dtype", type=click.Choice(choices), default=default, show_default=default is not None,
         help="dtype of floating tensors written (integer tensors keep theirs)"
-        + ("" if default else "; default: the input's dtype") + ".",
+        + ("" if default else f"; default: {default_help}") + ".",
     )
 
 
@@ -195,7 +195,8 @@ from lytools.merge.options import ratios_option  # noqa: E402  (click plumbing f
                    "base + ratio x (full DoRA result - base)). Both agree at ratio 1.")
 @keep_ema_option
 @device_option
-@save_dtype_option()
+@save_dtype_option(default_help="the checkpoint's dtypes; networks into one network: the widest float dtype of "
+                                "their factors, fp16 when all are fp8")
 @overwrite_option
 @json_option
 @verbosity_options

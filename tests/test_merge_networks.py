@@ -426,3 +426,42 @@ def test_network_metadata_describes_the_ranks_and_alphas_written(tmp_path):
     meta = read_header(out).metadata
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("Dynamic", "Dynamic")
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
+
+
+def test_network_merge_output_dtype_is_the_widest_input_float_never_fp8(tmp_path):
+    """Without --save-dtype: the widest float dtype of the inputs' factors; fp8 factors (stacked with ratios
+    folded in) are not a default output dtype: float16 when every input is fp8, fp8 copies widened too."""
+    fc1, fc2 = "lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te_text_model_encoder_layers_0_mlp_fc2"
+
+    def net(name, dtype, modules=(fc1,), **options):
+        return build_network(tmp_path / f"{name}.safetensors", "sd1", factor=16, rank=4, alpha=2.0, modules=list(modules),
+                             dtype=dtype, seed=len(name), **options)
+
+    def dtypes(path):
+        return {key: tensor.dtype for key, tensor in read_all(path).items()}
+
+    fp8 = net("fp8", torch.float8_e4m3fn)
+    fp8_loha = net("fp8loha", torch.float8_e5m2, modules=(fc2,), algo="loha")
+    half = net("half", torch.float16)
+    full = net("full", torch.float32)
+    out = tmp_path / "out.safetensors"
+    merge_networks([fp8, half], out, ratios=[0.5, 1.0])
+    written = dtypes(out)
+    assert written[f"{fc1}.lora_up.weight"] == written[f"{fc1}.lora_down.weight"] == torch.float16
+    merge_networks([fp8, fp8_loha], out, ratios=[0.5, 0.7], overwrite=True)
+    written = dtypes(out)
+    assert {d for k, d in written.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert not any(d.itemsize == 1 for d in written.values())  # the copied LoHa's alpha too
+    merge_networks([half, full], out, overwrite=True)
+    assert dtypes(out)[f"{fc1}.lora_up.weight"] == torch.float32
+    merge_networks([full, fp8], out, save_dtype=torch.bfloat16, overwrite=True)
+    assert dtypes(out)[f"{fc1}.lora_up.weight"] == torch.bfloat16
+    # the change survives: fp8 factors times 0.5, stacked, read back as float16
+    up = read_all(fp8)[f"{fc1}.lora_up.weight"].float()
+    down = read_all(fp8)[f"{fc1}.lora_down.weight"].float()
+    merge_networks([fp8], out, ratios=[0.3], overwrite=True)
+    merged = read_all(out)
+    assert merged[f"{fc1}.lora_up.weight"].dtype == torch.float16
+    torch.testing.assert_close(lora_change(merged, fc1), 0.3 * (up @ down) * 0.5, rtol=2e-3, atol=1e-5)
+    help_text = " ".join(CliRunner().invoke(cli, ["merge", "--help"]).output.split())
+    assert "the widest float dtype of their factors, fp16 when all are fp8" in help_text

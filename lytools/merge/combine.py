@@ -31,7 +31,7 @@ from lytools.device import resolve_device
 from lytools.errors import NetworkError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
-from lytools.io.dtypes import saturating_cast
+from lytools.io.dtypes import FP8_NAMES, saturating_cast, st_name
 from lytools.io.metadata import add_provenance, carried, network_modelspec, source_entry
 from lytools.merge.inputs import NetworkInput, load_network_input, same_family
 from lytools.merge.ratios import Ratios
@@ -426,15 +426,25 @@ def rank_metadata(results: Sequence[ModuleResult], network_args: str | None) -> 
     return meta
 
 
+def _is_fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and st_name(dtype) in FP8_NAMES
+
+
 def _output_dtype(networks: Sequence[NetworkInput], save_dtype: torch.dtype | None) -> torch.dtype:
+    """Return --save-dtype, else the widest float dtype of the inputs' factors (the first of equal widths) other
+    than fp8: fp8 factors scaled by their ratios and stacked lose what fp8 cannot hold, so fp8-only inputs give
+    float16."""
     if save_dtype is not None:
         return save_dtype
+    widest: torch.dtype | None = None
     for network in networks:
         for module in network.modules.values():
             for suffix, tensor in module.tensors.items():
-                if suffix not in (ALPHA, DORA_SCALE) and tensor.is_floating_point():  # magnitudes: often float32
-                    return tensor.dtype
-    return torch.float16
+                if suffix in (ALPHA, DORA_SCALE) or not tensor.is_floating_point() or _is_fp8(tensor.dtype):
+                    continue  # magnitudes: often float32 whatever the factors are
+                if widest is None or tensor.dtype.itemsize > widest.itemsize:
+                    widest = tensor.dtype
+    return widest or torch.float16
 
 
 def check_same_architecture(networks: Sequence[NetworkInput]) -> None:
@@ -526,9 +536,12 @@ def merge_networks(
         if item.rank is not None:
             item.alpha = float(produced[ALPHA]) if ALPHA in produced else float(item.rank)
         for suffix, tensor in produced.items():
-            if suffix != ALPHA and tensor.is_floating_point():
-                # a copied module keeps its own dtypes unless --save-dtype says otherwise
-                target = dtype if item.method != "copy" or save_dtype is not None else parts[0].module.tensors[suffix].dtype
+            if suffix == ALPHA and _is_fp8(tensor.dtype):  # a copied fp8 module's alpha: float32, exactly
+                tensor = tensor.float()
+            elif suffix != ALPHA and tensor.is_floating_point():
+                # a copied module keeps its own dtypes (fp8 aside) unless --save-dtype says otherwise
+                own = parts[0].module.tensors[suffix].dtype if item.method == "copy" else dtype
+                target = own if save_dtype is None and not _is_fp8(own) else dtype
                 # cast once; values beyond the dtype's range saturate (fp16: never an inf), said below
                 tensor, beyond = saturating_cast(tensor, target)
                 if beyond:
@@ -555,7 +568,7 @@ def _estimate_bytes(by_name: dict[str, list[Contribution]], modules: Sequence[Mo
         parts = by_name[item.name]
         if item.method == "copy":
             tensors = parts[0].module.tensors
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            total += sum(t.numel() * (size if _is_fp8(t.dtype) else t.element_size()) for t in tensors.values())
             total += sum(_header_entry(item.name, suffix) for suffix in tensors)
             continue
         shape = _delta_shape(parts)
