@@ -505,3 +505,31 @@ def test_checkpoint_modelspec_is_dated_titled_and_lists_what_was_merged(sd1, tmp
     with open_file(tmp_path / "plain-out.safetensors") as handle:
         assert not [key for key in handle.metadata if key.startswith("modelspec.")]
         assert handle.metadata["format"] == "pt"
+
+
+def test_pickled_base_is_unpickled_once(sd1, tmp_path, monkeypatch):
+    """run_merge reads the first input's kind, merges and --verify's from one opening: a pickled base (slow,
+    possibly read whole into memory) is unpickled once, not once per step."""
+    import lytools.io.pickled as pickled
+
+    _, ckpt, a, _ = sd1
+    base = tmp_path / "base.ckpt"
+    torch.save({"state_dict": read_all(ckpt), "global_step": 10}, base)
+    opened: list[str] = []
+    original = pickled.load_pickled_state_dict
+
+    def counting(path):
+        opened.append(Path(path).name)
+        return original(path)
+
+    monkeypatch.setattr(pickled, "load_pickled_state_dict", counting)
+    run_merge([base, a], tmp_path / "dry.safetensors", dry_run=True)
+    assert opened == ["base.ckpt"]
+    opened.clear()
+    out = tmp_path / "out.safetensors"
+    result = run_merge([base, a], out, verify=True)
+    assert opened == ["base.ckpt"]
+    assert result.verification.checked and not result.verification.failures
+    merge_into_checkpoint(ckpt, [a], tmp_path / "from-st.safetensors")
+    from_st = read_all(tmp_path / "from-st.safetensors")
+    assert all(torch.equal(tensor, from_st[key]) for key, tensor in read_all(out).items())

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lytools.errors import LytoolsError, UsageError
-from lytools.io import check_output_path, removed_on_failure
+from lytools.io import check_output_path, open_file, removed_on_failure
 from lytools.io.folders import check_folder_output, lone_shard
 from lytools.ui import QUIET, Reporter
 
@@ -70,7 +70,7 @@ def run_merge(
     """Merge `inputs` into `output`: a checkpoint first means networks into it, else networks into one."""
     from lytools.merge.checkpoint import merge_into_checkpoint
     from lytools.merge.combine import merge_networks
-    from lytools.merge.inputs import file_kind, load_network_input
+    from lytools.merge.inputs import file_kind, kind_of, load_network_input
     from lytools.merge.ratios import Ratios
 
     paths = [Path(p) for p in inputs]
@@ -83,34 +83,37 @@ def run_merge(
             check_folder_output(Path(output), overwrite)
         else:
             check_output_path(output, overwrite)
-    kinds = [file_kind(path) for path in paths]
-    empty = [p for p, k in zip(paths, kinds) if k == "empty"]
-    if empty:  # neither a checkpoint nor a network ("only the first input may be a checkpoint" before)
-        raise LytoolsError(f"{empty[0]}: holds no tensors")
-    later_checkpoints = [p.name for p, k in zip(paths[1:], kinds[1:]) if k == "checkpoint"]
-    if later_checkpoints:
-        raise LytoolsError(f"{later_checkpoints[0]}: only the first input may be a checkpoint (networks follow it)")
-    if kinds[0] == "checkpoint":
-        problem = lone_shard(paths[0])  # merging into one shard would miss every module of the others
-        if problem:
-            raise LytoolsError(problem)
-        if len(paths) < 2:
-            raise LytoolsError(f"{paths[0].name}: a checkpoint alone: give the networks to merge into it")
-        if rank is not None or conv_rank is not None:
-            raise UsageError("--rank/--conv-rank apply when merging networks into one network, not into a checkpoint")
-        result = merge_into_checkpoint(
-            paths[0], paths[1:], output, ratios=ratios, ratio_for=ratio_for, allow_unmatched=allow_unmatched,
-            save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite,
-            dora_mode=dora_mode, keep_ema=keep_ema, reporter=reporter,
-        )
-        if verify and not dry_run:
-            from lytools.merge.verify import verify_checkpoint
+    # the first input is opened once, for its kind and, when it is the checkpoint, for the merge and
+    # --verify: a pickled base is unpickled once
+    with open_file(paths[0], keep_ema=keep_ema) as first:
+        kinds = [kind_of(first.keys())] + [file_kind(path) for path in paths[1:]]
+        empty = [p for p, k in zip(paths, kinds) if k == "empty"]
+        if empty:  # neither a checkpoint nor a network ("only the first input may be a checkpoint" before)
+            raise LytoolsError(f"{empty[0]}: holds no tensors")
+        later_checkpoints = [p.name for p, k in zip(paths[1:], kinds[1:]) if k == "checkpoint"]
+        if later_checkpoints:
+            raise LytoolsError(f"{later_checkpoints[0]}: only the first input may be a checkpoint (networks follow it)")
+        if kinds[0] == "checkpoint":
+            problem = lone_shard(paths[0])  # merging into one shard would miss every module of the others
+            if problem:
+                raise LytoolsError(problem)
+            if len(paths) < 2:
+                raise LytoolsError(f"{paths[0].name}: a checkpoint alone: give the networks to merge into it")
+            if rank is not None or conv_rank is not None:
+                raise UsageError("--rank/--conv-rank apply when merging networks into one network, not into a checkpoint")
+            result = merge_into_checkpoint(
+                paths[0], paths[1:], output, ratios=ratios, ratio_for=ratio_for, allow_unmatched=allow_unmatched,
+                save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite,
+                dora_mode=dora_mode, keep_ema=keep_ema, reporter=reporter, reader=first,
+            )
+            if verify and not dry_run:
+                from lytools.merge.verify import verify_checkpoint
 
-            with removed_on_failure(result.output):
-                networks = [load_network_input(path, hash_file=False) for path in paths[1:]]
-                result.verification = verify_checkpoint(result, networks, device)
-                result.verification.raise_on_failure(result.output)
-        return result
+                with removed_on_failure(result.output):
+                    networks = [load_network_input(path, hash_file=False) for path in paths[1:]]
+                    result.verification = verify_checkpoint(result, networks, device, base=first)
+                    result.verification.raise_on_failure(result.output)
+            return result
     if dora_mode is not None:
         raise UsageError("--dora-mode applies when merging into a checkpoint (DoRA needs the base weights)")
     if allow_unmatched:

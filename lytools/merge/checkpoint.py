@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from lytools.algos.dora import check_mode
 from lytools.arch.network import LORA_DOWN, LORA_UP
 from lytools.device import resolve_device
 from lytools.errors import LytoolsError, MatchError
-from lytools.io import SafetensorsFile, SafetensorsWriter, open_file, plan_entry
+from lytools.io import SafetensorsFile, SafetensorsWriter, ShardedFile, open_file, plan_entry
 from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES, saturating_cast
 from lytools.io.folders import DiffusersFolder, FolderWriter
 from lytools.io.hashes import DataHashThread
@@ -402,6 +403,7 @@ def merge_into_checkpoint(
     dora_mode: str | None = None,
     keep_ema: bool = False,
     reporter: Reporter = QUIET,
+    reader: SafetensorsFile | ShardedFile | PickledFile | DiffusersFolder | None = None,
 ) -> CheckpointResult:
     """Merge networks (any algorithm and key style) into a checkpoint; return what was done.
 
@@ -410,7 +412,8 @@ def merge_into_checkpoint(
     is written). Errors leave no output file. dora_mode: "lycoris" (the reference: the full
     direction change, the magnitude interpolated by the ratio) or "comfy" (ComfyUI: the ratio
     interpolates between the base and the full DoRA result); they agree at ratio 1. None: lycoris,
-    without the warning an explicit mode gets when no network holds DoRA.
+    without the warning an explicit mode gets when no network holds DoRA. `reader`: the base already
+    opened (with `keep_ema`) by the caller, who closes it; a pickled base is unpickled once that way.
     """
     started = time.perf_counter()
     given_mode, dora_mode = dora_mode, dora_mode or "lycoris"
@@ -426,7 +429,7 @@ def merge_into_checkpoint(
     for network in networks:
         if network.stray:
             reporter.log(f"{network.name}: {len(network.stray)} key(s) outside any module ignored (first: {network.stray[0]})")
-    with open_file(base, keep_ema=keep_ema) as reader:
+    with open_file(base, keep_ema=keep_ema) if reader is None else nullcontext(reader) as reader:
         for note in reader.notes() if isinstance(reader, PickledFile) else ():
             reporter.warn(f"{base.name}: {note}")  # read whole into memory / EMA copy left out
         infos = {info.name: info for info in reader.infos()}

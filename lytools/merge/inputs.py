@@ -36,13 +36,18 @@ def looks_like_network(keys: Iterable[str]) -> bool:
     return hits * 2 >= len(keys)
 
 
+def kind_of(keys: Iterable[str]) -> str:
+    """Return "network", "checkpoint" or "empty" (no tensors) from a file's keys."""
+    keys = list(keys)
+    if not keys:
+        return "empty"
+    return "network" if looks_like_network(keys) else "checkpoint"
+
+
 def file_kind(path: Path) -> str:
     """Return "network", "checkpoint" or "empty" (no tensors) from the file's keys (header only for safetensors)."""
     with open_file(path) as handle:
-        keys = handle.keys()
-        if not keys:
-            return "empty"
-        return "network" if looks_like_network(keys) else "checkpoint"
+        return kind_of(handle.keys())
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -44,12 +45,14 @@ class VerifyReport:
                                + "; ".join(self.failures[:3]))
 
 
-def verify_checkpoint(result: CheckpointResult, networks, device: str = "auto") -> VerifyReport:
+def verify_checkpoint(result: CheckpointResult, networks, device: str = "auto", base=None) -> VerifyReport:
     """Check the written checkpoint: untouched tensors equal the base's (as cast), changed ones equal
-    a fresh recomputation, and report how much of each intended change the output dtype kept."""
+    a fresh recomputation, and report how much of each intended change the output dtype kept.
+    `base`: the base checkpoint still open from the merge (else it is opened again)."""
     report = VerifyReport()
     plan = result.plan
-    with open_file(plan.base, keep_ema=plan.keep_ema) as base, open_file(result.output) as written:
+    opened = open_file(plan.base, keep_ema=plan.keep_ema) if base is None else nullcontext(base)
+    with opened as base, open_file(result.output) as written:
         if sorted(written.keys()) != sorted(plan.out_dtypes):
             raise LytoolsError(f"{result.output}: verification failed: the tensor names differ from the plan")
         engine = _Engine(plan, base, networks, resolve_device(device))
