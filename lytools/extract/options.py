@@ -29,6 +29,10 @@ def _pair(mode: str, option: str, linear: float | None, conv: float | None) -> t
     return float(linear), float(conv)
 
 
+def _apply(names: list[str]) -> str:
+    return ", ".join(names) + (" applies" if len(names) == 1 else " apply")
+
+
 def build_options(
     *,
     mode: str = "fixed",
@@ -82,6 +86,17 @@ def build_options(
         raise ExtractUsageError("--sparsity applies with --sparse-bias")
     if not unet and not text_encoder:
         raise ExtractUsageError("--no-unet and --no-text-encoder together leave nothing to extract")
+    # kxk convs exist only in the UNet (text encoders and transformers have none): the conv options
+    # would change nothing without it, or once --conv-dim 0 skips those convs
+    conv_given = [name for name, on in (("--conv-dim", conv_dim is not None), ("--tucker", tucker),
+                                        *((f"--conv-{other}", values[1] is not None) for other, values in given.items()))
+                  if on]
+    if not unet and conv_given:
+        raise ExtractUsageError(f"{_apply(conv_given)} to kxk convs, and --no-unet leaves none (text encoders have no "
+                                "kxk convs)")
+    shaping_convs = [name for name in conv_given if name != "--conv-dim"]
+    if conv_dim == 0 and shaping_convs:
+        raise ExtractUsageError(f"{_apply(shaping_convs)} to kxk convs, which --conv-dim 0 skips")
     if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
         raise ExtractUsageError(f"--clamp-quantile {clamp_quantile}: expected a value in (0, 1]")
     if sparsity is not None and not 0 < sparsity < 1:
