@@ -139,3 +139,33 @@ def test_extract_conv_dim_zero_still_combines_with_the_linear_options(tmp_path):
     options = build_options(mode="ratio", linear_ratio=0.1, conv_dim=0, max_rank=4, tucker=False)
     assert options.conv.skips and options.linear.value == 0.1
     assert not build_options(unet=False, linear_dim=4, sparse_bias=True).unet
+
+
+# -- resize: --base where nothing is flattened ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd1_files(tmp_path_factory):
+    """A tiny SD1 checkpoint, a LoRA/LoCon and a LoHa for it."""
+    folder = tmp_path_factory.mktemp("cli-options")
+    base = build_checkpoint(folder / "base.safetensors", "sd1", factor=16, components=("unet",))
+    lora = build_network(folder / "lora.safetensors", "sd1", factor=16, rank=4, modules="c3lier", components=("unet",))
+    loha = build_network(folder / "loha.safetensors", "sd1", factor=16, rank=4, algo="loha", components=("unet",))
+    return base, lora, loha
+
+
+def test_resize_refuses_base_with_truncate(sd1_files, tmp_path, capsys):
+    base, lora, _ = sd1_files
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = run_lytools(capsys, "resize", lora, out, "--rank", "2", "--truncate", "--base", base)
+    assert code == 2 and stdout == "" and err.count("\n") == 1 and "--base" in err and "--truncate" in err
+    assert not out.exists()
+
+
+def test_resize_warns_when_base_is_not_used(sd1_files, tmp_path, capsys):
+    base, lora, loha = sd1_files
+    code, _, err = run_lytools(capsys, "resize", lora, tmp_path / "a.safetensors", "--rank", "2", "--base", base, "-q")
+    assert code == 0 and "warning: --base base.safetensors: not used" in err
+    code, _, err = run_lytools(capsys, "resize", loha, tmp_path / "b.safetensors", "--rank", "2", "--base", base, "-q")
+    assert code == 0 and "not used" not in err
+    code, _, err = run_lytools(capsys, "resize", lora, tmp_path / "c.safetensors", "--rank", "2", "--base",
+                               tmp_path / "missing.safetensors")
+    assert code == 1 and "missing.safetensors" in err and "not used" not in err  # a wrong --base is still an error

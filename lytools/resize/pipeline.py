@@ -89,6 +89,8 @@ def check_options(options: ResizeOptions) -> None:
         if options.method == "sv_ratio" and param < 1:  # sigma_1 / param would exceed every singular value
             raise UsageError(f"--method-param {param}: sv_ratio is the largest kept singular value over the smallest, "
                              f"at least 1 (e.g. 8)")
+    if options.truncate and options.base is not None:  # truncation refuses every module that would need the base
+        raise UsageError("--base serves to flatten non-LoRA modules; --truncate keeps leading LoRA ranks and never reads it")
 
 
 @dataclass
@@ -467,7 +469,10 @@ def resize_file(
                             if info.algo != "norm" and not is_plain_lora(info)})
         if flattened and not options.truncate:
             reporter.log(f"{source.name}: {', '.join(flattened)} modules become LoRA/LoCon modules (the algorithm changes)")
-        base = BaseWeights(options.base) if options.base is not None else None
+        base = BaseWeights(options.base) if options.base is not None else None  # checked even when not needed
+        if base is not None and not flattened:
+            reporter.warn(f"--base {options.base.name}: not used, every module of {source.name} is a LoRA/LoCon "
+                          "(the base weights serve only to flatten other algorithms)")
         baked = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values() if info.algo != "norm"
                         and not is_plain_lora(info) and (info.needs_weight or not info.additive)})
         try:
