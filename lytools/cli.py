@@ -285,7 +285,7 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
 @click.option("--component", type=click.Choice(["unet", "te", "te1", "te2", "te3"]),
               help="peft: the one model the adapter is for when the network covers several.")
 @click.option("--arch", type=click.Choice(["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]), default="auto", show_default=True,
-              help="Architecture of the inputs when detection cannot tell.")
+              help="Architecture of the inputs when detection cannot tell (with --to).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True, help="Files converted in parallel processes.")
 @click.option("--fsync", "fsync", is_flag=True,
               help="Flush each output to disk before printing its path, so a power cut cannot lose it. Without it "
@@ -322,8 +322,9 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
         raise click.UsageError("no input files")
     if target is None and save_dtype is None:
         raise click.UsageError("nothing to do: give --to kohya|diffusers|peft and/or --save-dtype")
-    if target is None and (fold is not None or component is not None):
-        raise click.UsageError("--fold/--no-fold and --component need --to")
+    if target is None and (fold is not None or component is not None or arch != "auto"):
+        raise click.UsageError("--fold/--no-fold, --component and --arch need --to (a cast with --save-dtype alone "
+                               "keeps every key as it is)")
     if keep_ema and target is not None:
         raise click.UsageError("--keep-ema applies to casting a checkpoint (--save-dtype without --to)")
     if component is not None and target != "peft":

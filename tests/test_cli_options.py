@@ -169,3 +169,14 @@ def test_resize_warns_when_base_is_not_used(sd1_files, tmp_path, capsys):
     code, _, err = run_lytools(capsys, "resize", lora, tmp_path / "c.safetensors", "--rank", "2", "--base",
                                tmp_path / "missing.safetensors")
     assert code == 1 and "missing.safetensors" in err and "not used" not in err  # a wrong --base is still an error
+
+
+# -- convert: --arch only where keys are mapped -----------------------------------------------------------
+def test_convert_refuses_arch_without_to(sd1_files, tmp_path, capsys):
+    """A cast (--save-dtype without --to) keeps every key: --arch was accepted and changed nothing."""
+    _, lora, _ = sd1_files
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = run_lytools(capsys, "convert", lora, "-o", out, "--save-dtype", "bf16", "--arch", "sdxl")
+    assert code == 2 and stdout == "" and "--arch need --to" in err and not out.exists()
+    code, stdout, _ = run_lytools(capsys, "convert", lora, "-o", out, "--save-dtype", "bf16", "-q")
+    assert code == 0 and stdout.strip() == str(out)
