@@ -216,14 +216,15 @@ def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv
         device=device, dry_run=dry_run, overwrite=overwrite, verify=verify, dora_mode=dora_mode, keep_ema=keep_ema,
         reporter=reporter,
     )
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-    elif dry_run:
-        click.echo("\n".join(result.plan.lines() if hasattr(result, "plan") else result.lines()))
-    else:
+    if not dry_run:  # stderr, with or without --json
         for line in (result.plan.lines() if hasattr(result, "plan") else result.lines(verbose=True)):
             reporter.detail(line)
         reporter.log(result.summary())
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    elif dry_run:  # the plan is the result; -v adds each module's planned method and rank (networks)
+        click.echo("\n".join(result.plan.lines() if hasattr(result, "plan") else result.lines(verbose=verbose > 0)))
+    else:
         click.echo(str(result.output))
 
 

@@ -180,3 +180,25 @@ def test_convert_refuses_arch_without_to(sd1_files, tmp_path, capsys):
     assert code == 2 and stdout == "" and "--arch need --to" in err and not out.exists()
     code, stdout, _ = run_lytools(capsys, "convert", lora, "-o", out, "--save-dtype", "bf16", "-q")
     assert code == 0 and stdout.strip() == str(out)
+
+
+# -- merge: -v and the summary with --json, -v with --dry-run -------------------------------------------
+def test_merge_json_keeps_the_summary_and_details_on_stderr(sd1_files, tmp_path, capsys):
+    base, lora, _ = sd1_files
+    code, out, err = run_lytools(capsys, "merge", base, lora, "-o", tmp_path / "a.safetensors", "--json")
+    assert code == 0 and json.loads(out)["mode"] == "checkpoint"
+    assert "merged lora.safetensors x 1 into base.safetensors" in err and "modules matched" not in err
+    code, out, err = run_lytools(capsys, "merge", base, lora, "-o", tmp_path / "b.safetensors", "--json", "-v")
+    assert code == 0 and json.loads(out)["mode"] == "checkpoint"
+    assert "merged lora.safetensors" in err and "lora.safetensors x 1: " in err and "modules matched" in err
+    code, out, err = run_lytools(capsys, "merge", base, lora, "-o", tmp_path / "c.safetensors", "--json", "-q")
+    assert code == 0 and err == "" and json.loads(out)["mode"] == "checkpoint"
+
+
+def test_merge_dry_run_of_networks_lists_each_module_with_v(sd1_files, tmp_path, capsys):
+    _, lora, _ = sd1_files
+    code, plain, _ = run_lytools(capsys, "merge", lora, lora, "--ratios", "1", "0.5", "--dry-run")
+    assert code == 0 and "concat, rank" not in plain
+    code, verbose, _ = run_lytools(capsys, "merge", lora, lora, "--ratios", "1", "0.5", "--dry-run", "-v")
+    assert code == 0 and verbose.startswith(plain.rstrip("\n"))
+    assert "  lora_unet_down_blocks_0_resnets_0_conv1: concat, rank 8" in verbose.splitlines()
