@@ -381,6 +381,8 @@ def demo_command(folder, overwrite, quiet, verbose):
     def invoke(args: list[str]) -> None:
         if quiet:
             args = args + ["-q"]
+        elif verbose:
+            args = args + ["-v"]  # info's -v is a flag, the others count
         set_invocation(args)
         cli.main(args=args, prog_name="lytools", standalone_mode=False)
 

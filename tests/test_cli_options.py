@@ -202,3 +202,21 @@ def test_merge_dry_run_of_networks_lists_each_module_with_v(sd1_files, tmp_path,
     code, verbose, _ = run_lytools(capsys, "merge", lora, lora, "--ratios", "1", "0.5", "--dry-run", "-v")
     assert code == 0 and verbose.startswith(plain.rstrip("\n"))
     assert "  lora_unet_down_blocks_0_resnets_0_conv1: concat, rank 8" in verbose.splitlines()
+
+
+# -- demo: -v reaches the commands it runs ---------------------------------------------------------------
+def test_demo_passes_verbose_and_quiet_to_its_commands(sd1_files, tmp_path, monkeypatch, capsys):
+    _, lora, _ = sd1_files
+
+    def run_info(folder, invoke, reporter, available):
+        invoke(["info", str(lora)])
+        return ["info"]
+
+    monkeypatch.setattr("lytools.demo.run_demo", run_info)
+    outputs = {}
+    for flag in ("", "-v", "-q"):
+        code, out, _ = run_lytools(capsys, "demo", tmp_path / f"d{flag}", *([flag] if flag else []))
+        assert code == 0
+        outputs[flag] = out
+    assert outputs["-v"].startswith(outputs[""].split("\n")[0]) and len(outputs["-v"]) > len(outputs[""])
+    assert outputs["-q"] == outputs[""]  # -q silences stderr only
