@@ -402,6 +402,8 @@ def test_sparse_bias_says_which_loaders_apply_it(sd1_pair, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
     assert "sparse corrections (bias_indices/bias_values/bias_size) are applied by lytools merge only" in captured.err
+    # the text encoders alone hold no kxk conv: the conv rule is not announced
+    assert "(linear fixed 2)" in captured.err and "conv fixed" not in captured.err
     with open_file(out) as lora:
         assert any(key.endswith(".bias_indices") for key in lora.keys())
 

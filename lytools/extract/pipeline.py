@@ -441,8 +441,10 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         reporter.detail(f"{base.name}: {plan.base_arch.arch} ({plan.base_arch.layout}); {tuned.name}: "
                         f"{plan.tuned_arch.arch} ({plan.tuned_arch.layout}); naming: {plan.arch}")
         _warn_labels(plan, reporter)
-        reporter.log(f"extracting {len(todo)} modules on {device.type} "
-                     f"(linear {options.linear.describe()}, conv {options.conv.describe()})")
+        rules = [f"linear {options.linear.describe()}"]
+        if any(module.kxk for module in todo):  # text encoders alone (--no-unet) have no kxk conv
+            rules.append(f"conv {options.conv.describe()}")
+        reporter.log(f"extracting {len(todo)} modules on {device.type} ({', '.join(rules)})")
         # bias deltas go with modules stored whole (`diff_b`); they are a few KiB, so read them always
         want_bias = lambda module: _rule_for(module, options).mode == "full" or options.factor.full_fallback  # noqa: E731
         with SpillStore(out.parent) as spill:
