@@ -66,8 +66,9 @@ def expand_inputs(paths: tuple[str, ...]) -> list[Path]:
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="lytools")
 def cli() -> None:
-    """Offline toolkit for LoRA and LyCORIS files: what a file is, and (as they land) extract,
-    merge, resize and convert. Every command streams tensors one at a time."""
+    """Offline toolkit for LoRA and LyCORIS files: what a file is (info), extract, merge, resize
+    and convert; `lytools demo` runs them all on a tiny synthetic model. Every command streams
+    tensors one at a time."""
 
 
 # -- extract ----------------------------------------------------------------------------------
@@ -85,7 +86,8 @@ def cli() -> None:
 @click.option("--linear-ratio", type=click.FloatRange(0, 1), metavar="F", help="ratio: keep singular values > F times the largest.")
 @click.option("--conv-ratio", type=click.FloatRange(0, 1), metavar="F", help="ratio for kxk convs (default: the linear one).")
 @click.option("--linear-quantile", type=click.FloatRange(0, 1), metavar="F",
-              help="quantile: smallest rank whose cumulative sum of singular values reaches F of their total.")
+              help="quantile: keep the singular values whose cumulative sum stays below F of their total "
+                   "(LyCORIS's rule: one fewer than the smallest prefix reaching F; at least 1).")
 @click.option("--conv-quantile", type=click.FloatRange(0, 1), metavar="F", help="quantile for kxk convs (default: the linear one).")
 @click.option("--max-rank", type=click.IntRange(min=1), metavar="N", help="Cap on the ranks of the dynamic modes.")
 @click.option("--min-diff", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="F",
