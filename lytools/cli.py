@@ -27,6 +27,8 @@ def verbosity_options(func):
 
 
 def make_reporter(quiet: bool, verbose: int) -> Reporter:
+    if quiet and verbose:  # one of them would be ignored
+        raise click.UsageError("-q/--quiet and -v/--verbose contradict each other; give one")
     return Reporter(0 if quiet else 1 + verbose)
 
 

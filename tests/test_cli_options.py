@@ -220,3 +220,12 @@ def test_demo_passes_verbose_and_quiet_to_its_commands(sd1_files, tmp_path, monk
         outputs[flag] = out
     assert outputs["-v"].startswith(outputs[""].split("\n")[0]) and len(outputs["-v"]) > len(outputs[""])
     assert outputs["-q"] == outputs[""]  # -q silences stderr only
+
+
+@pytest.mark.parametrize("command", [["extract", "b", "t", "o"], ["resize", "i", "o", "--rank", "2"], ["merge", "a", "b", "-o", "o"],
+                                     ["convert", "i", "-o", "o", "--to", "kohya"], ["demo", "d"]])
+def test_quiet_and_verbose_together_are_refused(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_lytools(capsys, *command, "-q", "-v")
+    assert code == 2 and out == "" and "-q/--quiet and -v/--verbose" in err
+    assert list(tmp_path.iterdir()) == []
