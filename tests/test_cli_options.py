@@ -229,3 +229,18 @@ def test_quiet_and_verbose_together_are_refused(command, tmp_path, capsys, monke
     code, out, err = run_lytools(capsys, *command, "-q", "-v")
     assert code == 2 and out == "" and "-q/--quiet and -v/--verbose" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# -- convert --keep-ema where there is no EMA copy to keep ----------------------------------------------
+def test_convert_keep_ema_says_when_it_changes_nothing(sd1_files, tmp_path, capsys):
+    base, _, _ = sd1_files
+    tensors = {"model.diffusion_model.w": torch.ones(2, 2), "model_ema.diffusion_modelw": torch.zeros(2, 2)}
+    ckpt = tmp_path / "ema.ckpt"
+    torch.save({"state_dict": tensors}, ckpt)
+    code, out, err = run_lytools(capsys, "convert", ckpt, "-o", tmp_path / "a.safetensors", "--save-dtype", "fp16",
+                                 "--keep-ema")
+    assert code == 0 and "changes nothing" not in err
+    code, out, err = run_lytools(capsys, "convert", base, "-o", tmp_path / "b.safetensors", "--save-dtype", "fp16",
+                                 "--keep-ema")
+    assert code == 0 and out.strip() == str(tmp_path / "b.safetensors")
+    assert "base.safetensors: --keep-ema changes nothing here" in err

@@ -292,6 +292,9 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
     with open_file(source, keep_ema=keep_ema) as reader:
         if isinstance(reader, PickledFile):
             result.notes.extend(reader.notes())  # read whole into memory / EMA copy left out
+        if keep_ema and not (isinstance(reader, PickledFile) and reader.ema_count):
+            result.notes.append("--keep-ema changes nothing here: only a pickled checkpoint's EMA copy (model_ema.*) "
+                                "is left out by default, and this file holds none")
         keys = list(reader.keys())
         result.details.append(f"{len(keys)} tensors cast to {st_name(dtype)}, streamed")
         marked = [k for k in keys if k == "scaled_fp8" or k.endswith(_SCALED_FP8_MARKERS[1:])]
