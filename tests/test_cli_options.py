@@ -244,3 +244,20 @@ def test_convert_keep_ema_says_when_it_changes_nothing(sd1_files, tmp_path, caps
                                  "--keep-ema")
     assert code == 0 and out.strip() == str(tmp_path / "b.safetensors")
     assert "base.safetensors: --keep-ema changes nothing here" in err
+
+
+# -- extract --tucker on a model without kxk convs ------------------------------------------------------
+def test_extract_tucker_without_kxk_convs_is_said(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    weights = {"blocks.0.linear.weight": torch.randn(16, 12, generator=generator),
+               "blocks.0.conv.weight": torch.randn(8, 4, 1, 1, generator=generator)}
+    save_file(weights, tmp_path / "b.safetensors")
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=generator) for k, v in weights.items()}, tmp_path / "t.safetensors")
+    code, _, err = run_lytools(capsys, "extract", tmp_path / "b.safetensors", tmp_path / "t.safetensors",
+                               tmp_path / "o.safetensors", "--linear-dim", "2", "--tucker", "-q")
+    assert code == 0 and "warning: --tucker changes nothing: none of the 2 modules" in err
+    code, _, err = run_lytools(capsys, "extract", tmp_path / "b.safetensors", tmp_path / "t.safetensors",
+                               tmp_path / "p.safetensors", "--linear-dim", "2", "-q")
+    assert code == 0 and "--tucker" not in err

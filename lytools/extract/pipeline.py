@@ -445,6 +445,8 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         if any(module.kxk for module in todo):  # text encoders alone (--no-unet) have no kxk conv
             rules.append(f"conv {options.conv.describe()}")
         reporter.log(f"extracting {len(todo)} modules on {device.type} ({', '.join(rules)})")
+        if options.factor.tucker and not any(module.kxk for module in todo):
+            reporter.warn(f"--tucker changes nothing: none of the {len(todo)} modules to extract is a kxk conv")
         # bias deltas go with modules stored whole (`diff_b`); they are a few KiB, so read them always
         want_bias = lambda module: _rule_for(module, options).mode == "full" or options.factor.full_fallback  # noqa: E731
         with SpillStore(out.parent) as spill:
