@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lytools.cli import cli
-from lytools.testing import build_checkpoint, build_network, build_tuned
+from lytools.testing import build_checkpoint, build_network
 
 from tests.shared import run_lytools
 
