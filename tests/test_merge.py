@@ -533,3 +533,45 @@ def test_pickled_base_is_unpickled_once(sd1, tmp_path, monkeypatch):
     merge_into_checkpoint(ckpt, [a], tmp_path / "from-st.safetensors")
     from_st = read_all(tmp_path / "from-st.safetensors")
     assert all(torch.equal(tensor, from_st[key]) for key, tensor in read_all(out).items())
+
+
+def test_output_naming_an_input_is_refused_even_with_overwrite(sd1, tmp_path):
+    _, ckpt, a, b = sd1
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(ckpt.read_bytes())
+    network = tmp_path / "a.safetensors"
+    network.write_bytes(a.read_bytes())
+    before = base.read_bytes(), network.read_bytes()
+    for inputs, out in (([base, a], base), ([network, b], network), ([ckpt, network], tmp_path / "." / "a.safetensors")):
+        for dry_run in (False, True):
+            with pytest.raises(LytoolsError, match="would replace the input"):
+                run_merge(inputs, out, overwrite=True, dry_run=dry_run)
+    assert (base.read_bytes(), network.read_bytes()) == before
+
+
+def test_dry_run_checks_the_output_as_the_real_run_would(sd1, tmp_path):
+    from lytools.errors import UsageError
+
+    _, ckpt, a, _ = sd1
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OutputExistsError):
+        run_merge([ckpt, a], out, dry_run=True)
+    assert run_merge([ckpt, a], out, dry_run=True, overwrite=True).plan.inputs
+    with pytest.raises(UsageError, match="--verify checks a written output"):
+        run_merge([ckpt, a], None, dry_run=True, verify=True)
+    assert out.read_bytes() == b"keep me"
+
+
+def test_keep_ema_without_an_ema_copy_says_it_changes_nothing(sd1, tmp_path, capsys):
+    from tests.test_convert import run_cli
+
+    _, ckpt, a, _ = sd1
+    code, _, err = run_cli(capsys, "merge", str(ckpt), str(a), "--dry-run", "--keep-ema")
+    assert code == 0 and "--keep-ema changes nothing" in err and ckpt.name in err
+    pickled = tmp_path / "ema.ckpt"
+    tensors = read_all(ckpt)
+    tensors["model_ema.decay"] = torch.tensor(0.9999)
+    torch.save({"state_dict": tensors}, pickled)
+    code, _, err = run_cli(capsys, "merge", str(pickled), str(a), "--dry-run", "--keep-ema")
+    assert code == 0 and "--keep-ema changes nothing" not in err

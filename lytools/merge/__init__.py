@@ -78,7 +78,12 @@ def run_merge(
         raise LytoolsError("merge: no inputs")
     if output is None and not dry_run:
         raise UsageError("merge: -o OUT is required (or --dry-run)")
-    if output is not None and not dry_run:
+    if verify and dry_run:
+        raise UsageError("--verify checks a written output; --dry-run writes none")
+    if output is not None:  # a dry run checks it too: it says whether the real run would go through
+        replaced = next((path for path in paths if _same_path(path, Path(output))), None)
+        if replaced is not None:  # even with --overwrite: the merge reads it while writing
+            raise LytoolsError(f"{output}: the output would replace the input {replaced}; choose another name")
         if (paths[0] / "model_index.json").is_file():  # into a diffusers folder: the output is a folder
             check_folder_output(Path(output), overwrite)
         else:
@@ -131,6 +136,14 @@ def run_merge(
             result.verification = verify_network(result, paths, Ratios.build(len(paths), ratios, ratio_for), device)
             result.verification.raise_on_failure(result.output)
     return result
+
+
+def _same_path(path: Path, other: Path) -> bool:
+    """True when both name the same file or folder (however spelled, links followed)."""
+    try:
+        return path.exists() and other.exists() and path.samefile(other)
+    except OSError:
+        return False
 
 
 __all__ = [

@@ -432,6 +432,9 @@ def merge_into_checkpoint(
     with open_file(base, keep_ema=keep_ema) if reader is None else nullcontext(reader) as reader:
         for note in reader.notes() if isinstance(reader, PickledFile) else ():
             reporter.warn(f"{base.name}: {note}")  # read whole into memory / EMA copy left out
+        if keep_ema and not (isinstance(reader, PickledFile) and reader.ema_count):
+            reporter.warn(f"--keep-ema changes nothing: only a pickled checkpoint's EMA copy (model_ema.*) is left out "
+                          f"by default, and {base.name} holds none")
         infos = {info.name: info for info in reader.infos()}
         plan = plan_checkpoint_merge(
             base, infos, dict(reader.metadata), networks, rule_set,
