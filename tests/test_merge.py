@@ -549,6 +549,23 @@ def test_output_naming_an_input_is_refused_even_with_overwrite(sd1, tmp_path):
     assert (base.read_bytes(), network.read_bytes()) == before
 
 
+def test_output_folder_holding_an_input_is_refused_even_with_overwrite(sd1, tmp_path):
+    """Into a diffusers folder, --overwrite replaces the output folder whole: a network inside it was deleted."""
+    from tests.test_container_audit import write_diffusers_folder
+
+    _, ckpt, a, _ = sd1
+    source = write_diffusers_folder(ckpt, tmp_path / "pipeline", extra_files=False)
+    old = write_diffusers_folder(ckpt, tmp_path / "old", extra_files=False)
+    network = old / "a.safetensors"
+    network.write_bytes(a.read_bytes())
+    for dry_run in (False, True):
+        with pytest.raises(LytoolsError, match="would delete the input"):
+            run_merge([source, network], old, overwrite=True, dry_run=dry_run)
+    assert network.read_bytes() == a.read_bytes()
+    run_merge([source, a], old, overwrite=True)  # an input outside it: replaced as asked
+    assert not network.exists() and (old / "model_index.json").is_file()
+
+
 def test_dry_run_checks_the_output_as_the_real_run_would(sd1, tmp_path):
     from lytools.errors import UsageError
 

@@ -85,6 +85,9 @@ def run_merge(
         if replaced is not None:  # even with --overwrite: the merge reads it while writing
             raise LytoolsError(f"{output}: the output would replace the input {replaced}; choose another name")
         if (paths[0] / "model_index.json").is_file():  # into a diffusers folder: the output is a folder
+            held = next((path for path in paths if _inside(path, Path(output))), None)
+            if held is not None:  # --overwrite replaces the whole folder, the input with it
+                raise LytoolsError(f"{output}: replacing this folder would delete the input {held}; choose another name")
             check_folder_output(Path(output), overwrite)
         else:
             check_output_path(output, overwrite)
@@ -136,6 +139,14 @@ def run_merge(
             result.verification = verify_network(result, paths, Ratios.build(len(paths), ratios, ratio_for), device)
             result.verification.raise_on_failure(result.output)
     return result
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True when `path` lies somewhere under the existing folder `folder` (links followed)."""
+    try:
+        return folder.is_dir() and path.exists() and path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
 
 
 def _same_path(path: Path, other: Path) -> bool:
