@@ -213,7 +213,8 @@ def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv
     from lytools.io import parse_save_dtype
     from lytools.merge import parse_ratios, run_merge
 
-    reporter = make_reporter(quiet, verbose)
+    # --dry-run prints its plan on stdout, where -v adds each module's line: -q (stderr) does not contradict it
+    reporter = make_reporter(quiet, 0 if dry_run and quiet else verbose)
     result = run_merge(
         expand_inputs(inputs), output, ratios=parse_ratios(ratios), ratio_for=ratio_for,
         allow_unmatched=allow_unmatched, rank=rank, conv_rank=conv_rank, save_dtype=parse_save_dtype(save_dtype),

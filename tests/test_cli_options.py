@@ -261,3 +261,12 @@ def test_extract_tucker_without_kxk_convs_is_said(tmp_path, capsys):
     code, _, err = run_lytools(capsys, "extract", tmp_path / "b.safetensors", tmp_path / "t.safetensors",
                                tmp_path / "p.safetensors", "--linear-dim", "2", "-q")
     assert code == 0 and "--tucker" not in err
+
+
+def test_merge_dry_run_takes_quiet_with_verbose(sd1_files, capsys):
+    """merge --dry-run's -v adds plan lines on stdout, as info's -v does: -q (stderr) does not contradict it."""
+    _, lora, _ = sd1_files
+    code, verbose, _ = run_lytools(capsys, "merge", lora, lora, "--ratios", "1", "0.5", "--dry-run", "-v")
+    assert code == 0
+    code, both, err = run_lytools(capsys, "merge", lora, lora, "--ratios", "1", "0.5", "--dry-run", "-q", "-v")
+    assert code == 0 and both == verbose and "contradict" not in err
