@@ -535,6 +535,37 @@ def test_pickled_base_is_unpickled_once(sd1, tmp_path, monkeypatch):
     assert all(torch.equal(tensor, from_st[key]) for key, tensor in read_all(out).items())
 
 
+def test_pickled_network_is_unpickled_once(sd1, tmp_path, monkeypatch):
+    """A pickled network after the first input is unpickled once per merge (for its kind, the merge and
+    --verify), into a checkpoint and into a network, and merges as its .safetensors twin does."""
+    import lytools.io.pickled as pickled
+
+    _, ckpt, a, b = sd1
+    pickled_b = tmp_path / "b.pt"
+    torch.save(read_all(b), pickled_b)
+    opened: list[str] = []
+    original = pickled.load_pickled_state_dict
+
+    def counting(path):
+        opened.append(Path(path).name)
+        return original(path)
+
+    monkeypatch.setattr(pickled, "load_pickled_state_dict", counting)
+    for inputs in ([ckpt, a, pickled_b], [a, pickled_b]):
+        opened.clear()
+        run_merge(inputs, tmp_path / "dry.safetensors", dry_run=True)
+        assert opened == ["b.pt"]
+        opened.clear()
+        out = tmp_path / f"from-pt-{len(inputs)}.safetensors"
+        result = run_merge(inputs, out, verify=True)
+        assert opened == ["b.pt"]
+        assert result.verification.checked and not result.verification.failures
+        twin = tmp_path / f"from-st-{len(inputs)}.safetensors"
+        run_merge([b if p == pickled_b else p for p in inputs], twin)
+        from_st = read_all(twin)
+        assert all(torch.equal(tensor, from_st[key]) for key, tensor in read_all(out).items())
+
+
 def test_output_naming_an_input_is_refused_even_with_overwrite(sd1, tmp_path):
     _, ckpt, a, b = sd1
     base = tmp_path / "base.safetensors"

@@ -70,7 +70,7 @@ def run_merge(
     """Merge `inputs` into `output`: a checkpoint first means networks into it, else networks into one."""
     from lytools.merge.checkpoint import merge_into_checkpoint
     from lytools.merge.combine import merge_networks
-    from lytools.merge.inputs import file_kind, kind_of, load_network_input
+    from lytools.merge.inputs import NetworkInputs, kind_of
     from lytools.merge.ratios import Ratios
 
     paths = [Path(p) for p in inputs]
@@ -92,9 +92,10 @@ def run_merge(
         else:
             check_output_path(output, overwrite)
     # the first input is opened once, for its kind and, when it is the checkpoint, for the merge and
-    # --verify: a pickled base is unpickled once
+    # --verify: a pickled base is unpickled once; so is a pickled network after it (loaded keeps it)
+    loaded = NetworkInputs()
     with open_file(paths[0], keep_ema=keep_ema) as first:
-        kinds = [kind_of(first.keys())] + [file_kind(path) for path in paths[1:]]
+        kinds = [kind_of(first.keys())] + [loaded.kind(path) for path in paths[1:]]
         empty = [p for p, k in zip(paths, kinds) if k == "empty"]
         if empty:  # neither a checkpoint nor a network ("only the first input may be a checkpoint" before)
             raise LytoolsError(f"{empty[0]}: holds no tensors")
@@ -112,13 +113,13 @@ def run_merge(
             result = merge_into_checkpoint(
                 paths[0], paths[1:], output, ratios=ratios, ratio_for=ratio_for, allow_unmatched=allow_unmatched,
                 save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite,
-                dora_mode=dora_mode, keep_ema=keep_ema, reporter=reporter, reader=first,
+                dora_mode=dora_mode, keep_ema=keep_ema, reporter=reporter, reader=first, loaded=loaded,
             )
             if verify and not dry_run:
                 from lytools.merge.verify import verify_checkpoint
 
                 with removed_on_failure(result.output):
-                    networks = [load_network_input(path, hash_file=False) for path in paths[1:]]
+                    networks = [loaded.load(path, hash_file=False) for path in paths[1:]]
                     result.verification = verify_checkpoint(result, networks, device, base=first)
                     result.verification.raise_on_failure(result.output)
             return result
@@ -130,13 +131,14 @@ def run_merge(
         raise UsageError("--keep-ema applies when merging into a checkpoint (the first input is a network)")
     result = merge_networks(
         paths, output, ratios=ratios, ratio_for=ratio_for, rank=rank, conv_rank=conv_rank,
-        save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite, reporter=reporter,
+        save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite, reporter=reporter, loaded=loaded,
     )
     if verify and not dry_run:
         from lytools.merge.verify import verify_network
 
         with removed_on_failure(result.output):
-            result.verification = verify_network(result, paths, Ratios.build(len(paths), ratios, ratio_for), device)
+            result.verification = verify_network(result, paths, Ratios.build(len(paths), ratios, ratio_for), device,
+                                                 loaded=loaded)
             result.verification.raise_on_failure(result.output)
     return result
 

@@ -34,7 +34,7 @@ from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, carried, source_entry
 from lytools.io.pickled import PickledFile
 from lytools.merge.fp8 import dequantize, requantize, surviving_share
-from lytools.merge.inputs import NetworkInput, load_network_input
+from lytools.merge.inputs import NetworkInput, NetworkInputs, load_network_input
 from lytools.merge.plan import CheckpointPlan, Group, Touch, plan_checkpoint_merge
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
@@ -404,6 +404,7 @@ def merge_into_checkpoint(
     keep_ema: bool = False,
     reporter: Reporter = QUIET,
     reader: SafetensorsFile | ShardedFile | PickledFile | DiffusersFolder | None = None,
+    loaded: NetworkInputs | None = None,
 ) -> CheckpointResult:
     """Merge networks (any algorithm and key style) into a checkpoint; return what was done.
 
@@ -414,13 +415,15 @@ def merge_into_checkpoint(
     interpolates between the base and the full DoRA result); they agree at ratio 1. None: lycoris,
     without the warning an explicit mode gets when no network holds DoRA. `reader`: the base already
     opened (with `keep_ema`) by the caller, who closes it; a pickled base is unpickled once that way.
+    `loaded`: the caller's NetworkInputs (pickled networks it already loaded are not unpickled again).
     """
     started = time.perf_counter()
     given_mode, dora_mode = dora_mode, dora_mode or "lycoris"
     check_mode(dora_mode)
     base = Path(base)
     where = resolve_device(device)
-    networks = [load_network_input(path, hash_file=not dry_run) for path in network_paths]
+    load = loaded.load if loaded is not None else load_network_input
+    networks = [load(path, hash_file=not dry_run) for path in network_paths]
     if given_mode is not None and not any(info.dora for n in networks for info in n.infos.values()):
         reporter.warn(f"--dora-mode {given_mode}: no network holds DoRA modules, so it changes nothing")
     rule_set = Ratios.build(len(networks), ratios, ratio_for)

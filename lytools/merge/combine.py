@@ -33,7 +33,7 @@ from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.dtypes import FP8_NAMES, saturating_cast, st_name
 from lytools.io.metadata import add_provenance, carried, network_modelspec, source_entry
-from lytools.merge.inputs import NetworkInput, load_network_input, same_family
+from lytools.merge.inputs import NetworkInput, NetworkInputs, load_network_input, same_family
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
 
@@ -478,8 +478,11 @@ def merge_networks(
     dry_run: bool = False,
     overwrite: bool = False,
     reporter: Reporter = QUIET,
+    loaded: NetworkInputs | None = None,
 ) -> NetworkMergeResult:
-    """Merge networks into one network file (exact concatenation, or SVD to `rank`)."""
+    """Merge networks into one network file (exact concatenation, or SVD to `rank`).
+
+    `loaded`: the caller's NetworkInputs (pickled networks it already loaded are not unpickled again)."""
     started = time.perf_counter()
     if rank is not None and rank < 1:
         raise UsageError(f"--rank {rank}: must be at least 1")
@@ -488,7 +491,8 @@ def merge_networks(
     if conv_rank is not None and rank is None:
         raise UsageError("--conv-rank needs --rank (without a rank, networks are concatenated exactly)")
     where = resolve_device(device)
-    networks = [load_network_input(path, hash_file=not dry_run) for path in network_paths]
+    load = loaded.load if loaded is not None else load_network_input
+    networks = [load(path, hash_file=not dry_run) for path in network_paths]
     check_same_architecture(networks)
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
     files = [n.name for n in networks]

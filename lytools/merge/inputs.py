@@ -11,7 +11,7 @@ import torch
 
 from lytools.algos import ModuleInfo, NetworkModule, check_finite, describe_module
 from lytools.errors import LytoolsError, NetworkError
-from lytools.io import file_hashes, open_file
+from lytools.io import PICKLE_SUFFIXES, file_hashes, open_file
 
 # key endings that only network files use (kohya/LyCORIS, diffusers/peft, old diffusers)
 NETWORK_KEY_ENDINGS = (
@@ -79,6 +79,14 @@ def _load_modules(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str],
 def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> NetworkInput:
     """Return a network input with every module detected; errors name the file."""
     path = Path(path)
+    network = _read_network_input(path, hash_file)
+    if network is None:
+        raise LytoolsError(f"{path}: no network modules found (is it a checkpoint? checkpoints go first)")
+    return network
+
+
+def _read_network_input(path: Path, hash_file: bool) -> NetworkInput | None:
+    """Return the network input at `path`, or None when it holds no network module."""
     try:
         modules, metadata, stray, arch = _load_modules(path)
         infos = {name: describe_module(module) for name, module in modules.items()}
@@ -86,9 +94,45 @@ def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> Ne
     except NetworkError as exc:
         raise NetworkError(f"{path}: {exc}") from None
     if not modules:
-        raise LytoolsError(f"{path}: no network modules found (is it a checkpoint? checkpoints go first)")
+        return None
     autov3 = file_hashes(path).data_sha256 if hash_file and path.suffix == ".safetensors" else None
     return NetworkInput(path, modules, infos, metadata, stray, autov3, arch)
+
+
+def is_pickled(path: Path) -> bool:
+    """True for a single pickled file (.ckpt/.pt/.pth/.bin/.pkl): reading its keys means unpickling it whole."""
+    return path.suffix.lower() in PICKLE_SUFFIXES and path.is_file()
+
+
+class NetworkInputs:
+    """The network inputs of one merge, each pickled one unpickled once for its kind, the merge and --verify.
+
+    A .safetensors network is read again on each use (its kind comes from the header alone); a pickled one
+    is loaded when its kind is asked and kept for the rest of this merge (one per run_merge call).
+    """
+
+    def __init__(self) -> None:
+        self._pickled: dict[Path, NetworkInput] = {}
+
+    def kind(self, path: Path) -> str:
+        """Return "network", "checkpoint" or "empty", as file_kind does."""
+        if not is_pickled(path):
+            return file_kind(path)
+        network = _read_network_input(path, hash_file=False)
+        if network is None:  # a checkpoint or an empty file, refused by the caller: read again to say which
+            return file_kind(path)
+        self._pickled[path] = network
+        return "network"
+
+    def load(self, path: str | os.PathLike, *, hash_file: bool = True) -> NetworkInput:
+        """Return the network input at `path` (a pickled one from this merge's earlier load, when there was one)."""
+        path = Path(path)
+        if path in self._pickled:  # a pickled file has no AutoV3 hash: hash_file changes nothing for it
+            return self._pickled[path]
+        network = load_network_input(path, hash_file=hash_file)
+        if is_pickled(path):
+            self._pickled[path] = network
+        return network
 
 
 _ARCH_FAMILY = {"chroma": "flux"}  # Chroma is a pruned Flux: Flux-named modules fit it

@@ -16,7 +16,7 @@ from lytools.errors import LytoolsError
 from lytools.io import open_file
 from lytools.merge.checkpoint import CheckpointResult, _Engine
 from lytools.merge.combine import NetworkMergeResult, _contributions, _delta_shape
-from lytools.merge.inputs import load_network_input
+from lytools.merge.inputs import NetworkInputs, load_network_input
 from lytools.merge.ratios import Ratios
 
 ROUNDING_SLACK = 2e-2  # relative error a fp16/bf16 cast of the factors may add to a module's change
@@ -84,12 +84,16 @@ def _worst(report: VerifyReport, name: str, realized: torch.Tensor, intended: to
         report.worst_relative_error, report.worst_module = error, name
 
 
-def verify_network(result: NetworkMergeResult, paths: Sequence[Path], ratios: Ratios, device: str = "auto") -> VerifyReport:
+def verify_network(
+    result: NetworkMergeResult, paths: Sequence[Path], ratios: Ratios, device: str = "auto",
+    loaded: NetworkInputs | None = None,
+) -> VerifyReport:
     """Check every module of a merged network: its change against the ratio-weighted sum of the
     inputs' changes (exact up to the output dtype; within the SVD bound for re-factored modules)."""
     report = VerifyReport()
     where = resolve_device(device)
-    inputs = [load_network_input(path, hash_file=False) for path in paths]
+    load = loaded.load if loaded is not None else load_network_input
+    inputs = [load(path, hash_file=False) for path in paths]
     by_name = _contributions(inputs, ratios)
     merged = load_network_input(result.output, hash_file=False)
     for item in result.modules:
