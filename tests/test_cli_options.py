@@ -121,7 +121,7 @@ def test_info_options_reach_inspection(monkeypatch, tmp_path):
 # -- extract: kxk conv options where no kxk conv is extracted -------------------------------------------
 @pytest.mark.parametrize("args", [
     ["--conv-dim=0", "--tucker"], ["--mode=threshold", "--linear-threshold=0.1", "--conv-threshold=0.5", "--conv-dim=0"],
-    ["--mode=quantile", "--conv-quantile=0.5", "--conv-dim=0"], ["--no-unet", "--conv-dim=8"], ["--no-unet", "--conv-dim=0"],
+    ["--mode=quantile", "--conv-quantile=0.5", "--conv-dim=0"], ["--no-unet", "--conv-dim=8"],
     ["--no-unet", "--tucker"], ["--no-unet", "--mode=ratio", "--linear-ratio=0.1", "--conv-ratio=0.2"],
 ])
 def test_extract_refuses_conv_options_when_no_kxk_conv_is_extracted(tmp_path, capsys, args):
@@ -139,6 +139,9 @@ def test_extract_conv_dim_zero_still_combines_with_the_linear_options(tmp_path):
     options = build_options(mode="ratio", linear_ratio=0.1, conv_dim=0, max_rank=4, tucker=False)
     assert options.conv.skips and options.linear.value == 0.1
     assert not build_options(unet=False, linear_dim=4, sparse_bias=True).unet
+    # --conv-dim 0 asks for no kxk conv, which is what --no-unet gives: not a contradiction
+    options = build_options(unet=False, linear_dim=4, conv_dim=0)
+    assert not options.unet and options.conv.skips
 
 
 # -- resize: --base where nothing is flattened ---------------------------------------------------------

@@ -87,8 +87,9 @@ def build_options(
     if not unet and not text_encoder:
         raise ExtractUsageError("--no-unet and --no-text-encoder together leave nothing to extract")
     # kxk convs exist only in the UNet (text encoders and transformers have none): the conv options
-    # would change nothing without it, or once --conv-dim 0 skips those convs
-    conv_given = [name for name, on in (("--conv-dim", conv_dim is not None), ("--tucker", tucker),
+    # would change nothing without it, or once --conv-dim 0 skips those convs (--conv-dim 0 itself asks for
+    # what --no-unet gives, so it goes with it)
+    conv_given = [name for name, on in (("--conv-dim", conv_dim not in (None, 0)), ("--tucker", tucker),
                                         *((f"--conv-{other}", values[1] is not None) for other, values in given.items()))
                   if on]
     if not unet and conv_given:
