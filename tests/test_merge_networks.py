@@ -465,3 +465,36 @@ def test_network_merge_output_dtype_is_the_widest_input_float_never_fp8(tmp_path
     torch.testing.assert_close(lora_change(merged, fc1), 0.3 * (up @ down) * 0.5, rtol=2e-3, atol=1e-5)
     help_text = " ".join(CliRunner().invoke(cli, ["merge", "--help"]).output.split())
     assert "the widest float dtype of their factors, fp16 when all are fp8" in help_text
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """Text-encoder-only networks whose modules fit two architectures, and UNet networks that fit one."""
+    folder = tmp_path_factory.mktemp("tied")
+    return {
+        "clip_lg": build_network(folder / "clip-lg.safetensors", "sdxl", factor=16, rank=2, components=("te1", "te2")),
+        "t5": build_network(folder / "t5.safetensors", "flux", factor=16, rank=2, components=("te3",),
+                            optional=("train_t5xxl",)),
+        "sdxl": build_network(folder / "sdxl.safetensors", "sdxl", factor=16, rank=2, components=("unet",)),
+        "flux": build_network(folder / "flux.safetensors", "flux", factor=16, rank=2, components=("unet",)),
+    }
+
+
+def test_tied_networks_merge_by_their_candidates(tied, tmp_path):
+    """A tie (CLIP-L+CLIP-G: sdxl or sd3; T5: sd3 or flux) is compatible with each of its candidates; what the
+    inputs' candidates leave in common names the output's architecture; no common one is refused."""
+    from lytools.io.metadata import network_modelspec
+
+    expected = {arch: network_modelspec(arch, "t")["modelspec.architecture"] for arch in ("sd3", "sdxl", "flux")}
+    for names, arch in ((("clip_lg", "t5"), "sd3"), (("t5", "clip_lg"), "sd3"), (("clip_lg", "sdxl"), "sdxl"),
+                        (("t5", "flux"), "flux")):
+        out = tmp_path / f"{'-'.join(names)}.safetensors"
+        merge_networks([tied[name] for name in names], out)
+        assert open_file(out).metadata["modelspec.architecture"] == expected[arch], names
+    out = tmp_path / "both-ties.safetensors"
+    merge_networks([tied["clip_lg"], tied["clip_lg"]], out)
+    assert "modelspec.architecture" not in open_file(out).metadata  # sdxl or sd3: no guess
+    for names in (("clip_lg", "flux"), ("flux", "clip_lg"), ("clip_lg", "t5", "flux"), ("t5", "sdxl")):
+        with pytest.raises(NetworkError, match="networks for different architectures"):
+            merge_networks([tied[name] for name in names], tmp_path / "refused.safetensors", dry_run=True)
+    assert not (tmp_path / "refused.safetensors").exists()

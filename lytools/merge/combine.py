@@ -33,7 +33,7 @@ from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.dtypes import FP8_NAMES, saturating_cast, st_name
 from lytools.io.metadata import add_provenance, carried, network_modelspec, source_entry
-from lytools.merge.inputs import NetworkInput, NetworkInputs, load_network_input, same_family
+from lytools.merge.inputs import NetworkInput, NetworkInputs, candidates, load_network_input, same_family
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
 
@@ -357,15 +357,16 @@ def _svd(parts: list[Contribution], rank: int, device: torch.device, dtype: torc
 # -- metadata ---------------------------------------------------------------------------------------------
 def merged_network_metadata(
     networks: Sequence[NetworkInput], ratios: Ratios, results: Sequence[ModuleResult], rank: int | None,
-    title: str | None = None,
+    title: str | None = None, arch: str | None = None,
 ) -> dict[str, str]:
     """Return the first input's metadata updated like sd-scripts' merge, plus lytools provenance.
 
     Like sd-scripts' merge scripts the output carries a modelspec with `merged_from`: the first input's, dated
-    now, its missing keys (all of them for an input without one) filled for the networks' architecture.
+    now, its missing keys (all of them for an input without one) filled for the networks' architecture
+    (`arch`, from check_same_architecture: what their candidates leave; else the first one detected).
     """
     meta = carried(networks[0].metadata)
-    arch = next((n.arch for n in networks if n.arch != "unknown"), None)
+    arch = arch or next((n.arch for n in networks if n.arch != "unknown"), None)
     spec = network_modelspec(arch, title or networks[0].path.stem)
     meta["modelspec.date"] = spec.pop("modelspec.date")
     if arch == "sd2":  # 512 (epsilon) and 768 (v) networks look alike: no guess
@@ -447,22 +448,39 @@ def _output_dtype(networks: Sequence[NetworkInput], save_dtype: torch.dtype | No
     return widest or torch.float16
 
 
-def check_same_architecture(networks: Sequence[NetworkInput]) -> None:
-    """Refuse networks made for different architectures (their union would be a file no model loads whole).
+def check_same_architecture(networks: Sequence[NetworkInput]) -> str | None:
+    """Return the networks' common architecture (None when not told apart); refuse networks made for
+    different ones (their union would be a file no model loads whole).
 
-    An input whose architecture is not told apart by its modules (e.g. a CLIP-L-only one) is not judged.
+    A network whose modules fit several architectures equally (e.g. a text-encoder-only one: CLIP-L+CLIP-G
+    fits sdxl and sd3) is compatible with any of them, and the others narrow it down: an sdxl UNet network
+    merged with it makes an sdxl network. One that fits no architecture is not judged.
     """
-    first: NetworkInput | None = None
+    common: set[str] | None = None
+    judged: list[NetworkInput] = []
     for network in networks:
-        if network.arch == "unknown":
+        fits = candidates(network)
+        if fits is None:
             continue
-        if first is None:
-            first = network
-        elif not same_family(network.arch, first.arch):
+        if common is not None and not common & fits:
             raise NetworkError(
-                f"{network.path}: a {network.arch} network, but {first.name} is a {first.arch} network: "
+                f"{network.path}: a {_described(network)} network, but {_joined(judged)}: "
                 "networks for different architectures cannot be merged into one"
             )
+        common = fits if common is None else common & fits
+        judged.append(network)
+    if common is None or len(common) > 1:
+        return None
+    known = next((n.arch for n in judged if n.arch != "unknown" and same_family(n.arch, next(iter(common)))), None)
+    return known or next(iter(common))  # a detected name (chroma) before its family's (flux)
+
+
+def _described(network: NetworkInput) -> str:
+    return network.arch if network.arch != "unknown" else " or ".join(network.tied)
+
+
+def _joined(networks: Sequence[NetworkInput]) -> str:
+    return " and ".join(f"{n.name} is a {_described(n)} network" for n in networks)
 
 
 def merge_networks(
@@ -493,7 +511,7 @@ def merge_networks(
     where = resolve_device(device)
     load = loaded.load if loaded is not None else load_network_input
     networks = [load(path, hash_file=not dry_run) for path in network_paths]
-    check_same_architecture(networks)
+    arch = check_same_architecture(networks)
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
     files = [n.name for n in networks]
     for network in networks:
@@ -554,7 +572,7 @@ def merge_networks(
     if saturated:
         reporter.warn(f"{len(saturated)} tensor(s) had values beyond the range of the output dtype and were saturated "
                       f"to its largest value, not written as inf (e.g. {saturated[0]})")
-    metadata = merged_network_metadata(networks, rule_set, result.modules, rank, Path(output).stem)
+    metadata = merged_network_metadata(networks, rule_set, result.modules, rank, Path(output).stem, arch=arch)
     _, completed = complete_for_a1111(tensors, metadata=networks[0].metadata)
     if completed:
         reporter.log(completed)

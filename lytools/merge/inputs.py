@@ -61,19 +61,23 @@ class NetworkInput:
     stray: list[str] = field(default_factory=list)
     autov3: str | None = None
     arch: str = "unknown"  # as lytools.convert.load_network detected it (unknown: a tie or no fit)
+    tied: tuple[str, ...] = ()  # with arch unknown: the architectures its modules fit equally (Network.tied)
 
     @property
     def name(self) -> str:
         return self.path.name
 
 
-def _load_modules(path: Path) -> tuple[dict[str, NetworkModule], dict[str, str], list[str], str]:
-    """Return (modules, metadata, stray keys, arch) through lytools.convert's reader (any key style)."""
+def _load_modules(
+    path: Path,
+) -> tuple[dict[str, NetworkModule], dict[str, str], list[str], str, tuple[str, ...]]:
+    """Return (modules, metadata, stray keys, arch, tied) through lytools.convert's reader (any key style)."""
     from lytools.convert import load_network  # the one reader of every network key style
 
     network = load_network(path)
     arch = str(getattr(network, "arch", None) or "unknown")
-    return dict(network.modules), dict(network.metadata), list(getattr(network, "stray", [])), arch
+    tied = tuple(getattr(network, "tied", ()) or ())
+    return dict(network.modules), dict(network.metadata), list(getattr(network, "stray", [])), arch, tied
 
 
 def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> NetworkInput:
@@ -88,7 +92,7 @@ def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> Ne
 def _read_network_input(path: Path, hash_file: bool) -> NetworkInput | None:
     """Return the network input at `path`, or None when it holds no network module."""
     try:
-        modules, metadata, stray, arch = _load_modules(path)
+        modules, metadata, stray, arch, tied = _load_modules(path)
         infos = {name: describe_module(module) for name, module in modules.items()}
         check_finite(modules)
     except NetworkError as exc:
@@ -96,7 +100,7 @@ def _read_network_input(path: Path, hash_file: bool) -> NetworkInput | None:
     if not modules:
         return None
     autov3 = file_hashes(path).data_sha256 if hash_file and path.suffix == ".safetensors" else None
-    return NetworkInput(path, modules, infos, metadata, stray, autov3, arch)
+    return NetworkInput(path, modules, infos, metadata, stray, autov3, arch, tied)
 
 
 def is_pickled(path: Path) -> bool:
@@ -141,6 +145,18 @@ _ARCH_FAMILY = {"chroma": "flux"}  # Chroma is a pruned Flux: Flux-named modules
 def same_family(first: str, second: str) -> bool:
     """True when modules made for architecture `first` fit `second` (equal, or Chroma and Flux)."""
     return _ARCH_FAMILY.get(first, first) == _ARCH_FAMILY.get(second, second)
+
+
+def candidates(network: NetworkInput) -> set[str] | None:
+    """Return the architecture families the network's modules may be for; None when nothing is known.
+
+    A detected architecture is one candidate; a tie (e.g. a CLIP-L+CLIP-G text-encoder-only network: sdxl or
+    sd3) gives the tied ones; a network that fits no architecture gives None (not judged)."""
+    if network.arch != "unknown":
+        return {_ARCH_FAMILY.get(network.arch, network.arch)}
+    if network.tied:
+        return {_ARCH_FAMILY.get(arch, arch) for arch in network.tied}
+    return None
 
 
 def detach(modules: dict[str, NetworkModule]) -> dict[str, NetworkModule]:
