@@ -319,7 +319,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import json
 
-    from lytools.convert import ConvertOptions, make_output_dir, plan_outputs, run_batch
+    from lytools.convert import ConvertOptions, make_output_dir, plan_outputs, remove_empty_dirs, run_batch
     from lytools.io import parse_save_dtype
 
     reporter = make_reporter(quiet, verbose)
@@ -341,8 +341,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
                              arch=None if arch == "auto" else arch, overwrite=overwrite, fsync=fsync,
                              keep_ema=keep_ema)
     pairs = plan_outputs(sources, output, output_dir, target)
-    if output_dir is not None:
-        make_output_dir(output_dir)
+    created = make_output_dir(output_dir) if output_dir is not None else []
 
     def done(result) -> None:
         if result.error:
@@ -359,6 +358,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
                 sys.stdout.flush()
 
     results = run_batch(pairs, options, jobs=jobs, on_done=done)
+    remove_empty_dirs(created)  # every file failed: the folders created for them go too
     failed = sum(1 for r in results if r.error)
     if len(results) > 1:
         reporter.log(f"convert: {len(results) - failed} written, {failed} failed")

@@ -151,3 +151,18 @@ def test_output_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "convert", str(source), "--output-dir", str(tmp_path / "file" / "sub"),
                                 "--to", "diffusers")
     assert code == 1 and stdout == "" and len(err.strip().splitlines()) == 1 and "cannot create the output folder" in err
+
+
+def test_output_dir_created_for_a_run_that_fails_is_removed(tmp_path, capsys):
+    """Every file failed: the folders --output-dir created are removed (nothing left behind); a folder that
+    existed before, or one that holds an output, stays."""
+    source = build_network(tmp_path / "n.safetensors", "sd1", rank=4)  # te + unet: peft needs --component
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for out in (tmp_path / "new" / "nested", existing / "sub"):
+        code, stdout, err = run_cli(capsys, "convert", str(source), "--output-dir", str(out), "--to", "peft")
+        assert code == 1 and stdout == "" and "--component" in err
+    assert not (tmp_path / "new").exists() and existing.is_dir() and list(existing.iterdir()) == []
+    code, stdout, _ = run_cli(capsys, "convert", str(source), str(tmp_path / "missing.safetensors"),
+                              "--output-dir", str(tmp_path / "half"), "--to", "diffusers")
+    assert code == 1 and stdout.splitlines() == [str(tmp_path / "half" / "n.safetensors")]

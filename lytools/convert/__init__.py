@@ -38,6 +38,7 @@ Writing
         integer tensors keep their dtype; fp8 saturates; scaled-fp8 files refused
     plan_outputs(inputs, output, output_dir, target) -> [(input, output)]   naming rule (run.py)
     make_output_dir(output_dir)   creates a missing --output-dir (and parents), as mkdir -p
+    remove_empty_dirs(created)    removes those of them left empty when every file failed
     run_batch(pairs, options, jobs=N, on_done=callback) -> [FileResult]     N processes, each result
         reported as it finishes; a failed file is a result with .error, the others still run
 
@@ -52,7 +53,7 @@ from typing import Any
 _LAZY = {
     **dict.fromkeys(("Network", "adapter_metadata", "config_scale", "load_network", "peft_config_path"), "lytools.convert.load"),
     **dict.fromkeys(("Converted", "convert_network"), "lytools.convert.write"),
-    **dict.fromkeys(("ConvertOptions", "FileResult", "cast_file", "convert_file", "make_output_dir", "output_for", "peft_paths", "plan_outputs",
+    **dict.fromkeys(("ConvertOptions", "FileResult", "cast_file", "convert_file", "make_output_dir", "output_for", "peft_paths", "plan_outputs", "remove_empty_dirs",
                      "process", "run_batch"), "lytools.convert.run"),
 }
 

@@ -128,12 +128,25 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
     return pairs
 
 
-def make_output_dir(output_dir: Path) -> None:
-    """Create --output-dir (and its parents) when missing, as `mkdir -p` would."""
+def make_output_dir(output_dir: Path) -> list[Path]:
+    """Create --output-dir (and its parents) when missing, as `mkdir -p` would; return the folders created,
+    outermost first."""
+    missing = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()][::-1]
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LytoolsError(f"{output_dir}: cannot create the output folder ({exc.strerror or exc})") from None
+    return missing
+
+
+def remove_empty_dirs(created: Sequence[Path]) -> None:
+    """Remove the folders make_output_dir created that are still empty (every file failed): a failed run
+    leaves nothing behind."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something was written there) or gone: keep the rest
+            return
 
 
 # -- metadata ----------------------------------------------------------------------------------------
