@@ -498,3 +498,32 @@ def test_tied_networks_merge_by_their_candidates(tied, tmp_path):
         with pytest.raises(NetworkError, match="networks for different architectures"):
             merge_networks([tied[name] for name in names], tmp_path / "refused.safetensors", dry_run=True)
     assert not (tmp_path / "refused.safetensors").exists()
+
+
+def test_device_on_a_merge_that_computes_nothing_warns(sd1, tmp_path, capsys):
+    """--device given to an exact concatenation or a dry run changes nothing: said, exit 0; a merge that
+    computes (--rank, --verify, into a checkpoint) or the default auto says nothing of it."""
+    from tests.shared import run_lytools
+
+    _, ckpt, a, b = sd1
+    concat = "--device cpu: nothing here runs on a device (exact concatenation)"
+    dry = "--device cpu: nothing here runs on a device (a dry run computes nothing)"
+    runs = [
+        (["-o", tmp_path / "concat.safetensors", "--device", "cpu"], concat),
+        (["--dry-run", "--device", "cpu"], dry),
+        (["--dry-run", "--rank", "2", "--device", "cpu"], dry),
+        (["-o", tmp_path / "auto.safetensors"], None),
+        (["-o", tmp_path / "svd.safetensors", "--rank", "2", "--device", "cpu"], None),
+        (["-o", tmp_path / "verified.safetensors", "--verify", "--device", "cpu"], None),
+    ]
+    for options, warning in runs:
+        code, _, err = run_lytools(capsys, "merge", a, b, *options)
+        assert code == 0, err
+        assert (warning in err) if warning else "nothing here runs on a device" not in err, (options, err)
+    code, _, err = run_lytools(capsys, "merge", ckpt, a, "--dry-run", "--device", "cpu")
+    assert code == 0 and dry in err
+    code, _, err = run_lytools(capsys, "merge", ckpt, a, "-o", tmp_path / "into.safetensors", "--device", "cpu")
+    assert code == 0 and "nothing here runs on a device" not in err
+    concatenated, by_default = read_all(tmp_path / "concat.safetensors"), read_all(tmp_path / "auto.safetensors")
+    assert concatenated.keys() == by_default.keys()
+    assert all(torch.equal(tensor, by_default[key]) for key, tensor in concatenated.items())

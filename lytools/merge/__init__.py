@@ -115,6 +115,8 @@ def run_merge(
                 save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite,
                 dora_mode=dora_mode, keep_ema=keep_ema, reporter=reporter, reader=first, loaded=loaded,
             )
+            if dry_run and device != "auto":
+                reporter.warn(f"--device {device}: nothing here runs on a device (a dry run computes nothing)")
             if verify and not dry_run:
                 from lytools.merge.verify import verify_checkpoint
 
@@ -133,6 +135,9 @@ def run_merge(
         paths, output, ratios=ratios, ratio_for=ratio_for, rank=rank, conv_rank=conv_rank,
         save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite, reporter=reporter, loaded=loaded,
     )
+    if device != "auto" and (dry_run or (rank is None and not verify)):  # --verify computes on the device
+        why = "a dry run computes nothing" if dry_run else "exact concatenation"
+        reporter.warn(f"--device {device}: nothing here runs on a device ({why})")
     if verify and not dry_run:
         from lytools.merge.verify import verify_network
 
