@@ -399,3 +399,17 @@ def test_fp8_network_resizes_and_verifies_in_its_own_dtype(tmp_path, dtype):
     out = tmp_path / "o.safetensors"
     summary = resize_file(path, out, ResizeOptions(rank=4, verify=True))  # e5m2 failed verification: no fp8 allowance
     assert summary.verify.ok and read_all(out)[0][f"{LINEAR}.lora_down.weight"].dtype == dtype
+
+
+def test_output_naming_the_input_or_base_is_refused_even_with_overwrite(tmp_path, capsys):
+    """resize rewrote IN in place with --overwrite (merge, extract and convert refuse that)."""
+    path = small_locon(tmp_path / "n.safetensors")
+    (tmp_path / "link.safetensors").symlink_to(path)
+    base = tmp_path / "base.safetensors"
+    write_safetensors(base, {"w": torch.zeros(2)})
+    before = path.read_bytes(), base.read_bytes()
+    for out, extra in ((tmp_path / "." / "n.safetensors", []), (tmp_path / "link.safetensors", []),
+                       (base, ["--base", str(base)])):
+        code, stdout, err = run_lytools(capsys, "resize", str(path), str(out), "--rank", "2", "--overwrite", *extra)
+        assert code == 1 and stdout == "" and err.count("\n") == 1 and "would replace" in err
+    assert (path.read_bytes(), base.read_bytes()) == before

@@ -441,6 +441,10 @@ def resize_file(
     started = time.perf_counter()
     source, output = Path(source), Path(output)
     rule = options.rule()
+    for role, given in (("IN", source), ("--base", options.base)):
+        if given is not None and output.exists() and Path(given).exists() and output.samefile(given):
+            # even with --overwrite: merge, extract and convert refuse the same (the input is lost)
+            raise LytoolsError(f"{output}: the output would replace {role} ({given}); choose another name")
     output = check_output_path(output, options.overwrite)
     if options.report is not None:
         if options.report.suffix.lower() not in (".json", ".csv"):
