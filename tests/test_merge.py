@@ -461,6 +461,22 @@ def test_ratio_zero_warns_naming_the_input(sd1, tmp_path, capsys):
     assert code == 0 and "ratio 0" not in err
 
 
+def test_ratio_for_that_zeroes_every_module_warns(sd1, tmp_path, capsys):
+    """--ratio-for can bring every module to 0 with every --ratios at 1: the merge changes nothing, said as for
+    ratio 0 (it was silent); a rule that leaves one module is not warned."""
+    from tests.shared import run_lytools
+
+    _, ckpt, a, b = sd1
+    code, _, err = run_lytools(capsys, "merge", ckpt, a, b, "--ratio-for", "lora_=0", "-o", tmp_path / "c.safetensors")
+    assert code == 0 and "--ratio-for brings every module to ratio 0: the output is a plain copy of base.safetensors" in err
+    merged, base = read_all(tmp_path / "c.safetensors"), read_all(ckpt)
+    assert all(torch.equal(merged[k], base[k]) for k in base)
+    code, _, err = run_lytools(capsys, "merge", a, b, "--ratio-for", "_te_=0", "--ratio-for", "_unet_=-0", "--dry-run")
+    assert code == 0 and "--ratio-for brings every module to ratio 0: the merged network changes nothing" in err
+    code, _, err = run_lytools(capsys, "merge", a, b, "--ratio-for", "_te_=0", "--dry-run")
+    assert code == 0 and "every module" not in err
+
+
 def test_ratio_zero_dora_under_the_lycoris_rule_still_changes_the_weight(sd1, tmp_path, capsys):
     """LyCORIS scales only a DoRA module's magnitude by the ratio: at 0 its direction change still lands,
     so the warning says so instead of "changes nothing" (and no "plain copy")."""

@@ -183,9 +183,12 @@ def zero_ratio_warnings(
                             "magnitude by the ratio; --dora-mode comfy leaves them out at ratio 0)")
         else:
             warnings.append(f"ratio 0 for {network.name}: it changes nothing")
+    cast = " (cast by --save-dtype)" if save_dtype is not None else ""
     if zero and len(zero) == len(networks) and not still_changing:
-        cast = " (cast by --save-dtype)" if save_dtype is not None else ""
         warnings.append(f"every ratio is 0: the output is a plain copy of {base.name}{cast}")
+    elif ratios.zero_by_rules([network.modules for network in networks]) and not (
+            dora_mode == "lycoris" and any(info.dora for network in networks for info in network.infos.values())):
+        warnings.append(f"--ratio-for brings every module to ratio 0: the output is a plain copy of {base.name}{cast}")
     return warnings
 
 

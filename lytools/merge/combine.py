@@ -522,6 +522,8 @@ def merge_networks(
         reporter.warn(f"ratio 0 for {networks[index].name}: it changes nothing")
     if zero and len(zero) == len(networks):
         reporter.warn("every ratio is 0: the merged network changes nothing")
+    elif rule_set.zero_by_rules([network.modules for network in networks]):
+        reporter.warn("--ratio-for brings every module to ratio 0: the merged network changes nothing")
     by_name = _contributions(networks, rule_set)
     for text in rule_set.unused_rules():
         reporter.warn(f"--ratio-for {text} matched no module")

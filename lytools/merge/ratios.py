@@ -86,6 +86,21 @@ class Ratios:
         """Return the indexes of the inputs whose ratio is 0 (whatever the rules, they add nothing)."""
         return [index for index, ratio in enumerate(self.per_input) if ratio == 0.0]
 
+    def zero_by_rules(self, modules: Sequence[Iterable[str]]) -> bool:
+        """True when --ratio-for brings every module of every input (modules[i]: input i's module names) to
+        ratio 0 although some input's own ratio is not 0 (that case is said per input)."""
+        if not self.rules or all(ratio == 0.0 for ratio in self.per_input) or not any(modules):
+            return False
+        for ratio, names in zip(self.per_input, modules):
+            for name in names:
+                factor = ratio
+                for rule in self.rules:
+                    if rule.pattern.search(name):
+                        factor *= rule.factor
+                if factor != 0.0:
+                    return False
+        return True
+
     def unused_rules(self) -> list[str]:
         """Return the `--ratio-for` rules that matched no module (worth a warning)."""
         return [rule.text for rule in self.rules if rule.text not in self.used]
