@@ -523,14 +523,10 @@ def test_checkpoint_modelspec_is_dated_titled_and_lists_what_was_merged(sd1, tmp
         assert handle.metadata["format"] == "pt"
 
 
-def test_pickled_base_is_unpickled_once(sd1, tmp_path, monkeypatch):
-    """run_merge reads the first input's kind, merges and --verify's from one opening: a pickled base (slow,
-    possibly read whole into memory) is unpickled once, not once per step."""
+def _count_unpicklings(monkeypatch) -> list[str]:
+    """Record the name of every file lytools unpickles from now on (the list fills as they are read)."""
     import lytools.io.pickled as pickled
 
-    _, ckpt, a, _ = sd1
-    base = tmp_path / "base.ckpt"
-    torch.save({"state_dict": read_all(ckpt), "global_step": 10}, base)
     opened: list[str] = []
     original = pickled.load_pickled_state_dict
 
@@ -539,6 +535,16 @@ def test_pickled_base_is_unpickled_once(sd1, tmp_path, monkeypatch):
         return original(path)
 
     monkeypatch.setattr(pickled, "load_pickled_state_dict", counting)
+    return opened
+
+
+def test_pickled_base_is_unpickled_once(sd1, tmp_path, monkeypatch):
+    """run_merge reads the first input's kind, merges and --verify's from one opening: a pickled base (slow,
+    possibly read whole into memory) is unpickled once, not once per step."""
+    _, ckpt, a, _ = sd1
+    base = tmp_path / "base.ckpt"
+    torch.save({"state_dict": read_all(ckpt), "global_step": 10}, base)
+    opened = _count_unpicklings(monkeypatch)
     run_merge([base, a], tmp_path / "dry.safetensors", dry_run=True)
     assert opened == ["base.ckpt"]
     opened.clear()
@@ -554,19 +560,10 @@ def test_pickled_base_is_unpickled_once(sd1, tmp_path, monkeypatch):
 def test_pickled_network_is_unpickled_once(sd1, tmp_path, monkeypatch):
     """A pickled network after the first input is unpickled once per merge (for its kind, the merge and
     --verify), into a checkpoint and into a network, and merges as its .safetensors twin does."""
-    import lytools.io.pickled as pickled
-
     _, ckpt, a, b = sd1
     pickled_b = tmp_path / "b.pt"
     torch.save(read_all(b), pickled_b)
-    opened: list[str] = []
-    original = pickled.load_pickled_state_dict
-
-    def counting(path):
-        opened.append(Path(path).name)
-        return original(path)
-
-    monkeypatch.setattr(pickled, "load_pickled_state_dict", counting)
+    opened = _count_unpicklings(monkeypatch)
     for inputs in ([ckpt, a, pickled_b], [a, pickled_b]):
         opened.clear()
         run_merge(inputs, tmp_path / "dry.safetensors", dry_run=True)
