@@ -12,7 +12,6 @@ small factors; the output waits on disk, not in memory.
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 import time
@@ -34,7 +33,7 @@ from lytools.extract.ranks import RankRule
 from lytools.extract.report import Summary, summarize, write_report
 from lytools.extract.spill import SpillStore
 from lytools.extract.svd import SvdFailure, energy
-from lytools.io import SafetensorsFile, open_file, removed_on_failure, write_safetensors
+from lytools.io import SafetensorsFile, open_file, removed_on_failure, same_file, write_safetensors
 from lytools.io.folders import lone_shard
 from lytools.io.dtypes import st_name
 from lytools.io.hashes import DataHashThread
@@ -341,11 +340,7 @@ def _refuse_input_as_output(out: Path, sources: dict[str, _Source]) -> None:
         return
     for which, source in sources.items():
         for path in _input_files(source):
-            try:
-                same = Path(path).is_file() and os.path.samefile(out, path)
-            except OSError:
-                same = False
-            if same:
+            if Path(path).is_file() and same_file(out, path):  # a folder input: its files are listed too
                 raise UsageError(f"{out}: is {which} ({source.path.name}); refusing to replace an input with the network")
 
 

@@ -32,6 +32,7 @@ from lytools.io.writer import (
     plan_entry,
     removed_on_failure,
     plan_layout,
+    same_file,
     write_safetensors,
 )
 
@@ -153,6 +154,7 @@ __all__ = [
     "TensorInfo",
     "check_output_path",
     "removed_on_failure",
+    "same_file",
     "file_hashes",
     "load_pickled_state_dict",
     "modelspec_hash",

@@ -82,12 +82,17 @@ def add_provenance(
     return result
 
 
+def modelspec_date() -> str:
+    """Now, as modelspec.date is written (local time to the second, ISO 8601, as sd-scripts writes it)."""
+    return datetime.now().replace(microsecond=0).isoformat()
+
+
 def network_modelspec(arch: str | None, title: str, *, is_lora: bool = True) -> dict[str, str]:
     """Return the modelspec.* keys sd-scripts writes for a network of this architecture."""
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.title": title,
-        "modelspec.date": datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.date": modelspec_date(),
     }
     if arch in MODELSPEC_ARCHITECTURES:
         suffix = "/lora" if is_lora else ""

@@ -186,6 +186,15 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
 
 
+def same_file(path: str | os.PathLike, other: str | os.PathLike) -> bool:
+    """True when both exist and name the same file or folder, however spelled (links followed): how every
+    command tells that an output would replace one of its inputs."""
+    try:
+        return os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     """Return the output path after refusing pickle suffixes, missing folders and existing files."""
     path = Path(path)

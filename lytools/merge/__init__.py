@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lytools.errors import LytoolsError, UsageError
-from lytools.io import check_output_path, open_file, removed_on_failure
+from lytools.io import check_output_path, open_file, removed_on_failure, same_file
 from lytools.io.folders import check_folder_output, lone_shard
 from lytools.ui import QUIET, Reporter
 
@@ -81,7 +81,7 @@ def run_merge(
     if verify and dry_run:
         raise UsageError("--verify checks a written output; --dry-run writes none")
     if output is not None:  # a dry run checks it too: it says whether the real run would go through
-        replaced = next((path for path in paths if _same_path(path, Path(output))), None)
+        replaced = next((path for path in paths if same_file(path, output)), None)
         if replaced is not None:  # even with --overwrite: the merge reads it while writing
             raise LytoolsError(f"{output}: the output would replace the input {replaced}; choose another name")
         if (paths[0] / "model_index.json").is_file():  # into a diffusers folder: the output is a folder
@@ -152,14 +152,6 @@ def _inside(path: Path, folder: Path) -> bool:
     """True when `path` lies somewhere under the existing folder `folder` (links followed)."""
     try:
         return folder.is_dir() and path.exists() and path.resolve().is_relative_to(folder.resolve())
-    except OSError:
-        return False
-
-
-def _same_path(path: Path, other: Path) -> bool:
-    """True when both name the same file or folder (however spelled, links followed)."""
-    try:
-        return path.exists() and other.exists() and path.samefile(other)
     except OSError:
         return False
 

@@ -16,7 +16,6 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +30,7 @@ from lytools.io import SafetensorsFile, SafetensorsWriter, ShardedFile, open_fil
 from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES, saturating_cast
 from lytools.io.folders import DiffusersFolder, FolderWriter
 from lytools.io.hashes import DataHashThread
-from lytools.io.metadata import add_provenance, carried, source_entry
+from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry
 from lytools.io.pickled import PickledFile
 from lytools.merge.fp8 import dequantize, requantize, surviving_share
 from lytools.merge.inputs import NetworkInput, NetworkInputs, load_network_input
@@ -155,41 +154,12 @@ def merged_metadata(
         sources.append(entry)
     meta = carried(base_meta)
     if title is not None and any(key.startswith("modelspec.") for key in meta):
-        meta["modelspec.date"] = date or datetime.now().replace(microsecond=0).isoformat()
+        meta["modelspec.date"] = date or modelspec_date()
         meta["modelspec.title"] = title
         meta["modelspec.merged_from"] = ", ".join([base.name, *(network.name for network in networks)])
     meta = add_provenance(meta, sources=sources)
     meta["lytools.merge"] = json.dumps(ratios.describe(), separators=(",", ":"))
     return meta
-
-
-def zero_ratio_warnings(
-    ratios: Ratios, networks: Sequence[NetworkInput], base: Path, dora_mode: str, save_dtype: torch.dtype | None
-) -> list[str]:
-    """Return the warnings for networks merged at ratio 0 (a merge that changes nothing is worth saying).
-
-    At ratio 0 every module adds nothing, except DoRA under the LyCORIS rule: the ratio scales only
-    the magnitude there, so the full direction change still lands (ALGORITHMS.md 7).
-    """
-    zero = ratios.zero_inputs()
-    warnings, still_changing = [], False
-    for index in zero:
-        network = networks[index]
-        dora = sum(1 for info in network.infos.values() if info.dora) if dora_mode == "lycoris" else 0
-        if dora:
-            still_changing = True
-            warnings.append(f"ratio 0 for {network.name}: its other modules change nothing, but its {dora} DoRA "
-                            "module(s) still apply their full direction change (the LyCORIS rule scales only the "
-                            "magnitude by the ratio; --dora-mode comfy leaves them out at ratio 0)")
-        else:
-            warnings.append(f"ratio 0 for {network.name}: it changes nothing")
-    cast = " (cast by --save-dtype)" if save_dtype is not None else ""
-    if zero and len(zero) == len(networks) and not still_changing:
-        warnings.append(f"every ratio is 0: the output is a plain copy of {base.name}{cast}")
-    elif ratios.zero_by_rules([network.modules for network in networks]) and not (
-            dora_mode == "lycoris" and any(info.dora for network in networks for info in network.infos.values())):
-        warnings.append(f"--ratio-for brings every module to ratio 0: the output is a plain copy of {base.name}{cast}")
-    return warnings
 
 
 class _Engine:
@@ -430,7 +400,9 @@ def merge_into_checkpoint(
     if given_mode is not None and not any(info.dora for n in networks for info in n.infos.values()):
         reporter.warn(f"--dora-mode {given_mode}: no network holds DoRA modules, so it changes nothing")
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
-    for text in zero_ratio_warnings(rule_set, networks, base, dora_mode, save_dtype):
+    cast = " (cast by --save-dtype)" if save_dtype is not None else ""
+    for text in rule_set.zero_warnings(networks, f"the output is a plain copy of {base.name}{cast}",
+                                       dora_applies=dora_mode == "lycoris"):
         reporter.warn(text)
     for network in networks:
         if network.stray:
@@ -470,7 +442,7 @@ def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporte
     if isinstance(reader, SafetensorsFile):
         hasher = DataHashThread(reader.path, reader.header.data_start)
     # planned with a placeholder hash, patched once the base is hashed: the same date both times
-    dated = dict(title=output.stem, date=datetime.now().replace(microsecond=0).isoformat())
+    dated = dict(title=output.stem, date=modelspec_date())
     metadata = merged_metadata(dict(reader.metadata), plan.base, HASH_PLACEHOLDER if hasher else None, networks,
                                rule_set, **dated)
     entries = [plan_entry(name, dtype, plan.shapes[name]) for name, dtype in plan.out_dtypes.items()]

@@ -517,13 +517,8 @@ def merge_networks(
     for network in networks:
         if network.stray:
             reporter.log(f"{network.name}: {len(network.stray)} key(s) outside any module not carried (first: {network.stray[0]})")
-    zero = rule_set.zero_inputs()
-    for index in zero:  # its modules are still written, as zero factors
-        reporter.warn(f"ratio 0 for {networks[index].name}: it changes nothing")
-    if zero and len(zero) == len(networks):
-        reporter.warn("every ratio is 0: the merged network changes nothing")
-    elif rule_set.zero_by_rules([network.modules for network in networks]):
-        reporter.warn("--ratio-for brings every module to ratio 0: the merged network changes nothing")
+    for text in rule_set.zero_warnings(networks, "the merged network changes nothing"):  # modules at 0: zero factors
+        reporter.warn(text)
     by_name = _contributions(networks, rule_set)
     for text in rule_set.unused_rules():
         reporter.warn(f"--ratio-for {text} matched no module")

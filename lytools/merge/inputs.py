@@ -75,9 +75,7 @@ def _load_modules(
     from lytools.convert import load_network  # the one reader of every network key style
 
     network = load_network(path)
-    arch = str(getattr(network, "arch", None) or "unknown")
-    tied = tuple(getattr(network, "tied", ()) or ())
-    return dict(network.modules), dict(network.metadata), list(getattr(network, "stray", [])), arch, tied
+    return dict(network.modules), dict(network.metadata), list(network.stray), network.arch, tuple(network.tied)
 
 
 def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> NetworkInput:

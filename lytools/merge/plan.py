@@ -189,9 +189,8 @@ def _arch_hint(networks: list[NetworkInput], checkpoint_arch: str, base: Path) -
     if checkpoint_arch == "unknown":
         return ""
     for network in networks:
-        arch = getattr(network, "arch", "unknown")
-        if arch != "unknown" and not same_family(arch, checkpoint_arch):
-            return f"{network.name} is a {arch} network, {base.name} a {checkpoint_arch} checkpoint: "
+        if network.arch != "unknown" and not same_family(network.arch, checkpoint_arch):
+            return f"{network.name} is a {network.arch} network, {base.name} a {checkpoint_arch} checkpoint: "
     return ""
 
 

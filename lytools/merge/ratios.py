@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from lytools.errors import UsageError
+
+if TYPE_CHECKING:
+    from lytools.merge.inputs import NetworkInput
 
 
 @dataclass(frozen=True)
@@ -74,32 +77,55 @@ class Ratios:
         return cls(per_input, [parse_rule(rule) for rule in rules])
 
     def of(self, index: int, module_name: str) -> float:
-        """Return the ratio for module `module_name` of network input `index`."""
-        ratio = self.per_input[index]
-        for rule in self.rules:
-            if rule.pattern.search(module_name):
-                ratio *= rule.factor
-                self.used.add(rule.text)
+        """Return the ratio for module `module_name` of network input `index` (the rules it takes count as used)."""
+        ratio, matched = self._apply(self.per_input[index], module_name)
+        self.used.update(rule.text for rule in matched)
         return ratio
+
+    def _apply(self, ratio: float, module_name: str) -> tuple[float, list[RatioRule]]:
+        """Return (`ratio` times every rule matching `module_name`, those rules)."""
+        matched = [rule for rule in self.rules if rule.pattern.search(module_name)]
+        for rule in matched:
+            ratio *= rule.factor
+        return ratio, matched
 
     def zero_inputs(self) -> list[int]:
         """Return the indexes of the inputs whose ratio is 0 (whatever the rules, they add nothing)."""
         return [index for index, ratio in enumerate(self.per_input) if ratio == 0.0]
+
+    def zero_warnings(self, networks: Sequence[NetworkInput], outcome: str, *, dora_applies: bool = False) -> list[str]:
+        """Return the warnings for networks merged at ratio 0 (a merge that changes nothing is worth saying);
+        `outcome`: what the output then is.
+
+        At ratio 0 every module adds nothing, except DoRA where `dora_applies` (into a checkpoint under the
+        LyCORIS rule: the ratio scales only the magnitude, so the full direction change still lands,
+        ALGORITHMS.md 7).
+        """
+        zero = self.zero_inputs()
+        warnings, still_changing = [], False
+        for index in zero:
+            network = networks[index]
+            dora = sum(1 for info in network.infos.values() if info.dora) if dora_applies else 0
+            if dora:
+                still_changing = True
+                warnings.append(f"ratio 0 for {network.name}: its other modules change nothing, but its {dora} DoRA "
+                                "module(s) still apply their full direction change (the LyCORIS rule scales only the "
+                                "magnitude by the ratio; --dora-mode comfy leaves them out at ratio 0)")
+            else:
+                warnings.append(f"ratio 0 for {network.name}: it changes nothing")
+        if zero and len(zero) == len(networks) and not still_changing:
+            warnings.append(f"every ratio is 0: {outcome}")
+        elif self.zero_by_rules([network.modules for network in networks]) and not (
+                dora_applies and any(info.dora for network in networks for info in network.infos.values())):
+            warnings.append(f"--ratio-for brings every module to ratio 0: {outcome}")
+        return warnings
 
     def zero_by_rules(self, modules: Sequence[Iterable[str]]) -> bool:
         """True when --ratio-for brings every module of every input (modules[i]: input i's module names) to
         ratio 0 although some input's own ratio is not 0 (that case is said per input)."""
         if not self.rules or all(ratio == 0.0 for ratio in self.per_input) or not any(modules):
             return False
-        for ratio, names in zip(self.per_input, modules):
-            for name in names:
-                factor = ratio
-                for rule in self.rules:
-                    if rule.pattern.search(name):
-                        factor *= rule.factor
-                if factor != 0.0:
-                    return False
-        return True
+        return all(self._apply(ratio, name)[0] == 0.0 for ratio, names in zip(self.per_input, modules) for name in names)
 
     def unused_rules(self) -> list[str]:
         """Return the `--ratio-for` rules that matched no module (worth a warning)."""

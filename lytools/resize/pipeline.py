@@ -10,7 +10,6 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -20,9 +19,9 @@ from lytools.algos import ModuleInfo, NetworkModule, check_finite, describe_modu
 from lytools.device import resolve_device
 from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
-from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, write_safetensors
+from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, same_file, write_safetensors
 from lytools.io.dtypes import saturating_cast
-from lytools.io.metadata import add_provenance, carried, source_entry
+from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry
 from lytools.resize.modules import (
     COPIED, FLATTENED, KEPT, RESIZED, TRUNCATED, Context, ModuleReport, ModuleResult, RankRule, is_plain_lora,
     resize_module,
@@ -419,7 +418,7 @@ def resized_metadata(
                 args.pop("conv_alpha", None)
             meta["ss_network_args"] = json.dumps(args)
     if "modelspec.date" in meta:
-        meta["modelspec.date"] = datetime.now().replace(microsecond=0).isoformat()
+        meta["modelspec.date"] = modelspec_date()
     sources = [source_entry(source, autov3)]
     return add_provenance(meta, sources=sources)
 
@@ -442,7 +441,7 @@ def resize_file(
     source, output = Path(source), Path(output)
     rule = options.rule()
     for role, given in (("IN", source), ("--base", options.base)):
-        if given is not None and output.exists() and Path(given).exists() and output.samefile(given):
+        if given is not None and same_file(output, given):
             # even with --overwrite: merge, extract and convert refuse the same (the input is lost)
             raise LytoolsError(f"{output}: the output would replace {role} ({given}); choose another name")
     output = check_output_path(output, options.overwrite)
