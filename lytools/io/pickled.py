@@ -37,12 +37,11 @@ def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileFormatError(f"{path}: no such file")
     with open(path, "rb") as handle:
         prefix = handle.read(8)
-    from lytools.io.safetensors import foreign_format
+    from lytools.io.safetensors import READABLE, foreign_format
 
     foreign = foreign_format(prefix)
     if foreign:
-        raise FileFormatError(f"{path}: {foreign}, not a pickled checkpoint: lytools reads .safetensors files, their "
-                              "*.safetensors.index.json, diffusers folders and weights-only .ckpt/.pt/.pth/.bin")
+        raise FileFormatError(f"{path}: {foreign}, not a pickled checkpoint: {READABLE}")
     mmap_ok = zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():

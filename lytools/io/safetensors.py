@@ -115,6 +115,10 @@ _FOREIGN_MAGIC = (
 )
 
 
+READABLE = ("lytools reads .safetensors files, their *.safetensors.index.json, diffusers folders and weights-only "
+            ".ckpt/.pt/.pth/.bin")  # said when a file is in a format it does not read
+
+
 def foreign_format(prefix: bytes) -> str | None:
     """Name the known non-safetensors format whose magic starts `prefix`, else None."""
     for magic, name in _FOREIGN_MAGIC:
@@ -136,8 +140,7 @@ def read_header(path: str | os.PathLike) -> Header:
             if header_len > MAX_HEADER_LEN:
                 foreign = foreign_format(prefix)
                 if foreign:
-                    raise _fail(path, f"{foreign}, not safetensors: lytools reads .safetensors files, their "
-                                      "*.safetensors.index.json, diffusers folders and weights-only .ckpt/.pt/.pth/.bin")
+                    raise _fail(path, f"{foreign}, not safetensors: {READABLE}")
                 if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
                     raise _fail(path, "not a safetensors file (it looks like a pickled checkpoint; use a .ckpt/.pt name)")
                 raise _fail(path, f"not a safetensors file: header length {header_len} exceeds the 100 MB limit")
