@@ -437,10 +437,11 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
                         f"{plan.tuned_arch.arch} ({plan.tuned_arch.layout}); naming: {plan.arch}")
         _warn_labels(plan, reporter)
         rules = [f"linear {options.linear.describe()}"]
-        if any(module.kxk for module in todo):  # text encoders alone (--no-unet) have no kxk conv
+        kxk = any(module.kxk for module in todo)  # none from text encoders alone (--no-unet) or transformers
+        if kxk:
             rules.append(f"conv {options.conv.describe()}")
         reporter.log(f"extracting {len(todo)} modules on {device.type} ({', '.join(rules)})")
-        if options.factor.tucker and not any(module.kxk for module in todo):
+        if options.factor.tucker and not kxk:
             reporter.warn(f"--tucker changes nothing: none of the {len(todo)} modules to extract is a kxk conv")
         # bias deltas go with modules stored whole (`diff_b`); they are a few KiB, so read them always
         want_bias = lambda module: _rule_for(module, options).mode == "full" or options.factor.full_fallback  # noqa: E731
