@@ -17,11 +17,12 @@ import torch
 
 from lytools.algos import ModuleInfo, NetworkModule, check_finite, describe_module, describe_shapes, group_keys
 from lytools.device import resolve_device
-from lytools.errors import FileFormatError, LytoolsError, MatchError, NetworkError, UnsupportedError, UsageError
+from lytools.errors import FileFormatError, LytoolsError, NetworkError, UnsupportedError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, same_file, write_safetensors
 from lytools.io.dtypes import saturating_cast
 from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry
+from lytools.resize.flatten import BaseWeights, as_plain_lora
 from lytools.resize.modules import (
     COPIED, FLATTENED, KEPT, RESIZED, TRUNCATED, Context, ModuleReport, ModuleResult, RankRule, is_plain_lora,
     resize_module,
@@ -223,46 +224,6 @@ def check_inputs(path: Path, infos: Mapping[str, ModuleInfo], options: ResizeOpt
 
 
 # -- base weights ----------------------------------------------------------------------------------------
-class BaseWeights:
-    """Looks up a module's base weight in a checkpoint (--base), float32, rows of fused tensors joined."""
-
-    def __init__(self, path: Path, metadata: Mapping[str, str] | None = None):
-        from lytools.arch import Resolver
-
-        from lytools.merge.fp8 import detect_fp8
-        from lytools.merge.inputs import looks_like_network
-
-        self.path = path
-        self.reader = open_file(path)
-        infos = {name: self.reader.info(name) for name in self.reader.keys()}
-        if looks_like_network(infos):  # it said "no weight for module ..." as if a checkpoint lacked it
-            self.reader.close()
-            raise MatchError(f"{path}: a network (LoRA/LyCORIS), not a checkpoint: --base takes the base model")
-        self.resolver = Resolver(infos, metadata or self.reader.metadata)
-        self.fp8 = detect_fp8(infos)  # scaled fp8: the weight is fp8 x its scale
-
-    def __call__(self, name: str) -> torch.Tensor:
-        from lytools.merge.fp8 import read_weight
-
-        resolved = self.resolver.resolve(name)
-        if resolved is None:
-            raise MatchError(f"{self.path}: no weight for module {name} in this checkpoint")
-        pieces = []
-        for placement in resolved.placements:
-            tensor = read_weight(self.reader, self.fp8, placement.key, placement.rows)
-            pieces.append(tensor.to(torch.float32))
-        weight = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-        return weight.reshape(resolved.shape) if weight.numel() == math.prod(resolved.shape) else weight
-
-    def shape_of(self, name: str) -> tuple[int, ...] | None:
-        """Return the module's weight shape in this checkpoint (header only), or None when it has none."""
-        resolved = self.resolver.resolve(name)
-        return None if resolved is None else tuple(resolved.shape)
-
-    def close(self) -> None:
-        self.reader.close()
-
-
 def kernel_lookup(base: BaseWeights | None, arch: str | None):
     """Return the Context.full_shape callback: the --base checkpoint's own shape first, then the name tables."""
 
@@ -390,15 +351,7 @@ def resized_metadata(
         meta["ss_network_alpha"] = "Dynamic"
     flattened = [r for r in reports if r.action == FLATTENED]
     if flattened:
-        meta["ss_network_module"] = "networks.lora"
-        try:
-            args = json.loads(meta.get("ss_network_args") or "{}")
-        except ValueError:
-            args = {}
-        if isinstance(args, dict):
-            for key in ("algo", "use_tucker", "use_cp", "dora_wd", "factor", "decompose_both", "full_matrix"):
-                args.pop(key, None)
-            meta["ss_network_args"] = json.dumps(args)
+        as_plain_lora(meta)
     elif not options.truncate:
         if meta.get("ss_network_module") == "networks.dylora":
             # re-factored by SVD: the leading ranks are no longer nested
