@@ -297,12 +297,26 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
               help="Flush each output to disk before printing its path, so a power cut cannot lose it. Without it "
                    "outputs are still written to a temporary file and renamed (never partial after an error or "
                    "Ctrl-C), and the system writes them back in its own time, as cp does.")
+@click.option("--verify", is_flag=True,
+              help="Reload each output the way its target loader reads it (kohya: alpha/rank, no alpha: 1; diffusers: "
+                   "lora_adapter_metadata; peft: adapter_config.json r, lora_alpha, patterns, use_dora) and compare every "
+                   "module's weight change with the input's, placed on the checkpoint's weights (fused and split q/k/v "
+                   "row for row): exact where nothing should round (same dtype, no fold or a power-of-two one), else "
+                   "within the output dtype's rounding. Without --to: every tensor must be the input's cast to the "
+                   "written dtype. A failing output is removed and named with its worst module (exit 1).")
+@click.option("--check", is_flag=True,
+              help="Fail (exit 1, output removed, the first unresolved modules named) when a module of an output "
+                   "would not be applied by the loader of its layout, since ComfyUI and A1111 skip unknown keys silently: "
+                   "kohya names against the kohya table ComfyUI, A1111 and Forge map (denoiser weights outside it too; "
+                   "text-encoder ones are not applied); diffusers/peft paths against the diffusers modules of a "
+                   "component the pipeline loads LoRA into (T5 is not). An unknown architecture is an error (--arch). "
+                   "Checks what is written; without --to, the names as the input stores them.")
 @save_dtype_option(fp8=True)
 @keep_ema_option
 @overwrite_option
 @json_option
 @verbosity_options
-def convert_command(inputs, output, output_dir, target, fold, component, arch, jobs, fsync, save_dtype, keep_ema, overwrite,
+def convert_command(inputs, output, output_dir, target, fold, component, arch, jobs, fsync, verify, check, save_dtype, keep_ema, overwrite,
                     as_json, quiet, verbose):
     """Rewrite networks in another key layout (kohya, diffusers, peft) and/or dtype, or cast checkpoints.
 
@@ -312,6 +326,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
     A file that fails is reported on stderr and skipped; the exit code is 1 when any failed.
     Stray keys are kept for kohya and dropped (named) for diffusers/peft; algorithms the target cannot
     hold (LoHa, LoKr, ... for diffusers/peft) are an error pointing to `lytools resize`.
+    --check (names) and --verify (weights) test each output once written; one that fails is removed.
     """
     # convert uses numpy for elementwise work only; numpy's OpenBLAS would start a thread per core
     # on import that spins for about 0.1 s of CPU, taken from the --jobs workers on small machines.
@@ -339,6 +354,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
         raise click.UsageError(f"-o takes one input ({len(sources)} given); use --output-dir DIR")
     options = ConvertOptions(target=target, save_dtype=parse_save_dtype(save_dtype), fold=fold, component=component,
                              arch=None if arch == "auto" else arch, overwrite=overwrite, fsync=fsync,
+                             verify=verify, check=check,
                              keep_ema=keep_ema)
     pairs = plan_outputs(sources, output, output_dir, target)
     created = make_output_dir(output_dir) if output_dir is not None else []

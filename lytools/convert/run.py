@@ -49,6 +49,8 @@ class ConvertOptions:
     overwrite: bool = False
     fsync: bool = False  # flush each output to disk before reporting it (durable against power loss)
     keep_ema: bool = False  # a pickled checkpoint's EMA copy (model_ema.*) is cast and written too
+    verify: bool = False  # reload each output as its target loader reads it, compare with the input (verify.py)
+    check: bool = False  # every output module name must resolve in its target loader's table (check.py)
 
 
 @dataclass
@@ -359,7 +361,29 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
 
 
 def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
-    """Run one input; a LytoolsError becomes the result's error (the batch goes on)."""
+    """Run one input, then --check / --verify on what it wrote (lytools.convert.check.examine, which
+    removes the output when they fail); a LytoolsError becomes the result's error (the batch goes on)."""
+    if not (options.check or options.verify):
+        return _process(source, output, options)
+    existed = output.exists()
+    result = _process(source, output, options)
+    if result.error is None:
+        started = time.perf_counter()
+        try:
+            from lytools.convert.check import examine
+
+            examine(source, output, result, options, folder_existed=existed)
+        except LytoolsError as exc:
+            message = str(exc)
+            return FileResult(source, error=message if str(source) in message else f"{source}: {message}")
+        except (MemoryError, OSError) as exc:
+            return FileResult(source, error=f"{source}: {type(exc).__name__}: {exc}")
+        result.seconds += time.perf_counter() - started
+    return result
+
+
+def _process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
+    """Convert or cast one input; a LytoolsError becomes the result's error."""
     try:
         if options.target is None:
             if options.save_dtype is None:
