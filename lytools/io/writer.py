@@ -181,9 +181,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         tensor = tensor.detach().to("cpu").contiguous()
     if tensor.numel() == 0:
         return memoryview(b"")
-    if tensor.dim() == 0:
-        tensor = tensor.reshape(1)
-    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+    # flat: a contiguous tensor may still have a size-1 last dim of stride != 1 ((out, r, 1, 1) made by reshaping
+    # a transposed factor), which view(uint8) refuses; reshape(-1) of a contiguous tensor is a view, never a copy
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def same_file(path: str | os.PathLike, other: str | os.PathLike) -> bool:
@@ -195,13 +195,30 @@ def same_file(path: str | os.PathLike, other: str | os.PathLike) -> bool:
         return False
 
 
+def spelled_as_folder(path: str | os.PathLike) -> bool:
+    """True when `path` is a string ending in a path separator (`out.safetensors/`): the user names a folder.
+    (A Path has already lost the trailing separator: pass the string as typed.)"""
+    return isinstance(path, str) and len(path) > 1 and path.endswith(tuple(filter(None, (os.sep, os.altsep))))
+
+
+def output_file_path(path: str | os.PathLike) -> Path:
+    """Return the output file path as a Path, refusing a spelling that names a folder (a trailing
+    separator, which Path would drop silently: `-o out.safetensors/` wrote a file `out.safetensors`)."""
+    if spelled_as_folder(path):
+        raise LytoolsError(f"{path}: ends with '{path[-1]}', so it names a folder, but the output is a file "
+                           "(drop the trailing separator)")
+    return Path(path)
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Return the output path after refusing pickle suffixes, missing folders and existing files."""
-    path = Path(path)
+    """Return the output path after refusing folder spellings and existing folders (exit 1, as every command
+    does), pickle suffixes, missing parent folders and existing files. Pass the user's string: a Path has
+    lost a trailing separator."""
+    path = output_file_path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LytoolsError(f"{path}: outputs are always .safetensors (refusing a {path.suffix} name)")
-    if path.exists() and path.is_dir():
-        raise LytoolsError(f"{path}: is a directory")
+    if path.is_dir():
+        raise LytoolsError(f"{path}: is an existing folder, but the output is a file (name the file to write)")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
