@@ -292,6 +292,15 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
               help="peft: the one model the adapter is for when the network covers several.")
 @click.option("--arch", type=click.Choice(["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]), default="auto", show_default=True,
               help="Architecture of the inputs when detection cannot tell (with --to).")
+@click.option("--flatten-dora", is_flag=True,
+              help="Replace every DoRA module by a plain LoRA of the rank of its own weight change (LoRA r, LoHa r², "
+                   "LoKr the product of its halves' ranks; at most the layer's full rank) approximating W' - W at "
+                   "strength 1 on --base, by SVD, with the error reported; other modules are written as they are. For "
+                   "A1111/Forge and ComfyUI, which do not apply output-axis DoRA exactly, and for diffusers/peft, which "
+                   "hold no input-axis DoRA. Exact at strength 1 on that base only. Another rank: lytools resize --base.")
+@click.option("--base", type=click.Path(exists=True, path_type=Path), metavar="CHECKPOINT",
+              help="With --flatten-dora: the base model the DoRA modules were trained on (read one weight at a time, "
+                   "shared by every input).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True, help="Files converted in parallel processes.")
 @click.option("--fsync", "fsync", is_flag=True,
               help="Flush each output to disk before printing its path, so a power cut cannot lose it. Without it "
@@ -316,7 +325,7 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
 @overwrite_option
 @json_option
 @verbosity_options
-def convert_command(inputs, output, output_dir, target, fold, component, arch, jobs, fsync, verify, check, save_dtype, keep_ema, overwrite,
+def convert_command(inputs, output, output_dir, target, fold, component, arch, flatten_dora, base, jobs, fsync, verify, check, save_dtype, keep_ema, overwrite,
                     as_json, quiet, verbose):
     """Rewrite networks in another key layout (kohya, diffusers, peft) and/or dtype, or cast checkpoints.
 
@@ -350,13 +359,21 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
         raise click.UsageError("--keep-ema applies to casting a checkpoint (--save-dtype without --to)")
     if component is not None and target != "peft":
         raise click.UsageError("--component applies to --to peft")
+    if flatten_dora and (base is None or target is None):
+        raise click.UsageError("--flatten-dora needs --to LAYOUT and --base CHECKPOINT (the model the DoRA was trained on)")
+    if base is not None and not flatten_dora:
+        raise click.UsageError("--base is the checkpoint --flatten-dora flattens DoRA on; without --flatten-dora nothing reads it")
     if output is not None and len(sources) > 1:
         raise click.UsageError(f"-o takes one input ({len(sources)} given); use --output-dir DIR")
     options = ConvertOptions(target=target, save_dtype=parse_save_dtype(save_dtype), fold=fold, component=component,
                              arch=None if arch == "auto" else arch, overwrite=overwrite, fsync=fsync,
                              verify=verify, check=check,
-                             keep_ema=keep_ema)
+                             keep_ema=keep_ema, flatten_dora=flatten_dora, base=base)
     pairs = plan_outputs(sources, output, output_dir, target)
+    if flatten_dora:  # opened once here (a bad base fails before any file), shared by every file and worker
+        from lytools.convert.dora import check_base
+
+        check_base(base, [out for _, out in pairs])
     created = make_output_dir(output_dir) if output_dir is not None else []
 
     def done(result) -> None:
@@ -367,6 +384,8 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, j
             reporter.log(f"{result.source.name}: {note}")
         for line in result.details:
             reporter.detail(f"{result.source.name}: {line}")
+        for warning in result.warnings:
+            reporter.warn(f"{result.source.name}: {warning}")
         reporter.detail(f"{result.source.name}: done in {result.seconds:.3f} s")
         if not as_json:
             for path in result.outputs:

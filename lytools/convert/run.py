@@ -49,6 +49,8 @@ class ConvertOptions:
     overwrite: bool = False
     fsync: bool = False  # flush each output to disk before reporting it (durable against power loss)
     keep_ema: bool = False  # a pickled checkpoint's EMA copy (model_ema.*) is cast and written too
+    flatten_dora: bool = False  # DoRA modules baked into plain LoRA on `base` (lytools.convert.dora)
+    base: Path | None = None  # the checkpoint --flatten-dora flattens on
     verify: bool = False  # reload each output as its target loader reads it, compare with the input (verify.py)
     check: bool = False  # every output module name must resolve in its target loader's table (check.py)
 
@@ -63,10 +65,11 @@ class FileResult:
     error: str | None = None
     seconds: float = 0.0
     details: list[str] = field(default_factory=list)  # what -v shows: how the file was read and written
+    warnings: list[str] = field(default_factory=list)  # what the user should know about the output (shown with -q too)
 
     def as_dict(self) -> dict:
         return {"input": str(self.source), "outputs": [str(p) for p in self.outputs], "notes": self.notes,
-                "error": self.error, "seconds": round(self.seconds, 4)}
+                "warnings": self.warnings, "error": self.error, "seconds": round(self.seconds, 4)}
 
 
 def input_stem(path: Path) -> str:
@@ -209,6 +212,10 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.notes.append("say which with --arch (" + " or ".join(net.tied) + ")")
     result.details.append(f"read as a {net.layout} {net.arch} network of {len(net.modules)} modules"
                           + (f", {len(net.stray)} stray keys" if net.stray else ""))
+    if options.flatten_dora or options.target == "kohya":  # DoRA: flattened, or the UIs' caveat
+        from lytools.convert.dora import prepare
+
+        net = prepare(net, options, result)
     converted = convert_network(net, options.target, fold=options.fold, save_dtype=options.save_dtype,
                                 component=options.component)
     result.notes.extend(converted.notes)
@@ -395,7 +402,8 @@ def _process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
             raise LytoolsError(f"unknown target layout {options.target!r} (kohya, diffusers, peft)")
         from lytools.convert.fast import try_convert
 
-        fast = try_convert(source, output, options)  # plain LoRAs to diffusers, without torch
+        # plain LoRAs to diffusers, without torch (--flatten-dora checks every file against its base)
+        fast = None if options.flatten_dora else try_convert(source, output, options)
         if fast is not None:
             return fast
         with one_torch_thread():

@@ -109,6 +109,8 @@ def to_kohya(net: Network, save_dtype: torch.dtype | None = None) -> Converted:
     for name, module in net.modules.items():
         for suffix, tensor in module.tensors.items():
             precise = suffix in (ALPHA, DORA)
+            if suffix == DORA and tensor.dim() == 1:
+                tensor = _dora_not_flat(net, name, module, tensor)
             tensors[f"{name}.{suffix}"] = cast(tensor, save_dtype, keep_precise=precise)
         if DOWN in module and UP in module and ALPHA not in module:
             # kohya readers (LyCORIS among them) expect an alpha; a missing one means alpha = rank
@@ -128,6 +130,18 @@ def to_kohya(net: Network, save_dtype: torch.dtype | None = None) -> Converted:
     if result.stray_kept:
         result.notes.append(f"kept {len(result.stray_kept)} keys that belong to no module: {_many(result.stray_kept)}")
     return result
+
+
+def _dora_not_flat(net: Network, name: str, module, magnitude: torch.Tensor) -> torch.Tensor:
+    """Return a 1-D `dora_scale` as (out, 1[, 1, 1]): 1-D is per output channel (ALGORITHMS.md 7), but
+    ComfyUI broadcasts it against the wrong axis (FORMATS.md 7, quirk 7), so kohya output is never 1-D."""
+    down = module.tensors.get(DOWN)
+    if down is not None and UP in module.tensors:
+        dims = down.dim()  # LoRA/LoCon: the layer's rank of dimensions
+    else:
+        known = names.full_shape(net.arch, name) or describe_shapes(name, module.shapes()).delta_shape or (0, 0)
+        dims = len(known)
+    return magnitude.reshape((magnitude.numel(),) + (1,) * (dims - 1))
 
 
 # -- diffusers / peft ------------------------------------------------------------------------------------
