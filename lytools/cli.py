@@ -40,6 +40,12 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an ex
 keep_ema_option = click.option("--keep-ema", is_flag=True,
                                help="Keep a pickled (.ckpt) checkpoint's EMA copy (model_ema.*), which is left out by default.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+strip_metadata_option = click.option(
+    "--strip-metadata", is_flag=True,
+    help="Write no training record (ss_*), modelspec, provenance (lytools.*), hashes or file names: only what "
+         "loaders read to apply the weights (diffusers' lora_adapter_metadata; a checkpoint's format). Inputs are not "
+         "hashed.",
+)
 
 
 def save_dtype_option(default: str | None = None, fp8: bool = False, default_help: str = "the input's dtype"):
@@ -112,13 +118,14 @@ def cli() -> None:
 @click.option("--verify", is_flag=True, help="Reload the output and check every module against its difference.")
 @device_option
 @save_dtype_option("fp16")
+@strip_metadata_option
 @overwrite_option
 @json_option
 @verbosity_options
 def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_threshold, conv_threshold, linear_ratio,
                     conv_ratio, linear_quantile, conv_quantile, max_rank, min_diff, unet, text_encoder, clamp_quantile,
-                    tucker, sparse_bias, sparsity, full_fallback, arch, report, verify, device, save_dtype, overwrite,
-                    as_json, quiet, verbose):
+                    tucker, sparse_bias, sparsity, full_fallback, arch, report, verify, device, save_dtype, strip_metadata,
+                    overwrite, as_json, quiet, verbose):
     """A LoRA/LoCon OUT approximating TUNED - BASE (kohya names, loadable by ComfyUI, A1111/Forge,
     kohya, LyCORIS and diffusers). Summary on stderr; the path (or --json) on stdout."""
     from lytools.extract.cli import run_extract_command
@@ -145,11 +152,12 @@ def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_thre
 @click.option("--verify", is_flag=True, help="Reload the output and check every module against its input.")
 @device_option
 @save_dtype_option()
+@strip_metadata_option
 @overwrite_option
 @json_option
 @verbosity_options
 def resize_command(source, output, rank, conv_rank, method, method_param, max_rank, truncate, base, report, verify,
-                   device, save_dtype, overwrite, as_json, quiet, verbose):
+                   device, save_dtype, strip_metadata, overwrite, as_json, quiet, verbose):
     """Reduce the ranks of a LoRA/LoCon/DyLoRA network IN into OUT (other algorithms are flattened
     into a LoRA). -v prints every module's rank and retained Frobenius share.
 
@@ -166,7 +174,7 @@ def resize_command(source, output, rank, conv_rank, method, method_param, max_ra
     options = ResizeOptions(
         rank=rank, conv_rank=conv_rank, method=method, method_param=method_param, max_rank=max_rank,
         truncate=truncate, base=base, report=report, device=device, save_dtype=parse_save_dtype(save_dtype),
-        verify=verify, overwrite=overwrite,
+        verify=verify, overwrite=overwrite, strip_metadata=strip_metadata,
     )
     summary = resize_file(source, output, options, reporter)
     reporter.log(summary.line())
@@ -201,11 +209,12 @@ from lytools.merge.options import ratios_option  # noqa: E402  (click plumbing f
 @device_option
 @save_dtype_option(default_help="the checkpoint's dtypes; networks into one network: the widest float dtype of "
                                 "their factors, fp16 when all are fp8")
+@strip_metadata_option
 @overwrite_option
 @json_option
 @verbosity_options
 def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv_rank, dry_run, verify, dora_mode, keep_ema,
-                  device, save_dtype, overwrite, as_json, quiet, verbose):
+                  device, save_dtype, strip_metadata, overwrite, as_json, quiet, verbose):
     """Merge networks into a checkpoint (first INPUT a checkpoint), or networks into one network.
     Any algorithm and key style; `-` reads paths from stdin."""
     import json
@@ -219,7 +228,7 @@ def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv
         expand_inputs(inputs), output, ratios=parse_ratios(ratios), ratio_for=ratio_for,
         allow_unmatched=allow_unmatched, rank=rank, conv_rank=conv_rank, save_dtype=parse_save_dtype(save_dtype),
         device=device, dry_run=dry_run, overwrite=overwrite, verify=verify, dora_mode=dora_mode, keep_ema=keep_ema,
-        reporter=reporter,
+        strip_metadata=strip_metadata, reporter=reporter,
     )
     if not dry_run:  # stderr, with or without --json
         for line in (result.plan.lines() if hasattr(result, "plan") else result.lines(verbose=True)):
@@ -322,11 +331,12 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
                    "Checks what is written; without --to, the names as the input stores them.")
 @save_dtype_option(fp8=True)
 @keep_ema_option
+@strip_metadata_option
 @overwrite_option
 @json_option
 @verbosity_options
-def convert_command(inputs, output, output_dir, target, fold, component, arch, flatten_dora, base, jobs, fsync, verify, check, save_dtype, keep_ema, overwrite,
-                    as_json, quiet, verbose):
+def convert_command(inputs, output, output_dir, target, fold, component, arch, flatten_dora, base, jobs, fsync, verify, check, save_dtype, keep_ema,
+                    strip_metadata, overwrite, as_json, quiet, verbose):
     """Rewrite networks in another key layout (kohya, diffusers, peft) and/or dtype, or cast checkpoints.
 
     Reads every layout lytools knows (kohya/LyCORIS, lycoris_, diffusers, peft, ComfyUI, old diffusers).
@@ -368,7 +378,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, f
     options = ConvertOptions(target=target, save_dtype=parse_save_dtype(save_dtype), fold=fold, component=component,
                              arch=None if arch == "auto" else arch, overwrite=overwrite, fsync=fsync,
                              verify=verify, check=check,
-                             keep_ema=keep_ema, flatten_dora=flatten_dora, base=base)
+                             keep_ema=keep_ema, strip_metadata=strip_metadata, flatten_dora=flatten_dora, base=base)
     pairs = plan_outputs(sources, output, output_dir, target)
     if flatten_dora:  # opened once here (a bad base fails before any file), shared by every file and worker
         from lytools.convert.dora import check_base

@@ -24,6 +24,7 @@ from lytools.errors import LytoolsError
 from lytools.io import PickledFile, SafetensorsFile, ShardedFile, open_file
 from lytools.io.folders import DiffusersFolder, lone_shard
 from lytools.io.hashes import LEGACY_LENGTH, LEGACY_OFFSET, file_hashes
+from lytools.io.metadata import REVEALING_KEYS, revealing
 from lytools.io.writer import build_header, file_order, plan_entry, ss_only
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -141,6 +142,7 @@ def _metadata_summary(metadata: Mapping[str, str]) -> dict[str, Any]:
 
     return {
         "count": len(metadata),
+        "revealing": revealing(metadata),  # dataset folders, captions, file names (--strip-metadata drops them)
         "ss": clip(ss),
         "ss_other_keys": other_ss,
         "modelspec": clip(modelspec),
@@ -577,6 +579,10 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
             lines.append(f"    other keys: {', '.join(others[:12])}{'…' if len(others) > 12 else ''}")
     else:
         row("metadata", "none")
+    shared = metadata.get("revealing")
+    if shared:
+        what = dict.fromkeys(REVEALING_KEYS[key] for key in shared)
+        row("shares", f"{', '.join(what)} ({', '.join(shared)}): --strip-metadata drops them")
     hashes = report.get("hashes")
     if hashes:
         if "sshs_model_hash" in hashes:

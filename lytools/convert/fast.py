@@ -145,9 +145,11 @@ def _convert(source: Path, output: Path, options: ConvertOptions) -> FileResult 
             return None  # a product beyond float16's range: the general path saturates it, with a note
     buffers = (body, scaled)
     views = [buffers[which][where] for which, where in plan.sources]
-    autov3 = hashlib.sha256(body).hexdigest()
+    strip = options.strip_metadata  # no provenance: the input's AutoV3 is not computed
+    autov3 = None if strip else hashlib.sha256(body).hexdigest()
     metadata = output_metadata(metadata, source, "diffusers",  # stale sshs_* dropped there (not changed in place)
-                               {"lora_adapter_metadata": structure.adapter_json}, autov3, structure.arch, folded=True)
+                               {"lora_adapter_metadata": structure.adapter_json}, autov3, structure.arch, folded=True,
+                               strip=strip)
     writer = SafetensorsWriter(output, structure.layout, metadata, overwrite=options.overwrite, durable=options.fsync)
     with writer:
         writer.write_all(views)

@@ -222,8 +222,9 @@ class _WholeFile:
     memory map, and the data-section SHA-256 (AutoV3) comes from the same bytes.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, hash_data: bool = True):
         self._header = read_header(path)  # validated: offsets tile the data, dtypes known
+        self._hash_data = hash_data  # False: no data_sha256 (no provenance to record)
         self.path = path
         self.metadata = dict(self._header.metadata or {})
         self._infos = self._header.tensors
@@ -238,7 +239,8 @@ class _WholeFile:
             with open(self.path, "rb") as handle:
                 if handle.readinto(buffer) != size or handle.read(1):
                     raise FileFormatError(f"{self.path}: file changed while reading")
-            self.data_sha256 = hashlib.sha256(memoryview(buffer)[self._start:]).hexdigest()
+            if self._hash_data:
+                self.data_sha256 = hashlib.sha256(memoryview(buffer)[self._start:]).hexdigest()
             self._buffer = buffer
         return self._buffer
 
@@ -271,23 +273,25 @@ class _WholeFile:
         return flat.reshape(shape)
 
 
-def _open_network(path: Path):
+def _open_network(path: Path, hash_data: bool = True):
     """Return a reader for a network file: whole-file for .safetensors up to WHOLE_READ_LIMIT."""
     if path.name.lower().endswith(".safetensors") and path.is_file() and path.stat().st_size <= WHOLE_READ_LIMIT:
-        return _WholeFile(path), True
+        return _WholeFile(path, hash_data), True
     return open_file(path), False
 
 
-def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Mapping[str, Any] | None = None) -> Network:
+def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Mapping[str, Any] | None = None,
+                 hash_data: bool = True) -> Network:
     """Return the network at `path` in canonical kohya/LyCORIS module names, whatever its layout.
 
     arch: force the architecture (sd1, sd2, sdxl, sd3, flux) when detection cannot tell.
     config: a peft LoraConfig dict for a peft adapter whose adapter_config.json is elsewhere.
+    hash_data: False leaves `data_sha256` None (the input's AutoV3 is not computed: --strip-metadata).
     Errors name the file: a module that is ambiguous or spelled twice, a broken diffusers config.
     """
     path = Path(path)
     try:
-        return _load(path, arch, config)
+        return _load(path, arch, config, hash_data)
     except (NetworkError, UnsupportedError) as exc:
         message = str(exc)
         if not message.startswith(str(path)):
@@ -295,8 +299,8 @@ def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Ma
         raise
 
 
-def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None) -> Network:
-    opened, owned = _open_network(path)
+def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None, hash_data: bool = True) -> Network:
+    opened, owned = _open_network(path, hash_data)
     with opened as source:
         infos = {info.name: info for info in source.infos()}
         metadata = dict(source.metadata or {})

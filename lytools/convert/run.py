@@ -28,7 +28,7 @@ from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, Us
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.folders import DiffusersFolder, FolderWriter
 from lytools.io.dtypes import is_float, saturating_cast, st_name
-from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, source_entry
+from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, source_entry, stripped
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +49,7 @@ class ConvertOptions:
     overwrite: bool = False
     fsync: bool = False  # flush each output to disk before reporting it (durable against power loss)
     keep_ema: bool = False  # a pickled checkpoint's EMA copy (model_ema.*) is cast and written too
+    strip_metadata: bool = False  # only what loaders read (lytools.io.metadata.stripped); inputs not hashed
     flatten_dora: bool = False  # DoRA modules baked into plain LoRA on `base` (lytools.convert.dora)
     base: Path | None = None  # the checkpoint --flatten-dora flattens on
     verify: bool = False  # reload each output as its target loader reads it, compare with the input (verify.py)
@@ -176,9 +177,12 @@ def _alpha_is_rank(meta: dict[str, str]) -> None:
 
 
 def output_metadata(stored: dict[str, str], source: Path, target: str | None, extra: dict[str, str],
-                    autov3: str | None = None, arch: str | None = None, folded: bool = False) -> dict[str, str]:
+                    autov3: str | None = None, arch: str | None = None, folded: bool = False, *,
+                    strip: bool = False, checkpoint: bool = False) -> dict[str, str]:
     """Return an output's metadata: the input's carried forward (never stale hashes), adapted to the
-    target layout (and to folded scales), with `extra` and lytools' provenance (the input's AutoV3) added."""
+    target layout (and to folded scales), with `extra` and lytools' provenance (the input's AutoV3) added.
+    strip (--strip-metadata): only what lytools.io.metadata.stripped keeps of that (`checkpoint`: the
+    output is a checkpoint), and the input is not hashed."""
     meta = carried(stored)
     if folded:
         _alpha_is_rank(meta)
@@ -191,6 +195,8 @@ def output_metadata(stored: dict[str, str], source: Path, target: str | None, ex
     elif "modelspec.implementation" in meta and target == "kohya" and arch in IMPLEMENTATIONS:
         meta["modelspec.implementation"] = IMPLEMENTATIONS[arch]
     meta.update(extra)
+    if strip:
+        return stripped(meta, checkpoint=checkpoint)
     if autov3 is None and source.name.lower().endswith(".safetensors"):
         autov3 = file_hashes(source).data_sha256
     return add_provenance(meta, sources=[source_entry(source, autov3)])
@@ -204,7 +210,7 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
     from lytools.convert.load import load_network
     from lytools.convert.write import convert_network
 
-    net = load_network(source, arch=options.arch)
+    net = load_network(source, arch=options.arch, hash_data=not options.strip_metadata)
     if not net.modules:
         raise LytoolsError(f"{source}: no network modules found (a checkpoint? cast checkpoints with --save-dtype and no --to)")
     result.notes.extend(net.notes)
@@ -224,9 +230,10 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.notes.append("lora_adapter_metadata dropped: its scales are in the alpha tensors now")
     if options.target == "peft":
         adapter, config_path = peft_paths(output)
-        meta = output_metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch, converted.folded)
+        meta = output_metadata(stored, source, options.target, {"format": "pt"}, net.data_sha256, net.arch, converted.folded,
+                               strip=options.strip_metadata)
         from lytools.arch.detect import arch_from_metadata
-        if arch_from_metadata(meta) is None and net.arch in MODELSPEC_ARCHITECTURES:
+        if arch_from_metadata(meta) is None and net.arch in MODELSPEC_ARCHITECTURES and not options.strip_metadata:
             # a peft adapter's names lose the component, and a CLIP-L one fits sd1, sdxl, sd3 and
             # flux alike: say which model it was for, so that it converts back without --arch
             meta["modelspec.architecture"] = MODELSPEC_ARCHITECTURES[net.arch] + "/lora"
@@ -243,9 +250,9 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
         result.outputs = [adapter, config_path]
     else:
         meta = output_metadata(stored, source, options.target, converted.metadata, net.data_sha256, net.arch,
-                               converted.folded)
+                               converted.folded, strip=options.strip_metadata)
         write_network(output, converted.tensors, meta, overwrite=options.overwrite, durable=options.fsync,
-                      sshs=options.target == "kohya")
+                      sshs=options.target == "kohya" and not options.strip_metadata)
         result.outputs = [output]
     result.seconds = time.perf_counter() - started
     return result
@@ -295,7 +302,7 @@ PRECISE_SUFFIXES = (f".{ALPHA}", f".{DORA}", ".lora_magnitude_vector")  # kept f
 
 
 def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool = False, durable: bool = True,
-              keep_ema: bool = False) -> FileResult:
+              keep_ema: bool = False, strip_metadata: bool = False) -> FileResult:
     """Write `source` with every floating tensor in `dtype`, streaming tensor by tensor.
 
     Integer and bool tensors keep their dtype; values beyond the target's finite range (fp16, fp8)
@@ -303,6 +310,7 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
     Files whose embedded sshs hashes A1111 reads (networks) get them recomputed; other stale
     hashes are dropped. Scaled-fp8 checkpoints (per-tensor scale siblings) are refused: their
     true weights are fp8 x scale and a plain cast would change them.
+    strip_metadata: only what lytools.io.metadata.stripped keeps (for a network or a checkpoint), no hashes.
     """
     import torch
 
@@ -324,7 +332,13 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
             raise UnsupportedError(f"{source}: scaled fp8 file ({marked[0]}): its weights are fp8 x scale; "
                                    f"a plain dtype cast would change them")
         stored = dict(reader.metadata or {})
-        meta = output_metadata(stored, source, None, {})
+        if strip_metadata:
+            from lytools.merge.inputs import looks_like_network
+
+            checkpoint = isinstance(reader, DiffusersFolder) or not looks_like_network(keys)
+            meta = output_metadata(stored, source, None, {}, strip=True, checkpoint=checkpoint)
+        else:
+            meta = output_metadata(stored, source, None, {})
         infos = {info.name: info for info in reader.infos()}
         # a network's alphas and DoRA magnitudes are not narrowed to fp8 (as with --to): an fp8 alpha
         # of 11 would read 12, every module's scale off by 9%
@@ -350,12 +364,12 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
             return cast(tensor, dtype)
 
         if isinstance(reader, DiffusersFolder):  # a diffusers folder is written as a folder like it
-            writer = FolderWriter(output, reader, planned, meta, overwrite=overwrite)
+            writer = FolderWriter(output, reader, planned, meta, overwrite=overwrite, strip_metadata=strip_metadata)
         else:
             # embedded sshs hashes are recomputed as the data streams past (the whole file in memory
             # before: a checkpoint that carried them cost its full size in RAM)
             writer = SafetensorsWriter(output, planned, meta, overwrite=overwrite, durable=durable,
-                                       sshs="sshs_model_hash" in stored)
+                                       sshs="sshs_model_hash" in stored and not strip_metadata)
         with writer:
             for name in writer.order:
                 writer.write(name, produce(name))
@@ -397,7 +411,7 @@ def _process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
                 raise LytoolsError("nothing to do: give --to LAYOUT and/or --save-dtype DTYPE")
             with one_torch_thread():
                 return cast_file(source, output, options.save_dtype, overwrite=options.overwrite, durable=options.fsync,
-                                 keep_ema=options.keep_ema)
+                                 keep_ema=options.keep_ema, strip_metadata=options.strip_metadata)
         if options.target not in TARGETS:
             raise LytoolsError(f"unknown target layout {options.target!r} (kohya, diffusers, peft)")
         from lytools.convert.fast import try_convert

@@ -25,7 +25,7 @@ def run_extract_command(values: Mapping[str, Any], reporter: Reporter) -> None:
     """Run extract with the command's parsed values; print the output path (or JSON) on stdout."""
     options = build_options(save_dtype=parse_save_dtype(values["save_dtype"]),
                             **{name: values[name] for name in OPTION_NAMES})
-    options = replace(options, command=command_line())
+    options = replace(options, command=command_line(), strip_metadata=values["strip_metadata"])
     result = extract(values["base"], values["tuned"], values["output"], options, reporter)
     summary = result.summary
     reporter.log(f"extract: {summary.line()} in {result.seconds:.1f} s")

@@ -37,7 +37,7 @@ from lytools.io import SafetensorsFile, open_file, removed_on_failure, same_file
 from lytools.io.folders import lone_shard
 from lytools.io.dtypes import st_name
 from lytools.io.hashes import DataHashThread
-from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
+from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry, stripped
 from lytools.io.writer import check_output_path
 from lytools.info import detection_metadata
 from lytools.ui import QUIET, Reporter
@@ -64,6 +64,7 @@ class ExtractOptions:
     overwrite: bool = False
     report: Path | None = None
     command: str | None = None  # recorded as lytools.command (default: sys.argv)
+    strip_metadata: bool = False  # --strip-metadata: lytools.io.metadata.stripped, inputs not hashed
 
 
 @dataclass
@@ -415,7 +416,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         base_source.close()
         tuned_source.close()
         raise
-    hashers = _start_hashes([base_source, tuned_source])
+    hashers = {} if options.strip_metadata else _start_hashes([base_source, tuned_source])
     try:
         plan = plan_extraction(
             {info.name: tuple(info.shape) for info in base_source.file.infos()},
@@ -473,10 +474,12 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
                 thread.join()
             sources = [source_entry(path, hashers[path].digest if path in hashers else None) for path in (base, tuned)]
             metadata = build_metadata(out, plan, records, options, sources)
+            if options.strip_metadata:
+                metadata = stripped(metadata)
             completed, note = complete_for_a1111(tensors, plan.arch)
             if note:
                 reporter.log(note)
-            write_safetensors(out, tensors, metadata, overwrite=options.overwrite, sshs=True)
+            write_safetensors(out, tensors, metadata, overwrite=options.overwrite, sshs=not options.strip_metadata)
             del tensors
         records.sort(key=lambda r: r.name)
         verified = None

@@ -211,11 +211,13 @@ class FolderWriter:
 
     `entries` plan every output tensor under its folder name (`<component>.<key>`); `order` is the
     order to write them in (component by component, each in file order). `metadata` goes into the
-    denoiser's file (the first component when there is none); the other files keep their own.
+    denoiser's file (the first component when there is none); the other files keep their own
+    (`strip_metadata`: only what lytools.io.metadata.stripped keeps of it, as for a checkpoint).
     """
 
     def __init__(self, out: str | os.PathLike, source: DiffusersFolder, entries: Iterable[PlannedTensor],
-                 metadata: Mapping[str, str] | None, *, overwrite: bool = False):
+                 metadata: Mapping[str, str] | None, *, overwrite: bool = False, strip_metadata: bool = False):
+        from lytools.io.metadata import stripped
         from lytools.io.writer import SafetensorsWriter
 
         self.path = Path(out)
@@ -235,6 +237,8 @@ class FolderWriter:
             self._writers: dict[str, SafetensorsWriter] = {}
             for component, planned in grouped.items():
                 meta = metadata if component == self._main else dict(source.components[component].metadata or {})
+                if strip_metadata and component != self._main:
+                    meta = stripped(meta, checkpoint=True)
                 target = self._temp / component / output_name(source.weights[component])
                 self._writers[component] = SafetensorsWriter(target, planned, meta, overwrite=True)
         except BaseException:

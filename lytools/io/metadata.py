@@ -3,6 +3,26 @@
 Every output keeps the keys it does not change, drops stale `sshs_*` hashes (commands put
 fresh ones back with `lytools.io.with_sshs_hashes`), and records its own provenance:
 `lytools.version`, `lytools.command`, `lytools.sources` (JSON list of input names and AutoV3).
+
+`--strip-metadata` (every command that writes; `stripped`) keeps only what a loader reads from the
+metadata to apply the tensors, and nothing else: no training record (`ss_*`), no modelspec, no
+provenance (`lytools.*`), no hashes, no file names. What loaders read (checked against their code):
+- diffusers reads `lora_adapter_metadata` (LoraConfig per component: r, lora_alpha, rank/alpha
+  patterns, use_dora, lora_bias), the only place of the scale in a `--no-fold` diffusers file; kept,
+  as is the `<component>_lora_adapter_metadata` spelling of training scripts (lytools reads both),
+  without peft's `base_model_name_or_path` / `revision` fields, which name a model and apply nothing.
+  peft's adapter_config.json is a file of its own, written unchanged (it names no input).
+- checkpoints keep `format` (transformers refuses a model file whose metadata lacks it: a diffusers
+  folder's text encoders) and `_quantization_metadata` (ComfyUI's per-layer formats of a mixed
+  precision checkpoint). Networks do not keep `format`: no network loader reads it, and A1111 files a
+  network whose metadata names no base model under SD1, hiding it next to SDXL models (a network with
+  no metadata at all is shown for every model).
+- nothing else: ComfyUI, A1111/Forge, LyCORIS, kohya and diffusers take a network's kind, ranks,
+  alphas and DoRA axis from the tensors, and a checkpoint's architecture and prediction type from
+  its keys (a `v_pred` marker tensor stays; `modelspec.architecture` / `prediction_type` serve UI
+  filters and lytools' own detection only). `sshs_model_hash` / `sshs_legacy_hash` are not written:
+  A1111/Forge compute the same AutoV3 from the data when a file has none, so no input or output hash
+  is computed either.
 """
 
 from __future__ import annotations
@@ -126,3 +146,61 @@ def summarize(metadata: Mapping[str, str]) -> dict[str, str]:
         if key.startswith(("ss_", "modelspec.", "lytools.", "sshs_")):
             wanted[key] = value if len(value) <= 200 else value[:197] + "..."
     return wanted
+
+
+# -- --strip-metadata ------------------------------------------------------------------------------
+ADAPTER_METADATA = "lora_adapter_metadata"
+CHECKPOINT_LOADER_KEYS = ("format", "_quantization_metadata")
+_NAMING_FIELDS = ("base_model_name_or_path", "revision")  # peft LoraConfig fields naming a model, not applied
+
+
+def is_adapter_metadata(key: str) -> bool:
+    """True for diffusers' LoraConfig metadata (`lora_adapter_metadata`, `<component>_lora_adapter_metadata`)."""
+    return key == ADAPTER_METADATA or key.endswith("_" + ADAPTER_METADATA)
+
+
+def _without_names(value: str) -> str:
+    """Return adapter metadata JSON without the peft fields that name a base model (or a local path):
+    `base_model_name_or_path`, `revision`, bare (`<component>_lora_adapter_metadata`, one LoraConfig) or
+    as `<component>.<field>` (diffusers' `lora_adapter_metadata`)."""
+    try:
+        config = json.loads(value)
+    except ValueError:
+        return value  # not ours to repair: the readers name it
+    if not isinstance(config, dict):
+        return value
+    naming = [key for key in config if key.rpartition(".")[2] in _NAMING_FIELDS]
+    if not naming:
+        return value  # unchanged, byte for byte
+    for key in naming:
+        del config[key]
+    return json.dumps(config, sort_keys=True)
+
+
+def stripped(metadata: Mapping[str, str] | None, *, checkpoint: bool = False) -> dict[str, str]:
+    """Return what `--strip-metadata` keeps of an output's metadata (module docstring): the adapter
+    configs diffusers reads, and for a checkpoint (`checkpoint=True`) `format` and `_quantization_metadata`."""
+    kept: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if is_adapter_metadata(key):
+            kept[key] = _without_names(value)
+        elif checkpoint and key in CHECKPOINT_LOADER_KEYS:
+            kept[key] = value
+    return kept
+
+
+# what a file tells whoever receives it beyond its weights (info names them; --strip-metadata drops them)
+REVEALING_KEYS = {
+    "ss_dataset_dirs": "dataset folders",
+    "ss_reg_dataset_dirs": "dataset folders",
+    "ss_datasets": "dataset folders",
+    "ss_tag_frequency": "captions",
+    "lytools.sources": "input file names",
+    "lytools.command": "input file names",
+    "modelspec.merged_from": "input file names",
+}
+
+
+def revealing(metadata: Mapping[str, str] | None) -> list[str]:
+    """Return the keys of `metadata` that reveal the training data or local file names (REVEALING_KEYS)."""
+    return [key for key in REVEALING_KEYS if key in (metadata or {})]

@@ -65,6 +65,7 @@ def run_merge(
     verify: bool = False,
     dora_mode: str | None = None,
     keep_ema: bool = False,
+    strip_metadata: bool = False,
     reporter: Reporter = QUIET,
 ) -> CheckpointResult | NetworkMergeResult:
     """Merge `inputs` into `output`: a checkpoint first means networks into it, else networks into one."""
@@ -114,6 +115,7 @@ def run_merge(
                 paths[0], paths[1:], output, ratios=ratios, ratio_for=ratio_for, allow_unmatched=allow_unmatched,
                 save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite,
                 dora_mode=dora_mode, keep_ema=keep_ema, reporter=reporter, reader=first, loaded=loaded,
+                strip_metadata=strip_metadata,
             )
             if dry_run and device != "auto":
                 reporter.warn(f"--device {device}: nothing here runs on a device (a dry run computes nothing)")
@@ -134,6 +136,7 @@ def run_merge(
     result = merge_networks(
         paths, output, ratios=ratios, ratio_for=ratio_for, rank=rank, conv_rank=conv_rank,
         save_dtype=save_dtype, device=device, dry_run=dry_run, overwrite=overwrite, reporter=reporter, loaded=loaded,
+        strip_metadata=strip_metadata,
     )
     if device != "auto" and (dry_run or (rank is None and not verify)):  # --verify computes on the device
         why = "a dry run computes nothing" if dry_run else "exact concatenation"

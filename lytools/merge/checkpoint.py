@@ -30,7 +30,7 @@ from lytools.io import SafetensorsFile, SafetensorsWriter, ShardedFile, open_fil
 from lytools.io.dtypes import FP8_NAMES, TORCH_DTYPES, saturating_cast
 from lytools.io.folders import DiffusersFolder, FolderWriter
 from lytools.io.hashes import DataHashThread
-from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry
+from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry, stripped
 from lytools.io.pickled import PickledFile
 from lytools.merge.fp8 import dequantize, requantize, surviving_share
 from lytools.merge.inputs import NetworkInput, NetworkInputs, load_network_input
@@ -378,6 +378,7 @@ def merge_into_checkpoint(
     reporter: Reporter = QUIET,
     reader: SafetensorsFile | ShardedFile | PickledFile | DiffusersFolder | None = None,
     loaded: NetworkInputs | None = None,
+    strip_metadata: bool = False,
 ) -> CheckpointResult:
     """Merge networks (any algorithm and key style) into a checkpoint; return what was done.
 
@@ -396,7 +397,7 @@ def merge_into_checkpoint(
     base = Path(base)
     where = resolve_device(device)
     load = loaded.load if loaded is not None else load_network_input
-    networks = [load(path, hash_file=not dry_run) for path in network_paths]
+    networks = [load(path, hash_file=not (dry_run or strip_metadata)) for path in network_paths]
     if given_mode is not None and not any(info.dora for n in networks for info in n.infos.values()):
         reporter.warn(f"--dora-mode {given_mode}: no network holds DoRA modules, so it changes nothing")
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
@@ -432,22 +433,24 @@ def merge_into_checkpoint(
                 )
         if dry_run or output is None:
             return CheckpointResult(plan, None, time.perf_counter() - started)
-        result = _execute(plan, reader, networks, rule_set, Path(output), where, overwrite, reporter)
+        result = _execute(plan, reader, networks, rule_set, Path(output), where, overwrite, reporter, strip_metadata)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporter) -> CheckpointResult:
+def _execute(plan, reader, networks, rule_set, output, where, overwrite, reporter, strip=False) -> CheckpointResult:
     hasher = None
-    if isinstance(reader, SafetensorsFile):
+    if isinstance(reader, SafetensorsFile) and not strip:  # --strip-metadata records no sources: nothing to hash
         hasher = DataHashThread(reader.path, reader.header.data_start)
     # planned with a placeholder hash, patched once the base is hashed: the same date both times
     dated = dict(title=output.stem, date=modelspec_date())
     metadata = merged_metadata(dict(reader.metadata), plan.base, HASH_PLACEHOLDER if hasher else None, networks,
                                rule_set, **dated)
+    if strip:
+        metadata = stripped(metadata, checkpoint=True)
     entries = [plan_entry(name, dtype, plan.shapes[name]) for name, dtype in plan.out_dtypes.items()]
     if isinstance(reader, DiffusersFolder):  # a folder like the base, each component's file streamed
-        writer = FolderWriter(output, reader, entries, metadata, overwrite=overwrite)
+        writer = FolderWriter(output, reader, entries, metadata, overwrite=overwrite, strip_metadata=strip)
     else:
         writer = SafetensorsWriter(output, entries, metadata, overwrite=overwrite)
     engine = _Engine(plan, reader, networks, where)

@@ -32,7 +32,7 @@ from lytools.errors import NetworkError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.dtypes import FP8_NAMES, saturating_cast, st_name
-from lytools.io.metadata import add_provenance, carried, network_modelspec, source_entry
+from lytools.io.metadata import add_provenance, carried, network_modelspec, source_entry, stripped
 from lytools.merge.inputs import NetworkInput, NetworkInputs, candidates, load_network_input, same_family
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
@@ -497,6 +497,7 @@ def merge_networks(
     overwrite: bool = False,
     reporter: Reporter = QUIET,
     loaded: NetworkInputs | None = None,
+    strip_metadata: bool = False,
 ) -> NetworkMergeResult:
     """Merge networks into one network file (exact concatenation, or SVD to `rank`).
 
@@ -510,7 +511,7 @@ def merge_networks(
         raise UsageError("--conv-rank needs --rank (without a rank, networks are concatenated exactly)")
     where = resolve_device(device)
     load = loaded.load if loaded is not None else load_network_input
-    networks = [load(path, hash_file=not dry_run) for path in network_paths]
+    networks = [load(path, hash_file=not (dry_run or strip_metadata)) for path in network_paths]
     arch = check_same_architecture(networks)
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
     files = [n.name for n in networks]
@@ -570,10 +571,12 @@ def merge_networks(
         reporter.warn(f"{len(saturated)} tensor(s) had values beyond the range of the output dtype and were saturated "
                       f"to its largest value, not written as inf (e.g. {saturated[0]})")
     metadata = merged_network_metadata(networks, rule_set, result.modules, rank, Path(output).stem, arch=arch)
+    if strip_metadata:
+        metadata = stripped(metadata)
     _, completed = complete_for_a1111(tensors, metadata=networks[0].metadata)
     if completed:
         reporter.log(completed)
-    writer = write_safetensors(output, tensors, metadata, overwrite=overwrite, sshs=True)
+    writer = write_safetensors(output, tensors, metadata, overwrite=overwrite, sshs=not strip_metadata)
     result.output = writer.path
     result.output_bytes = writer.total_size
     result.seconds = time.perf_counter() - started

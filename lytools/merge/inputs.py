@@ -74,7 +74,7 @@ def _load_modules(
     """Return (modules, metadata, stray keys, arch, tied) through lytools.convert's reader (any key style)."""
     from lytools.convert import load_network  # the one reader of every network key style
 
-    network = load_network(path)
+    network = load_network(path, hash_data=False)  # merge hashes inputs itself (file_hashes), when it records them
     return dict(network.modules), dict(network.metadata), list(network.stray), network.arch, tuple(network.tied)
 
 

@@ -21,7 +21,7 @@ from lytools.errors import FileFormatError, LytoolsError, NetworkError, Unsuppor
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, same_file, write_safetensors
 from lytools.io.dtypes import saturating_cast
-from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry
+from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry, stripped
 from lytools.resize.flatten import BaseWeights, as_plain_lora
 from lytools.resize.modules import (
     COPIED, FLATTENED, KEPT, RESIZED, TRUNCATED, Context, ModuleReport, ModuleResult, RankRule, is_plain_lora,
@@ -49,6 +49,7 @@ class ResizeOptions:
     save_dtype: torch.dtype | None = None
     verify: bool = False
     overwrite: bool = False
+    strip_metadata: bool = False  # only what loaders read (lytools.io.metadata.stripped); the input is not hashed
 
     def rule(self) -> RankRule:
         """Return the per-kind rank (fixed, truncate) or cap (dynamic), after checking the options."""
@@ -140,7 +141,7 @@ def _from_convert(path: Path) -> Network | None:
         from lytools.convert import load_network  # type: ignore[attr-defined]
     except ImportError:
         return None
-    net = load_network(path)
+    net = load_network(path, hash_data=False)  # resize hashes the input itself (file_hashes), when it records it
     notes = [f"{path.name}: read as a {net.layout} {net.arch} network; written with kohya names"] + list(net.notes)
     from lytools.arch.network import split_network_key
 
@@ -472,12 +473,15 @@ def resize_file(
                 reporter.log(f"{len(summary.stray)} tensors that belong to no module copied unchanged")
             for warning in summary.warnings:
                 reporter.warn(warning)
-            autov3 = file_hashes(source).autov3 if source.suffix.lower() == ".safetensors" else None
+            hashed = source.suffix.lower() == ".safetensors" and not options.strip_metadata
+            autov3 = file_hashes(source).autov3 if hashed else None
             metadata = resized_metadata(network.metadata, options, rule, summary.modules, source, autov3)
+            if options.strip_metadata:
+                metadata = stripped(metadata)
             _, completed = complete_for_a1111(tensors, metadata=network.metadata)
             if completed:
                 reporter.log(completed)
-            write_safetensors(output, tensors, metadata, overwrite=options.overwrite, sshs=True)
+            write_safetensors(output, tensors, metadata, overwrite=options.overwrite, sshs=not options.strip_metadata)
             if options.verify:
                 with removed_on_failure(output):
                     summary.verify = verify_output(output, network.modules, infos, summary.modules, ctx)
