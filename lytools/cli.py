@@ -57,6 +57,22 @@ def save_dtype_option(default: str | None = None, fp8: bool = False, default_hel
     )
 
 
+class OutputFile(click.ParamType):
+    """An output that is always a file (extract/resize OUT, --report): a trailing separator, which Path would drop,
+    is refused as lytools.io.output_file_path refuses it (exit 1, as an existing folder is, when the command
+    runs). Outputs that may be folders (merge -o, convert -o) are passed on as typed, for the command to judge."""
+
+    name = "file"
+
+    def convert(self, value, param, ctx):
+        from lytools.io import output_file_path
+
+        return value if isinstance(value, Path) else output_file_path(value)
+
+
+OUTPUT_FILE = OutputFile()
+
+
 def expand_inputs(paths: tuple[str, ...]) -> list[Path]:
     """Return input paths, with `-` replaced by the lines of stdin (one path per line; only the line
     ending is removed, so a name may begin or end with spaces; blank lines are skipped)."""
@@ -83,7 +99,7 @@ def cli() -> None:
 @cli.command("extract")
 @click.argument("base", metavar="BASE", type=click.Path(path_type=Path))  # a folder: diffusers / sharded
 @click.argument("tuned", metavar="TUNED", type=click.Path(path_type=Path))
-@click.argument("output", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", metavar="OUT", type=OUTPUT_FILE)
 @click.option("--mode", type=click.Choice(["fixed", "threshold", "ratio", "quantile", "full"]), default="fixed",
               show_default=True, help="Rank rule (ALGORITHMS.md 15); full stores each changed module whole (diff).")
 @click.option("--linear-dim", type=click.IntRange(min=0), metavar="N", help="fixed: rank of linear and 1x1 modules [default: 32].")
@@ -113,7 +129,7 @@ def cli() -> None:
 @click.option("--arch", type=click.Choice(["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]), default="auto", show_default=True,
               help="Architecture whose kohya names to write; auto detects it (unknown models get generic names). "
                    "For checkpoints detected as unknown; one that contradicts the detected architecture is an error.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json|FILE.csv",
+@click.option("--report", type=OUTPUT_FILE, metavar="FILE.json|FILE.csv",
               help="Per-module rank, alpha, relative Frobenius error and retained energy.")
 @click.option("--verify", is_flag=True, help="Reload the output and check every module against its difference.")
 @device_option
@@ -136,7 +152,7 @@ def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_thre
 # -- resize -----------------------------------------------------------------------------------
 @cli.command("resize")
 @click.argument("source", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", metavar="OUT", type=OUTPUT_FILE)
 @click.option("--rank", type=int, help="New rank (fixed) or rank cap (dynamic methods) of linear and 1x1 modules.")
 @click.option("--conv-rank", type=int, help="The same for kxk conv modules (default: --rank).")
 @click.option("--method", type=click.Choice(["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]), default="fixed",
@@ -147,7 +163,7 @@ def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_thre
 @click.option("--truncate", is_flag=True, help="DyLoRA / nested-rank files: keep the first N ranks, no SVD.")
 @click.option("--base", type=click.Path(path_type=Path), metavar="CHECKPOINT",
               help="Base model: needed to flatten DoRA, IA3, OFT/BOFT and GLoRA modules.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json|FILE.csv",
+@click.option("--report", type=OUTPUT_FILE, metavar="FILE.json|FILE.csv",
               help="Per-module rank, alpha and shares of the spectrum kept.")
 @click.option("--verify", is_flag=True, help="Reload the output and check every module against its input.")
 @device_option
@@ -191,7 +207,7 @@ from lytools.merge.options import ratios_option  # noqa: E402  (click plumbing f
 
 @cli.command("merge")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
+@click.option("-o", "--output", type=click.Path(path_type=str), metavar="OUT",
               help="Output .safetensors (required unless --dry-run); a folder when the checkpoint is a diffusers folder.")
 @ratios_option
 @click.option("--ratio-for", "ratio_for", multiple=True, metavar="REGEX=R",
@@ -285,8 +301,8 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
 # -- convert ----------------------------------------------------------------------------------
 @cli.command("convert")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT", help="Output for a single INPUT.")
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+@click.option("-o", "--output", type=click.Path(path_type=str), metavar="OUT", help="Output for a single INPUT.")
+@click.option("--output-dir", type=click.Path(path_type=Path), metavar="DIR",  # a file there: exit 1, as for -o
               help="Folder for many inputs, created when missing: DIR/<input name>.safetensors; with --to peft "
                    "DIR/<input name>/adapter_model.safetensors + adapter_config.json.")
 @click.option("--to", "target", type=click.Choice(["kohya", "diffusers", "peft"]),

@@ -11,6 +11,7 @@ peft/diffusers config), split q/k/v parts are fused exactly into their kohya mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -281,17 +282,19 @@ def _open_network(path: Path, hash_data: bool = True):
 
 
 def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Mapping[str, Any] | None = None,
-                 hash_data: bool = True) -> Network:
+                 hash_data: bool = True, reader: Any = None) -> Network:
     """Return the network at `path` in canonical kohya/LyCORIS module names, whatever its layout.
 
     arch: force the architecture (sd1, sd2, sdxl, sd3, flux) when detection cannot tell.
     config: a peft LoraConfig dict for a peft adapter whose adapter_config.json is elsewhere.
     hash_data: False leaves `data_sha256` None (the input's AutoV3 is not computed: --strip-metadata).
+    reader: `path` already open (lytools.io.open_file): read from it instead of opening the file again (a
+    pickled file is then unpickled once); the caller closes it.
     Errors name the file: a module that is ambiguous or spelled twice, a broken diffusers config.
     """
     path = Path(path)
     try:
-        return _load(path, arch, config, hash_data)
+        return _load(path, arch, config, hash_data, reader)
     except (NetworkError, UnsupportedError) as exc:
         message = str(exc)
         if not message.startswith(str(path)):
@@ -299,8 +302,9 @@ def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Ma
         raise
 
 
-def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None, hash_data: bool = True) -> Network:
-    opened, owned = _open_network(path, hash_data)
+def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None, hash_data: bool = True,
+          reader: Any = None) -> Network:
+    opened, owned = (contextlib.nullcontext(reader), False) if reader is not None else _open_network(path, hash_data)
     with opened as source:
         infos = {info.name: info for info in source.infos()}
         metadata = dict(source.metadata or {})

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lytools.convert.layout import ALPHA, DORA, TARGETS
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
+from lytools.io.writer import output_file_path, spelled_as_folder
 from lytools.io.folders import DiffusersFolder, FolderWriter
 from lytools.io.dtypes import is_float, saturating_cast, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, source_entry, stripped
@@ -91,6 +92,17 @@ def peft_paths(output: Path) -> tuple[Path, Path]:
     return output / "adapter_model.safetensors", output / "adapter_config.json"
 
 
+def single_output(source: Path, output: str | os.PathLike, target: str | None) -> Path:
+    """Return -o OUT as a Path. OUT spelled as a folder (a trailing separator, which Path drops) is refused
+    unless the output is a folder: a peft adapter folder (OUT not ending in .safetensors) or the cast of a
+    folder input; an existing folder is refused when the file is written (check_output_path)."""
+    if spelled_as_folder(output):
+        name = str(output).rstrip(os.sep + (os.altsep or "")).lower()
+        if not ((target == "peft" and not name.endswith(".safetensors")) or (target is None and source.is_dir())):
+            return output_file_path(output)  # raises
+    return Path(output)
+
+
 def output_for(source: Path, output_dir: Path, target: str | None) -> Path:
     """Return the output path of `source` under --output-dir (the naming rule)."""
     stem = input_stem(source)
@@ -101,7 +113,8 @@ def output_for(source: Path, output_dir: Path, target: str | None) -> Path:
     return output_dir / f"{stem}.safetensors"
 
 
-def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path | None, target: str | None) -> list[tuple[Path, Path]]:
+def plan_outputs(sources: Sequence[Path], output: str | os.PathLike | None, output_dir: Path | None,
+                 target: str | None) -> list[tuple[Path, Path]]:
     """Return (input, output) pairs; refuse clashes between outputs and outputs that are inputs.
     An input listed twice (the same file, however spelled: `find ... | lytools convert - ...` over
     overlapping folders) is converted once."""
@@ -116,7 +129,7 @@ def plan_outputs(sources: Sequence[Path], output: Path | None, output_dir: Path 
     if output is not None:
         if len(sources) != 1:
             raise LytoolsError(f"-o takes one input ({len(sources)} given); use --output-dir DIR for many")
-        pairs = [(sources[0], output)]
+        pairs = [(sources[0], single_output(sources[0], output, target))]
     else:
         if output_dir.exists() and not output_dir.is_dir():
             raise LytoolsError(f"{output_dir}: not a folder (--output-dir names the folder the outputs go to)")

@@ -342,7 +342,8 @@ def _refuse_input_as_output(out: Path, sources: dict[str, _Source]) -> None:
     for which, source in sources.items():
         for path in _input_files(source):
             if Path(path).is_file() and same_file(out, path):  # a folder input: its files are listed too
-                raise UsageError(f"{out}: is {which} ({source.path.name}); refusing to replace an input with the network")
+                # exit 1, as merge, resize and convert refuse an output naming an input
+                raise LytoolsError(f"{out}: the output would replace {which} ({source.path.name}); choose another name")
 
 
 def _component_of_key(key: str, components: dict[str, str]) -> str | None:
@@ -402,7 +403,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     out = check_output_path(out, options.overwrite)
     if options.report is not None:
         if options.report.suffix.lower() not in (".json", ".csv"):
-            raise LytoolsError(f"{options.report}: --report must end in .json or .csv")
+            raise UsageError(f"--report {options.report}: expected a .json or .csv file name")  # as resize says
         check_output_path(options.report, options.overwrite)
     device = resolve_device(options.device)
     for path in (base, tuned):  # a lone shard would give a network of part of the model

@@ -71,7 +71,7 @@ def run_merge(
     """Merge `inputs` into `output`: a checkpoint first means networks into it, else networks into one."""
     from lytools.merge.checkpoint import merge_into_checkpoint
     from lytools.merge.combine import merge_networks
-    from lytools.merge.inputs import NetworkInputs, kind_of
+    from lytools.merge.inputs import NetworkInputs
     from lytools.merge.ratios import Ratios
 
     paths = [Path(p) for p in inputs]
@@ -93,10 +93,11 @@ def run_merge(
         else:
             check_output_path(output, overwrite)
     # the first input is opened once, for its kind and, when it is the checkpoint, for the merge and
-    # --verify: a pickled base is unpickled once; so is a pickled network after it (loaded keeps it)
+    # --verify: a pickled base is unpickled once; so is every pickled network (loaded keeps it, the first
+    # input's loaded from this opening)
     loaded = NetworkInputs()
     with open_file(paths[0], keep_ema=keep_ema) as first:
-        kinds = [kind_of(first.keys())] + [loaded.kind(path) for path in paths[1:]]
+        kinds = [loaded.kind(paths[0], first)] + [loaded.kind(path) for path in paths[1:]]
         empty = [p for p, k in zip(paths, kinds) if k == "empty"]
         if empty:  # neither a checkpoint nor a network ("only the first input may be a checkpoint" before)
             raise LytoolsError(f"{empty[0]}: holds no tensors")

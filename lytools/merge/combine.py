@@ -33,7 +33,7 @@ from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.dtypes import FP8_NAMES, saturating_cast, st_name
 from lytools.io.metadata import add_provenance, carried, network_modelspec, source_entry, stripped
-from lytools.merge.inputs import NetworkInput, NetworkInputs, candidates, load_network_input, same_family
+from lytools.merge.inputs import NetworkInput, NetworkInputs, candidates, family, load_network_input, same_family
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
 
@@ -216,12 +216,13 @@ def _method(name: str, parts: list[Contribution], rank: int | None, files: Seque
     )
 
 
-def _planned_rank(parts: list[Contribution], method: str, rank: int | None, conv_rank: int | None) -> int | None:
+def _planned_rank(parts: list[Contribution], method: str, rank: int | None, conv_rank: int | None,
+                  kernel: tuple[int, ...] | None = None) -> int | None:
     if method == "concat":
         return sum(p.info.rank or 0 for p in parts)
     if method == "copy":
         return parts[0].info.rank
-    shape = _delta_shape(parts)
+    shape = _delta_shape(parts, kernel)
     limit = min(shape[0], math.prod(shape[1:]))
     is_conv = any(k != 1 for k in shape[2:])
     wanted = (conv_rank if conv_rank is not None else rank) if is_conv else rank
@@ -230,8 +231,10 @@ def _planned_rank(parts: list[Contribution], method: str, rank: int | None, conv
     return max(1, min(int(wanted), limit))
 
 
-def _delta_shape(parts: list[Contribution]) -> tuple[int, ...]:
-    """Return the most specific ΔW shape the inputs give (a 4-D conv shape over a flattened one)."""
+def _delta_shape(parts: list[Contribution], kernel: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Return the most specific ΔW shape the inputs give (a 4-D conv shape over a flattened one); a shape the
+    factors leave flattened, (out, in·K) (LoHa/LoKr without Tucker), is unfolded with the layer's `kernel`
+    (table_kernel) when known."""
     shapes = [p.info.delta_shape for p in parts if p.info.delta_shape]
     if not shapes:
         raise NetworkError(f"module {parts[0].module.name}: cannot tell the shape of its weight change")
@@ -239,7 +242,33 @@ def _delta_shape(parts: list[Contribution]) -> tuple[int, ...]:
     for shape in shapes:
         if math.prod(shape) != math.prod(best) or shape[0] != best[0]:
             raise NetworkError(f"module {parts[0].module.name}: inputs disagree on its shape ({list(shape)} vs {list(best)})")
+    if len(best) == 2 and kernel and best[1] % math.prod(kernel) == 0:
+        return (best[0], best[1] // math.prod(kernel), *kernel)
     return tuple(best)
+
+
+def table_kernel(name: str, arch: str | None) -> tuple[int, ...] | None:
+    """Return the layer kernel of module `name` from the name tables: () for a Linear, (kh, kw) for a conv;
+    None when it cannot be known (the name is in no table, or, the architecture unknown, tables disagree).
+
+    LoHa and LoKr factors without a Tucker core store a kxk conv flattened, (out, in·k·k): from the factors
+    alone it looks like a Linear. The layer the module names tells which it is."""
+    from lytools.arch import alias_table
+    from lytools.arch.keymap import NETWORK_ARCHS
+
+    arch = family(arch)  # chroma: flux names
+    kernels = set()
+    for candidate in (arch,) if arch in NETWORK_ARCHS else NETWORK_ARCHS:
+        target = alias_table(candidate).get(name)
+        if target is not None and target.shape:
+            kernels.add(tuple(target.shape[2:]))
+    return kernels.pop() if len(kernels) == 1 else None
+
+
+def _is_kxk(parts: list[Contribution], kernel: tuple[int, ...] | None) -> bool:
+    """True for a kxk (k > 1) conv: its rank is sd-scripts' conv_dim. The layer's kernel, when known, decides
+    too (factors stored flattened do not tell)."""
+    return any(p.info.is_conv for p in parts) or (kernel is not None and any(k != 1 for k in kernel))
 
 
 # -- the three methods --------------------------------------------------------------------------------
@@ -332,8 +361,9 @@ def svd_factors(
     return u[:, :rank] * root, root[:, None] * vh[:rank], kept
 
 
-def _svd(parts: list[Contribution], rank: int, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], float]:
-    shape = _delta_shape(parts)
+def _svd(parts: list[Contribution], rank: int, device: torch.device, dtype: torch.dtype,
+         kernel: tuple[int, ...] | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    shape = _delta_shape(parts, kernel)
     flat = (shape[0], math.prod(shape[1:]))
     if all(_concatenable(p.info) for p in parts):
         up, down = _low_rank_sum(parts, shape)
@@ -534,10 +564,11 @@ def merge_networks(
                       f"rank-{rank} LoRA cannot hold: that part is dropped ({', '.join(biased[:3])}"
                       f"{', ...' if len(biased) > 3 else ''})")
     dtype = _output_dtype(networks, save_dtype)
+    kernels = {name: table_kernel(name, arch) for name in by_name}  # the layer's kind, where the factors hide it
     for name, parts in by_name.items():
         result.modules.append(ModuleResult(
-            name, [p.network for p in parts], methods[name], _planned_rank(parts, methods[name], rank, conv_rank),
-            conv=any(p.info.is_conv for p in parts),
+            name, [p.network for p in parts], methods[name],
+            _planned_rank(parts, methods[name], rank, conv_rank, kernels[name]), conv=_is_kxk(parts, kernels[name]),
         ))
     result.output_bytes = _estimate_bytes(by_name, result.modules, dtype)
     if dry_run or output is None:
@@ -552,7 +583,7 @@ def merge_networks(
         elif item.method == "copy":
             produced = _copy(parts[0])
         else:
-            produced, item.kept = _svd(parts, item.rank, where, torch.float32)
+            produced, item.kept = _svd(parts, item.rank, where, torch.float32, kernels[item.name])
         if item.rank is not None:
             item.alpha = float(produced[ALPHA]) if ALPHA in produced else float(item.rank)
         for suffix, tensor in produced.items():

@@ -69,12 +69,13 @@ class NetworkInput:
 
 
 def _load_modules(
-    path: Path,
+    path: Path, reader=None,
 ) -> tuple[dict[str, NetworkModule], dict[str, str], list[str], str, tuple[str, ...]]:
-    """Return (modules, metadata, stray keys, arch, tied) through lytools.convert's reader (any key style)."""
+    """Return (modules, metadata, stray keys, arch, tied) through lytools.convert's reader (any key style),
+    from `reader` (the file already open) when given."""
     from lytools.convert import load_network  # the one reader of every network key style
 
-    network = load_network(path, hash_data=False)  # merge hashes inputs itself (file_hashes), when it records them
+    network = load_network(path, hash_data=False, reader=reader)  # merge hashes inputs itself (file_hashes), when it records them
     return dict(network.modules), dict(network.metadata), list(network.stray), network.arch, tuple(network.tied)
 
 
@@ -87,10 +88,10 @@ def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> Ne
     return network
 
 
-def _read_network_input(path: Path, hash_file: bool) -> NetworkInput | None:
-    """Return the network input at `path`, or None when it holds no network module."""
+def _read_network_input(path: Path, hash_file: bool, reader=None) -> NetworkInput | None:
+    """Return the network input at `path` (read from `reader` when given), or None when it holds no network module."""
     try:
-        modules, metadata, stray, arch, tied = _load_modules(path)
+        modules, metadata, stray, arch, tied = _load_modules(path, reader)
         infos = {name: describe_module(module) for name, module in modules.items()}
         check_finite(modules)
     except NetworkError as exc:
@@ -110,14 +111,23 @@ class NetworkInputs:
     """The network inputs of one merge, each pickled one unpickled once for its kind, the merge and --verify.
 
     A .safetensors network is read again on each use (its kind comes from the header alone); a pickled one
-    is loaded when its kind is asked and kept for the rest of this merge (one per run_merge call).
+    is loaded when its kind is asked (the first input: from the file run_merge opened for it) and kept for
+    the rest of this merge (one per run_merge call).
     """
 
     def __init__(self) -> None:
         self._pickled: dict[Path, NetworkInput] = {}
 
-    def kind(self, path: Path) -> str:
-        """Return "network", "checkpoint" or "empty", as file_kind does."""
+    def kind(self, path: Path, reader=None) -> str:
+        """Return "network", "checkpoint" or "empty", as file_kind does; from `reader`, the file already open
+        (run_merge's first input), when given: a pickled network is then loaded from it, not unpickled again."""
+        if reader is not None:
+            found = kind_of(reader.keys())
+            if found == "network" and is_pickled(path):
+                network = _read_network_input(path, hash_file=False, reader=reader)
+                if network is not None:  # None: load() reads it again and says that it holds no module
+                    self._pickled[path] = network
+            return found
         if not is_pickled(path):
             return file_kind(path)
         network = _read_network_input(path, hash_file=False)
@@ -138,6 +148,11 @@ class NetworkInputs:
 
 
 _ARCH_FAMILY = {"chroma": "flux"}  # Chroma is a pruned Flux: Flux-named modules fit it
+
+
+def family(arch: str | None) -> str | None:
+    """Return the architecture whose module names `arch` uses (chroma: flux)."""
+    return _ARCH_FAMILY.get(arch, arch) if arch is not None else None
 
 
 def same_family(first: str, second: str) -> bool:
