@@ -234,3 +234,46 @@ def test_extract_output_checks_exit_as_the_other_commands(files, tmp_path, capsy
         code, stdout, err = run_lytools(capsys, *command, "--report", tmp_path / "report.txt")
         assert code == 2 and stdout == "" and "expected a .json or .csv file name" in err, (command[0], err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+def test_report_naming_out_is_refused(files, tmp_path, capsys):
+    """`resize IN same.json --report same.json` wrote the network, then the report over it (exit 0, the path
+    printed held JSON): a --report naming OUT, however spelled, is refused before anything is read."""
+    _, ckpt, a, _, _ = files
+    for command, out in ((["resize", a], "same.json"), (["extract", ckpt, ckpt], "same.csv")):
+        target = tmp_path / out
+        extra = ["--rank", "2"] if command[0] == "resize" else []
+        code, stdout, err = run_lytools(capsys, *command, target, *extra, "--report", tmp_path / "." / out)
+        assert _refused(code, stdout, err, "--report names OUT"), (command[0], err)
+        assert not target.exists()
+
+
+def test_reports_are_written_like_every_output(files, tmp_path, capsys):
+    """Both commands' reports go through a temporary file renamed into place, with the umask's mode (resize's
+    was 0o600 from mkstemp, extract's written in place), and nothing else is left in the folder."""
+    import os
+    import stat
+
+    from lytools.extract import ExtractOptions, RankRule, extract
+
+    _, ckpt, a, _, _ = files
+    tuned = tmp_path / "tuned.safetensors"
+    tensors = read_tensors(ckpt)
+    key = next(k for k, t in tensors.items() if t.dim() == 2 and "attn1.to_q" in k)
+    tensors[key] = tensors[key] + 0.01 * torch.ones_like(tensors[key])
+    write_safetensors(tuned, tensors, {})
+    umask = os.umask(0o022)
+    try:
+        code, _, err = run_lytools(capsys, "resize", a, tmp_path / "r.safetensors", "--rank", "2", "--report", tmp_path / "r.csv")
+        assert code == 0, err
+        extract(ckpt, tuned, tmp_path / "e.safetensors",
+                ExtractOptions(linear=RankRule("fixed", 1), conv=RankRule("fixed", 1), report=tmp_path / "e.csv"))
+    finally:
+        os.umask(umask)
+    for name in ("r.csv", "e.csv", "r.safetensors", "e.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.csv", "e.safetensors", "r.csv", "r.safetensors", "tuned.safetensors"]
+    from lytools.extract.report import CSV_COLUMNS
+
+    lines = (tmp_path / "e.csv").read_bytes().split(b"\r\n")  # the csv module's line ends, as before
+    assert lines[0].decode() == ",".join(CSV_COLUMNS) and len(lines) > 2

@@ -427,7 +427,8 @@ def test_extract_refuses_to_replace_an_input_with_the_network(sd2_pair, tmp_path
         args = (target, tuned) if which == "BASE" else (base, target)
         code, out, err = run_lytools(capsys, "extract", *args, target, "--overwrite", "--linear-dim", "2", "-q")
         # it replaced the checkpoint with the LoRA (exit 0)
-        assert code == 2 and f"is {which}" in err and len(err.strip().splitlines()) == 1 and not out
+        # exit 1 and the wording merge, resize and convert use for an output naming an input
+        assert code == 1 and f"would replace {which}" in err and len(err.strip().splitlines()) == 1 and not out
         assert target.read_bytes() == before
 
 

@@ -26,7 +26,7 @@ from lytools.algos import group_keys, load_module
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.arch.network import ALPHA
 from lytools.device import resolve_device
-from lytools.errors import LytoolsError, MatchError, UsageError
+from lytools.errors import LytoolsError, MatchError
 from lytools.extract.factor import SATURATED_NOTE, Extracted, FactorOptions, ModuleRecord, extract_module
 from lytools.extract.plan import ExtractPlan, PairedModule, plan_extraction
 from lytools.extract.ranks import RankRule
@@ -38,7 +38,7 @@ from lytools.io.folders import lone_shard
 from lytools.io.dtypes import st_name
 from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry, stripped
-from lytools.io.writer import check_output_path
+from lytools.io.writer import check_output_path, check_report_path
 from lytools.info import detection_metadata
 from lytools.ui import QUIET, Reporter
 
@@ -402,9 +402,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     base, tuned = Path(base), Path(tuned)
     out = check_output_path(out, options.overwrite)
     if options.report is not None:
-        if options.report.suffix.lower() not in (".json", ".csv"):
-            raise UsageError(f"--report {options.report}: expected a .json or .csv file name")  # as resize says
-        check_output_path(options.report, options.overwrite)
+        check_report_path(options.report, out, options.overwrite)
     device = resolve_device(options.device)
     for path in (base, tuned):  # a lone shard would give a network of part of the model
         problem = lone_shard(path)
@@ -492,7 +490,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         tuned_source.close()
     summary = summarize(records)
     if options.report is not None:
-        write_report(options.report, records, summary, overwrite=True)
+        write_report(options.report, records, summary)
     return ExtractResult(out, plan, records, summary, time.perf_counter() - started, verified, metadata, uncovered)
 
 

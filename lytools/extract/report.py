@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lytools.extract.factor import ModuleRecord
+from lytools.io.writer import write_text_atomic
 
 CSV_COLUMNS = (
     "name", "component", "kind", "shape", "stored", "rank", "alpha", "rel_error", "retained_energy",
@@ -113,19 +115,21 @@ def _clean(value):
     return value
 
 
-def write_report(path: Path, records: list[ModuleRecord], summary: Summary, *, overwrite: bool = True) -> Path:
-    """Write the per-module report as JSON ({"summary", "modules"}) or CSV (one row per module)."""
+def write_report(path: Path, records: list[ModuleRecord], summary: Summary) -> Path:
+    """Write the per-module report as JSON ({"summary", "modules"}) or CSV (one row per module), atomically
+    (as resize's: lytools.io.writer.write_text_atomic)."""
     path = Path(path)
     rows = [record.as_dict() for record in records]
     if path.suffix.lower() == ".csv":
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            for row in rows:
-                row = dict(row)
-                row["shape"] = "x".join(str(d) for d in row["shape"])
-                writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS})
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            row = dict(row)
+            row["shape"] = "x".join(str(d) for d in row["shape"])
+            writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS})
+        text = buffer.getvalue()
     else:
         document = {"summary": asdict(summary), "modules": [{k: _clean(v) for k, v in row.items()} for row in rows]}
-        path.write_text(json.dumps(document, indent=1) + "\n")
-    return path
+        text = json.dumps(document, indent=1) + "\n"
+    return write_text_atomic(path, text)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 
-from lytools.errors import LytoolsError, OutputExistsError
+from lytools.errors import LytoolsError, OutputExistsError, UsageError
 from lytools.io.dtypes import byte_size, order_key, st_name
 
 
@@ -225,6 +225,38 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     if not parent.is_dir():
         raise LytoolsError(f"{path}: folder {parent} does not exist")
     return path
+
+
+REPORT_SUFFIXES = (".json", ".csv")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text output (a --report) as every output is written: a temporary file in the same folder
+    (mode 0o666 less the umask), renamed into place when complete; nothing is left behind on an error."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    temp = folder / f".{path.name}.tmp-{os.getpid()}"
+    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_report_path(report: str | os.PathLike, output: str | os.PathLike, overwrite: bool) -> Path:
+    """Return --report FILE.json|FILE.csv (extract, resize) after the checks of check_output_path: a name
+    without either suffix is a usage error (exit 2); a report naming the command's own output (however spelled;
+    it would replace the network just written) is refused (exit 1)."""
+    report_path = Path(report)
+    if report_path.suffix.lower() not in REPORT_SUFFIXES:
+        raise UsageError(f"--report {report}: expected a .json or .csv file name")
+    if report_path.resolve() == Path(output).resolve() or same_file(report, output):
+        raise LytoolsError(f"{report}: --report names OUT too (the report would replace the network); choose another name")
+    return check_output_path(report, overwrite)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from lytools.device import resolve_device
 from lytools.errors import FileFormatError, LytoolsError, NetworkError, UnsupportedError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, same_file, write_safetensors
+from lytools.io.writer import check_report_path
 from lytools.io.dtypes import saturating_cast
 from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry, stripped
 from lytools.resize.flatten import BaseWeights, as_plain_lora
@@ -400,9 +401,7 @@ def resize_file(
             raise LytoolsError(f"{output}: the output would replace {role} ({given}); choose another name")
     output = check_output_path(output, options.overwrite)
     if options.report is not None:
-        if options.report.suffix.lower() not in (".json", ".csv"):
-            raise UsageError(f"--report {options.report}: expected a .json or .csv file name")
-        check_output_path(options.report, options.overwrite)
+        check_report_path(options.report, output, options.overwrite)
     device = resolve_device(options.device)
     with open_network(source) as network:
         infos = describe_all(source, network)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from lytools.io.writer import write_text_atomic
 from lytools.resize.modules import ModuleReport
 
 COLUMNS = (
@@ -33,15 +32,4 @@ def report_text(path: Path, reports: Iterable[ModuleReport]) -> str:
 
 def write_report(path: Path, reports: Iterable[ModuleReport]) -> Path:
     """Write the report atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    text = report_text(path, reports)
-    folder = path.parent if str(path.parent) else Path(".")
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, report_text(Path(path), reports))
