@@ -28,6 +28,7 @@ def nets(tmp_path_factory) -> dict[str, Path]:
         "sd1_half": build_network(folder / "sd1_half.safetensors", "sd1", alpha=2.0, seed=1),
         "sdxl": build_network(folder / "sdxl.safetensors", "sdxl", alpha=3.0, seed=2),
         "flux": build_network(folder / "flux.safetensors", "flux", alpha=3.0, seed=3),
+        "flux_final": build_network(folder / "flux_final.safetensors", "flux", alpha=2.0, seed=8, optional=("final_layer",)),
         "flux_t5": build_network(folder / "flux_t5.safetensors", "flux", alpha=3.0, seed=4, optional=("train_t5xxl",)),
         "flux_split": build_network(folder / "flux_split.safetensors", "flux", layout="diffusers", components=("unet",), seed=5),
         "sd1_dora": build_network(folder / "sd1_dora.safetensors", "sd1", alpha=3.0, dora=True, seed=6),
@@ -95,10 +96,29 @@ def test_peft_outputs_verify_and_check(capsys, nets, tmp_path):
     _, err = _ok(capsys, nets["sd1"], "-o", tmp_path / "te", "--to", "peft", "--component", "te", "--no-fold", "--verify",
                  "--check")
     assert "(exact)" in err
+    # SDXL's two CLIP encoders share their bare paths: each adapter is compared with its own encoder's modules
+    for component in ("te1", "te2"):
+        _, err = _ok(capsys, nets["sdxl"], "-o", tmp_path / component, "--to", "peft", "--component", component,
+                     "--no-fold", "--verify", "--check")
+        assert "(exact)" in err
     # the peft DoRA magnitude ([out]) against the input's dora_scale ([out, 1])
     _, err = _ok(capsys, nets["sd1_dora"], "-o", tmp_path / "dora", "--to", "peft", "--component", "unet", "--no-fold",
                  "--verify")
     assert "(exact)" in err
+
+
+def test_flatten_dora_modules_are_counted_and_the_others_compared(capsys, nets, tmp_path):
+    tensors = read_tensors(nets["sd1_dora"])
+    plain = sorted(k for k in tensors if k.endswith(".dora_scale"))[:100]
+    for key in plain:  # 100 modules without DoRA: written as they are, compared
+        del tensors[key]
+    mixed = tmp_path / "mixed.safetensors"
+    write_safetensors(mixed, tensors, {})
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", components=("unet", "clip_l"))
+    _, err = _ok(capsys, mixed, "-o", tmp_path / "out.safetensors", "--to", "diffusers", "--no-fold", "--flatten-dora",
+                 "--base", base, "--verify")
+    assert "verified: 100 modules as the target loader reads them, largest relative error 0 (exact); " \
+           "164 DoRA modules flattened on --base not compared" in err
 
 
 def test_dtype_changes_within_the_dtype(capsys, nets, tmp_path):
@@ -189,6 +209,18 @@ def test_verify_catches_a_wrong_scale_in_the_config(capsys, nets, tmp_path, monk
     out = tmp_path / "unet"
     line = _fails(capsys, nets["sdxl"], "-o", out, "--to", "peft", "--component", "unet", "--no-fold", "--verify")
     assert "relative error 1 > allowed" in line
+    assert not out.exists()
+
+
+def test_verify_catches_unswapped_modulation_halves(capsys, nets, tmp_path, monkeypatch):
+    # diffusers stores Flux's final adaLN modulation as [scale; shift]: a writer that forgets the swap is caught
+    out = tmp_path / "out.safetensors"
+    _, err = _ok(capsys, nets["flux_final"], "-o", out, "--to", "diffusers", "--save-dtype", "fp32", "--verify")
+    assert "verified:" in err
+    monkeypatch.setattr(write, "swap_halves", lambda name, tensors: dict(tensors))
+    line = _fails(capsys, nets["flux_final"], "-o", out, "--to", "diffusers", "--save-dtype", "fp32", "--overwrite",
+                  "--verify")
+    assert "1 of 378 modules off, worst lora_unet_final_layer_adaLN_modulation_1 (written as transformer.norm_out.linear)" in line
     assert not out.exists()
 
 

@@ -213,7 +213,8 @@ def examine(source: Path, output: Path, result, options, folder_existed: bool = 
                 else:
                     config = written[1] if options.target == "peft" and len(written) > 1 else None
                     verified = verify_network(source, network, options.target, arch=options.arch, fold=options.fold,
-                                              component=options.component, config_file=config)
+                                              component=options.component, config_file=config,
+                                              flattened=options.flatten_dora)
             if not verified.ok:
                 raise LytoolsError(verified.message(network))
             result.notes.append(verified.summary())

@@ -59,6 +59,7 @@ class VerifyResult:
     problems: dict[str, str] = field(default_factory=dict)  # module or key -> what is wrong
     unit: str = "modules"  # what was compared: modules (networks), tensors (casts)
     written_as: dict[str, list[str]] = field(default_factory=dict)  # input module -> output names, where they differ
+    flattened: int = 0  # DoRA modules --flatten-dora replaced by plain LoRA (not compared: see verify_network)
 
     @property
     def failed(self) -> list[str]:
@@ -90,8 +91,10 @@ class VerifyResult:
         exact = largest == 0.0
         if self.unit != "modules":
             return f"verified: {len(self.errors)} {self.unit}, each the input's cast to the written dtype"
+        flattened = (f"; {self.flattened} DoRA modules flattened on --base not compared (their error is "
+                     f"--flatten-dora's report)") if self.flattened else ""
         return (f"verified: {len(self.errors)} modules as the target loader reads them, largest relative error "
-                f"{largest:.3g}" + (" (exact)" if exact else ""))
+                f"{largest:.3g}" + (" (exact)" if exact else "") + flattened)
 
 
 # -- one module's change ---------------------------------------------------------------------------------
@@ -225,8 +228,10 @@ def _config_problems(config: Mapping[str, Any], config_path: str, tensors: Mappi
     return None
 
 
-def _read_output(output: Path, target: str, net: Network, config_file: Path | None) -> tuple[list[_Written], dict[str, str], dict[str, torch.Tensor]]:
-    """Return (modules, problems, stray tensors) of a written output, read as its loader reads it."""
+def _read_output(output: Path, target: str, net: Network, expected: Mapping[str, NetworkModule],
+                 config_file: Path | None) -> tuple[list[_Written], dict[str, str], dict[str, torch.Tensor]]:
+    """Return (modules, problems, stray tensors) of a written output, read as its loader reads it
+    (`expected`: the input's modules it should hold, which settle the model of a bare peft path)."""
     problems: dict[str, str] = {}
     written: list[_Written] = []
     with open_file(output) as reader:
@@ -263,7 +268,7 @@ def _read_output(output: Path, target: str, net: Network, config_file: Path | No
             elif target == "peft" or DORA in tensors:
                 problems[stored] = "no config entry for its component"
                 continue
-            hits = [c for c in names.candidates(net.arch, stored) if c.module in net.modules]
+            hits = [c for c in names.candidates(net.arch, stored) if c.module in expected]
             if not hits:
                 problems[stored] = "matches no module of the input"
                 continue
@@ -305,11 +310,14 @@ def _allowed(source: Change, written_dtype: torch.dtype | None, folded: bool, sc
 
 
 def verify_network(source: Path, output: Path, target: str, *, arch: str | None = None, fold: bool | None = None,
-                   component: str | None = None, config_file: Path | None = None) -> VerifyResult:
-    """Compare every module of the network written at `output` (layout `target`) with `source`'s."""
+                   component: str | None = None, config_file: Path | None = None, flattened: bool = False) -> VerifyResult:
+    """Compare every module of the network written at `output` (layout `target`) with `source`'s.
+    flattened (--flatten-dora): the input's DoRA modules were replaced by plain LoRA approximating their
+    change on the base model, which is not at hand here: they must be written as plain LoRA, and are
+    counted, not compared."""
     net = load_network(source, arch=arch)
     expected = _kept_modules(net, target, component)
-    written, problems, stray = _read_output(output, target, net, config_file)
+    written, problems, stray = _read_output(output, target, net, expected, config_file)
     result = VerifyResult(problems=problems)
     folded = _folds(target, fold)
     by_module: dict[str, list[_Written]] = {}
@@ -327,6 +335,11 @@ def verify_network(source: Path, output: Path, target: str, *, arch: str | None 
         pieces = by_module.get(name)
         if not pieces:
             result.problems[name] = "missing from the output"
+            continue
+        if flattened and DORA in module.tensors:
+            if any(DORA in item.tensors or not _plain_lora(item.tensors) for item in pieces):
+                result.problems[name] = "--flatten-dora: not written as a plain LoRA"
+            result.flattened += 1
             continue
         problem = _compare(name, module, pieces, folded, result)
         if problem:
