@@ -277,3 +277,29 @@ def test_reports_are_written_like_every_output(files, tmp_path, capsys):
 
     lines = (tmp_path / "e.csv").read_bytes().split(b"\r\n")  # the csv module's line ends, as before
     assert lines[0].decode() == ",".join(CSV_COLUMNS) and len(lines) > 2
+
+
+def test_merge_records_the_hash_of_an_upper_case_safetensors_name(files, tmp_path):
+    """merge recorded no AutoV3 for a network named X.SAFETENSORS (a case-sensitive suffix test), where resize
+    and convert record it."""
+    _, _, a, b, _ = files
+    upper = tmp_path / "B.SAFETENSORS"
+    upper.write_bytes(b.read_bytes())
+    out = tmp_path / "m.safetensors"
+    run_merge([a, upper], out)
+    sources = json.loads(read_header(out).metadata["lytools.sources"])
+    assert [s["name"] for s in sources] == ["a.safetensors", "B.SAFETENSORS"] and all(s.get("autov3") for s in sources)
+
+
+def test_pickled_checkpoint_among_the_networks_is_unpickled_once(files, tmp_path, monkeypatch):
+    """A pickled checkpoint given after the first input was unpickled twice (for its modules, none, then for
+    its kind) before being refused."""
+    _, ckpt, a, _, _ = files
+    later = tmp_path / "model.ckpt"
+    torch.save({"state_dict": read_tensors(ckpt)}, later)
+    loads: list[str] = []
+    original = torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: loads.append(Path(path).name) or original(path, *args, **kwargs))
+    with pytest.raises(LytoolsError, match="only the first input may be a checkpoint"):
+        run_merge([a, later], tmp_path / "out.safetensors")
+    assert loads == ["model.ckpt"]

@@ -98,7 +98,7 @@ def _read_network_input(path: Path, hash_file: bool, reader=None) -> NetworkInpu
         raise NetworkError(f"{path}: {exc}") from None
     if not modules:
         return None
-    autov3 = file_hashes(path).data_sha256 if hash_file and path.suffix == ".safetensors" else None
+    autov3 = file_hashes(path).data_sha256 if hash_file and path.suffix.lower() == ".safetensors" else None  # as resize, convert
     return NetworkInput(path, modules, infos, metadata, stray, autov3, arch, tied)
 
 
@@ -119,22 +119,20 @@ class NetworkInputs:
         self._pickled: dict[Path, NetworkInput] = {}
 
     def kind(self, path: Path, reader=None) -> str:
-        """Return "network", "checkpoint" or "empty", as file_kind does; from `reader`, the file already open
-        (run_merge's first input), when given: a pickled network is then loaded from it, not unpickled again."""
-        if reader is not None:
-            found = kind_of(reader.keys())
-            if found == "network" and is_pickled(path):
-                network = _read_network_input(path, hash_file=False, reader=reader)
-                if network is not None:  # None: load() reads it again and says that it holds no module
-                    self._pickled[path] = network
-            return found
-        if not is_pickled(path):
-            return file_kind(path)
-        network = _read_network_input(path, hash_file=False)
-        if network is None:  # a checkpoint or an empty file, refused by the caller: read again to say which
-            return file_kind(path)
-        self._pickled[path] = network
-        return "network"
+        """Return "network", "checkpoint" or "empty" from the file's keys, as file_kind does; from `reader`, the
+        file already open (run_merge's first input), when given. A pickled network is loaded from the same
+        opening, and a pickled checkpoint among the networks is unpickled once before the caller refuses it."""
+        if reader is None:
+            if not is_pickled(path):
+                return file_kind(path)  # the header alone
+            with open_file(path) as handle:
+                return self.kind(path, handle)
+        found = kind_of(reader.keys())
+        if found == "network" and is_pickled(path):
+            network = _read_network_input(path, hash_file=False, reader=reader)
+            if network is not None:  # None: load() reads it again and says that it holds no module
+                self._pickled[path] = network
+        return found
 
     def load(self, path: str | os.PathLike, *, hash_file: bool = True) -> NetworkInput:
         """Return the network input at `path` (a pickled one from this merge's earlier load, when there was one)."""
