@@ -196,11 +196,15 @@ def examine(source: Path, output: Path, result, options, folder_existed: bool = 
     """Run --check (names) and --verify (weights) on what `result` wrote for `source`; add their
     summaries to result.notes. On a failure (or Ctrl-C) everything written is removed (the folder
     of a peft output too, when this run made it) and a LytoolsError names the file and the worst module."""
-    import shutil
+    from lytools.io import removed_on_failure
 
     written = list(result.outputs)
-    try:
-        network = written[0] if written else output
+    network = written[0] if written else output
+    with contextlib.ExitStack() as stack:
+        if not folder_existed:
+            stack.enter_context(_made_folder_removed(output))  # left last: once the files in it are gone
+        for path in written:
+            stack.enter_context(removed_on_failure(path))
         if options.check:
             result.notes.append(_check(source, network, options))
         if options.verify:
@@ -218,16 +222,17 @@ def examine(source: Path, output: Path, result, options, folder_existed: bool = 
             if not verified.ok:
                 raise LytoolsError(verified.message(network))
             result.notes.append(verified.summary())
+
+
+@contextlib.contextmanager
+def _made_folder_removed(folder: Path):
+    """Remove `folder` (a peft adapter folder this run made) when the block fails and it is empty."""
+    try:
+        yield
     except BaseException:
-        for path in written:
+        if folder.is_dir():
             with contextlib.suppress(OSError):
-                if path.is_dir() and not path.is_symlink():  # a diffusers folder cast whole
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        if not folder_existed and output.is_dir():
-            with contextlib.suppress(OSError):
-                output.rmdir()  # the peft folder this run made, now empty
+                folder.rmdir()
         raise
 
 
