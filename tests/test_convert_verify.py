@@ -322,3 +322,21 @@ def test_verify_result_names_missing_modules(nets, tmp_path):
     assert result.problems == {dropped: "missing from the output"}
     assert all(error == 0 and allowed == EXACT for error, allowed in result.errors.values())
     assert dropped in result.message(out)
+
+
+def test_verify_reads_peft_configs_as_peft_does(capsys, nets, tmp_path):
+    out = tmp_path / "dora"
+    _ok(capsys, nets["sd1_dora"], "-o", out, "--to", "peft", "--component", "unet")
+    adapter, config_path = out / "adapter_model.safetensors", out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert verify_network(nets["sd1_dora"], adapter, "peft", component="unet", config_file=config_path).ok
+    first = config["target_modules"][0]
+    broken = [
+        ({**config, "use_dora": False}, "DoRA magnitude without use_dora"),
+        ({**config, "rank_pattern": {first: 8}}, "rank 4 stored, 8 in the config"),
+        ({**config, "target_modules": config["target_modules"][1:]}, "not in the config's target_modules"),
+    ]
+    for changed, problem in broken:
+        config_path.write_text(json.dumps(changed))
+        result = verify_network(nets["sd1_dora"], adapter, "peft", component="unet", config_file=config_path)
+        assert not result.ok and problem in result.problems[f"base_model.model.{first}"], result.problems
