@@ -264,7 +264,7 @@ def test_check_catches_a_name_outside_the_table(capsys, nets, tmp_path, monkeypa
     out = tmp_path / "out.safetensors"
     line = _fails(capsys, nets["sd1"], "-o", out, "--to", "kohya", "--check")
     assert "--check: 1 of 264 modules would not be applied by ComfyUI/A1111/Forge (sd1)" in line
-    assert "lora_unet_down_blocks_0_attentions_0_proj_inn (no such module)" in line
+    assert "(sd1): no such module: lora_unet_down_blocks_0_attentions_0_proj_inn" in line
     assert not out.exists()
 
 
@@ -282,7 +282,7 @@ def test_check_catches_a_wrong_diffusers_path_in_a_batch(capsys, nets, tmp_path,
 def test_check_counts_t5_in_the_diffusers_layout_as_not_applied(capsys, nets, tmp_path):
     line = _fails(capsys, nets["flux_t5"], "-o", tmp_path / "out.safetensors", "--to", "diffusers", "--check")
     assert "would not be applied by diffusers (flux)" in line
-    assert "text_encoder_2.encoder.block.0" in line and "loads no LoRA into text_encoder_2 (T5)" in line
+    assert "(flux): the flux pipeline loads no LoRA into text_encoder_2 (T5): text_encoder_2.encoder.block.0" in line
     assert list(tmp_path.iterdir()) == []
     _ok(capsys, nets["flux_t5"], "-o", tmp_path / "kohya.safetensors", "--to", "kohya", "--check")  # lora_te3_: loaded
 

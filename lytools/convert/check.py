@@ -52,8 +52,12 @@ class CheckResult:
 
     def message(self, output: Path) -> str:
         names = list(self.unresolved)
-        shown = ", ".join(f"{name} ({self.unresolved[name]})" for name in names[:SHOWN])
         more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+        reasons = {self.unresolved[name] for name in names}
+        if len(reasons) == 1:  # one reason for all: said once
+            shown = f"{reasons.pop()}: " + ", ".join(names[:SHOWN])
+        else:
+            shown = ", ".join(f"{name} ({self.unresolved[name]})" for name in names[:SHOWN])
         return (f"{output}: --check: {len(names)} of {self.modules} modules would not be applied by "
                 f"{LOADERS[self.layout]} ({self.arch}): {shown}{more}")
 
