@@ -399,3 +399,29 @@ def test_flatten_rank_bounds_follow_the_module_algorithm():
     lokr = {"lokr_w1": torch.ones(2, 3), "lokr_w2_a": torch.ones(4, 1), "lokr_w2_b": torch.ones(1, 2), "dora_scale": magnitude}
     assert rank_of(lokr) == 2 * 1
     assert math.isfinite(rank_of({"lokr_w1": torch.ones(2, 3), "lokr_w2": torch.ones(4, 2), "dora_scale": magnitude}))
+
+
+def test_leading_singular_triplets_give_the_optimal_truncation_and_its_exact_error():
+    """svd_leading (what --flatten-dora truncates with): the rank-r factors are as good as the exact SVD's,
+    the error its shares imply is the measured one, and the same matrix gives the same factors."""
+    from lytools.resize.factors import svd_leading, truncated_factors
+    from lytools.resize.modules import Context, RankRule, _dense_spectrum
+
+    generator = torch.Generator().manual_seed(5)
+    low = torch.randn(300, 16, generator=generator) @ torch.randn(16, 900, generator=generator)
+    matrix = low + 0.3 * torch.randn(300, 900, generator=generator)  # low rank plus a flat tail, as W' - W
+    ctx = Context(RankRule("fixed", None, 16, 16), torch.device("cpu"), leading_only=True)
+    spectrum, choice = _dense_spectrum(matrix, ctx, is_conv=False)
+    up, down = truncated_factors(spectrum, 16)
+    found = relative(up @ down, matrix)
+    sigma = torch.linalg.svdvals(matrix.double())
+    best = float(sigma[16:].square().sum().sqrt() / sigma.square().sum().sqrt())
+    assert found == pytest.approx(best, rel=1e-3)
+    assert math.sqrt(1 - choice.fro_kept ** 2) == pytest.approx(found, rel=1e-3)
+    assert spectrum.S.numel() == 26 and choice.rank == 16 and choice.sum_kept is None
+    again = svd_leading(matrix, 16, 10)
+    assert torch.equal(again.U, spectrum.U) and torch.equal(again.S, spectrum.S)
+    # near the full rank the exact SVD is taken: every singular value, exact shares
+    ctx = Context(RankRule("fixed", None, 295, 295), torch.device("cpu"), leading_only=True)
+    spectrum, choice = _dense_spectrum(matrix, ctx, is_conv=False)
+    assert spectrum.S.numel() == 300 and choice.sum_kept is not None

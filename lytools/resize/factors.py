@@ -79,6 +79,28 @@ def svd_of_dense(matrix: torch.Tensor) -> Spectrum:
     return Spectrum(sigma, u, vh)
 
 
+def svd_leading(matrix: torch.Tensor, rank: int, oversample: int = 10, iterations: int = 4) -> Spectrum:
+    """Return the leading singular triplets of a dense matrix, at least `rank` of them, by a randomized range
+    finder with power iterations (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1).
+
+    Cost O(m·n·(rank + oversample)·(2·iterations + 2)) instead of a full SVD's O(m·n·min(m, n)); the
+    approximation U_r Σ_r V_rᵀ is the projection of the matrix on the span of U_r, so its error is exactly
+    sqrt(‖M‖_F² − Σ_{i≤r} σ_i²). The random start is seeded: the same matrix gives the same factors.
+    Callers take the exact `svd_of_dense` when rank + oversample reaches min(m, n).
+    """
+    rows, cols = matrix.shape
+    width = min(rank + oversample, rows, cols)
+    generator = torch.Generator(device=matrix.device).manual_seed(0)
+    probe = torch.randn(cols, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    basis, _ = torch.linalg.qr(matrix @ probe)
+    for _ in range(iterations):  # each pass sharpens the basis towards the leading singular vectors
+        back, _ = torch.linalg.qr(matrix.transpose(0, 1) @ basis)
+        basis, _ = torch.linalg.qr(matrix @ back)
+    core = basis.transpose(0, 1) @ matrix  # (width, cols): the matrix seen from the basis
+    u_core, sigma, vh = torch.linalg.svd(core, full_matrices=False)
+    return Spectrum(sigma, basis, vh, left_core=u_core)
+
+
 def truncated_factors(spectrum: Spectrum, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (up, down) = (U_r Σ_r, V_rᵀ): kohya's split of the best rank-`rank` approximation."""
     up = spectrum.left(rank) * spectrum.S[:rank]

@@ -15,8 +15,9 @@ from lytools.algos.common import flat2, read_scalar
 from lytools.arch.network import ALPHA, DORA_SCALE, LORA_DOWN, LORA_MID, LORA_UP
 from lytools.errors import NetworkError, UnsupportedError
 from lytools.io.dtypes import saturating_cast
-from lytools.resize.factors import Spectrum, svd_of_dense, svd_of_product, truncated_factors, tucker_to_flat_down
-from lytools.resize.ranks import RankChoice, select_rank
+from lytools.resize.factors import (Spectrum, svd_leading, svd_of_dense, svd_of_product, truncated_factors,
+                                    tucker_to_flat_down)
+from lytools.resize.ranks import MIN_SINGULAR_VALUE, RankChoice, select_rank
 
 UP, DOWN, MID = LORA_UP, LORA_DOWN, LORA_MID
 
@@ -89,6 +90,9 @@ class Context:
     full_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] | None = None
     # modules whose values went beyond the output dtype's range (saturated there, not inf): warned once
     saturated: list[str] = field(default_factory=list, compare=False)
+    # flatten_module with a fixed rank: only the leading singular triplets (svd_leading), the kept share
+    # of the Frobenius norm measured; the exact SVD where the rank nears the full one (convert --flatten-dora)
+    leading_only: bool = False
 
 
 def _kind(info: ModuleInfo) -> str:
@@ -291,14 +295,38 @@ def dense_delta(module: NetworkModule, info: ModuleInfo, ctx: Context) -> tuple[
     return delta(module, shape, device=ctx.device), shape
 
 
+LEADING_OVERSAMPLE = 10  # extra directions svd_leading tracks beyond the rank kept
+
+
+def _dense_spectrum(matrix: torch.Tensor, ctx: Context, is_conv: bool) -> tuple[Spectrum, RankChoice]:
+    """Return the spectrum of a dense ΔW and the rank choice on it: the exact SVD, or with
+    ctx.leading_only and a fixed rank well below the full one, its leading part (svd_leading), whose
+    kept share of ‖ΔW‖_F is exact (the factors are a projection of ΔW) and whose Σσ share is unknown (None)."""
+    target = ctx.rule.target(is_conv)
+    if not (ctx.leading_only and ctx.rule.method == "fixed" and target is not None
+            and target + LEADING_OVERSAMPLE < min(matrix.shape)):
+        spectrum = svd_of_dense(matrix)
+        return spectrum, _choice(spectrum, ctx.rule, is_conv)
+    spectrum = svd_leading(matrix, target, LEADING_OVERSAMPLE)
+    values = spectrum.S.detach().to("cpu", torch.float64)
+    zero = float(values[0]) < MIN_SINGULAR_VALUE
+    rank = 1 if zero else target
+    # ‖ΔW‖_F² in float64, a few rows at a time (a float64 copy of a large conv's ΔW would double its memory)
+    total = sum(float(torch.linalg.vector_norm(rows, dtype=torch.float64)) ** 2 for rows in matrix.detach().split(256))
+    kept = float(values[:rank].square().sum())
+    fro_kept = math.sqrt(min(1.0, kept / total)) if total > 0 else 1.0
+    smallest = float(values[rank - 1])
+    max_ratio = float(values[0]) / smallest if smallest > 0 else math.inf
+    return spectrum, RankChoice(rank=rank, sum_kept=None, fro_kept=fro_kept, max_ratio=max_ratio, zero=zero)
+
+
 def flatten_module(module: NetworkModule, info: ModuleInfo, ctx: Context) -> ModuleResult:
     """Turn any algorithm's weight change into a LoRA/LoCon of the rule's rank (exact SVD of ΔW)."""
     change, shape = dense_delta(module, info, ctx)
     kernel = tuple(shape[2:])
     is_conv = any(k != 1 for k in kernel)
     kind = ("conv" if is_conv else "conv1x1") if kernel else "linear"
-    spectrum = svd_of_dense(change.reshape(shape[0], -1))
-    choice = _choice(spectrum, ctx.rule, is_conv)
+    spectrum, choice = _dense_spectrum(change.reshape(shape[0], -1), ctx, is_conv)
     rank = min(choice.rank, spectrum.S.numel())
     dtype = _out_dtype(module, None, ctx)
     tensors = lora_factors(spectrum, rank, 1.0, kernel, shape[1], (1,) * len(kernel), dtype, ctx, module.name)

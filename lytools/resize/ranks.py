@@ -26,7 +26,7 @@ class RankChoice:
     """The rank a rule picks and the figures reported for it."""
 
     rank: int  # the rank kohya's rule gives (may exceed the number of non-zero singular values)
-    sum_kept: float  # share of Σσ kept by the first `rank` values
+    sum_kept: float | None  # share of Σσ kept by the first `rank` values (None: unknown, the spectrum is partial)
     fro_kept: float  # share of ‖·‖_F kept: sqrt(Σ_{i≤r} σ_i²) / sqrt(Σσ²)
     max_ratio: float  # σ_1 / σ_r (inf when σ_r is zero)
     zero: bool  # σ_1 below MIN_SINGULAR_VALUE: treated as a zero matrix
