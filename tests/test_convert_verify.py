@@ -340,3 +340,23 @@ def test_verify_reads_peft_configs_as_peft_does(capsys, nets, tmp_path):
         config_path.write_text(json.dumps(changed))
         result = verify_network(nets["sd1_dora"], adapter, "peft", component="unet", config_file=config_path)
         assert not result.ok and problem in result.problems[f"base_model.model.{first}"], result.problems
+
+
+def test_stray_keys_and_lone_alphas_are_kept_checked_and_compared(capsys, nets, tmp_path, monkeypatch):
+    tensors = read_tensors(nets["sd1"])
+    tensors["lora_unet_bogus_thing.alpha"] = torch.tensor(4.0)  # an alpha of no module: passed over by loaders
+    tensors["text_projection.weight"] = torch.ones(2, 2)
+    source = tmp_path / "stray.safetensors"
+    write_safetensors(source, tensors, {})
+    _, err = _ok(capsys, source, "-o", tmp_path / "kohya.safetensors", "--to", "kohya", "--check", "--verify")
+    assert "checked: all 264 module names" in err and "(exact)" in err
+    real = write.convert_network
+
+    def convert_network(*args, **kwargs):
+        converted = real(*args, **kwargs)
+        converted.tensors["text_projection.weight"] = converted.tensors["text_projection.weight"] * 2
+        return converted
+
+    monkeypatch.setattr(write, "convert_network", convert_network)
+    line = _fails(capsys, source, "-o", tmp_path / "changed.safetensors", "--to", "kohya", "--verify")
+    assert "text_projection.weight: stray key missing or changed" in line

@@ -29,7 +29,7 @@ from typing import Iterable, Mapping
 
 from lytools.arch import alias_table, detect_network, diffusers_table, module_table, split_network_key
 from lytools.arch.keymap import NETWORK_ARCHS
-from lytools.convert.layout import DIFFUSERS_LOADED
+from lytools.convert.layout import ALPHA, DIFFUSERS_LOADED
 from lytools.errors import LytoolsError
 
 LOADERS = {"kohya": "ComfyUI/A1111/Forge", "diffusers": "diffusers", "peft": "peft"}
@@ -66,13 +66,14 @@ class CheckResult:
 
 
 def module_names(keys: Iterable[str]) -> list[str]:
-    """Return the module names of a network's keys, in first-seen order (stray keys left out)."""
-    seen: dict[str, None] = {}
+    """Return the module names of a network's keys, in first-seen order: stray keys and lone alphas
+    (an alpha of a module with no weights, which some trainers write and loaders pass over) left out."""
+    seen: dict[str, bool] = {}
     for key in keys:
         split = split_network_key(key)
         if split is not None:
-            seen.setdefault(split[0], None)
-    return list(seen)
+            seen[split[0]] = seen.get(split[0], False) or split[1] != ALPHA
+    return [name for name, weighted in seen.items() if weighted]
 
 
 def _kohya_unresolved(arch: str, modules: list[str]) -> dict[str, str]:

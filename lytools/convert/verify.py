@@ -244,7 +244,10 @@ def _read_output(output: Path, target: str, net: Network, expected: Mapping[str,
             if config_file is None or not config_file.is_file():
                 raise LytoolsError(f"{output}: --verify: adapter_config.json missing")
             configs = {"": json.loads(config_file.read_text())}
-        for stored, keys in groups.items():
+        for stored, keys in list(groups.items()):
+            if set(keys) == {ALPHA} and keys[ALPHA] in net.stray:  # a lone alpha the input had: a stray key
+                stray[keys[ALPHA]] = reader.get(keys[ALPHA]).clone()
+                continue
             tensors = {suffix: reader.get(key).clone() for suffix, key in keys.items()}
             if target == "kohya":
                 written.append(_Written(stored, stored, None, False, tensors))
