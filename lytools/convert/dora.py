@@ -8,10 +8,10 @@ gets one warning per file (`ui_warning`), pointing to --flatten-dora.
 
 `--flatten-dora --base CHECKPOINT` (`flatten_dora`) replaces every DoRA module (either axis, on any
 algorithm) by a plain LoRA/LoCon approximating W' − W at strength 1 on that base, through resize's
-flattening (lytools.resize.flatten): an exact SVD of the dense change, truncated to the rank the
-module's own weight change can have (LoRA r, LoHa r², LoKr the product of its halves' ranks; at
-most the layer's full rank, where the result is exact). Every other module passes through as it
-is. The base is opened once per process (header only; `open_base`), shared by the files of a
+flattening (lytools.resize.flatten): the dense change truncated by SVD (its leading singular triplets,
+svd_leading) to the rank the module's own weight change can have (LoRA r, LoHa r², LoKr the product of
+its halves' ranks; at most the layer's full rank, where the exact SVD is taken and the result is exact),
+with the relative Frobenius error of each module. Every other module passes through as it is. The base is opened once per process (header only; `open_base`), shared by the files of a
 batch, and read one module's weight at a time.
 """
 

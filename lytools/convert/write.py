@@ -162,9 +162,12 @@ def _check_lora_only(net: Network) -> None:
             problems["extra tensors (" + ", ".join(sorted(set(module.tensors) - {DOWN, UP, ALPHA, DORA, BIAS})) + ")"].append(name)
     if problems:
         listed = "; ".join(f"{algo}: {len(mods)} modules ({_many(mods, 2)})" for algo, mods in sorted(problems.items()))
+        dora = any("DoRA" in problem for problem in problems) or any(
+            DORA in net.modules[name].tensors for mods in problems.values() for name in mods)
         raise UnsupportedError(
             f"{net.path}: the target layout holds only LoRA/LoCon modules, not {listed}; "
-            f"flatten them to LoRA with `lytools resize` first, or convert --to kohya"
+            f"flatten them to LoRA with `lytools resize` first"
+            + (" (DoRA: convert --flatten-dora --base CHECKPOINT)" if dora else "") + ", or convert --to kohya"
         )
 
 
