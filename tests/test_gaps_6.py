@@ -303,3 +303,17 @@ def test_pickled_checkpoint_among_the_networks_is_unpickled_once(files, tmp_path
     with pytest.raises(LytoolsError, match="only the first input may be a checkpoint"):
         run_merge([a, later], tmp_path / "out.safetensors")
     assert loads == ["model.ckpt"]
+
+
+def test_merge_names_a_bad_network_once(files, tmp_path, capsys):
+    """A module spelled twice (kohya and lycoris_ names) is refused naming the file once, as convert says it
+    (merge prefixed load_network's message, which already begins with the path, a second time)."""
+    _, _, a, b, _ = files
+    tensors = read_tensors(a)
+    for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+        tensors[f"lycoris_{LINEAR[len('lora_unet_'):]}.{suffix}"] = tensors[f"{LINEAR}.{suffix}"]
+    twice = tmp_path / "twice.safetensors"
+    write_safetensors(twice, tensors, {})
+    for command in (["merge", twice, b, "--dry-run"], ["convert", twice, "-o", tmp_path / "c.safetensors", "--to", "diffusers"]):
+        code, stdout, err = run_lytools(capsys, *command)
+        assert _refused(code, stdout, err, "are both") and err.count(str(twice)) == 1, (command[0], err)

@@ -94,8 +94,9 @@ def _read_network_input(path: Path, hash_file: bool, reader=None) -> NetworkInpu
         modules, metadata, stray, arch, tied = _load_modules(path, reader)
         infos = {name: describe_module(module) for name, module in modules.items()}
         check_finite(modules)
-    except NetworkError as exc:
-        raise NetworkError(f"{path}: {exc}") from None
+    except NetworkError as exc:  # named once: load_network's own errors already begin with the path
+        message = str(exc)
+        raise NetworkError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     if not modules:
         return None
     autov3 = file_hashes(path).data_sha256 if hash_file and path.suffix.lower() == ".safetensors" else None  # as resize, convert
