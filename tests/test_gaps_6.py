@@ -163,7 +163,8 @@ def test_flattened_loha_convs_refactored_as_convs(files, tmp_path):
     load (it was a (rank, in·9) Linear-shaped factor at the linear rank), holding the summed change."""
     _, _, _, _, loha = files
     out = tmp_path / "svd.safetensors"
-    result = run_merge([loha, loha], out, ratios=[1.0, 0.5], rank=3, conv_rank=1)
+    result = run_merge([loha, loha], out, ratios=[1.0, 0.5], rank=3, conv_rank=1, verify=True)
+    assert result.verification.checked and not result.verification.failures  # --verify reads the 4-D output
     by_name = {m.name: m for m in result.modules}
     assert by_name[CONV].conv and by_name[CONV].rank == 1 and not by_name[LINEAR].conv and by_name[LINEAR].rank == 3
     tensors = read_tensors(out)
