@@ -337,6 +337,7 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None,
         wholes: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
         parts: dict[str, list[tuple[str, tuple[int, int], dict[str, torch.Tensor]]]] = {}
         missing_config = False
+        claims = _Claims()
         for stored, suffix_keys in detected.modules.items():
             tensors = {suffix: read(key) for suffix, key in suffix_keys.items()}
             layout = layout_of_module(stored)
@@ -364,18 +365,13 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None,
                     if layout not in ("kohya", "lycoris"):
                         network.unmapped.append(stored)
                     module = stored
-                if module in wholes:
-                    raise NetworkError(f"module {module} is stored twice")
+                claims.claim(module, stored, None)
                 wholes[module] = (stored, tensors)
                 continue
+            claims.claim(canonical.module, stored, canonical)
             if canonical.module_rows is None:
-                if canonical.module in wholes or canonical.module in parts:
-                    other = wholes[canonical.module][0] if canonical.module in wholes else parts[canonical.module][0][0]
-                    raise NetworkError(f"modules {other} and {stored} are both {canonical.module} (a file mixing two spellings)")
                 wholes[canonical.module] = (stored, tensors)
             else:
-                if canonical.module in wholes:
-                    raise NetworkError(f"module {stored} is a part of {canonical.module}, which the file also holds whole")
                 part_scale = _part_scale(canonical, tensors, network.scale)
                 rows = names.scale_rows(canonical.module_rows, part_scale)
                 parts.setdefault(canonical.module, []).append((stored, rows, tensors, part_scale))
@@ -392,6 +388,47 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None,
             network.sources[module] = sorted(k for stored, *_ in pieces for k in detected.modules[stored].values())
         network.data_sha256 = getattr(source, "data_sha256", None)
     return network
+
+
+class _Claims:
+    """Which stored module each canonical module is read from: a module spelled twice in one file (kohya and
+    lycoris_ names, or kohya and diffusers paths of one layer) fails, since a loader would apply it twice."""
+
+    def __init__(self) -> None:
+        self.wholes: dict[str, str] = {}  # canonical module -> the stored module read as it
+        self.parts: dict[str, str] = {}  # fused canonical module -> its first stored q/k/v part
+
+    def claim(self, module: str, stored: str, canonical: names.Canonical | None) -> None:
+        """Record `stored` as `module` (`canonical` None: a name no table knows, kept as stored)."""
+        if canonical is None:
+            if module in self.wholes:
+                raise NetworkError(f"module {module} is stored twice")
+            self.wholes[module] = stored
+        elif canonical.module_rows is None:
+            if module in self.wholes or module in self.parts:
+                other = self.wholes.get(module) or self.parts[module]
+                raise NetworkError(f"modules {other} and {stored} are both {module} (a file mixing two spellings)")
+            self.wholes[module] = stored
+        else:
+            if module in self.wholes:
+                raise NetworkError(f"module {stored} is a part of {module}, which the file also holds whole")
+            self.parts.setdefault(module, stored)
+
+
+def check_spelled_once(path: str | os.PathLike, modules: Mapping[str, Mapping[str, torch.Tensor]],
+                       metadata: Mapping[str, str]) -> None:
+    """Raise NetworkError naming `path` and both spellings when two of its stored modules (name -> {suffix:
+    tensor}, only shapes are read) are one module of the architecture they fit: the check load_network makes,
+    for callers that read kohya/LyCORIS files in place (resize)."""
+    shapes = {f"{stored}.{suffix}": tuple(t.shape) for stored, tensors in modules.items() for suffix, t in tensors.items()}
+    detected = names.detect_cached(shapes, metadata)
+    claims = _Claims()
+    try:
+        for stored, tensors in modules.items():
+            canonical = _choose(detected.arch, stored, tensors, detected.scale)
+            claims.claim(stored if canonical is None else canonical.module, stored, canonical)
+    except NetworkError as exc:
+        raise NetworkError(f"{path}: {exc}") from None
 
 
 def _pick(arch: str, stored: str, tensors: dict[str, torch.Tensor], scale: int) -> names.Canonical | None:

@@ -421,6 +421,7 @@ def merge_into_checkpoint(
         )
         plan.dora_mode = dora_mode
         plan.keep_ema = keep_ema
+        plan.strip_metadata = strip_metadata
         for text in rule_set.unused_rules():
             reporter.warn(f"--ratio-for {text} matched no module")
         if plan.unmatched_count:

@@ -34,6 +34,7 @@ from lytools.io import write_safetensors
 from lytools.io.dtypes import FP8_NAMES, saturating_cast, st_name
 from lytools.io.metadata import add_provenance, carried, network_modelspec, source_entry, stripped
 from lytools.merge.inputs import NetworkInput, NetworkInputs, candidates, family, load_network_input, same_family
+from lytools.merge.plan import STRIPPED_LINE, stripped_entry
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
 
@@ -89,6 +90,7 @@ class NetworkMergeResult:
     output_bytes: int = 0
     seconds: float = 0.0
     verification: object | None = None  # VerifyReport when --verify ran
+    strip_metadata: bool = False  # --strip-metadata: only what loaders read is written
 
     def as_dict(self) -> dict:
         kept = [m.kept for m in self.modules if m.kept is not None]
@@ -103,6 +105,7 @@ class NetworkMergeResult:
             "output_bytes": self.output_bytes,
             "seconds": round(self.seconds, 3),
             "per_module": [m.as_dict() for m in self.modules],
+            **stripped_entry(self.strip_metadata),
         }
 
     def summary(self) -> str:
@@ -123,6 +126,8 @@ class NetworkMergeResult:
         if kept:
             worst = min(kept, key=lambda m: m.kept)
             out.append(f"SVD: lowest Frobenius share kept {worst.kept:.4f} ({worst.name})")
+        if self.strip_metadata:
+            out.append(STRIPPED_LINE)
         if verbose:
             for m in self.modules:
                 kept = f", Frobenius share kept {m.kept:.4f}" if m.kept is not None else ""
@@ -440,21 +445,38 @@ def rank_metadata(results: Sequence[ModuleResult], network_args: str | None) -> 
     if linear:
         meta["ss_network_dim"] = _one_value({m.rank for m in linear}) or "Dynamic"
         meta["ss_network_alpha"] = _one_value({float(m.alpha) for m in linear if m.alpha is not None}) or "Dynamic"
+    conv_dim = (_one_value({m.rank for m in conv}) or "Dynamic") if conv else None
+    conv_alpha = _one_value({float(m.alpha) for m in conv if m.alpha is not None})
+    args = conv_network_args(network_args, conv_dim, conv_alpha, bool(ranked))
+    if args is not None:
+        meta["ss_network_args"] = args
+    return meta
+
+
+def conv_network_args(network_args: str | None, conv_dim: str | None, conv_alpha: str | None, ranked: bool) -> str | None:
+    """Return ss_network_args with conv_dim/conv_alpha describing the kxk convs written, as sd-scripts spells
+    them (FORMATS.md 5.3: {"conv_dim": "<c>", "conv_alpha": "<float>"}): merge of networks and resize share it.
+
+    conv_dim None: the output holds no kxk conv; then, where it holds other modules with a rank (`ranked`), the
+    keys are removed. Otherwise they are set, added to the input's arguments (an empty set where it had none);
+    conv_alpha None (the convs differ) is "Dynamic". None: no ss_network_args to write (the input's is not a
+    JSON object, not ours to rewrite, or there was none and nothing to say).
+    """
     try:
         args = json.loads(network_args) if network_args else {}
     except ValueError:
-        return meta  # not ours to rewrite
+        return None
     if not isinstance(args, dict):
-        return meta
-    if conv:
-        args["conv_dim"] = _one_value({m.rank for m in conv}) or "Dynamic"
-        args["conv_alpha"] = _one_value({float(m.alpha) for m in conv if m.alpha is not None}) or "Dynamic"
+        return None
+    if conv_dim is not None:
+        args["conv_dim"] = conv_dim
+        args["conv_alpha"] = conv_alpha or "Dynamic"
     elif ranked:
         args.pop("conv_dim", None)  # no kxk conv module left
         args.pop("conv_alpha", None)
     if args or network_args is not None:
-        meta["ss_network_args"] = json.dumps(args)
-    return meta
+        return json.dumps(args)
+    return None
 
 
 def _is_fp8(dtype: torch.dtype) -> bool:
@@ -554,7 +576,8 @@ def merge_networks(
     for text in rule_set.unused_rules():
         reporter.warn(f"--ratio-for {text} matched no module")
     result = NetworkMergeResult(
-        [{"path": str(n.path), "ratio": rule_set.per_input[i], "modules": len(n.modules)} for i, n in enumerate(networks)]
+        [{"path": str(n.path), "ratio": rule_set.per_input[i], "modules": len(n.modules)} for i, n in enumerate(networks)],
+        strip_metadata=strip_metadata,
     )
     methods = {name: _method(name, parts, rank, files) for name, parts in by_name.items()}
     biased = sorted(name for name, parts in by_name.items()

@@ -62,6 +62,14 @@ class Group:
     touches: list[Touch]
 
 
+STRIPPED_LINE = "metadata: stripped (--strip-metadata): only what loaders read, no training record, provenance or hashes"
+
+
+def stripped_entry(strip: bool) -> dict:
+    """The --json entry of a plan or result with --strip-metadata (none without it)."""
+    return {"metadata": "stripped"} if strip else {}
+
+
 @dataclass
 class InputSummary:
     """What one network input contributes: matched modules, unmatched names, algorithms."""
@@ -93,6 +101,7 @@ class CheckpointPlan:
     ratios: Ratios
     dora_mode: str = "lycoris"  # how DoRA modules apply at ratios other than 1 (ALGORITHMS.md: DoRA)
     keep_ema: bool = False  # a pickled base's EMA copy (model_ema.*) is written too
+    strip_metadata: bool = False  # --strip-metadata: only what loaders read is written (lytools.io.metadata.stripped)
 
     @property
     def touched(self) -> list[str]:
@@ -126,6 +135,7 @@ class CheckpointPlan:
             "tensors_dropped": self.dropped,
             "fp8": self.fp8.kind,
             "output_bytes": self.output_bytes,
+            **stripped_entry(self.strip_metadata),
         }
 
     def lines(self) -> list[str]:
@@ -144,6 +154,8 @@ class CheckpointPlan:
             f"output: {len(self.out_dtypes)} tensors ({len(self.touched)} changed, {len(self.created)} created,"
             f" {len(self.dropped)} dropped), {self.output_bytes / 1e9:.2f} GB"
         )
+        if self.strip_metadata:
+            out.append(STRIPPED_LINE)
         return out
 
 

@@ -19,10 +19,12 @@ from lytools.algos import ModuleInfo, NetworkModule, check_finite, describe_modu
 from lytools.device import resolve_device
 from lytools.errors import FileFormatError, LytoolsError, NetworkError, UnsupportedError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
+from lytools.convert.load import check_spelled_once
 from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, same_file, write_safetensors
 from lytools.io.writer import check_report_path
 from lytools.io.dtypes import saturating_cast
 from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry, stripped
+from lytools.merge.combine import conv_network_args
 from lytools.resize.flatten import BaseWeights, as_plain_lora
 from lytools.resize.modules import (
     COPIED, FLATTENED, KEPT, RESIZED, TRUNCATED, Context, ModuleReport, ModuleResult, RankRule, is_plain_lora,
@@ -177,6 +179,7 @@ def open_network(path: Path) -> Iterator[Network]:
         modules = {}
         for name, suffixes in groups.modules.items():
             modules[name] = NetworkModule(name, {suffix: reader.get(key) for suffix, key in suffixes.items()})
+        check_spelled_once(path, {name: module.tensors for name, module in modules.items()}, metadata)
         stray = {key: reader.get(key) for key in groups.stray}
         yield Network(modules, stray, metadata)
 
@@ -359,19 +362,17 @@ def resized_metadata(
             # re-factored by SVD: the leading ranks are no longer nested
             meta["ss_network_module"] = "networks.lora"
         refactored_args(meta, reports)
-    if options.method == "fixed" and new_conv_dim is not None and "ss_network_args" in meta:
-        try:
-            args = json.loads(meta["ss_network_args"])
-        except ValueError:
-            args = None
-        if isinstance(args, dict) and "conv_dim" in args:
-            args["conv_dim"] = str(new_conv_dim)
-            conv_alpha = _common_alpha(conv_out, new_conv_dim)
-            if conv_alpha is not None:
-                args["conv_alpha"] = conv_alpha
-            else:  # the convs written at that rank carry different alphas: no one value is true
-                args.pop("conv_alpha", None)
-            meta["ss_network_args"] = json.dumps(args)
+    # conv_dim/conv_alpha whenever kxk convs are written, as merge of networks says them (conv_network_args);
+    # the values follow ss_network_dim's rule: the largest rank written (fixed), "Dynamic" for dynamic methods
+    if new_conv_dim is None:
+        conv_dim = conv_alpha = None
+    elif options.method == "fixed":
+        conv_dim, conv_alpha = str(new_conv_dim), _common_alpha(conv_out, new_conv_dim)  # None: they differ
+    else:
+        conv_dim = conv_alpha = "Dynamic"
+    args = conv_network_args(meta.get("ss_network_args"), conv_dim, conv_alpha, bool(written))
+    if args is not None:
+        meta["ss_network_args"] = args
     if "modelspec.date" in meta:
         meta["modelspec.date"] = modelspec_date()
     sources = [source_entry(source, autov3)]
