@@ -106,8 +106,8 @@ def _check_arch(net: Network, base: BaseWeights) -> None:
     fits = set(net.tied) or ({net.arch} if net.arch != "unknown" else set())
     if base.arch == "unknown" or not fits or base.arch in fits:
         return  # unknown on either side: each module's weight is looked up by name and shape instead
-    raise MatchError(f"{net.path}: a {' or '.join(sorted(fits))} network, but --base {base.path.name} is a {base.arch} "
-                     f"checkpoint; DoRA is flattened on the model it was trained for")
+    raise MatchError(f"{net.path}: network for {' or '.join(sorted(fits))}, but --base {base.path.name} is a checkpoint "
+                     f"for {base.arch}; DoRA is flattened on the model it was trained for")
 
 
 # -- flattening --------------------------------------------------------------------------------------------
