@@ -83,7 +83,15 @@ def expand_inputs(paths: tuple[str, ...]) -> list[Path]:
             result.extend(Path(line) for line in lines if line.strip())
         else:
             result.append(Path(path))
-    return result
+    return [input_file(path) for path in result]
+
+
+def input_file(path: Path) -> Path:
+    """Return the file to read for an input path: a peft adapter folder's adapter_model.safetensors
+    (its adapter_config.json beside it gives the scale), else the path itself."""
+    from lytools.io.folders import peft_adapter_file
+
+    return peft_adapter_file(path) or path
 
 
 # -- the group --------------------------------------------------------------------------------
@@ -151,7 +159,7 @@ def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_thre
 
 # -- resize -----------------------------------------------------------------------------------
 @cli.command("resize")
-@click.argument("source", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("source", metavar="IN", type=click.Path(path_type=Path))  # a peft adapter folder too
 @click.argument("output", metavar="OUT", type=OUTPUT_FILE)
 @click.option("--rank", type=int, help="New rank (fixed) or rank cap (dynamic methods) of linear and 1x1 modules.")
 @click.option("--conv-rank", type=int, help="The same for kxk conv modules (default: --rank).")
@@ -192,7 +200,7 @@ def resize_command(source, output, rank, conv_rank, method, method_param, max_ra
         truncate=truncate, base=base, report=report, device=device, save_dtype=parse_save_dtype(save_dtype),
         verify=verify, overwrite=overwrite, strip_metadata=strip_metadata,
     )
-    summary = resize_file(source, output, options, reporter)
+    summary = resize_file(input_file(source), output, options, reporter)
     reporter.log(summary.line())
     if as_json:
         click.echo(json.dumps({"output": str(summary.output), "modules": [m.as_row() for m in summary.modules],

@@ -75,6 +75,19 @@ def variant_weights(folder: Path) -> Path | None:
     return next(iter(found.values()), None)
 
 
+def peft_adapter_file(path: str | os.PathLike) -> Path | None:
+    """Return `path`/adapter_model.safetensors when `path` is a peft adapter folder (what
+    `save_pretrained` and `convert --to peft` write): no diffusers pipeline, no model weights or index,
+    an adapter file. Commands read that file, and its adapter_config.json beside it gives the scale."""
+    path = Path(path)
+    adapter = path / "adapter_model.safetensors"
+    if not path.is_dir() or not adapter.is_file() or (path / "model_index.json").is_file():
+        return None
+    if weights_file(path) is not None or any(path.glob("*.safetensors.index.json")):
+        return None
+    return adapter
+
+
 def open_folder(path: Path):
     """Open a folder: a diffusers pipeline (model_index.json) or the one model it holds."""
     if (path / "model_index.json").is_file():
@@ -87,7 +100,7 @@ def open_folder(path: Path):
         elif len(indexes) > 1:
             raise FileFormatError(f"{path}: a folder with {len(indexes)} safetensors indexes; name the one to read")
     if weights is None and (path / "adapter_model.safetensors").is_file():
-        # read as a file, the adapter finds its adapter_config.json (scale) beside it
+        # the commands give the adapter file for such a folder (peft_adapter_file), so that its config is found
         raise FileFormatError(f"{path}: a peft adapter folder; give its adapter_model.safetensors")
     if weights is None:
         raise FileFormatError(f"{path}: a directory that is neither a diffusers folder (no model_index.json) nor holds "
