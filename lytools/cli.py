@@ -414,13 +414,16 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, f
         if result.error:
             click.echo(f"lytools: error: {result.error}", err=True)
             return
+        name = result.source.name  # a peft adapter folder's file is named with its folder: every one has this name
+        if name == "adapter_model.safetensors" and result.source.parent.name:
+            name = f"{result.source.parent.name}/{name}"
         for note in result.notes:
-            reporter.log(f"{result.source.name}: {note}")
+            reporter.log(f"{name}: {note}")
         for line in result.details:
-            reporter.detail(f"{result.source.name}: {line}")
+            reporter.detail(f"{name}: {line}")
         for warning in result.warnings:
-            reporter.warn(f"{result.source.name}: {warning}")
-        reporter.detail(f"{result.source.name}: done in {result.seconds:.3f} s")
+            reporter.warn(f"{name}: {warning}")
+        reporter.detail(f"{name}: done in {result.seconds:.3f} s")
         if not as_json:
             for path in result.outputs:
                 click.echo(str(path))

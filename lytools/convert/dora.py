@@ -194,8 +194,9 @@ def flatten_dora(net: Network, base: BaseWeights, result: FileResult, save_dtype
             info = describe_module(module)
         try:
             flat = flatten_at_rank(module, info, base, change_rank(module, info), device, save_dtype)
-        except LytoolsError as exc:
-            raise type(exc)(f"{net.path}: {exc}") from None
+        except LytoolsError as exc:  # a weight of --base that does not fit is named as the base's
+            where = "" if base.path.name in str(exc) else f"flattening on --base {base.path.name}: "
+            raise type(exc)(f"{net.path}: {where}{exc}") from None
         tensors = dict(flat.tensors)
         if bias is not None:
             tensors[BIAS] = bias

@@ -142,6 +142,8 @@ def config_scale(config: Mapping[str, Any], path: str, rank: int) -> float:
     if alpha is None:
         key = "alpha" if str(config.get("peft_type", "")).upper() in ("LOHA", "LOKR") else "lora_alpha"
         alpha = config.get(key, 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise FileFormatError(f"adapter config: the alpha of module {path} is {json.dumps(alpha)}, not a number")
     if config.get("use_rslora"):
         return float(alpha) / math.sqrt(rank)
     return float(alpha) / rank
@@ -353,7 +355,10 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None,
                     if cfg is None and layout == "peft":
                         missing_config = True
                     elif cfg is not None:
-                        scale = config_scale(cfg, module_path, rank)
+                        try:
+                            scale = config_scale(cfg, module_path, rank)
+                        except FileFormatError as exc:
+                            raise FileFormatError(f"{path}: {exc}") from None
                         like = tensors.get(DOWN, next(iter(tensors.values())))
                         tensors[ALPHA] = alpha_tensor(scale * rank, like)
             if _LORA_BIAS in tensors:
@@ -378,7 +383,7 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None,
         if missing_config:
             network.notes.append(
                 "peft adapter without adapter_config.json: read with scale 1 (lora_alpha = r); "
-                "pass the config to get peft's scale"
+                "put its adapter_config.json beside it for peft's scale"
             )
         for module, (stored, tensors) in wholes.items():
             network.modules[module] = NetworkModule(module, tensors)

@@ -253,6 +253,10 @@ def convert_file(source: Path, output: Path, options: ConvertOptions) -> FileRes
             # a peft adapter's names lose the component, and a CLIP-L one fits sd1, sdxl, sd3 and
             # flux alike: say which model it was for, so that it converts back without --arch
             meta["modelspec.architecture"] = MODELSPEC_ARCHITECTURES[net.arch] + "/lora"
+        elif options.strip_metadata and ((options.component or "").startswith("te")
+                                         or all(name.startswith("lora_te") for name in net.modules)):
+            result.notes.append(f"--strip-metadata: the adapter does not record that it is for {net.arch}, which its text-"
+                                f"encoder paths cannot tell; converting it back needs --arch {net.arch}")
         made_folder = adapter.parent != output.parent and not adapter.parent.exists()
         if made_folder:
             adapter.parent.mkdir()

@@ -251,6 +251,22 @@ def _check_bias(net: Network, pieces: list[_Piece]) -> set[str]:
     return {component for component, flags in by_component.items() if all(flags)}
 
 
+def _check_dora(net: Network, pieces: list[_Piece]) -> None:
+    """Raise when only some of a model's modules carry DoRA: peft's use_dora is one flag per adapter, so
+    peft and diffusers would give the others a magnitude of their own (the base weight's norm) and apply
+    them as DoRA, not as the plain LoRA they are."""
+    by_component: dict[str, list[bool]] = collections.defaultdict(list)
+    for piece in pieces:
+        by_component[piece.component].append(DORA in piece.tensors)
+    partial = {component: flags for component, flags in by_component.items() if any(flags) and not all(flags)}
+    if partial:
+        listed = ", ".join(f"{component}: {sum(flags)} of {len(flags)} modules" for component, flags in sorted(partial.items()))
+        raise UnsupportedError(
+            f"{net.path}: DoRA on only some modules ({listed}); peft's use_dora applies to every module of a "
+            f"model, so the others would load as DoRA; convert --flatten-dora --base CHECKPOINT, or convert --to kohya"
+        )
+
+
 def _scaled(tensor: torch.Tensor, factor: float, out_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.Tensor:
     """Return tensor * factor in out_dtype, computed in float32 (torch's half/bfloat16 kernels do
     the same: one rounding of the exact product), without a float32 copy when the dtype stays."""
@@ -270,6 +286,7 @@ def to_diffusers(net: Network, *, fold: bool = True, save_dtype: torch.dtype | N
     per_component: dict[str, list[tuple[str, int, float]]] = collections.defaultdict(list)
     dora: dict[str, bool] = collections.defaultdict(bool)
     biased = _check_bias(net, pieces)
+    _check_dora(net, pieces)
     for piece in pieces:
         factors, alpha = _piece_factors(f"{piece.component}.{piece.path}", piece.tensors, fold, save_dtype)
         for suffix, tensor in factors.items():
@@ -331,6 +348,7 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
     entries: list[tuple[str, int, float]] = []
     use_dora = False
     lora_bias = bool(_check_bias(net, pieces))
+    _check_dora(net, pieces)
     for piece in pieces:
         factors, alpha = _piece_factors(f"{piece.component}.{piece.path}", piece.tensors, fold, save_dtype)
         path = names.peft_path(net.arch, piece.component, piece.path)

@@ -1,0 +1,115 @@
+"""convert's newer options from the command line, as a user combines them: partial DoRA refused for
+diffusers/peft, a bad adapter_config.json alpha, a stripped peft text-encoder adapter converting back,
+peft folders named in batch logs, a --base whose weight does not fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lytools.testing import build_checkpoint, build_network
+from tests.shared import run_lytools
+from tests.test_convert_dora import FACTOR, LINEAR, PLAIN, dora_network
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qa")
+    sdxl = build_network(folder / "sdxl.safetensors", "sdxl", rank=4, alpha=2.0, modules=[
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"], metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    mixed = dora_network(folder / "mixed.safetensors", rank=8, plain=[PLAIN])
+    return {"folder": folder, "sdxl": sdxl, "mixed": mixed}
+
+
+@pytest.mark.parametrize("target", ["diffusers", "peft"])
+def test_partial_dora_refused_before_writing(files, tmp_path, capsys, target):
+    # peft's use_dora is one flag per model: a plain module beside DoRA ones would load as DoRA
+    out = tmp_path / ("out.safetensors" if target == "diffusers" else "out")
+    extra = ["--component", "unet"] if target == "peft" else []
+    code, stdout, err = run_lytools(capsys, "convert", files["mixed"], "-o", out, "--to", target, *extra)
+    assert code == 1 and stdout == "" and not out.exists()
+    line, = err.strip().splitlines()
+    assert "DoRA on only some modules (unet: 3 of 4 modules)" in line and "--flatten-dora" in line
+
+
+def test_partial_dora_flattened_or_kohya_still_written(files, tmp_path, capsys):
+    base = build_checkpoint(tmp_path / "sd1.safetensors", "sd1", factor=FACTOR, components=("unet", "clip_l"))
+    code, _, err = run_lytools(capsys, "convert", files["mixed"], "-o", tmp_path / "flat.safetensors", "--to", "diffusers",
+                               "--flatten-dora", "--base", base, "--verify", "--check")
+    assert code == 0, err
+    code, _, err = run_lytools(capsys, "convert", files["mixed"], "-o", tmp_path / "k.safetensors", "--to", "kohya", "--verify")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("alpha", [None, "abc", float("nan")])
+def test_adapter_config_alpha_not_a_number(files, tmp_path, capsys, alpha):
+    adapter = tmp_path / "adapter"
+    code, _, err = run_lytools(capsys, "convert", files["sdxl"], "-o", adapter, "--to", "peft", "--component", "te2")
+    assert code == 0, err
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["lora_alpha"] = alpha
+    (adapter / "adapter_config.json").write_text(json.dumps(config))  # NaN is written as json's NaN
+    other = build_network(tmp_path / "other.safetensors", "sd1", rank=4, modules=["lora_te_text_model_encoder_layers_0_mlp_fc1"])
+    code, stdout, err = run_lytools(capsys, "convert", adapter, other, "--output-dir", tmp_path / "out", "--to", "kohya")
+    assert code == 1  # a per-file error: the batch goes on with the next file
+    assert stdout.strip().splitlines() == [str(tmp_path / "out" / "other.safetensors")]
+    error = [line for line in err.splitlines() if "error" in line]
+    assert len(error) == 1 and "adapter_model.safetensors: adapter config: the alpha of module" in error[0]
+    assert "not a number" in error[0] and "internal error" not in error[0]
+
+
+def test_stripped_text_encoder_adapter_says_how_to_convert_back(files, tmp_path, capsys):
+    adapter = tmp_path / "te2"
+    code, _, err = run_lytools(capsys, "convert", files["sdxl"], "-o", adapter, "--to", "peft", "--component", "te2",
+                               "--strip-metadata")
+    assert code == 0 and "converting it back needs --arch sdxl" in err
+    code, _, err = run_lytools(capsys, "convert", adapter, "-o", tmp_path / "back.safetensors", "--to", "kohya",
+                               "--arch", "sdxl", "--verify", "--check")
+    assert code == 0, err
+    assert set(load_file(tmp_path / "back.safetensors")) >= {
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"}
+    # not said for a denoiser adapter, nor without --strip-metadata (the adapter records its architecture then)
+    code, _, err = run_lytools(capsys, "convert", files["sdxl"], "-o", tmp_path / "te2b", "--to", "peft", "--component", "te2")
+    assert code == 0 and "--arch" not in err
+
+
+def test_peft_folders_named_in_batch_logs(files, tmp_path, capsys):
+    for name in ("first", "second"):
+        code, _, err = run_lytools(capsys, "convert", files["sdxl"], "-o", tmp_path / name, "--to", "peft", "--component", "te2")
+        assert code == 0, err
+    code, _, err = run_lytools(capsys, "convert", tmp_path / "first", tmp_path / "second", "--output-dir", tmp_path / "out",
+                               "--to", "diffusers", "--verify")
+    assert code == 0, err
+    verified = [line for line in err.splitlines() if "verified" in line]
+    assert sorted(line.split(":")[0] for line in verified) == ["first/adapter_model.safetensors", "second/adapter_model.safetensors"]
+
+
+def test_flatten_dora_base_weight_that_does_not_fit_names_the_base(files, tmp_path, capsys):
+    base = build_checkpoint(tmp_path / "sd1.safetensors", "sd1", factor=FACTOR, components=("unet", "clip_l"))
+    tensors = load_file(base)
+    key = next(k for k in tensors if k.endswith("input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"))
+    tensors[key] = tensors[key][:, :10].contiguous()
+    bad = tmp_path / "narrow.safetensors"
+    save_file(tensors, bad)
+    out = tmp_path / "flat.safetensors"
+    code, stdout, err = run_lytools(capsys, "convert", files["mixed"], "-o", out, "--to", "kohya", "--flatten-dora", "--base", bad)
+    assert code == 1 and stdout == "" and not out.exists()
+    line, = err.strip().splitlines()
+    assert "flattening on --base narrow.safetensors" in line and LINEAR in line
+
+
+def test_nan_alpha_json_is_refused_by_load_network(tmp_path):
+    # the reader merge and resize share: a non-number alpha is a FileFormatError, not a TypeError
+    from lytools.convert.load import config_scale
+    from lytools.errors import FileFormatError
+
+    for alpha in (None, "8", True, float("inf")):
+        with pytest.raises(FileFormatError, match="not a number"):
+            config_scale({"lora_alpha": alpha}, "a.b", 4)
+    assert config_scale({"lora_alpha": 8}, "a.b", 4) == 2.0
+    assert config_scale({}, "a.b", 4) == 2.0  # peft's default lora_alpha, 8
+    assert torch.isfinite(torch.tensor(config_scale({"lora_alpha": 4.0, "use_rslora": True}, "a.b", 4)))
