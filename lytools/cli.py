@@ -326,7 +326,7 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
 @click.option("--arch", type=click.Choice(["auto", "sd1", "sd2", "sdxl", "sd3", "flux"]), default="auto", show_default=True,
               help="Architecture of the inputs when detection cannot tell (with --to).")
 @click.option("--flatten-dora", is_flag=True,
-              help="Replace every DoRA module by a plain LoRA of the rank of its own weight change (LoRA r, LoHa r², "
+              help="With --to and --base: replace every DoRA module by a plain LoRA of the rank of its own weight change (LoRA r, LoHa r², "
                    "LoKr the product of its halves' ranks; at most the layer's full rank) approximating W' - W at "
                    "strength 1 on --base, by SVD, with the error reported; other modules are written as they are. For "
                    "A1111/Forge and ComfyUI, which do not apply output-axis DoRA exactly, and for diffusers/peft, which "
@@ -342,17 +342,18 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
 @click.option("--verify", is_flag=True,
               help="Reload each output the way its target loader reads it (kohya: alpha/rank, no alpha: 1; diffusers: "
                    "lora_adapter_metadata; peft: adapter_config.json r, lora_alpha, patterns, use_dora) and compare every "
-                   "module's weight change with the input's, placed on the checkpoint's weights (fused and split q/k/v "
-                   "row for row): exact where nothing should round (same dtype, no fold or a power-of-two one), else "
+                   "module's weight change with the input's, row for row of the layer's weight (fused and split q/k/v "
+                   "alike; no checkpoint needed): exact where nothing should round (same dtype, no fold or a power-of-two one), else "
                    "within the output dtype's rounding. Without --to: every tensor must be the input's cast to the "
                    "written dtype. A failing output is removed and named with its worst module (exit 1).")
 @click.option("--check", is_flag=True,
               help="Fail (exit 1, output removed, the first unresolved modules named) when a module of an output "
                    "would not be applied by the loader of its layout, since ComfyUI and A1111 skip unknown keys silently: "
-                   "kohya names against the kohya table ComfyUI, A1111 and Forge map (denoiser weights outside it too; "
-                   "text-encoder ones are not applied); diffusers/peft paths against the diffusers modules of a "
+                   "kohya names against the kohya table ComfyUI, A1111 and Forge map (other denoiser weights, such as "
+                   "the LyCORIS full preset's, count as applied; text-encoder ones outside it do not); diffusers/peft paths against the diffusers modules of a "
                    "component the pipeline loads LoRA into (T5 is not). An unknown architecture is an error (--arch). "
-                   "Checks what is written; without --to, the names as the input stores them.")
+                   "Checks what is written; without --to, the names as the input stores them (networks only: a "
+                   "checkpoint is refused before it is cast).")
 @save_dtype_option(fp8=True)
 @keep_ema_option
 @strip_metadata_option

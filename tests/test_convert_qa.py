@@ -113,3 +113,37 @@ def test_nan_alpha_json_is_refused_by_load_network(tmp_path):
     assert config_scale({"lora_alpha": 8}, "a.b", 4) == 2.0
     assert config_scale({}, "a.b", 4) == 2.0  # peft's default lora_alpha, 8
     assert torch.isfinite(torch.tensor(config_scale({"lora_alpha": 4.0, "use_rslora": True}, "a.b", 4)))
+
+
+def test_check_refuses_a_checkpoint_before_casting_it(tmp_path, capsys):
+    checkpoint = build_checkpoint(tmp_path / "ckpt.safetensors", "sd1", factor=FACTOR, components=("clip_l",))
+    network = build_network(tmp_path / "net.safetensors", "sd1", rank=4, modules=["lora_te_text_model_encoder_layers_0_mlp_fc1"])
+    out = tmp_path / "out"
+    code, stdout, err = run_lytools(capsys, "convert", checkpoint, network, "--output-dir", out, "--save-dtype", "bf16",
+                                    "--check", "-j", "2")
+    assert code == 1 and stdout.strip().splitlines() == [str(out / "net.safetensors")]
+    error, = [line for line in err.splitlines() if "error" in line]
+    assert error == f"lytools: error: {checkpoint}: --check applies to networks; this file holds no network modules; nothing written"
+    assert sorted(p.name for p in out.iterdir()) == ["net.safetensors"]
+
+
+def test_json_carries_check_verify_and_flatten_figures(files, tmp_path, capsys):
+    base = build_checkpoint(tmp_path / "sd1.safetensors", "sd1", factor=FACTOR, components=("unet", "clip_l"))
+    code, stdout, err = run_lytools(capsys, "convert", files["mixed"], "-o", tmp_path / "k.safetensors", "--to", "kohya",
+                                    "--flatten-dora", "--base", base, "--check", "--verify", "--json", "-q")
+    assert code == 0, err
+    entry, = json.loads(stdout)
+    assert entry["check"] == {"loader": "ComfyUI/A1111/Forge", "layout": "kohya", "arch": "sd1", "modules": 5}
+    assert entry["verify"]["compared"] == 1 and entry["verify"]["flattened_not_compared"] == 4
+    assert entry["verify"]["unit"] == "modules" and entry["verify"]["largest_relative_error"] < 1e-6
+    flat = entry["flatten_dora"]
+    assert flat["modules"] == 4 and flat["ranks"] == [8] and flat["worst_module"] in entry["notes"][0]
+    assert 0 <= flat["mean_relative_error"] <= flat["max_relative_error"] < 1
+    # a plain cast: the tensors compared; without the options, no such keys
+    code, stdout, _ = run_lytools(capsys, "convert", files["sdxl"], "-o", tmp_path / "c.safetensors", "--save-dtype", "fp8_e4m3",
+                                  "--verify", "--json")
+    entry, = json.loads(stdout)
+    assert code == 0 and entry["verify"]["unit"] == "tensors" and entry["verify"]["compared"] == 9 and "check" not in entry
+    code, stdout, _ = run_lytools(capsys, "convert", files["sdxl"], "-o", tmp_path / "d.safetensors", "--to", "kohya", "--json")
+    entry, = json.loads(stdout)
+    assert code == 0 and not {"check", "verify", "flatten_dora"} & set(entry)

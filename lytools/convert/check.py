@@ -211,7 +211,10 @@ def examine(source: Path, output: Path, result, options, folder_existed: bool = 
         for path in written:
             stack.enter_context(removed_on_failure(path))
         if options.check:
-            result.notes.append(_check(source, network, options))
+            checked = _check(source, network, options)
+            result.notes.append(checked.summary())
+            result.report["check"] = {"loader": LOADERS[checked.layout], "layout": checked.layout, "arch": checked.arch,
+                                      "modules": checked.modules}
         if options.verify:
             from lytools.convert.run import one_torch_thread
             from lytools.convert.verify import verify_cast, verify_network
@@ -227,6 +230,7 @@ def examine(source: Path, output: Path, result, options, folder_existed: bool = 
             if not verified.ok:
                 raise LytoolsError(verified.message(network))
             result.notes.append(verified.summary())
+            result.report["verify"] = verified.as_dict()
 
 
 @contextlib.contextmanager
@@ -241,7 +245,20 @@ def _made_folder_removed(folder: Path):
         raise
 
 
-def _check(source: Path, network: Path, options) -> str:
+def precheck_cast(source: Path) -> None:
+    """--check without --to keeps the input's names: refuse, before anything is written, a diffusers folder or a
+    safetensors file that holds no network modules (a checkpoint), which _check would refuse after the cast."""
+    from lytools.io import read_header
+
+    if source.is_dir():
+        raise LytoolsError(f"{source}: --check applies to network files, not a diffusers folder; nothing written")
+    if source.is_file() and source.name.lower().endswith(".safetensors"):
+        header = read_header(source)
+        if not detect_network({k: i.shape for k, i in header.tensors.items()}, header.metadata or {}).modules:
+            raise LytoolsError(f"{source}: --check applies to networks; this file holds no network modules; nothing written")
+
+
+def _check(source: Path, network: Path, options) -> CheckResult:
     from lytools.io import read_header
 
     if network.is_dir():
@@ -260,4 +277,4 @@ def _check(source: Path, network: Path, options) -> str:
     checked = check_names(network, layout, options.arch, header=header, fallback_header=fallback)
     if not checked.ok:
         raise LytoolsError(checked.message(network) + "; output removed")
-    return checked.summary()
+    return checked

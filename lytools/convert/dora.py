@@ -209,6 +209,8 @@ def flatten_dora(net: Network, base: BaseWeights, result: FileResult, save_dtype
     worst = max(errors)
     mean = sum(e for e, _ in errors) / len(errors)
     span = str(min(ranks)) if min(ranks) == max(ranks) else f"{min(ranks)}..{max(ranks)}"
+    result.report["flatten_dora"] = {"modules": len(infos), "ranks": sorted(set(ranks)), "base": str(base.path),
+                                     "mean_relative_error": mean, "max_relative_error": worst[0], "worst_module": worst[1]}
     result.notes.append(
         f"--flatten-dora: {len(infos)} DoRA modules flattened into LoRA (rank {span}) on {base.path.name}; relative "
         f"Frobenius error of W' - W mean {mean:.4f}, max {worst[0]:.4f} ({worst[1]})")

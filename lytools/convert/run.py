@@ -68,10 +68,11 @@ class FileResult:
     seconds: float = 0.0
     details: list[str] = field(default_factory=list)  # what -v shows: how the file was read and written
     warnings: list[str] = field(default_factory=list)  # what the user should know about the output (shown with -q too)
+    report: dict[str, dict] = field(default_factory=dict)  # --check / --verify / --flatten-dora figures, for --json
 
     def as_dict(self) -> dict:
         return {"input": str(self.source), "outputs": [str(p) for p in self.outputs], "notes": self.notes,
-                "warnings": self.warnings, "error": self.error, "seconds": round(self.seconds, 4)}
+                "warnings": self.warnings, **self.report, "error": self.error, "seconds": round(self.seconds, 4)}
 
 
 def input_stem(path: Path) -> str:
@@ -406,6 +407,13 @@ def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
     removes the output when they fail); a LytoolsError becomes the result's error (the batch goes on)."""
     if not (options.check or options.verify):
         return _process(source, output, options)
+    if options.check and options.target is None:  # a checkpoint is refused before it is cast, not after
+        from lytools.convert.check import precheck_cast
+
+        try:
+            precheck_cast(source)
+        except LytoolsError as exc:
+            return FileResult(source, error=str(exc) if str(source) in str(exc) else f"{source}: {exc}")
     existed = output.exists()
     result = _process(source, output, options)
     if result.error is None:

@@ -86,6 +86,14 @@ class VerifyResult:
         written = self.written_as.get(name)
         return f"{name} (written as {', '.join(written)})" if written else name
 
+    def as_dict(self) -> dict:
+        """The figures of a passed check, for --json: what was compared and the largest relative error."""
+        figures = {"compared": len(self.errors), "unit": self.unit,
+                   "largest_relative_error": max((error for error, _ in self.errors.values()), default=0.0)}
+        if self.flattened:
+            figures["flattened_not_compared"] = self.flattened
+        return figures
+
     def summary(self) -> str:
         largest = max((error for error, _ in self.errors.values()), default=0.0)
         exact = largest == 0.0
