@@ -147,3 +147,16 @@ def test_json_carries_check_verify_and_flatten_figures(files, tmp_path, capsys):
     code, stdout, _ = run_lytools(capsys, "convert", files["sdxl"], "-o", tmp_path / "d.safetensors", "--to", "kohya", "--json")
     entry, = json.loads(stdout)
     assert code == 0 and not {"check", "verify", "flatten_dora"} & set(entry)
+
+
+def test_fp8_diffusers_flux_reads_back(tmp_path, capsys):
+    # lytools' own fp8 diffusers output: its split q/k/v parts share a down, compared bit for bit (no fp8 torch.equal)
+    flux = build_network(tmp_path / "flux.safetensors", "flux", rank=4, modules=[
+        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"])
+    fp8 = tmp_path / "fp8.safetensors"
+    code, _, err = run_lytools(capsys, "convert", flux, "-o", fp8, "--to", "diffusers", "--save-dtype", "fp8_e4m3")
+    assert code == 0, err
+    back = tmp_path / "back.safetensors"
+    code, _, err = run_lytools(capsys, "convert", fp8, "-o", back, "--to", "kohya", "--verify", "--check")
+    assert code == 0 and "internal error" not in err, err
+    assert {t.dtype for t in load_file(back).values()} == {torch.float8_e4m3fn, torch.float32}  # alphas stay float32

@@ -49,6 +49,13 @@ def _is_plain_lora(tensors: Tensors) -> bool:
 
 
 # -- split parts -> one fused module ---------------------------------------------------------------
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Return whether two tensors of one dtype and shape hold the same bits (torch.equal has no fp8 kernel)."""
+    if a.dtype.itemsize == 1 and a.dtype.is_floating_point:
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return torch.equal(a, b)
+
+
 def fuse_parts(name: str, parts: Sequence[tuple[Rows, Tensors]], total_rows: int) -> dict[str, torch.Tensor]:
     """Return one LoRA module covering `total_rows` output rows from LoRA parts placed at rows.
 
@@ -68,7 +75,7 @@ def fuse_parts(name: str, parts: Sequence[tuple[Rows, Tensors]], total_rows: int
     first = ordered[0][1]
     downs = [t[DOWN] for _, t in ordered]
     scales = [scale_of(name, t) for _, t in ordered]
-    same_down = all(d.shape == downs[0].shape and d.dtype == downs[0].dtype and torch.equal(d, downs[0]) for d in downs)
+    same_down = all(d.shape == downs[0].shape and d.dtype == downs[0].dtype and _same_bits(d, downs[0]) for d in downs)
     same_scale = all(s == scales[0] for s in scales)
     up_dtype = first[UP].dtype
     kernel_up = first[UP].shape[2:]
