@@ -74,3 +74,66 @@ def test_kohya_outputs_of_diffusers_inputs_drop_the_adapter_metadata(diffusers_l
     assert found and set(found) == set(ours.modules)
     for name, module in ours.modules.items():
         torch.testing.assert_close(found[name], delta(module, found[name].shape).float(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def clip_l(tmp_path_factory):
+    """A CLIP-L-only network in kohya names (lora_te_: sd1) and the same stripped into diffusers names, which
+    fit sd1, sdxl, sd3 and flux alike (no metadata says which)."""
+    folder = tmp_path_factory.mktemp("qa8-clip")
+    kohya = build_network(folder / "te.safetensors", "sd1", factor=8, rank=4, alpha=2.0, components=["te"],
+                          dtype=torch.float32)
+    from lytools.convert import ConvertOptions, convert_file
+    stripped = folder / "te-diffusers.safetensors"
+    convert_file(kohya, stripped, ConvertOptions(target="diffusers", strip_metadata=True))
+    assert load_network(stripped).tied
+    return kohya, stripped
+
+
+def test_resize_refuses_tied_diffusers_names(clip_l, tmp_path, capsys):
+    """resize wrote `text_encoder.text_model....lora_down.weight` (diffusers paths, kohya factors: no loader reads
+    them) while saying 'written with kohya names'; now one line pointing to convert --arch, as convert says."""
+    _, tied = clip_l
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli(capsys, "resize", tied, out, "--rank", "2")
+    assert code == 1 and not out.exists()
+    assert err.count("\n") == 1 and "have no kohya name" in err and "sd1 and sdxl" in err and "--arch ARCH" in err
+
+
+def test_merge_names_tied_modules_as_the_other_inputs_say(clip_l, tmp_path, capsys):
+    """merge of the diffusers-named CLIP-L network with its kohya twin wrote 144 modules: each layer twice, once
+    per spelling (a loader applies both). The kohya input says sd1: the tied one is read as sd1 and the layers
+    concatenate; two tied inputs name no architecture and are refused, pointing to convert --arch."""
+    kohya, tied = clip_l
+    out = tmp_path / "out.safetensors"
+    for inputs in ((tied, kohya), (kohya, tied)):
+        run(capsys, "merge", *inputs, "-o", out, "--overwrite")
+        keys = read_header(out).tensors
+        assert len([k for k in keys if k.endswith(".lora_down.weight")]) == 72 and all(k.startswith("lora_te_") for k in keys)
+        merged, single = load_network(out), load_network(kohya)
+        for name, module in single.modules.items():  # the same change twice: ΔW doubled
+            shape = module["lora_up.weight"].shape[:1] + module["lora_down.weight"].shape[1:]
+            torch.testing.assert_close(delta(merged.modules[name], shape).float(), 2 * delta(module, shape).float(),
+                                       rtol=1e-4, atol=1e-6)
+    out.unlink()
+    for extra in ((), ("--dry-run",), ("--rank", "2")):
+        code, _, err = cli(capsys, "merge", tied, tied, "-o", out, *extra)
+        assert code == 1 and not out.exists(), err
+        assert err.count("\n") == 1 and "have no kohya name" in err and "--to kohya --arch ARCH" in err, err
+    # into a checkpoint the modules are placed by the checkpoint's names: merged as before
+    from lytools.testing import build_checkpoint
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=8, components=("clip_l",))
+    run(capsys, "merge", base, tied, "-o", out)
+
+
+def test_a_tie_whose_architectures_agree_on_kohya_names_gets_them(tmp_path, capsys):
+    """CLIP-L + CLIP-G in diffusers names fit sdxl and sd3, which both name them lora_te1_/lora_te2_: resize wrote
+    the diffusers paths with kohya factors, and merge with a kohya twin spelled every layer twice."""
+    kohya = build_network(tmp_path / "te.safetensors", "sdxl", components=["te1", "te2"], factor=8)
+    tied = build_network(tmp_path / "te-d.safetensors", "sdxl", components=["te1", "te2"], factor=8, layout="diffusers")
+    out = tmp_path / "out.safetensors"
+    run(capsys, "resize", tied, out, "--rank", "2")
+    keys = read_header(out).tensors
+    assert keys and all(k.startswith(("lora_te1_", "lora_te2_")) for k in keys)
+    run(capsys, "merge", kohya, tied, "-o", out, "--overwrite")
+    assert len(load_network(out).modules) == len(load_network(kohya).modules)

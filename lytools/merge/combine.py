@@ -33,7 +33,8 @@ from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.dtypes import FP8_NAMES, saturating_cast, st_name
 from lytools.io.metadata import add_provenance, carried, is_adapter_metadata, network_modelspec, source_entry, stripped
-from lytools.merge.inputs import NetworkInput, NetworkInputs, candidates, family, load_network_input, same_family
+from lytools.merge.inputs import (NetworkInput, NetworkInputs, candidates, check_kohya_names, family, load_network_input,
+                                  named_for, same_family)
 from lytools.merge.plan import STRIPPED_LINE, stripped_entry
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
@@ -567,6 +568,9 @@ def merge_networks(
     load = loaded.load if loaded is not None else load_network_input
     networks = [load(path, hash_file=not (dry_run or strip_metadata)) for path in network_paths]
     arch = check_same_architecture(networks)
+    networks = [named_for(network, arch) for network in networks]  # a tie the other inputs settle
+    for network in networks:
+        check_kohya_names(network.path, network, arch)
     rule_set = Ratios.build(len(networks), ratios, ratio_for)
     files = [n.name for n in networks]
     for network in networks:

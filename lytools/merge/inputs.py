@@ -62,21 +62,67 @@ class NetworkInput:
     autov3: str | None = None
     arch: str = "unknown"  # as lytools.convert.load_network detected it (unknown: a tie or no fit)
     tied: tuple[str, ...] = ()  # with arch unknown: the architectures its modules fit equally (Network.tied)
+    unmapped: tuple[str, ...] = ()  # stored module names no name table knows, kept as stored (Network.unmapped)
 
     @property
     def name(self) -> str:
         return self.path.name
 
 
+def kohya_named(path: Path, network, *, arch: str | None = None, reader=None):
+    """Return `network` (a lytools.convert Network) with kohya names for the modules a tie left under their
+    diffusers/peft paths (`unmapped`), where they have one: read as `arch` (the architecture the other inputs
+    of a merge name), else as each tied architecture, when all of them name every module alike (CLIP-L+CLIP-G
+    fits sdxl and sd3, both lora_te1_/lora_te2_). Otherwise `network` unchanged: a CLIP-L-only one is lora_te_
+    for sd1 and lora_te1_ for sdxl (resize and merge then refuse it: check_kohya_names)."""
+    from lytools.convert import load_network
+
+    if not (network.tied and network.unmapped):
+        return network
+    archs = [arch] if arch is not None else list(network.tied)
+    readings = [load_network(path, arch=each, hash_data=False, reader=reader) for each in archs]
+    if any(reading.unmapped for reading in readings) or len({frozenset(reading.modules) for reading in readings}) > 1:
+        return network
+    named = readings[0]
+    named.arch, named.tied, named.notes = network.arch, network.tied, list(network.notes)
+    return named
+
+
+def check_kohya_names(path: Path, network, arch: str | None = None) -> None:
+    """Refuse a network whose modules fit several architectures equally and keep their diffusers/peft paths
+    (no kohya name they agree on: kohya_named): written with kohya factors under those paths no loader reads
+    them, and next to another input's kohya names they would spell the same layers twice."""
+    if network.tied and network.unmapped:
+        raise NetworkError(
+            f"{path}: {len(network.unmapped)} module(s) have no kohya name ({network.unmapped[0]}): they fit "
+            f"{' and '.join(network.tied)} equally; name them first with lytools convert {path.name} --to kohya "
+            f"--arch {arch or 'ARCH'}"
+        )
+
+
 def _load_modules(
-    path: Path, reader=None,
-) -> tuple[dict[str, NetworkModule], dict[str, str], list[str], str, tuple[str, ...]]:
-    """Return (modules, metadata, stray keys, arch, tied) through lytools.convert's reader (any key style),
-    from `reader` (the file already open) when given."""
+    path: Path, reader=None, arch: str | None = None,
+) -> tuple[dict[str, NetworkModule], dict[str, str], list[str], str, tuple[str, ...], tuple[str, ...]]:
+    """Return (modules, metadata, stray keys, arch, tied, unmapped) through lytools.convert's reader (any key style),
+    from `reader` (the file already open) when given; tied diffusers names in kohya names where known (kohya_named)."""
     from lytools.convert import load_network  # the one reader of every network key style
 
     network = load_network(path, hash_data=False, reader=reader)  # merge hashes inputs itself (file_hashes), when it records them
-    return dict(network.modules), dict(network.metadata), list(network.stray), network.arch, tuple(network.tied)
+    network = kohya_named(path, network, arch=arch, reader=reader)
+    return (dict(network.modules), dict(network.metadata), list(network.stray), network.arch, tuple(network.tied),
+            tuple(network.unmapped))
+
+
+def named_for(network: NetworkInput, arch: str | None) -> NetworkInput:
+    """Return `network` read again as `arch` (the architecture the other inputs of a merge name) when a tie left
+    its modules without kohya names; else `network`. A pickled file is unpickled again for it (a rare case:
+    a tied diffusers-named .bin merged with networks that name the architecture)."""
+    if arch is None or arch not in network.tied or not network.unmapped:
+        return network
+    modules, _, stray, _, _, unmapped = _load_modules(network.path, arch=arch)
+    infos = {name: describe_module(module) for name, module in modules.items()}
+    return NetworkInput(network.path, modules, infos, network.metadata, stray, network.autov3, network.arch,
+                        network.tied, unmapped)
 
 
 def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> NetworkInput:
@@ -91,7 +137,7 @@ def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> Ne
 def _read_network_input(path: Path, hash_file: bool, reader=None) -> NetworkInput | None:
     """Return the network input at `path` (read from `reader` when given), or None when it holds no network module."""
     try:
-        modules, metadata, stray, arch, tied = _load_modules(path, reader)
+        modules, metadata, stray, arch, tied, unmapped = _load_modules(path, reader)
         infos = {name: describe_module(module) for name, module in modules.items()}
         check_finite(modules)
     except NetworkError as exc:  # named once: load_network's own errors already begin with the path
@@ -100,7 +146,7 @@ def _read_network_input(path: Path, hash_file: bool, reader=None) -> NetworkInpu
     if not modules:
         return None
     autov3 = file_hashes(path).data_sha256 if hash_file and path.suffix.lower() == ".safetensors" else None  # as resize, convert
-    return NetworkInput(path, modules, infos, metadata, stray, autov3, arch, tied)
+    return NetworkInput(path, modules, infos, metadata, stray, autov3, arch, tied, unmapped)
 
 
 def is_pickled(path: Path) -> bool:

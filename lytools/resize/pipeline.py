@@ -145,6 +145,10 @@ def _from_convert(path: Path) -> Network | None:
     except ImportError:
         return None
     net = load_network(path, hash_data=False)  # resize hashes the input itself (file_hashes), when it records it
+    from lytools.merge.inputs import check_kohya_names, kohya_named
+
+    net = kohya_named(path, net)  # a tie's diffusers names in the kohya names its architectures agree on
+    check_kohya_names(path, net)  # they differ (CLIP-L: lora_te_ / lora_te1_): refused
     notes = [f"{path.name}: read as a {net.layout} {net.arch} network; written with kohya names"] + list(net.notes)
     from lytools.arch.network import split_network_key
 
