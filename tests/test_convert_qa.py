@@ -160,3 +160,35 @@ def test_fp8_diffusers_flux_reads_back(tmp_path, capsys):
     code, _, err = run_lytools(capsys, "convert", fp8, "-o", back, "--to", "kohya", "--verify", "--check")
     assert code == 0 and "internal error" not in err, err
     assert {t.dtype for t in load_file(back).values()} == {torch.float8_e4m3fn, torch.float32}  # alphas stay float32
+
+
+def test_pickled_peft_adapter_folder_is_an_input(files, tmp_path, capsys):
+    # older peft save_pretrained wrote adapter_model.bin; read it as the safetensors one, named after its folder
+    adapter = tmp_path / "te2"
+    code, _, err = run_lytools(capsys, "convert", files["sdxl"], "-o", adapter, "--to", "peft", "--component", "te2")
+    assert code == 0, err
+    old = tmp_path / "old_adapter"
+    old.mkdir()
+    torch.save(load_file(adapter / "adapter_model.safetensors"), old / "adapter_model.bin")
+    (old / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    code, stdout, err = run_lytools(capsys, "convert", old, "--output-dir", tmp_path / "out", "--to", "kohya", "--arch", "sdxl",
+                                    "--verify", "--check")
+    assert code == 0, err
+    assert stdout.strip() == str(tmp_path / "out" / "old_adapter.safetensors")
+    assert "old_adapter/adapter_model.bin: verified: 2 modules" in err
+    ours, source = load_file(tmp_path / "out" / "old_adapter.safetensors"), load_file(files["sdxl"])
+    for key in [k for k in source if k.startswith("lora_te2_") and k.endswith("lora_down.weight")]:  # te2's change,
+        up = key.replace("lora_down", "lora_up")  # rescaled by the fold (and A1111's zero fillers beside it)
+        theirs = source[up].float() @ source[key].float() * float(source[key.replace("lora_down.weight", "alpha")]) / 4
+        mine = ours[up].float() @ ours[key].float() * float(ours[key.replace("lora_down.weight", "alpha")]) / 4
+        assert torch.allclose(mine, theirs, rtol=1e-2, atol=1e-4)
+
+
+def test_verify_summary_when_every_module_was_flattened(tmp_path, capsys):
+    base = build_checkpoint(tmp_path / "sd1.safetensors", "sd1", factor=FACTOR, components=("unet", "clip_l"))
+    network = dora_network(tmp_path / "all.safetensors", rank=8)
+    code, _, err = run_lytools(capsys, "convert", network, "-o", tmp_path / "k.safetensors", "--to", "kohya",
+                               "--flatten-dora", "--base", base, "--verify")
+    assert code == 0, err
+    assert "verified: 4 DoRA modules flattened on --base not compared (their error is --flatten-dora's report), each " \
+           "written as a plain LoRA" in err and "largest relative error" not in err

@@ -77,9 +77,10 @@ class FileResult:
 
 def input_stem(path: Path) -> str:
     """Return the file name without its model suffix (`a.safetensors` -> `a`); a peft adapter file
-    (`x/adapter_model.safetensors`) is named by its folder (`x`), as peft names adapters."""
+    (`x/adapter_model.safetensors`, older peft's `x/adapter_model.bin`) is named by its folder (`x`), as peft names
+    adapters."""
     name = path.name
-    if name == "adapter_model.safetensors" and path.parent.name not in ("", ".", ".."):
+    if name in ("adapter_model.safetensors", "adapter_model.bin") and path.parent.name not in ("", ".", ".."):
         return path.parent.name
     for suffix in INPUT_SUFFIXES:
         if name.lower().endswith(suffix):

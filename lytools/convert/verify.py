@@ -99,10 +99,13 @@ class VerifyResult:
         exact = largest == 0.0
         if self.unit != "modules":
             return f"verified: {len(self.errors)} {self.unit}, each the input's cast to the written dtype"
-        flattened = (f"; {self.flattened} DoRA modules flattened on --base not compared (their error is "
+        flattened = (f"{self.flattened} DoRA modules flattened on --base not compared (their error is "
                      f"--flatten-dora's report)") if self.flattened else ""
-        return (f"verified: {len(self.errors)} modules as the target loader reads them, largest relative error "
-                f"{largest:.3g}" + (" (exact)" if exact else "") + flattened)
+        if not self.errors and flattened:  # every module was flattened: no error to state
+            return f"verified: {flattened}, each written as a plain LoRA"
+        count = len(self.errors)
+        return (f"verified: {count} module{'' if count == 1 else 's'} as the target loader reads them, largest relative "
+                f"error {largest:.3g}" + (" (exact)" if exact else "") + (f"; {flattened}" if flattened else ""))
 
 
 # -- one module's change ---------------------------------------------------------------------------------
