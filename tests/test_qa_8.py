@@ -137,3 +137,37 @@ def test_a_tie_whose_architectures_agree_on_kohya_names_gets_them(tmp_path, caps
     assert keys and all(k.startswith(("lora_te1_", "lora_te2_")) for k in keys)
     run(capsys, "merge", kohya, tied, "-o", out, "--overwrite")
     assert len(load_network(out).modules) == len(load_network(kohya).modules)
+
+
+def test_report_never_replaces_a_file_of_an_input(tmp_path, capsys):
+    """--report with --overwrite replaced an input's files: a sharded BASE's .index.json, a config of a diffusers
+    folder given as BASE, a peft adapter folder's adapter_config.json (resize IN); refused as OUT is, exit 1."""
+    import shutil
+
+    from lytools.convert import ConvertOptions, convert_file
+    from lytools.testing import build_checkpoint, build_tuned
+    from tests.test_container_audit import write_diffusers_folder
+
+    net = build_network(tmp_path / "net.safetensors", "sd1", factor=16, rank=2, dtype=torch.float32)
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=16, dtype=torch.float32)
+    tuned = build_tuned(base, tmp_path / "tuned.safetensors", net).path
+    folder = write_diffusers_folder(base, tmp_path / "pipe")
+    index = tmp_path / "base.safetensors.index.json"  # one shard: enough to be read as a sharded checkpoint
+    shutil.copy(base, tmp_path / "base-00001-of-00001.safetensors")
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: "base-00001-of-00001.safetensors"
+                                                                for k in read_header(base).tensors}}))
+    adapter = tmp_path / "adapter"
+    convert_file(net, adapter, ConvertOptions(target="peft", component="unet"))
+    out = tmp_path / "out.safetensors"
+    cases = [
+        (("extract", index, tuned, out, "--linear-dim", "2", "--conv-dim", "2"), index),
+        (("extract", folder, tuned, out, "--linear-dim", "2", "--conv-dim", "2"), folder / "unet" / "config.json"),
+        (("resize", adapter, out, "--rank", "1"), adapter / "adapter_config.json"),
+        (("resize", adapter / "adapter_model.safetensors", out, "--rank", "1"), adapter / "adapter_config.json"),
+    ]
+    for args, victim in cases:
+        before = victim.read_bytes()
+        code, _, err = cli(capsys, *args, "--report", victim, "--overwrite")
+        assert code == 1 and "the report would replace a file of the input" in err, (args, err)
+        assert victim.read_bytes() == before and not out.exists()
+    run(capsys, "resize", adapter, out, "--rank", "1", "--report", adapter / "new.json")  # a new file there is fine

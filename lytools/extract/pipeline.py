@@ -402,7 +402,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     base, tuned = Path(base), Path(tuned)
     out = check_output_path(out, options.overwrite)
     if options.report is not None:
-        check_report_path(options.report, out, options.overwrite)
+        check_report_path(options.report, out, options.overwrite, (base, tuned))
     device = resolve_device(options.device)
     for path in (base, tuned):  # a lone shard would give a network of part of the model
         problem = lone_shard(path)

@@ -247,15 +247,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def check_report_path(report: str | os.PathLike, output: str | os.PathLike, overwrite: bool) -> Path:
+def check_report_path(report: str | os.PathLike, output: str | os.PathLike, overwrite: bool,
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Return --report FILE.json|FILE.csv (extract, resize) after the checks of check_output_path: a name
     without either suffix is a usage error (exit 2); a report naming the command's own output (however spelled;
-    it would replace the network just written) is refused (exit 1)."""
+    it would replace the network just written) is refused (exit 1), and so is one naming a file of `inputs`,
+    even with --overwrite, as OUT is: an input itself (a sharded checkpoint's .index.json), an existing file inside an
+    input folder (a diffusers folder's configs, a peft adapter folder's adapter_config.json) or a file the caller lists."""
     report_path = Path(report)
     if report_path.suffix.lower() not in REPORT_SUFFIXES:
         raise UsageError(f"--report {report}: expected a .json or .csv file name")
     if report_path.resolve() == Path(output).resolve() or same_file(report, output):
         raise LytoolsError(f"{report}: --report names OUT too (the report would replace the network); choose another name")
+    for given in inputs:
+        if given is None:
+            continue
+        folder = Path(given).resolve()
+        if same_file(report, given) or (folder.is_dir() and report_path.exists() and folder in report_path.resolve().parents):
+            raise LytoolsError(f"{report}: the report would replace a file of the input {given}; choose another name")
     return check_output_path(report, overwrite)
 
 

@@ -408,7 +408,9 @@ def resize_file(
             raise LytoolsError(f"{output}: the output would replace {role} ({given}); choose another name")
     output = check_output_path(output, options.overwrite)
     if options.report is not None:
-        check_report_path(options.report, output, options.overwrite)
+        from lytools.convert.load import peft_config_path  # an adapter's config is part of IN
+
+        check_report_path(options.report, output, options.overwrite, (source, options.base, peft_config_path(source)))
     device = resolve_device(options.device)
     with open_network(source) as network:
         infos = describe_all(source, network)
