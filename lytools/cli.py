@@ -435,8 +435,10 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, f
                 click.echo(str(path))
                 sys.stdout.flush()
 
-    results = run_batch(pairs, options, jobs=jobs, on_done=done)
-    remove_empty_dirs(created)  # every file failed: the folders created for them go too
+    try:
+        results = run_batch(pairs, options, jobs=jobs, on_done=done)
+    finally:  # every file failed, or Ctrl-C came before one was written: the folders created for them go too
+        remove_empty_dirs(created)
     failed = sum(1 for r in results if r.error)
     if len(results) > 1:
         reporter.log(f"convert: {len(results) - failed} written, {failed} failed")

@@ -192,3 +192,16 @@ def test_verify_summary_when_every_module_was_flattened(tmp_path, capsys):
     assert code == 0, err
     assert "verified: 4 DoRA modules flattened on --base not compared (their error is --flatten-dora's report), each " \
            "written as a plain LoRA" in err and "largest relative error" not in err
+
+
+def test_interrupted_run_leaves_no_output_dir(files, tmp_path, capsys, monkeypatch):
+    import lytools.convert.run as run
+
+    def interrupted(source, output, options):
+        raise KeyboardInterrupt  # Ctrl-C while the first file converts (its temporary output already gone)
+
+    monkeypatch.setattr(run, "process", interrupted)
+    out = tmp_path / "new" / "out"
+    code, stdout, err = run_lytools(capsys, "convert", files["sdxl"], "--output-dir", out, "--to", "kohya", "--verify")
+    assert code == 130 and stdout == "" and err.strip() == "lytools: interrupted"
+    assert not (tmp_path / "new").exists()  # the folders this run created went too
