@@ -171,3 +171,20 @@ def test_report_never_replaces_a_file_of_an_input(tmp_path, capsys):
         assert code == 1 and "the report would replace a file of the input" in err, (args, err)
         assert victim.read_bytes() == before and not out.exists()
     run(capsys, "resize", adapter, out, "--rank", "1", "--report", adapter / "new.json")  # a new file there is fine
+
+
+def test_out_never_replaces_a_peft_inputs_adapter_config(tmp_path, capsys):
+    """A peft adapter folder is an input of resize and merge (read with the adapter_config.json beside it): OUT
+    naming that config replaced it with a safetensors file, even though OUT may not name an input."""
+    from lytools.convert import ConvertOptions, convert_file
+
+    net = build_network(tmp_path / "net.safetensors", "sd1", factor=16, rank=2, dtype=torch.float32)
+    adapter = tmp_path / "adapter"
+    convert_file(net, adapter, ConvertOptions(target="peft", component="unet"))
+    config = adapter / "adapter_config.json"
+    before = config.read_bytes()
+    for args in (("resize", adapter, config, "--rank", "1"), ("resize", adapter / "adapter_model.safetensors", config, "--rank", "1"),
+                 ("merge", adapter, net, "-o", config), ("merge", net, adapter, "-o", config, "--dry-run")):
+        code, _, err = cli(capsys, *args, "--overwrite")
+        assert code == 1 and "would replace" in err, (args, err)
+        assert config.read_bytes() == before

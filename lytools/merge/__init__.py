@@ -82,7 +82,10 @@ def run_merge(
     if verify and dry_run:
         raise UsageError("--verify checks a written output; --dry-run writes none")
     if output is not None:  # a dry run checks it too: it says whether the real run would go through
-        replaced = next((path for path in paths if same_file(path, output)), None)
+        from lytools.convert.load import peft_config_path  # a peft input's adapter_config.json is part of it
+
+        replaced = next((path for path in paths
+                         if same_file(path, output) or same_file(peft_config_path(path) or path, output)), None)
         if replaced is not None:  # even with --overwrite: the merge reads it while writing
             raise LytoolsError(f"{output}: the output would replace the input {replaced}; choose another name")
         if (paths[0] / "model_index.json").is_file():  # into a diffusers folder: the output is a folder

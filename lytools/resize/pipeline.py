@@ -402,14 +402,14 @@ def resize_file(
     started = time.perf_counter()
     source, output = Path(source), Path(output)
     rule = options.rule()
-    for role, given in (("IN", source), ("--base", options.base)):
+    from lytools.convert.load import peft_config_path  # a peft adapter's config is part of IN
+
+    for role, given in (("IN", source), ("IN's adapter config", peft_config_path(source)), ("--base", options.base)):
         if given is not None and same_file(output, given):
             # even with --overwrite: merge, extract and convert refuse the same (the input is lost)
             raise LytoolsError(f"{output}: the output would replace {role} ({given}); choose another name")
     output = check_output_path(output, options.overwrite)
     if options.report is not None:
-        from lytools.convert.load import peft_config_path  # an adapter's config is part of IN
-
         check_report_path(options.report, output, options.overwrite, (source, options.base, peft_config_path(source)))
     device = resolve_device(options.device)
     with open_network(source) as network:
