@@ -336,7 +336,7 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
                    "strength 1 on --base, by SVD, with the error reported; other modules are written as they are. For "
                    "A1111/Forge and ComfyUI, which do not apply output-axis DoRA exactly, and for diffusers/peft, which "
                    "hold no input-axis DoRA. Exact at strength 1 on that base only. Another rank: lytools resize --base.")
-@click.option("--base", type=click.Path(exists=True, path_type=Path), metavar="CHECKPOINT",
+@click.option("--base", type=click.Path(path_type=Path), metavar="CHECKPOINT",
               help="With --flatten-dora: the base model the DoRA modules were trained on (read one weight at a time, "
                    "shared by every input).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True, help="Files converted in parallel processes.")

@@ -205,3 +205,10 @@ def test_interrupted_run_leaves_no_output_dir(files, tmp_path, capsys, monkeypat
     code, stdout, err = run_lytools(capsys, "convert", files["sdxl"], "--output-dir", out, "--to", "kohya", "--verify")
     assert code == 130 and stdout == "" and err.strip() == "lytools: interrupted"
     assert not (tmp_path / "new").exists()  # the folders this run created went too
+
+
+def test_missing_base_is_a_runtime_error_like_resize(files, tmp_path, capsys):
+    # a file that is not there is exit 1, one line naming it (resize --base says the same), not click's usage error
+    code, stdout, err = run_lytools(capsys, "convert", files["mixed"], "-o", tmp_path / "o.safetensors", "--to", "kohya",
+                                    "--flatten-dora", "--base", tmp_path / "gone.safetensors")
+    assert (code, stdout, err) == (1, "", f"lytools: error: {tmp_path / 'gone.safetensors'}: no such file\n")
