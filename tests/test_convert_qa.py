@@ -212,3 +212,21 @@ def test_missing_base_is_a_runtime_error_like_resize(files, tmp_path, capsys):
     code, stdout, err = run_lytools(capsys, "convert", files["mixed"], "-o", tmp_path / "o.safetensors", "--to", "kohya",
                                     "--flatten-dora", "--base", tmp_path / "gone.safetensors")
     assert (code, stdout, err) == (1, "", f"lytools: error: {tmp_path / 'gone.safetensors'}: no such file\n")
+
+
+def test_unexpected_failure_fails_its_file_only(files, tmp_path, capsys, monkeypatch):
+    # as a --jobs worker's crash does: the batch goes on, the file is named, exit 1 at the end
+    import lytools.convert.run as run
+
+    real = run.process
+
+    def flaky(source, output, options):
+        if source.name == "mixed.safetensors":
+            raise ValueError("boom\nsecond line")
+        return real(source, output, options)
+
+    monkeypatch.setattr(run, "process", flaky)
+    out = tmp_path / "out"
+    code, stdout, err = run_lytools(capsys, "convert", files["mixed"], files["sdxl"], "--output-dir", out, "--to", "kohya")
+    assert code == 1 and stdout.strip() == str(out / "sdxl.safetensors")
+    assert f"lytools: error: {files['mixed']}: internal error ValueError: boom\n" in err and "second line" not in err

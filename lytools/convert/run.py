@@ -543,7 +543,13 @@ def run_batch(pairs: Sequence[tuple[Path, Path]], options: ConvertOptions, *, jo
     if jobs <= 1 or len(pairs) <= 1:
         for index, (source, output) in enumerate(pairs):
             read_ahead(index + 2)
-            results[index] = process(source, output, options)
+            try:
+                results[index] = process(source, output, options)
+            except Exception as exc:  # noqa: BLE001 - an unexpected failure fails its file, as in a --jobs worker
+                if os.environ.get("LYTOOLS_DEBUG") == "1" or len(pairs) == 1:
+                    raise  # the traceback asked for; a single file: the CLI's one line says it
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                results[index] = FileResult(source, error=f"{source}: internal error {type(exc).__name__}: {first}")
             if on_done:
                 on_done(results[index])
     else:
