@@ -188,3 +188,20 @@ def test_out_never_replaces_a_peft_inputs_adapter_config(tmp_path, capsys):
         code, _, err = cli(capsys, *args, "--overwrite")
         assert code == 1 and "would replace" in err, (args, err)
         assert config.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [("resize", "--rank", "2"), ("merge",)])
+def test_a1111_completion_does_not_need_metadata(tmp_path, capsys, command):
+    """Partial SDXL OpenCLIP attention layers (q/k only, lora_te2_) are completed with zero modules for A1111
+    when metadata says sdxl; a stripped file has none, its lora_te2_ names fit sdxl and sd3, and the layers were
+    left partial: A1111 then skips them silently."""
+    modules = [m for m in select_modules("sdxl", "lierla", components=["te2"]) if m.endswith(("q_proj", "k_proj"))]
+    net = build_network(tmp_path / "te2.safetensors", "sdxl", factor=8, modules=modules)
+    out = tmp_path / "out.safetensors"
+    if command[0] == "resize":
+        run(capsys, "resize", net, out, *command[1:], "--strip-metadata")
+    else:
+        run(capsys, "merge", net, net, "-o", out, "--strip-metadata")
+    names = {key.split(".")[0] for key in read_header(out).tensors}
+    assert len(names) == 2 * len(modules)
+    assert {name.rsplit("_", 2)[1] for name in names} == {"q", "k", "v", "out"}

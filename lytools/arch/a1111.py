@@ -121,7 +121,11 @@ def complete_for_a1111(tensors: dict[str, torch.Tensor], arch: str | None = None
     if arch is None:
         from lytools.arch.network import detect_network
 
-        arch = detect_network({key: tuple(t.shape) for key, t in tensors.items()}, metadata or {}).arch
+        found = detect_network({key: tuple(t.shape) for key, t in tensors.items()}, metadata or {})
+        # a tie (lora_te2_ alone fits sdxl and sd3; a stripped file has no metadata to settle it) that includes an
+        # architecture A1111 needs whole layers for: the zero modules change nothing for the others
+        tied = [a for a in found.tied if a in wanted]
+        arch = found.arch if found.arch != "unknown" or len(tied) != 1 else tied[0]
         if arch not in wanted:
             return [], None
     added = complete_attention_layers(arch, tensors, modules)
