@@ -125,6 +125,12 @@ def test_check_refuses_a_checkpoint_before_casting_it(tmp_path, capsys):
     error, = [line for line in err.splitlines() if "error" in line]
     assert error == f"lytools: error: {checkpoint}: --check applies to networks; this file holds no network modules; nothing written"
     assert sorted(p.name for p in out.iterdir()) == ["net.safetensors"]
+    comfy = build_network(tmp_path / "comfy.safetensors", "sd1", rank=4, layout="comfy",
+                          modules=["lora_te_text_model_encoder_layers_0_mlp_fc1"])
+    code, stdout, err = run_lytools(capsys, "convert", comfy, "-o", tmp_path / "c.safetensors", "--save-dtype", "bf16", "--check")
+    assert code == 1 and stdout == "" and not (tmp_path / "c.safetensors").exists()
+    assert err.strip() == (f"lytools: error: {comfy}: --check knows the names kohya, diffusers and peft loaders read; this "
+                           f"file's keys are in none of those layouts (convert it with --to); nothing written")
 
 
 def test_json_carries_check_verify_and_flatten_figures(files, tmp_path, capsys):

@@ -246,8 +246,9 @@ def _made_folder_removed(folder: Path):
 
 
 def precheck_cast(source: Path) -> None:
-    """--check without --to keeps the input's names: refuse, before anything is written, a diffusers folder or a
-    safetensors file that holds no network modules (a checkpoint), which _check would refuse after the cast."""
+    """--check without --to keeps the input's names: refuse, before anything is written, a diffusers folder, a
+    safetensors file that holds no network modules (a checkpoint) or one in no layout --check knows (ComfyUI's,
+    lycoris_), which _check would refuse after the cast."""
     from lytools.io import read_header
 
     if source.is_dir():
@@ -256,6 +257,9 @@ def precheck_cast(source: Path) -> None:
         header = read_header(source)
         if not detect_network({k: i.shape for k, i in header.tensors.items()}, header.metadata or {}).modules:
             raise LytoolsError(f"{source}: --check applies to networks; this file holds no network modules; nothing written")
+        if network_layout(header.tensors) is None:
+            raise LytoolsError(f"{source}: --check knows the names kohya, diffusers and peft loaders read; this file's "
+                               f"keys are in none of those layouts (convert it with --to); nothing written")
 
 
 def _check(source: Path, network: Path, options) -> CheckResult:
