@@ -103,11 +103,11 @@ def test_resize_refuses_tied_diffusers_names(clip_l, tmp_path, capsys):
 def test_merge_names_tied_modules_as_the_other_inputs_say(clip_l, tmp_path, capsys):
     """merge of the diffusers-named CLIP-L network with its kohya twin wrote 144 modules: each layer twice, once
     per spelling (a loader applies both). The kohya input says sd1: the tied one is read as sd1 and the layers
-    concatenate; two tied inputs name no architecture and are refused, pointing to convert --arch."""
+    concatenate (--rank too); two tied inputs name no architecture and are refused, pointing to convert --arch."""
     kohya, tied = clip_l
     out = tmp_path / "out.safetensors"
     for inputs in ((tied, kohya), (kohya, tied)):
-        run(capsys, "merge", *inputs, "-o", out, "--overwrite")
+        run(capsys, "merge", *inputs, "-o", out, "--overwrite", "--verify")  # --verify reads them alike
         keys = read_header(out).tensors
         assert len([k for k in keys if k.endswith(".lora_down.weight")]) == 72 and all(k.startswith("lora_te_") for k in keys)
         merged, single = load_network(out), load_network(kohya)
@@ -115,6 +115,7 @@ def test_merge_names_tied_modules_as_the_other_inputs_say(clip_l, tmp_path, caps
             shape = module["lora_up.weight"].shape[:1] + module["lora_down.weight"].shape[1:]
             torch.testing.assert_close(delta(merged.modules[name], shape).float(), 2 * delta(module, shape).float(),
                                        rtol=1e-4, atol=1e-6)
+    run(capsys, "merge", tied, kohya, "-o", out, "--overwrite", "--verify", "--rank", "2")
     out.unlink()
     for extra in ((), ("--dry-run",), ("--rank", "2")):
         code, _, err = cli(capsys, "merge", tied, tied, "-o", out, *extra)

@@ -15,8 +15,8 @@ from lytools.device import resolve_device
 from lytools.errors import LytoolsError
 from lytools.io import open_file
 from lytools.merge.checkpoint import CheckpointResult, _Engine
-from lytools.merge.combine import NetworkMergeResult, _contributions, _delta_shape
-from lytools.merge.inputs import NetworkInputs, load_network_input
+from lytools.merge.combine import NetworkMergeResult, _contributions, _delta_shape, check_same_architecture
+from lytools.merge.inputs import NetworkInputs, load_network_input, named_for
 from lytools.merge.ratios import Ratios
 
 ROUNDING_SLACK = 2e-2  # relative error a fp16/bf16 cast of the factors may add to a module's change
@@ -94,6 +94,8 @@ def verify_network(
     where = resolve_device(device)
     load = loaded.load if loaded is not None else load_network_input
     inputs = [load(path, hash_file=False) for path in paths]
+    arch = check_same_architecture(inputs)
+    inputs = [named_for(network, arch) for network in inputs]  # as merge_networks read them
     by_name = _contributions(inputs, ratios)
     merged = load_network_input(result.output, hash_file=False)
     for item in result.modules:
