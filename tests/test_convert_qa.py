@@ -236,3 +236,18 @@ def test_unexpected_failure_fails_its_file_only(files, tmp_path, capsys, monkeyp
     code, stdout, err = run_lytools(capsys, "convert", files["mixed"], files["sdxl"], "--output-dir", out, "--to", "kohya")
     assert code == 1 and stdout.strip() == str(out / "sdxl.safetensors")
     assert f"lytools: error: {files['mixed']}: internal error ValueError: boom\n" in err and "second line" not in err
+
+
+def test_flatten_dora_metadata_states_the_ranks_written(tmp_path, capsys):
+    # the input says dim 96 / conv_dim 96 (LYCORIS_META); its modules are rank 8 and stay so when flattened
+    base = build_checkpoint(tmp_path / "sd1.safetensors", "sd1", factor=FACTOR, components=("unet", "clip_l"))
+    network = dora_network(tmp_path / "all.safetensors", rank=8)
+    out = tmp_path / "k.safetensors"
+    code, _, err = run_lytools(capsys, "convert", network, "-o", out, "--to", "kohya", "--flatten-dora", "--base", base)
+    assert code == 0, err
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as handle:
+        meta = handle.metadata()
+    assert meta["ss_network_dim"] == "8" and json.loads(meta["ss_network_args"])["conv_dim"] == "8"
+    assert meta["ss_network_module"] == "networks.lora"

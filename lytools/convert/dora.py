@@ -158,10 +158,18 @@ def flattened_metadata(metadata: Mapping[str, str], modules: Mapping[str, Networ
     conv = {_alpha(m) for m in loras if _is_kxk(m)}
     if "ss_network_alpha" in meta and linear:
         meta["ss_network_alpha"] = str(float(linear.pop())) if len(linear) == 1 else "Dynamic"
+    # the ranks written (a flattened LoHa is rank r², a LoKr the product of its halves')
+    linear_ranks = {int(m.tensors[DOWN].shape[0]) for m in loras if not _is_kxk(m)}
+    conv_ranks = {int(m.tensors[DOWN].shape[0]) for m in loras if _is_kxk(m)}
+    if "ss_network_dim" in meta and linear_ranks:
+        meta["ss_network_dim"] = str(linear_ranks.pop()) if len(linear_ranks) == 1 else "Dynamic"
     try:
         args = json.loads(meta.get("ss_network_args") or "null")
     except ValueError:
         args = None
+    if isinstance(args, dict) and "conv_dim" in args and conv_ranks:
+        args["conv_dim"] = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
+        meta["ss_network_args"] = json.dumps(args)
     if isinstance(args, dict) and "conv_alpha" in args and conv:
         if len(conv) == 1:
             args["conv_alpha"] = str(float(conv.pop()))
