@@ -206,3 +206,14 @@ def test_a1111_completion_does_not_need_metadata(tmp_path, capsys, command):
     names = {key.split(".")[0] for key in read_header(out).tensors}
     assert len(names) == 2 * len(modules)
     assert {name.rsplit("_", 2)[1] for name in names} == {"q", "k", "v", "out"}
+
+
+def test_merge_names_both_architectures_for_a_tied_network_that_fits_none(tmp_path, capsys):
+    """A stripped SDXL CLIP-L network (lora_te1_: sdxl, sd3 or flux) merged into an SD1 checkpoint was refused as
+    '72 module(s) match no tensor', without saying why; the architectures are named as for a detected one."""
+    from lytools.testing import build_checkpoint
+
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=16, components=("clip_l",))
+    net = build_network(tmp_path / "te1.safetensors", "sdxl", factor=8, components=["te1"])
+    code, _, err = cli(capsys, "merge", base, net, "-o", tmp_path / "out.safetensors")
+    assert code == 1 and "te1.safetensors is a sdxl or sd3 or flux network, base.safetensors a sd1 checkpoint" in err, err

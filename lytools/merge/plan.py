@@ -201,8 +201,9 @@ def _arch_hint(networks: list[NetworkInput], checkpoint_arch: str, base: Path) -
     if checkpoint_arch == "unknown":
         return ""
     for network in networks:
-        if network.arch != "unknown" and not same_family(network.arch, checkpoint_arch):
-            return f"{network.name} is a {network.arch} network, {base.name} a {checkpoint_arch} checkpoint: "
+        fits = [network.arch] if network.arch != "unknown" else list(network.tied)  # a tie: none of them the checkpoint's
+        if fits and not any(same_family(arch, checkpoint_arch) for arch in fits):
+            return f"{network.name} is a {' or '.join(fits)} network, {base.name} a {checkpoint_arch} checkpoint: "
     return ""
 
 
