@@ -337,7 +337,24 @@ def _bad_inputs(tmp):
     yield "broken_model_index", tmp / "pipe", lambda p: (p.mkdir(), (p / "model_index.json").write_text("{oops"))
     yield "variant_only", tmp / "pipe", _variant_only_folder
     yield "index_no_components", tmp / "pipe", lambda p: (p.mkdir(), (p / "model_index.json").write_text("{}"))
-    yield "peft_folder", tmp / "adapter", lambda p: (p.mkdir(), write_safetensors(p / "adapter_model.safetensors", {"w": torch.zeros(2)}))
+
+
+def test_peft_folder_is_read_as_its_adapter_file_and_is_no_checkpoint(models, tmp_path, capsys):
+    """A peft adapter folder is an input where a file is (its adapter_model.safetensors: info, convert),
+    and a one-line error where a checkpoint is needed (extract)."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    write_safetensors(folder / "adapter_model.safetensors", {"w": torch.zeros(2)})
+    code, out, err = cli(capsys, "info", folder)
+    assert code == 0 and out.splitlines()[0] == str(folder / "adapter_model.safetensors")
+    code, out, err = cli(capsys, "convert", folder, "-o", tmp_path / "cast.safetensors", "--save-dtype", "fp16")
+    assert code == 0, err
+    out = tmp_path / "out"
+    for args in (("extract", models["base"], folder, out), ("extract", folder, models["tuned"], out)):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, folder.name)
+        assert "peft adapter folder" in err
+        assert not out.exists()
 
 
 def _variant_only_folder(path):

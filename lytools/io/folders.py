@@ -101,7 +101,8 @@ def open_folder(path: Path):
             raise FileFormatError(f"{path}: a folder with {len(indexes)} safetensors indexes; name the one to read")
     if weights is None and (path / "adapter_model.safetensors").is_file():
         # the commands give the adapter file for such a folder (peft_adapter_file), so that its config is found
-        raise FileFormatError(f"{path}: a peft adapter folder; give its adapter_model.safetensors")
+        raise FileFormatError(f"{path}: a peft adapter folder (a network), not a model; commands that read "
+                              "networks take it, or its adapter_model.safetensors")
     if weights is None:
         raise FileFormatError(f"{path}: a directory that is neither a diffusers folder (no model_index.json) nor holds "
                               "a model (no diffusion_pytorch_model/model .safetensors or *.safetensors.index.json)")
