@@ -73,3 +73,13 @@ def test_a_folder_that_is_not_an_adapter_is_still_an_error(capsys, tmp_path):
     code, _, err = run_lytools(capsys, "convert", tmp_path / "empty", "-o", tmp_path / "x.safetensors", "--to", "kohya")
     assert code == 1
     assert err.count("\n") == 1 and "empty" in err
+
+
+def test_convert_never_replaces_a_peft_input_config(adapter, capsys, tmp_path):
+    _, _, style = adapter
+    config = style / "adapter_config.json"
+    before = config.read_bytes()
+    for args in (("--to", "kohya", "-o", config), ("--to", "peft", "-o", style), ("--save-dtype", "fp16", "-o", config)):
+        code, _, err = run_lytools(capsys, "convert", style, *args, "--overwrite")
+        assert code == 1 and "would replace its own input" in err, err
+    assert config.read_bytes() == before

@@ -31,6 +31,7 @@ from lytools.convert.fuse import (ALPHA, BIAS, DORA, DOWN, UP, alpha_tensor, fus
                                   swap_halves)
 from lytools.errors import FileFormatError, LytoolsError, NetworkError, UnsupportedError
 from lytools.io import open_file, read_header
+from lytools.io.folders import peft_config_path
 
 DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _PEFT_PREFIX = "base_model.model."
@@ -69,16 +70,6 @@ class Network:
 
 
 # -- peft / diffusers scale configuration ----------------------------------------------------------
-def peft_config_path(path: Path) -> Path | None:
-    """Return the adapter_config.json that belongs to a peft adapter file, if there is one."""
-    stem = path.name[: -len(".safetensors")] if path.name.lower().endswith(".safetensors") else path.stem
-    beside = path.with_name(stem + ".adapter_config.json")
-    for candidate in (beside, path.parent / "adapter_config.json"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())

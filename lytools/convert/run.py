@@ -27,7 +27,7 @@ from lytools.convert.layout import ALPHA, DORA, TARGETS
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.writer import output_file_path, spelled_as_folder
-from lytools.io.folders import DiffusersFolder, FolderWriter
+from lytools.io.folders import DiffusersFolder, FolderWriter, peft_config_path
 from lytools.io.dtypes import is_float, saturating_cast, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, source_entry, stripped
 
@@ -141,12 +141,14 @@ def plan_outputs(sources: Sequence[Path], output: str | os.PathLike | None, outp
         pairs = [(source, output_for(source, output_dir, target)) for source in sources]
     seen: dict[Path, Path] = {}
     inputs = {source.resolve() for source in sources}
+    configs = (peft_config_path(source) for source in sources)  # read for a peft input's scales: part of it
+    inputs |= {config.resolve() for config in configs if config is not None}
     for source, out in pairs:
         key = out.resolve()
         if key in seen:
             raise LytoolsError(f"{seen[key]} and {source} would both be written to {out}; rename one or use separate runs")
-        written = peft_paths(out)[0].resolve() if target == "peft" else key  # -o DIR holding the input adapter
-        if key in inputs or written in inputs:
+        written = {key, *(path.resolve() for path in peft_paths(out))} if target == "peft" else {key}  # -o DIR holding it
+        if written & inputs:
             raise LytoolsError(f"{out}: the output would replace its own input; choose another folder")
         seen[key] = source
     return pairs

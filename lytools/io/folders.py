@@ -75,6 +75,16 @@ def variant_weights(folder: Path) -> Path | None:
     return next(iter(found.values()), None)
 
 
+def peft_config_path(path: Path) -> Path | None:
+    """Return the adapter_config.json that belongs to a peft adapter file, if there is one."""
+    stem = path.name[: -len(".safetensors")] if path.name.lower().endswith(".safetensors") else path.stem
+    beside = path.with_name(stem + ".adapter_config.json")
+    for candidate in (beside, path.parent / "adapter_config.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def peft_adapter_file(path: str | os.PathLike) -> Path | None:
     """Return `path`/adapter_model.safetensors when `path` is a peft adapter folder (what
     `save_pretrained` and `convert --to peft` write): no diffusers pipeline, no model weights or index,
