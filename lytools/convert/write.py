@@ -232,37 +232,41 @@ def _piece_factors(name: str, tensors: Mapping[str, torch.Tensor], fold: bool, d
     return factors, alpha
 
 
+def _components_holding(pieces: list[_Piece], suffix: str) -> tuple[str, set[str]]:
+    """Return (the components where only some modules hold `suffix`, listed as 'unet: 3 of 7 modules', or
+    '' when none; the components where every module holds it): per-adapter flags of peft (lora_bias,
+    use_dora) cannot describe the first kind."""
+    by_component: dict[str, list[bool]] = collections.defaultdict(list)
+    for piece in pieces:
+        by_component[piece.component].append(suffix in piece.tensors)
+    partial = {component: flags for component, flags in by_component.items() if any(flags) and not all(flags)}
+    listed = ", ".join(f"{component}: {sum(flags)} of {len(flags)} modules" for component, flags in sorted(partial.items()))
+    return listed, {component for component, flags in by_component.items() if all(flags)}
+
+
 def _check_bias(net: Network, pieces: list[_Piece]) -> set[str]:
     """Return the components whose modules all carry a bias difference (peft's lora_bias, which
     gives every lora_B of a model a bias); raise when only some of a component's modules do: peft
     cannot merge a lora_B bias into a layer that has no bias of its own, so diffusers' fuse_lora
     and peft's merge would fail on the others."""
-    by_component: dict[str, list[bool]] = collections.defaultdict(list)
-    for piece in pieces:
-        by_component[piece.component].append(BIAS in piece.tensors)
-    partial = {component: flags for component, flags in by_component.items() if any(flags) and not all(flags)}
+    partial, complete = _components_holding(pieces, BIAS)
     if partial:
-        listed = ", ".join(f"{component}: {sum(flags)} of {len(flags)} modules" for component, flags in sorted(partial.items()))
         raise UnsupportedError(
-            f"{net.path}: bias differences (diff_b) on only some modules ({listed}); peft's lora_bias gives "
+            f"{net.path}: bias differences (diff_b) on only some modules ({partial}); peft's lora_bias gives "
             f"every module of a model a bias, which cannot be merged into layers that have none; "
             f"convert --to kohya keeps them"
         )
-    return {component for component, flags in by_component.items() if all(flags)}
+    return complete
 
 
 def _check_dora(net: Network, pieces: list[_Piece]) -> None:
     """Raise when only some of a model's modules carry DoRA: peft's use_dora is one flag per adapter, so
     peft and diffusers would give the others a magnitude of their own (the base weight's norm) and apply
     them as DoRA, not as the plain LoRA they are."""
-    by_component: dict[str, list[bool]] = collections.defaultdict(list)
-    for piece in pieces:
-        by_component[piece.component].append(DORA in piece.tensors)
-    partial = {component: flags for component, flags in by_component.items() if any(flags) and not all(flags)}
+    partial, _ = _components_holding(pieces, DORA)
     if partial:
-        listed = ", ".join(f"{component}: {sum(flags)} of {len(flags)} modules" for component, flags in sorted(partial.items()))
         raise UnsupportedError(
-            f"{net.path}: DoRA on only some modules ({listed}); peft's use_dora applies to every module of a "
+            f"{net.path}: DoRA on only some modules ({partial}); peft's use_dora applies to every module of a "
             f"model, so the others would load as DoRA; convert --flatten-dora --base CHECKPOINT, or convert --to kohya"
         )
 
