@@ -87,16 +87,11 @@ def expand_inputs(paths: tuple[str, ...]) -> list[Path]:
 
 
 def input_file(path: Path) -> Path:
-    """Return the file to read for an input path: a peft adapter folder's adapter_model.safetensors
-    (its adapter_config.json beside it gives the scale), or the adapter_model.bin of one that older peft
-    saved as a pickle (with its adapter_config.json), else the path itself."""
+    """Return the file to read for an input path: a peft adapter folder's adapter file
+    (lytools.io.folders.peft_adapter_file; its adapter_config.json beside it gives the scale), else the path itself."""
     from lytools.io.folders import peft_adapter_file
 
-    found = peft_adapter_file(path)
-    pickled = path / "adapter_model.bin"
-    if found is None and pickled.is_file() and (path / "adapter_config.json").is_file() and not (path / "model_index.json").exists():
-        return pickled
-    return found or path
+    return peft_adapter_file(path) or path
 
 
 # -- the group --------------------------------------------------------------------------------
@@ -384,6 +379,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, f
     import json
 
     from lytools.convert import ConvertOptions, make_output_dir, plan_outputs, remove_empty_dirs, run_batch
+    from lytools.io.folders import PEFT_ADAPTER_FILES
     from lytools.io import parse_save_dtype
 
     reporter = make_reporter(quiet, verbose)
@@ -421,7 +417,7 @@ def convert_command(inputs, output, output_dir, target, fold, component, arch, f
             click.echo(f"lytools: error: {result.error}", err=True)
             return
         name = result.source.name  # a peft adapter folder's file is named with its folder: every one has this name
-        if name in ("adapter_model.safetensors", "adapter_model.bin") and result.source.parent.name:
+        if name in PEFT_ADAPTER_FILES and result.source.parent.name:
             name = f"{result.source.parent.name}/{name}"
         for note in result.notes:
             reporter.log(f"{name}: {note}")

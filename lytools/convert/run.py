@@ -27,7 +27,7 @@ from lytools.convert.layout import ALPHA, DORA, TARGETS
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.writer import output_file_path, spelled_as_folder
-from lytools.io.folders import DiffusersFolder, FolderWriter, peft_config_path
+from lytools.io.folders import PEFT_ADAPTER_FILES, DiffusersFolder, FolderWriter, peft_config_path
 from lytools.io.dtypes import is_float, saturating_cast, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, source_entry, stripped
 
@@ -80,7 +80,7 @@ def input_stem(path: Path) -> str:
     (`x/adapter_model.safetensors`, older peft's `x/adapter_model.bin`) is named by its folder (`x`), as peft names
     adapters."""
     name = path.name
-    if name in ("adapter_model.safetensors", "adapter_model.bin") and path.parent.name not in ("", ".", ".."):
+    if name in PEFT_ADAPTER_FILES and path.parent.name not in ("", ".", ".."):
         return path.parent.name
     for suffix in INPUT_SUFFIXES:
         if name.lower().endswith(suffix):

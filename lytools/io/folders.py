@@ -85,17 +85,23 @@ def peft_config_path(path: Path) -> Path | None:
     return None
 
 
+PEFT_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's save_pretrained writes (.bin: older peft)
+
+
 def peft_adapter_file(path: str | os.PathLike) -> Path | None:
-    """Return `path`/adapter_model.safetensors when `path` is a peft adapter folder (what
-    `save_pretrained` and `convert --to peft` write): no diffusers pipeline, no model weights or index,
-    an adapter file. Commands read that file, and its adapter_config.json beside it gives the scale."""
+    """Return the adapter file of `path` when it is a peft adapter folder (what `save_pretrained` and
+    `convert --to peft` write), else None: its adapter_model.safetensors when the folder holds no diffusers
+    pipeline and no model weights or index, or the adapter_model.bin older peft saved, beside an
+    adapter_config.json. Commands read that file, and its adapter_config.json beside it gives the scale."""
     path = Path(path)
-    adapter = path / "adapter_model.safetensors"
-    if not path.is_dir() or not adapter.is_file() or (path / "model_index.json").is_file():
+    if not path.is_dir() or (path / "model_index.json").exists():
         return None
-    if weights_file(path) is not None or any(path.glob("*.safetensors.index.json")):
-        return None
-    return adapter
+    adapter, pickled = (path / name for name in PEFT_ADAPTER_FILES)
+    if adapter.is_file() and weights_file(path) is None and not any(path.glob("*.safetensors.index.json")):
+        return adapter
+    if pickled.is_file() and (path / "adapter_config.json").is_file():
+        return pickled
+    return None
 
 
 def open_folder(path: Path):
@@ -109,7 +115,7 @@ def open_folder(path: Path):
             weights = indexes[0]
         elif len(indexes) > 1:
             raise FileFormatError(f"{path}: a folder with {len(indexes)} safetensors indexes; name the one to read")
-    if weights is None and (path / "adapter_model.safetensors").is_file():
+    if weights is None and (path / PEFT_ADAPTER_FILES[0]).is_file():
         # the commands give the adapter file for such a folder (peft_adapter_file), so that its config is found
         raise FileFormatError(f"{path}: a peft adapter folder (a network), not a model; commands that read "
                               "networks take it, or its adapter_model.safetensors")
