@@ -416,7 +416,7 @@ def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
         try:
             precheck_cast(source)
         except LytoolsError as exc:
-            return FileResult(source, error=str(exc) if str(source) in str(exc) else f"{source}: {exc}")
+            return _failed(source, exc)
     existed = output.exists()
     result = _process(source, output, options)
     if result.error is None:
@@ -425,11 +425,8 @@ def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
             from lytools.convert.check import examine
 
             examine(source, output, result, options, folder_existed=existed)
-        except LytoolsError as exc:
-            message = str(exc)
-            return FileResult(source, error=message if str(source) in message else f"{source}: {message}")
-        except (MemoryError, OSError) as exc:
-            return FileResult(source, error=f"{source}: {type(exc).__name__}: {exc}")
+        except (LytoolsError, MemoryError, OSError) as exc:
+            return _failed(source, exc)
         result.seconds += time.perf_counter() - started
     return result
 
@@ -453,13 +450,17 @@ def _process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
             return fast
         with one_torch_thread():
             return convert_file(source, output, options)
-    except LytoolsError as exc:
+    except (LytoolsError, MemoryError, OSError) as exc:
+        return _failed(source, exc)
+
+
+def _failed(source: Path, exc: Exception) -> FileResult:
+    """Return the result of a file that failed: a lytools error's one line, naming the file when it does
+    not already; a memory or I/O error with its kind."""
+    if isinstance(exc, LytoolsError):
         message = str(exc)
-        if str(source) not in message:
-            message = f"{source}: {message}"
-        return FileResult(source, error=message)
-    except (MemoryError, OSError) as exc:
-        return FileResult(source, error=f"{source}: {type(exc).__name__}: {exc}")
+        return FileResult(source, error=message if str(source) in message else f"{source}: {message}")
+    return FileResult(source, error=f"{source}: {type(exc).__name__}: {exc}")
 
 
 @contextlib.contextmanager
