@@ -202,7 +202,7 @@ def family(arch: str | None) -> str | None:
 
 def same_family(first: str, second: str) -> bool:
     """True when modules made for architecture `first` fit `second` (equal, or Chroma and Flux)."""
-    return _ARCH_FAMILY.get(first, first) == _ARCH_FAMILY.get(second, second)
+    return family(first) == family(second)
 
 
 def candidates(network: NetworkInput) -> set[str] | None:
@@ -211,9 +211,9 @@ def candidates(network: NetworkInput) -> set[str] | None:
     A detected architecture is one candidate; a tie (e.g. a CLIP-L+CLIP-G text-encoder-only network: sdxl or
     sd3) gives the tied ones; a network that fits no architecture gives None (not judged)."""
     if network.arch != "unknown":
-        return {_ARCH_FAMILY.get(network.arch, network.arch)}
+        return {family(network.arch)}
     if network.tied:
-        return {_ARCH_FAMILY.get(arch, arch) for arch in network.tied}
+        return {family(arch) for arch in network.tied}
     return None
 
 
