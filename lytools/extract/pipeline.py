@@ -37,7 +37,7 @@ from lytools.io import SafetensorsFile, open_file, removed_on_failure, same_file
 from lytools.io.folders import lone_shard
 from lytools.io.dtypes import st_name
 from lytools.io.hashes import DataHashThread
-from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry, stripped
+from lytools.io.metadata import add_provenance, kohya_network_metadata, network_modelspec, source_entry
 from lytools.io.writer import check_output_path, check_report_path
 from lytools.info import detection_metadata
 from lytools.ui import QUIET, Reporter
@@ -473,12 +473,11 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
                 thread.join()
             sources = [source_entry(path, hashers[path].digest if path in hashers else None) for path in (base, tuned)]
             metadata = build_metadata(out, plan, records, options, sources)
-            if options.strip_metadata:
-                metadata = stripped(metadata)
             completed, note = complete_for_a1111(tensors, plan.arch)
             if note:
                 reporter.log(note)
-            write_safetensors(out, tensors, metadata, overwrite=options.overwrite, sshs=not options.strip_metadata)
+            write_safetensors(out, tensors, metadata, overwrite=options.overwrite, sshs=True,
+                              strip_metadata=options.strip_metadata)
             del tensors
         records.sort(key=lambda r: r.name)
         verified = None

@@ -668,12 +668,19 @@ def write_safetensors(
     *,
     overwrite: bool = False,
     sshs: bool = False,
+    strip_metadata: bool = False,
 ) -> SafetensorsWriter:
     """Write a dict of tensors atomically (for outputs that fit in memory, such as networks).
 
     The returned writer's `data_sha256` is the written file's AutoV3 / sshs_model_hash.
     sshs=True: embed fresh sshs_model_hash / sshs_legacy_hash (see SafetensorsWriter).
+    strip_metadata (--strip-metadata, a network): only what lytools.io.metadata.stripped keeps of `metadata`,
+    and no sshs hashes.
     """
+    if strip_metadata:
+        from lytools.io.metadata import stripped
+
+        metadata, sshs = stripped(metadata), False
     entries = [plan_entry(name, tensor.dtype, _stored_shape(tensor)) for name, tensor in tensors.items()]
     writer = SafetensorsWriter(path, entries, metadata, overwrite=overwrite, hash_data=True, sshs=sshs)
     with writer:

@@ -32,7 +32,7 @@ from lytools.errors import NetworkError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.dtypes import FP8_NAMES, saturating_cast, st_name
-from lytools.io.metadata import add_provenance, carried, is_adapter_metadata, network_modelspec, source_entry, stripped
+from lytools.io.metadata import add_provenance, carried, is_adapter_metadata, network_modelspec, source_entry
 from lytools.merge.inputs import (NetworkInput, NetworkInputs, candidates, check_kohya_names, family, load_network_input,
                                   named_for, same_family)
 from lytools.merge.plan import STRIPPED_LINE, stripped_entry
@@ -631,12 +631,10 @@ def merge_networks(
         reporter.warn(f"{len(saturated)} tensor(s) had values beyond the range of the output dtype and were saturated "
                       f"to its largest value, not written as inf (e.g. {saturated[0]})")
     metadata = merged_network_metadata(networks, rule_set, result.modules, rank, Path(output).stem, arch=arch)
-    if strip_metadata:
-        metadata = stripped(metadata)
     _, completed = complete_for_a1111(tensors, metadata=networks[0].metadata)
     if completed:
         reporter.log(completed)
-    writer = write_safetensors(output, tensors, metadata, overwrite=overwrite, sshs=not strip_metadata)
+    writer = write_safetensors(output, tensors, metadata, overwrite=overwrite, sshs=True, strip_metadata=strip_metadata)
     result.output = writer.path
     result.output_bytes = writer.total_size
     result.seconds = time.perf_counter() - started

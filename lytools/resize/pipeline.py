@@ -23,7 +23,7 @@ from lytools.convert.load import check_spelled_once
 from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, same_file, write_safetensors
 from lytools.io.writer import check_report_path
 from lytools.io.dtypes import saturating_cast
-from lytools.io.metadata import add_provenance, carried, is_adapter_metadata, modelspec_date, source_entry, stripped
+from lytools.io.metadata import add_provenance, carried, is_adapter_metadata, modelspec_date, source_entry
 from lytools.merge.combine import conv_network_args
 from lytools.resize.flatten import BaseWeights, as_plain_lora
 from lytools.resize.modules import (
@@ -484,12 +484,11 @@ def resize_file(
             hashed = source.suffix.lower() == ".safetensors" and not options.strip_metadata
             autov3 = file_hashes(source).autov3 if hashed else None
             metadata = resized_metadata(network.metadata, options, rule, summary.modules, source, autov3)
-            if options.strip_metadata:
-                metadata = stripped(metadata)
             _, completed = complete_for_a1111(tensors, metadata=network.metadata)
             if completed:
                 reporter.log(completed)
-            write_safetensors(output, tensors, metadata, overwrite=options.overwrite, sshs=not options.strip_metadata)
+            write_safetensors(output, tensors, metadata, overwrite=options.overwrite, sshs=True,
+                              strip_metadata=options.strip_metadata)
             if options.verify:
                 with removed_on_failure(output):
                     summary.verify = verify_output(output, network.modules, infos, summary.modules, ctx)
