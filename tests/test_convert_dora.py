@@ -263,6 +263,30 @@ def test_metadata_describes_the_flattened_network(tmp_path, base):
     assert not any(k.endswith("lora_magnitude_vector") for k in read_tensors(tmp_path / "p" / "adapter_model.safetensors"))
 
 
+def test_flattened_metadata_follows_merge_rule(tmp_path, base):
+    """One rule with merge (rank_metadata): conv_dim/conv_alpha said whenever kxk convs are written (added to
+    arguments that lacked them), "Dynamic" where the convs differ, never silently dropped."""
+    source = dora_network(tmp_path / "n.safetensors", rank=4, alpha=2.0, modules=[LINEAR, CONV])
+    tensors = load_file(source)
+    tensors[f"{CONV}.alpha"] = torch.tensor(1.0)  # the DoRA conv keeps its own alpha: flattened at scale 1
+    extra = load_file(build_network(tmp_path / "c.safetensors", "sd1", factor=FACTOR, rank=4, alpha=1.0, seed=5,
+                                    modules=["lora_unet_down_blocks_1_resnets_0_conv2"]))
+    tensors.update(extra)  # a plain 3x3 conv at rank 4, alpha 1: unchanged by flattening
+    metadata = dict(LYCORIS_META, ss_network_args=json.dumps({"algo": "locon", "dora_wd": "True"}))
+    save_file(tensors, source, metadata=metadata)
+    convert_file(source, tmp_path / "k.safetensors", ConvertOptions(target="kohya", flatten_dora=True, base=base))
+    from lytools.io import read_header
+
+    meta = read_header(tmp_path / "k.safetensors").metadata
+    args = json.loads(meta["ss_network_args"])
+    written = read_tensors(tmp_path / "k.safetensors")
+    conv_rank = written[f"{CONV}.lora_down.weight"].shape[0]
+    assert args["conv_dim"] == ("4" if conv_rank == 4 else "Dynamic")
+    assert args["conv_alpha"] == "Dynamic"  # the flattened conv carries alpha = its rank, the plain one 1
+    assert meta["ss_network_dim"] == str(written[f"{LINEAR}.lora_down.weight"].shape[0])
+    assert meta["ss_network_alpha"] == meta["ss_network_dim"] + ".0"  # alpha = rank: scale 1
+
+
 def test_file_without_dora_is_written_as_plain_convert_writes_it(tmp_path, base, capsys):
     source = build_network(tmp_path / "n.safetensors", "sd1", factor=FACTOR, rank=4, modules=[PLAIN, CONV], metadata=SD1)
     code, _, err = run_lytools(capsys, "convert", source, "-o", tmp_path / "f.safetensors", "--to", "diffusers",

@@ -18,7 +18,6 @@ batch, and read one module's weight at a time.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -142,8 +141,11 @@ def _is_kxk(module: NetworkModule) -> bool:
 
 def flattened_metadata(metadata: Mapping[str, str], modules: Mapping[str, NetworkModule]) -> dict[str, str]:
     """Return the input metadata describing the network after flattening: no DoRA switches in
-    ss_network_args (no LyCORIS algorithm either once every module is a LoRA/LoCon), and the alphas
-    the LoRA modules now carry (ss_network_alpha, conv_alpha; "Dynamic" / dropped when they differ)."""
+    ss_network_args (no LyCORIS algorithm either once every module is a LoRA/LoCon), and the ranks
+    and alphas of the LoRA/LoCon modules written, by merge's rule (`rank_metadata`: network_dim /
+    network_alpha of the linear modules, conv_dim / conv_alpha of the kxk convs, "Dynamic" where
+    they differ; a flattened LoHa is rank r², a LoKr the product of its halves')."""
+    from lytools.merge.combine import ModuleResult, rank_metadata
     from lytools.resize.flatten import DORA_ARGS, as_plain_lora, without_args
 
     meta = dict(metadata)
@@ -153,29 +155,9 @@ def flattened_metadata(metadata: Mapping[str, str], modules: Mapping[str, Networ
         as_plain_lora(meta, DORA_ARGS)
     else:
         without_args(meta, DORA_ARGS)
-    loras = [m for m in modules.values() if DOWN in m.tensors and UP in m.tensors]
-    linear = {_alpha(m) for m in loras if not _is_kxk(m)}
-    conv = {_alpha(m) for m in loras if _is_kxk(m)}
-    if "ss_network_alpha" in meta and linear:
-        meta["ss_network_alpha"] = str(float(linear.pop())) if len(linear) == 1 else "Dynamic"
-    # the ranks written (a flattened LoHa is rank r², a LoKr the product of its halves')
-    linear_ranks = {int(m.tensors[DOWN].shape[0]) for m in loras if not _is_kxk(m)}
-    conv_ranks = {int(m.tensors[DOWN].shape[0]) for m in loras if _is_kxk(m)}
-    if "ss_network_dim" in meta and linear_ranks:
-        meta["ss_network_dim"] = str(linear_ranks.pop()) if len(linear_ranks) == 1 else "Dynamic"
-    try:
-        args = json.loads(meta.get("ss_network_args") or "null")
-    except ValueError:
-        args = None
-    if isinstance(args, dict) and "conv_dim" in args and conv_ranks:
-        args["conv_dim"] = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
-        meta["ss_network_args"] = json.dumps(args)
-    if isinstance(args, dict) and "conv_alpha" in args and conv:
-        if len(conv) == 1:
-            args["conv_alpha"] = str(float(conv.pop()))
-        else:
-            del args["conv_alpha"]  # the convs carry different alphas: no one value is true
-        meta["ss_network_args"] = json.dumps(args)
+    loras = [ModuleResult(name, [0], "copy", int(module[DOWN].shape[0]), conv=_is_kxk(module), alpha=_alpha(module))
+             for name, module in modules.items() if DOWN in module.tensors and UP in module.tensors]
+    meta.update(rank_metadata(loras, meta.get("ss_network_args")))
     return meta
 
 
