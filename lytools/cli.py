@@ -43,8 +43,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 strip_metadata_option = click.option(
     "--strip-metadata", is_flag=True,
     help="Write no training record (ss_*), modelspec, provenance (lytools.*), hashes or file names: only what "
-         "loaders read to apply the weights (diffusers' lora_adapter_metadata; a checkpoint's format). Inputs are not "
-         "hashed.",
+         "loaders read to apply the weights (diffusers' lora_adapter_metadata; a checkpoint's format; a diffusers "
+         "folder's configs less _name_or_path). Inputs are not hashed.",
 )
 
 

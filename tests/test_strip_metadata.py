@@ -155,6 +155,9 @@ def test_merge_into_diffusers_folder(models, tmp_path, capsys):
     encoder = folder / "text_encoder" / "model.safetensors"
     tensors = read_tensors(encoder)
     write_safetensors(encoder, tensors, {"format": "pt", "ss_sd_model_name": SECRET}, overwrite=True)
+    config = {"_name_or_path": f"/home/someone/{SECRET}/text_encoder", "architectures": ["CLIPTextModel"],
+              "hidden_size": 768, "nested": {"_name_or_path": "kept: only the top level says where it came from"}}
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(config))
     plain, bare = tmp_path / "plain", tmp_path / "bare"
     run(capsys, "merge", folder, models["net"], "-o", plain)
     run(capsys, "merge", folder, models["net"], "-o", bare, "--strip-metadata")
@@ -166,6 +169,14 @@ def test_merge_into_diffusers_folder(models, tmp_path, capsys):
         assert all(torch.equal(tensor, theirs[key]) for key, tensor in ours.items()), name
     assert "lytools.sources" in metadata_of(plain / "unet" / "diffusion_pytorch_model.safetensors")
     assert metadata_of(plain / "text_encoder" / "model.safetensors")["ss_sd_model_name"] == SECRET  # kept without it
+    # configs: `_name_or_path` (often a local path) dropped under --strip-metadata, every other file byte for byte
+    stripped_config = json.loads((bare / "text_encoder" / "config.json").read_text())
+    assert stripped_config == {key: value for key, value in config.items() if key != "_name_or_path"}
+    assert json.loads((plain / "text_encoder" / "config.json").read_text()) == config  # kept without it
+    others = sorted(p.relative_to(folder) for p in folder.rglob("*.json") if p.name != "config.json" or "text_encoder" not in p.parts)
+    copied = [name for name in others if (bare / name).exists()]  # shard indexes are written anew
+    assert Path("model_index.json") in copied
+    assert all((bare / name).read_bytes() == (folder / name).read_bytes() for name in copied)
 
 
 # -- convert ------------------------------------------------------------------------------------------------

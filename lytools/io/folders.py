@@ -263,7 +263,7 @@ class FolderWriter:
         if self._temp.exists():
             shutil.rmtree(self._temp)
         try:
-            _copy_tree_without_weights(source, self._temp)
+            _copy_tree_without_weights(source, self._temp, strip_metadata)
             self._writers: dict[str, SafetensorsWriter] = {}
             for component, planned in grouped.items():
                 meta = metadata if component == self._main else dict(source.components[component].metadata or {})
@@ -328,8 +328,11 @@ def check_folder_output(path: Path, overwrite: bool) -> None:
         raise LytoolsError(f"{path}: folder {parent} does not exist")
 
 
-def _copy_tree_without_weights(source: DiffusersFolder, temp: Path) -> None:
-    """Copy the pipeline folder except the weights of its components (and hidden files)."""
+def _copy_tree_without_weights(source: DiffusersFolder, temp: Path, strip_metadata: bool = False) -> None:
+    """Copy the pipeline folder except the weights of its components (and hidden files); with
+    `strip_metadata`, JSON configs lose `_name_or_path` (where the files were loaded from, often a
+    local path: transformers writes it into config.json; diffusers and transformers fill it in
+    again on loading)."""
     skip: set[Path] = set()
     for component, weights in source.weights.items():
         skip.add(weights.resolve())
@@ -348,7 +351,29 @@ def _copy_tree_without_weights(source: DiffusersFolder, temp: Path) -> None:
             if (name.startswith(".") or file.resolve() in skip or name.lower().endswith(WEIGHT_SUFFIXES)
                     or _VARIANT_INDEX.match(name)):
                 continue
+            if strip_metadata and name.lower().endswith(".json") and _write_without_origin(file, temp / rel / name):
+                continue
             shutil.copy2(file, temp / rel / name)
+
+
+ORIGIN_KEY = "_name_or_path"
+
+
+def _write_without_origin(source: Path, target: Path) -> bool:
+    """Write the JSON object in `source` to `target` without its top-level `_name_or_path`; False
+    (nothing written) when the file is not such an object or has no such key."""
+    try:
+        text = source.read_text(encoding="utf-8")
+        if ORIGIN_KEY not in text:
+            return False
+        config = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    if not isinstance(config, dict) or ORIGIN_KEY not in config:
+        return False
+    del config[ORIGIN_KEY]
+    target.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
 
 
 def _replace_folder(temp: Path, target: Path, overwrite: bool) -> None:
