@@ -345,7 +345,8 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
                    "module's weight change with the input's, row for row of the layer's weight (fused and split q/k/v "
                    "alike; no checkpoint needed): exact where nothing should round (same dtype, no fold or a power-of-two one), else "
                    "within the output dtype's rounding. Without --to: every tensor must be the input's cast to the "
-                   "written dtype. A failing output is removed and named with its worst module (exit 1).")
+                   "written dtype. With --flatten-dora the flattened modules are compared with the flattening done again on "
+                   "--base. A failing output is removed and named with its worst module (exit 1).")
 @click.option("--check", is_flag=True,
               help="Fail (exit 1, output removed, the first unresolved modules named) when a module of an output "
                    "would not be applied by the loader of its layout, since ComfyUI and A1111 skip unknown keys silently: "

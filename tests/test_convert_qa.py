@@ -140,7 +140,7 @@ def test_json_carries_check_verify_and_flatten_figures(files, tmp_path, capsys):
     assert code == 0, err
     entry, = json.loads(stdout)
     assert entry["check"] == {"loader": "ComfyUI/A1111/Forge", "layout": "kohya", "arch": "sd1", "modules": 5}
-    assert entry["verify"]["compared"] == 1 and entry["verify"]["flattened_not_compared"] == 4
+    assert entry["verify"]["compared"] == 5 and entry["verify"]["flattened"] == 4
     assert entry["verify"]["unit"] == "modules" and entry["verify"]["largest_relative_error"] < 1e-6
     flat = entry["flatten_dora"]
     assert flat["modules"] == 4 and flat["ranks"] == [8] and flat["worst_module"] in entry["notes"][0]
@@ -196,8 +196,30 @@ def test_verify_summary_when_every_module_was_flattened(tmp_path, capsys):
     code, _, err = run_lytools(capsys, "convert", network, "-o", tmp_path / "k.safetensors", "--to", "kohya",
                                "--flatten-dora", "--base", base, "--verify")
     assert code == 0, err
-    assert "verified: 4 DoRA modules flattened on --base not compared (their error is --flatten-dora's report), each " \
-           "written as a plain LoRA" in err and "largest relative error" not in err
+    assert "verified: 4 modules as the target loader reads them, largest relative error " in err
+    assert "; 4 of them flattened DoRA, compared with the flattening done again on --base" in err
+
+
+def test_verify_catches_a_flattened_module_written_wrong(tmp_path, capsys, monkeypatch):
+    # the flattened modules are compared with the flattening done again: a writer that spoiled one is caught
+    import lytools.convert.run as run
+
+    base = build_checkpoint(tmp_path / "sd1.safetensors", "sd1", factor=FACTOR, components=("unet", "clip_l"))
+    network = dora_network(tmp_path / "all.safetensors", rank=8)
+    real = run.write_network
+
+    def spoiled(path, tensors, metadata, **kwargs):
+        tensors = dict(tensors)
+        key = sorted(k for k in tensors if k.endswith("lora_up.weight"))[0]
+        tensors[key] = tensors[key] * 1.01
+        return real(path, tensors, metadata, **kwargs)
+
+    monkeypatch.setattr(run, "write_network", spoiled)
+    out = tmp_path / "k.safetensors"
+    code, _, err = run_lytools(capsys, "convert", network, "-o", out, "--to", "kohya", "--flatten-dora", "--base", base,
+                               "--verify")
+    assert code == 1 and not out.exists()
+    assert "--verify failed: 1 of 4 modules off" in err and "output removed" in err
 
 
 def test_interrupted_run_leaves_no_output_dir(files, tmp_path, capsys, monkeypatch):

@@ -226,7 +226,8 @@ def examine(source: Path, output: Path, result, options, folder_existed: bool = 
                     config = written[1] if options.target == "peft" and len(written) > 1 else None
                     verified = verify_network(source, network, options.target, arch=options.arch, fold=options.fold,
                                               component=options.component, config_file=config,
-                                              flattened=options.flatten_dora)
+                                              base=options.base if options.flatten_dora else None,
+                                              save_dtype=options.save_dtype)
             if not verified.ok:
                 raise LytoolsError(verified.message(network))
             result.notes.append(verified.summary())
