@@ -34,6 +34,18 @@ def run_extract_command(values: Mapping[str, Any], reporter: Reporter) -> None:
     if values["sparse_bias"]:
         reporter.log("extract: the sparse corrections (bias_indices/bias_values/bias_size) are applied by lytools merge "
                      "only; ComfyUI, A1111/Forge and LyCORIS load the low-rank part without them")
+    if summary.full:
+        # LyCORIS `diff` modules: diffusers' kohya converter raises on them and kohya's scripts skip them
+        # (FORMATS.md 7), so the network is no longer one every loader the help names can read
+        fallback = values["mode"] != "full"
+        message = (f"{summary.full} module(s) are stored whole (LyCORIS `diff`"
+                   + (", their rank reached half their outputs" if fallback else "") + "): ComfyUI, A1111/Forge and "
+                   "LyCORIS load them, diffusers' load_lora_weights and kohya's scripts do not"
+                   + ("; --no-full-fallback keeps every module low-rank" if fallback else ""))
+        if fallback:
+            reporter.warn(message)
+        else:
+            reporter.log(f"extract: {message}")
     failed = summary.skip_reasons.get("failed", 0)
     if failed:
         reporter.warn(f"{failed} module(s) could not be decomposed and were left out (see --report)")
