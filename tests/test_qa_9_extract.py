@@ -1,9 +1,14 @@
-"""`lytools extract` as a user runs it: what the output can be loaded by."""
+"""`lytools extract` as a user runs it: what the output can be loaded by, changes it cannot hold in an
+unknown architecture."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import torch
+
+from lytools.io import write_safetensors
 from lytools.testing import build_checkpoint, build_network, build_tuned, select_modules
 from tests.shared import read_tensors, run_lytools
 
@@ -48,3 +53,28 @@ def test_mode_full_says_which_loaders_read_it_without_a_warning(sd1_pair, tmp_pa
     code, _, err = run_lytools(capsys, "extract", base, tuned, tmp_path / "full.safetensors", "--mode", "full")
     assert code == 0, err
     assert "warning:" not in err and "stored whole (LyCORIS `diff`)" in err and "diffusers" in err, err
+
+
+# -- an unknown architecture: changed tensors a LoRA cannot hold are counted as for known ones ---------------
+def test_generic_pair_counts_changed_biases_norms_and_other_tensors(tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    base = {
+        "encoder.fc.weight": torch.randn(64, 32, generator=generator), "encoder.fc.bias": torch.randn(64, generator=generator),
+        "head.conv.weight": torch.randn(32, 16, 3, 3, generator=generator), "norm.weight": torch.ones(64),
+        "seq.conv1d.weight": torch.randn(16, 8, 3, generator=generator), "untouched.weight": torch.randn(8, 8, generator=generator),
+    }
+    tuned = {key: value.clone() for key, value in base.items()}
+    tuned["encoder.fc.weight"] += 0.1 * torch.randn(64, 2, generator=generator) @ torch.randn(2, 32, generator=generator)
+    tuned["head.conv.weight"] += 0.1 * torch.randn(32, 16, 3, 3, generator=generator)
+    for key in ("encoder.fc.bias", "norm.weight", "seq.conv1d.weight"):
+        tuned[key] += 0.05
+    write_safetensors(tmp_path / "a.safetensors", base)
+    write_safetensors(tmp_path / "b.safetensors", tuned)
+    code, out, err = run_lytools(capsys, "extract", tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                                 tmp_path / "o.safetensors", "--linear-dim", "2", "--conv-dim", "2", "--json")
+    assert code == 0, err
+    summary = json.loads(out)["summary"]
+    assert summary["extracted"] == 2
+    assert summary["uncovered_changes"] == 3
+    assert sorted(summary["uncovered_examples"]) == ["encoder.fc.bias", "norm.weight", "seq.conv1d.weight"]
+    assert "3 other tensors differ that a LoRA does not hold" in err

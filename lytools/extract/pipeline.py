@@ -375,7 +375,9 @@ def uncovered_changes(plan: ExtractPlan, records: list[ModuleRecord], base: _Sou
               for key in source.keys_set if source.fp8.is_scale_or_marker(key)}
     found = []
     for key in sorted(base.keys_set & tuned.keys_set - carried):
-        if key in scales or _component_of_key(key, plan.base_arch.components) not in wanted:
+        # generic naming (an unknown architecture) puts every module under lora_unet_: so is every key
+        component = "unet" if plan.generic else _component_of_key(key, plan.base_arch.components)
+        if key in scales or component not in wanted:
             continue
         base_info, tuned_info = base.file.info(key), tuned.file.info(key)
         if tuple(base_info.shape) != tuple(tuned_info.shape) or not {base_info.dtype, tuned_info.dtype} <= set(_WIDTHS) | {"F8_E4M3", "F8_E5M2"}:
