@@ -1,5 +1,5 @@
 """`lytools extract` as a user runs it: what the output can be loaded by, changes it cannot hold in an
-unknown architecture."""
+unknown architecture, legacy pickles."""
 
 from __future__ import annotations
 
@@ -78,3 +78,14 @@ def test_generic_pair_counts_changed_biases_norms_and_other_tensors(tmp_path, ca
     assert summary["uncovered_changes"] == 3
     assert sorted(summary["uncovered_examples"]) == ["encoder.fc.bias", "norm.weight", "seq.conv1d.weight"]
     assert "3 other tensors differ that a LoRA does not hold" in err
+
+
+# -- a legacy (non-zip) pickle is read whole into memory: said, as merge says it ----------------------------
+def test_legacy_pickle_input_is_said_to_be_read_whole(sd1_pair, tmp_path, capsys):
+    base, tuned = sd1_pair
+    legacy = tmp_path / "tuned.ckpt"
+    torch.save({"state_dict": read_tensors(tuned)}, legacy, _use_new_zipfile_serialization=False)
+    code, _, err = run_lytools(capsys, "extract", base, legacy, tmp_path / "o.safetensors", "--linear-dim", "4",
+                               "--conv-dim", "4", "-q")
+    assert code == 0, err
+    assert "warning: tuned.ckpt: a legacy (torch < 1.6, non-zip) pickle" in err and "into memory" in err, err

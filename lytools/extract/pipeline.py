@@ -33,7 +33,7 @@ from lytools.extract.ranks import RankRule
 from lytools.extract.report import Summary, summarize, write_report
 from lytools.extract.spill import SpillStore
 from lytools.extract.svd import SvdFailure, energy
-from lytools.io import SafetensorsFile, open_file, removed_on_failure, same_file, write_safetensors
+from lytools.io import PickledFile, SafetensorsFile, open_file, removed_on_failure, same_file, write_safetensors
 from lytools.io.folders import lone_shard
 from lytools.io.dtypes import st_name
 from lytools.io.hashes import DataHashThread
@@ -417,6 +417,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         base_source.close()
         tuned_source.close()
         raise
+    for source in (base_source, tuned_source):  # FORMATS.md 6: a legacy pickle is read whole, say so
+        if isinstance(source.file, PickledFile) and source.file.legacy:
+            reporter.warn(f"{source.path.name}: {source.file.notes()[0]}")
     hashers = {} if options.strip_metadata else _start_hashes([base_source, tuned_source])
     try:
         plan = plan_extraction(
