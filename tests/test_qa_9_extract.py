@@ -1,5 +1,5 @@
 """`lytools extract` as a user runs it: what the output can be loaded by, changes it cannot hold in an
-unknown architecture, legacy pickles."""
+unknown architecture, legacy pickles, and broken (NaN/inf) inputs named as such."""
 
 from __future__ import annotations
 
@@ -89,3 +89,27 @@ def test_legacy_pickle_input_is_said_to_be_read_whole(sd1_pair, tmp_path, capsys
                                "--conv-dim", "4", "-q")
     assert code == 0, err
     assert "warning: tuned.ckpt: a legacy (torch < 1.6, non-zip) pickle" in err and "into memory" in err, err
+
+
+# -- NaN/inf weights: the modules left out are named with the file that holds them --------------------------
+def test_nan_and_inf_weights_name_the_broken_file(sd1_pair, tmp_path, capsys):
+    base, tuned = sd1_pair
+    q = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight"
+    broken_tuned = read_tensors(tuned)
+    broken_tuned[q][0, 0] = float("nan")
+    broken_base = read_tensors(base)
+    broken_base[k][1, 1] = float("inf")
+    write_safetensors(tmp_path / "nan-tuned.safetensors", broken_tuned)
+    write_safetensors(tmp_path / "inf-base.safetensors", broken_base)
+    report = tmp_path / "r.json"
+    code, _, err = run_lytools(capsys, "extract", tmp_path / "inf-base.safetensors", tmp_path / "nan-tuned.safetensors",
+                               tmp_path / "o.safetensors", "--linear-dim", "4", "--conv-dim", "4", "-q", "--report", report)
+    assert code == 0, err
+    assert "2 module(s) were left out for NaN or infinite values" in err, err
+    assert "inf-base.safetensors and nan-tuned.safetensors" in err and "could not be decomposed" not in err, err
+    rows = {row["name"]: row for row in json.loads(report.read_text())["modules"]}
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_"
+    assert rows[prefix + "to_q"]["reason"] == "NaN or infinite values in the weights of TUNED"
+    assert rows[prefix + "to_k"]["reason"] == "NaN or infinite values in the weights of BASE"
+    assert rows[prefix + "to_q"]["stored"] == rows[prefix + "to_k"]["stored"] == "skipped"

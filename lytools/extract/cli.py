@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Mapping
 
 import click
 
 from lytools.extract.options import build_options
-from lytools.extract.pipeline import extract
+from lytools.extract.pipeline import NONFINITE, extract
 from lytools.io import parse_save_dtype
 from lytools.io.metadata import command_line
 from lytools.ui import Reporter
@@ -47,8 +48,16 @@ def run_extract_command(values: Mapping[str, Any], reporter: Reporter) -> None:
         else:
             reporter.log(f"extract: {message}")
     failed = summary.skip_reasons.get("failed", 0)
-    if failed:
-        reporter.warn(f"{failed} module(s) could not be decomposed and were left out (see --report)")
+    nonfinite = [r for r in result.records if r.stored == "skipped" and NONFINITE in (r.reason or "")]
+    if nonfinite:
+        # a broken input (a fine-tune that diverged), not a decomposition problem: name the file
+        names = {"BASE": Path(values["base"]).name, "TUNED": Path(values["tuned"]).name}
+        files = sorted({names[which] for r in nonfinite for which in names if which in r.reason})
+        where = f"the weights of {' and '.join(files)} hold them"
+        reporter.warn(f"{len(nonfinite)} module(s) were left out for NaN or infinite values ({where}), "
+                      f"e.g. {nonfinite[0].name}")
+    if failed - len(nonfinite):
+        reporter.warn(f"{failed - len(nonfinite)} module(s) could not be decomposed and were left out (see --report)")
     if result.verified is not None:
         reporter.log(f"extract: verified {result.verified} modules against the difference")
     if result.uncovered:

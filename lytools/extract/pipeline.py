@@ -498,6 +498,19 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     return ExtractResult(out, plan, records, summary, time.perf_counter() - started, verified, metadata, uncovered)
 
 
+NONFINITE = "NaN or infinite values"
+
+
+def _nonfinite_reason(base: torch.Tensor, difference: torch.Tensor) -> str:
+    """Why a module's difference (TUNED − BASE, TUNED's own copy overwritten) is not finite: which input holds
+    NaN/inf weights (a broken file). Where BASE is finite, a non-finite difference comes from TUNED (or,
+    with values near the float32 limit, from an overflow of the subtraction)."""
+    finite_base = torch.isfinite(base.to(difference.device))
+    broken = [which for which, bad in (("BASE", not bool(finite_base.all())),
+                                       ("TUNED", bool((~torch.isfinite(difference) & finite_base).any()))) if bad]
+    return f"{NONFINITE} in the weights of {' and '.join(broken)}"
+
+
 def _extract_one(loaded: _Loaded, options: ExtractOptions, device: torch.device,
                  rounding: tuple[torch.dtype, bool] | None = None) -> tuple[ModuleRecord, Extracted | None]:
     module = loaded.module
@@ -513,7 +526,7 @@ def _extract_one(loaded: _Loaded, options: ExtractOptions, device: torch.device,
     largest = float(difference.abs().max()) if difference.numel() else 0.0
     if not math.isfinite(largest):
         return ModuleRecord(module.name, module.component, module.kind, module.shape, "skipped",
-                            reason="difference holds NaN or infinite values"), None
+                            reason=_nonfinite_reason(loaded.base, difference)), None
     if largest <= options.min_diff:
         reason = "identical in both files" if largest == 0 else f"max |difference| {largest:.3g} <= min-diff {options.min_diff:g}"
         return ModuleRecord(module.name, module.component, module.kind, module.shape, "skipped", reason=reason), None
