@@ -25,7 +25,7 @@ from lytools.io import PickledFile, SafetensorsFile, ShardedFile, open_file
 from lytools.io.folders import DiffusersFolder, lone_shard
 from lytools.io.hashes import LEGACY_LENGTH, LEGACY_OFFSET, file_hashes
 from lytools.io.metadata import REVEALING_KEYS, revealing
-from lytools.io.writer import build_header, file_order, plan_entry, ss_only
+from lytools.io.writer import LegacyWindow, build_header, file_order, plan_entry, ss_only
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 SS_SHOWN = (
@@ -322,11 +322,15 @@ def _hash_report(path: Path, handle, metadata: Mapping[str, str], entries: list)
     if isinstance(handle, (ShardedFile, DiffusersFolder)):  # hashing the index file would name the wrong bytes
         return {"note": "stored in several files: no single-file hash (info --hash each weights file)"}
     if not isinstance(handle, SafetensorsFile):
-        digest = hashlib.sha256()
+        # a pickle has no data section (no AutoV3), but A1111's old model hash (AutoV1, the one older
+        # infotexts name .ckpt models by) is the same 64 KiB window at 1 MiB as for any file (FORMATS.md 5.4)
+        digest, window = hashlib.sha256(), LegacyWindow()
         with open(path, "rb") as stream:
             for chunk in iter(lambda: stream.read(8 << 20), b""):
                 digest.update(chunk)
-        return {"sha256": digest.hexdigest(), "autov2": digest.hexdigest()[:10], "note": "not a safetensors file: AutoV2 only"}
+                window.feed(chunk)
+        return {"sha256": digest.hexdigest(), "autov2": digest.hexdigest()[:10], "autov1": window.hexdigest(),
+                "note": "not a safetensors file: no AutoV3"}
     hashes = file_hashes(path)
     report: dict[str, Any] = hashes.as_dict()
     checks: dict[str, Any] = {}
@@ -593,6 +597,7 @@ def format_report(report: Mapping[str, Any], verbose: bool = False) -> str:
         elif "sha256" in hashes:
             row("sha256", f"{hashes['sha256']} ({hashes['note']})")
             row("AutoV2", hashes["autov2"])
+            row("AutoV1", f"{hashes['autov1']} (A1111's old model hash)")
         else:
             row("hashes", hashes["note"])
         for name, check in (hashes.get("embedded") or {}).items():
