@@ -139,27 +139,35 @@ class _Source:
 _WIDTHS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16}
 
 
-def rounding_of(module: PairedModule, base: _Source, tuned: _Source) -> tuple[torch.dtype, bool] | None:
-    """(the narrower dtype, whether BASE is the narrower) when BASE and TUNED store this module at
-    different float widths (an fp32 base, an fp16 fine-tune), else None: a difference that is only the
-    rounding to the narrower dtype is no change. F64 (read as float32, a second rounding) and fp8 are left out."""
+def rounding_of(module: PairedModule, base: _Source, tuned: _Source) -> tuple[tuple[torch.dtype, bool], ...]:
+    """The roundings a difference may be nothing but, as (dtype, whether BASE is the rounded file), when BASE
+    and TUNED store this module in different float dtypes: an fp32 base and an fp16 fine-tune (the narrower
+    file holds the other's values rounded), or fp16 and bf16 (either may hold the other's values rounded: a
+    bf16 fine-tune of an fp16 base, or the reverse). A difference that is only such a rounding is no change.
+    F64 (read as float32, a second rounding) and fp8 are left out."""
     if base.fp8.kind != "none" or tuned.fp8.kind != "none":
-        return None
+        return ()
     try:
         infos = (base.file.info(module.base[0].key), tuned.file.info(module.tuned[0].key))
     except (KeyError, LytoolsError):
-        return None
+        return ()
     widths = [_WIDTHS.get(info.dtype) for info in infos]
-    if None in widths or 64 in widths or widths[0] == widths[1]:
-        return None
+    if None in widths or 64 in widths or infos[0].dtype == infos[1].dtype:
+        return ()
+    if widths[0] == widths[1]:  # F16 and BF16: neither holds the other exactly
+        return (infos[1].torch_dtype, False), (infos[0].torch_dtype, True)
     base_is_narrow = widths[0] < widths[1]
-    return infos[0 if base_is_narrow else 1].torch_dtype, base_is_narrow
+    return ((infos[0 if base_is_narrow else 1].torch_dtype, base_is_narrow),)
 
 
-def _rounding_only(base_w: torch.Tensor, tuned_w: torch.Tensor, narrow: torch.dtype, base_is_narrow: bool) -> bool:
-    """True when the narrower file holds exactly the other file's values rounded to its dtype."""
-    wide, exact = (tuned_w, base_w) if base_is_narrow else (base_w, tuned_w)
-    return torch.equal(wide.to(narrow).float(), exact)
+def _rounding_only(base_w: torch.Tensor, tuned_w: torch.Tensor,
+                   roundings: tuple[tuple[torch.dtype, bool], ...]) -> torch.dtype | None:
+    """The dtype of the first rounding (see rounding_of) by which one file holds exactly the other's values."""
+    for dtype, base_is_rounded in roundings:
+        source, rounded = (tuned_w, base_w) if base_is_rounded else (base_w, tuned_w)
+        if torch.equal(source.to(dtype).float(), rounded):
+            return dtype
+    return None
 
 
 @dataclass
@@ -386,8 +394,10 @@ def uncovered_changes(plan: ExtractPlan, records: list[ModuleRecord], base: _Sou
         narrow, wide = sorted((old, new), key=lambda t: t.element_size())
         if narrow.element_size() < wide.element_size():  # equal when the narrower holds the wider rounded
             same = torch.equal(wide.to(narrow.dtype), narrow)
+        elif old.dtype != new.dtype:  # fp16 and bf16: equal when either holds the other rounded
+            same = torch.equal(old.float().to(new.dtype), new) or torch.equal(new.float().to(old.dtype), old)
         else:
-            same = torch.equal(old, new) if old.dtype == new.dtype else torch.equal(old.float(), new.float())
+            same = torch.equal(old, new)
         if not same:
             found.append(key)
     return found
@@ -512,15 +522,16 @@ def _nonfinite_reason(base: torch.Tensor, difference: torch.Tensor) -> str:
 
 
 def _extract_one(loaded: _Loaded, options: ExtractOptions, device: torch.device,
-                 rounding: tuple[torch.dtype, bool] | None = None) -> tuple[ModuleRecord, Extracted | None]:
+                 rounding: tuple[tuple[torch.dtype, bool], ...] = ()) -> tuple[ModuleRecord, Extracted | None]:
     module = loaded.module
     rule = _rule_for(module, options)
     base_w = loaded.base.to(device, non_blocking=True).float()
     tuned_w = loaded.tuned.to(device, non_blocking=True).float()
-    if rounding is not None and _rounding_only(base_w, tuned_w, *rounding):
+    rounded = _rounding_only(base_w, tuned_w, rounding) if rounding else None
+    if rounded is not None:
         # an fp32 base and the same weights saved in fp16: extracting the rounding noise helps no one
         return ModuleRecord(module.name, module.component, module.kind, module.shape, "skipped",
-                            reason=f"differs only by rounding to {st_name(rounding[0])}"), None
+                            reason=f"differs only by rounding to {st_name(rounded)}"), None
     difference = tuned_w.sub_(base_w)  # private copies (read_module's, or .float()'s): in place is safe
     del base_w
     largest = float(difference.abs().max()) if difference.numel() else 0.0
