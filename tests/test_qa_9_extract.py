@@ -115,24 +115,26 @@ def test_nan_and_inf_weights_name_the_broken_file(sd1_pair, tmp_path, capsys):
     assert rows[prefix + "to_q"]["stored"] == rows[prefix + "to_k"]["stored"] == "skipped"
 
 
-# -- fp16 and bf16: a fine-tune saved in the other 16-bit format is not changed everywhere --------------------
-def test_bf16_fine_tune_of_an_fp16_base_skips_modules_that_are_only_rounded(tmp_path, capsys):
+# -- another 16-bit or fp8 format: a fine-tune saved so is not changed everywhere ----------------------------
+@pytest.mark.parametrize("saved, name", [(torch.bfloat16, "BF16"), (torch.float8_e4m3fn, "F8_E4M3")])
+def test_fine_tune_saved_in_another_format_skips_modules_that_are_only_rounded(tmp_path, capsys, saved, name):
     base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=8, components=("unet", "clip_l"),
                             dtype=torch.float16)
     modules = [m for m in select_modules("sd1", "lierla") if m.startswith("lora_te_")][:6]
     network = build_network(tmp_path / "net.safetensors", "sd1", factor=8, rank=4, modules=modules)
     tuned = build_tuned(base, tmp_path / "tuned16.safetensors", network)
-    # the trainer read the fp16 base, changed six text-encoder modules and saved everything in bf16
-    as_bf16 = {key: value.bfloat16() if value.is_floating_point() else value for key, value in read_tensors(tuned.path).items()}
-    write_safetensors(tmp_path / "tuned-bf16.safetensors", as_bf16)
+    # the trainer read the fp16 base, changed six text-encoder modules and saved in bf16 (or its weights in fp8)
+    def stored(value):
+        wanted = value.is_floating_point() and (saved == torch.bfloat16 or value.dim() >= 2)
+        return value.to(saved) if wanted else value
+    write_safetensors(tmp_path / "tuned-other.safetensors", {key: stored(value) for key, value in read_tensors(tuned.path).items()})
     report = tmp_path / "r.json"
-    code, out, err = run_lytools(capsys, "extract", base, tmp_path / "tuned-bf16.safetensors", tmp_path / "o.safetensors",
+    code, out, err = run_lytools(capsys, "extract", base, tmp_path / "tuned-other.safetensors", tmp_path / "o.safetensors",
                                  "--linear-dim", "4", "--conv-dim", "4", "--json", "--report", report)
     assert code == 0, err
     result = json.loads(out)
-    stored = {m["name"] for m in result["modules"] if m["stored"] != "skipped"}
-    assert stored == set(modules)
+    assert {m["name"] for m in result["modules"] if m["stored"] != "skipped"} == set(modules)
     rows = json.loads(report.read_text())["modules"]
-    rounded = [m for m in rows if (m["reason"] or "").startswith("differs only by rounding to BF16")]
+    rounded = [m for m in rows if (m["reason"] or "").startswith(f"differs only by rounding to {name}")]
     assert len(rounded) == len(rows) - len(modules) > 300
     assert result["summary"]["uncovered_changes"] == 0, result["summary"]["uncovered_examples"]

@@ -136,7 +136,7 @@ class _Source:
         self.file.close()
 
 
-_WIDTHS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16}
+_WIDTHS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8}
 
 
 def rounding_of(module: PairedModule, base: _Source, tuned: _Source) -> tuple[tuple[torch.dtype, bool], ...]:
@@ -144,8 +144,9 @@ def rounding_of(module: PairedModule, base: _Source, tuned: _Source) -> tuple[tu
     and TUNED store this module in different float dtypes: an fp32 base and an fp16 fine-tune (the narrower
     file holds the other's values rounded), or fp16 and bf16 (either may hold the other's values rounded: a
     bf16 fine-tune of an fp16 base, or the reverse). A difference that is only such a rounding is no change.
-    F64 (read as float32, a second rounding) and fp8 are left out."""
-    if base.fp8.kind != "none" or tuned.fp8.kind != "none":
+    Plain fp8 counts as the narrowest; F64 (read as float32, a second rounding) and scaled fp8 (its values are
+    not a plain cast of the other file's) are left out."""
+    if base.fp8.kind == "scaled" or tuned.fp8.kind == "scaled":
         return ()
     try:
         infos = (base.file.info(module.base[0].key), tuned.file.info(module.tuned[0].key))
