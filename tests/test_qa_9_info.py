@@ -27,3 +27,20 @@ def test_pickled_checkpoint_hashes_include_a1111s_old_model_hash(tmp_path, capsy
     code, out, err = run_lytools(capsys, "info", "--hash", path)
     assert code == 0, err
     assert f"AutoV1        {hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}" in out
+
+
+def test_a_json_file_given_for_a_folder_is_named_as_json_with_its_folder(tmp_path, capsys):
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    index = folder / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    config = tmp_path / "adapter_config.json"
+    config.write_text('\n  {"r": 4, "lora_alpha": 4}')
+    for path in (index, config):
+        for args in (("info", path), ("extract", path, path, tmp_path / "out.safetensors")):
+            code, out, err = run_lytools(capsys, *args)
+            lines = err.strip().splitlines()
+            assert code == 1 and not out and len(lines) == 1, err
+            assert lines[0].startswith(f"lytools: error: {path}: a JSON file, not weights") and f"({path.parent})" in lines[0]
+            assert "header length" not in err
+    assert not (tmp_path / "out.safetensors").exists()

@@ -141,6 +141,9 @@ def read_header(path: str | os.PathLike) -> Header:
                 foreign = foreign_format(prefix)
                 if foreign:
                     raise _fail(path, f"{foreign}, not safetensors: {READABLE}")
+                if prefix.lstrip()[:1] in (b"{", b"["):  # model_index.json, config.json, adapter_config.json...
+                    raise _fail(path, f"a JSON file, not weights: {READABLE}; for a diffusers folder or a peft adapter, "
+                                      f"name its folder ({path.parent})")
                 if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
                     raise _fail(path, "not a safetensors file (it looks like a pickled checkpoint; use a .ckpt/.pt name)")
                 raise _fail(path, f"not a safetensors file: header length {header_len} exceeds the 100 MB limit")
