@@ -113,13 +113,13 @@ def cli() -> None:
 @click.option("--linear-dim", type=click.IntRange(min=0), metavar="N", help="fixed: rank of linear and 1x1 modules [default: 32].")
 @click.option("--conv-dim", type=click.IntRange(min=0), metavar="N",
               help="fixed: rank of kxk convs [default: 32]; 0 skips kxk convs (any mode).")
-@click.option("--linear-threshold", type=click.FloatRange(min=0), metavar="F", help="threshold: keep singular values > F.")
+@click.option("--linear-threshold", type=click.FloatRange(min=0), metavar="F", help="threshold: keep singular values > F (default: the conv one).")
 @click.option("--conv-threshold", type=click.FloatRange(min=0), metavar="F", help="threshold for kxk convs (default: the linear one).")
-@click.option("--linear-ratio", type=click.FloatRange(0, 1), metavar="F", help="ratio: keep singular values > F times the largest.")
+@click.option("--linear-ratio", type=click.FloatRange(0, 1), metavar="F", help="ratio: keep singular values > F times the largest (default: the conv one).")
 @click.option("--conv-ratio", type=click.FloatRange(0, 1), metavar="F", help="ratio for kxk convs (default: the linear one).")
 @click.option("--linear-quantile", type=click.FloatRange(0, 1), metavar="F",
               help="quantile: keep the singular values whose cumulative sum stays below F of their total "
-                   "(LyCORIS's rule: one fewer than the smallest prefix reaching F; at least 1).")
+                   "(LyCORIS's rule: one fewer than the smallest prefix reaching F; at least 1; default: the conv one).")
 @click.option("--conv-quantile", type=click.FloatRange(0, 1), metavar="F", help="quantile for kxk convs (default: the linear one).")
 @click.option("--max-rank", type=click.IntRange(min=1), metavar="N", help="Cap on the ranks of the dynamic modes.")
 @click.option("--min-diff", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="F",
