@@ -43,6 +43,8 @@ from lytools.arch.manifests import checkpoint_manifest, diffusers_names
 from lytools.arch.network import lookup_names
 
 Shape = tuple[int, ...]
+# the first level of a CLIP text model's keys once transformers 5 dropped `text_model.` from CLIPTextModel
+_FLAT_CLIP = ("encoder.layers.", "embeddings.", "final_layer_norm.")
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,11 @@ class Resolver:
             folder_prefix = encoder.diffusers + "."
             if self.checkpoint.layout == "diffusers" and key.startswith(folder_prefix):
                 style = "t5" if encoder.style == "t5" else "hf"
-                return encoder.component, encoder.kohya_prefix, key[len(folder_prefix):], style
+                path = key[len(folder_prefix):]
+                if style == "hf" and path.startswith(_FLAT_CLIP):
+                    # transformers 5 saves CLIPTextModel without its `text_model.` level; kohya names keep it
+                    path = "text_model." + path
+                return encoder.component, encoder.kohya_prefix, path, style
         return None
 
     def _own_table(self) -> dict[str, tuple[str, Placement, Shape, str]]:

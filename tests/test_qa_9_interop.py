@@ -1,0 +1,69 @@
+"""Networks and model folders as the current diffusers / transformers / peft write them, through
+lytools' merge, extract, convert and resize (spec: FORMATS.md 2.1, 3.3, 4.3; CLI.md merge, extract)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lytools.testing import build_checkpoint, build_network
+from tests.shared import read_tensors, run_lytools
+
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+
+def _flat_clip_pipeline(root, factor: int = 16):
+    """An SD1 diffusers folder whose text encoder is saved as transformers 5 saves CLIPTextModel:
+    `encoder.layers.N…`, `embeddings.…`, `final_layer_norm.…`, without the `text_model.` level."""
+    unet = load_file(build_checkpoint(root / "u.safetensors", "sd1", factor=factor, layout="diffusers", dtype=torch.float32))
+    clip = load_file(build_checkpoint(root / "c.safetensors", "sd1", factor=factor, components=["clip_l"], dtype=torch.float32))
+    flat = {}
+    for key, tensor in clip.items():
+        path = key[len(CLIP_PREFIX):]
+        if path.startswith("text_model."):
+            flat[path[len("text_model."):]] = tensor
+    assert any(k.startswith("encoder.layers.0.self_attn.q_proj") for k in flat)
+    folder = root / "base"
+    for component, tensors, name, config in (("unet", unet, "diffusion_pytorch_model.safetensors", {}),
+                                             ("text_encoder", flat, "model.safetensors",
+                                              {"architectures": ["CLIPTextModel"]})):
+        (folder / component).mkdir(parents=True)
+        (folder / component / "config.json").write_text(json.dumps(config))
+        save_file(tensors, folder / component / name)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"]}))
+    return folder
+
+
+def test_text_encoder_saved_by_transformers_5_takes_kohya_te_modules(tmp_path, capsys):
+    """A folder saved with transformers 5 (`pipe.save_pretrained`) holds the CLIP-L text encoder without
+    `text_model.`: merge refused every lora_te_ module as matching no tensor, and extract between two such
+    folders dropped every text-encoder change without a word."""
+    base = _flat_clip_pipeline(tmp_path)
+    net = build_network(tmp_path / "n.safetensors", "sd1", factor=16, rank=4, alpha=2.0, components=["te"],
+                        dtype=torch.float32)
+    merged = tmp_path / "merged"
+    code, _, err = run_lytools(capsys, "merge", base, net, "-o", merged)
+    assert code == 0, err
+    before = load_file(base / "text_encoder" / "model.safetensors")
+    after = load_file(merged / "text_encoder" / "model.safetensors")
+    tensors = read_tensors(net)
+    modules = {key.split(".", 1)[0] for key in tensors}
+    assert len(modules) == 72
+    for module in modules:
+        path = module[len("lora_te_text_model_"):]
+        layer, rest = path[len("encoder_layers_"):].split("_", 1)
+        key = f"encoder.layers.{layer}.{rest.replace('self_attn_', 'self_attn.').replace('mlp_', 'mlp.')}.weight"
+        up, down = tensors[f"{module}.lora_up.weight"].double(), tensors[f"{module}.lora_down.weight"].double()
+        expected = float(tensors[f"{module}.alpha"]) / down.shape[0] * up @ down
+        torch.testing.assert_close(after[key].double() - before[key].double(), expected, rtol=1e-5, atol=1e-6)
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {
+        k for k in before if k.endswith("proj.weight") or ".mlp.fc" in k and k.endswith(".weight")}
+    # and back: extract between the two folders names the change by its kohya text-encoder modules
+    extracted = tmp_path / "x.safetensors"
+    code, _, err = run_lytools(capsys, "extract", base, merged, extracted, "--linear-dim", "4", "--no-unet")
+    assert code == 0, err
+    assert {key.split(".", 1)[0] for key in load_file(extracted)} == modules
