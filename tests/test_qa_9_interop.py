@@ -67,3 +67,27 @@ def test_text_encoder_saved_by_transformers_5_takes_kohya_te_modules(tmp_path, c
     code, _, err = run_lytools(capsys, "extract", base, merged, extracted, "--linear-dim", "4", "--no-unet")
     assert code == 0, err
     assert {key.split(".", 1)[0] for key in load_file(extracted)} == modules
+
+
+def test_diffusers_network_of_a_transformers_5_clip_counts_its_text_encoder(tmp_path, capsys):
+    """diffusers' save_lora_weights of a transformers 5 CLIPTextModel names its modules
+    `text_encoder.encoder.layers.N…`: info left them out of every component and called them foreign,
+    and a text-encoder-only file matched no architecture at all."""
+    path = build_network(tmp_path / "d.safetensors", "sdxl", factor=16, rank=4, layout="diffusers", dtype=torch.float32)
+    tensors = load_file(path)
+    flat = {key.replace("text_encoder.text_model.", "text_encoder.", 1): t for key, t in tensors.items()}
+    assert any(key.startswith("text_encoder.encoder.layers.") for key in flat)
+    save_file(flat, tmp_path / "flat.safetensors")
+    code, out, err = run_lytools(capsys, "info", "--json", tmp_path / "flat.safetensors")
+    assert code == 0, err
+    report = json.loads(out)[0]
+    assert report["architecture"] == "sdxl"
+    counts = report["network"]["components"]
+    assert counts["te1"] == sum(1 for key in flat if key.startswith("text_encoder.") and key.endswith("lora_A.weight"))
+    assert not [note for note in report["notes"] if "not in the" in note]
+    # text encoder alone: a CLIP-L module fits several architectures, as with the `text_model.` spelling
+    only_te = {key: t for key, t in flat.items() if key.startswith("text_encoder.")}
+    save_file(only_te, tmp_path / "te.safetensors")
+    code, out, err = run_lytools(capsys, "info", "--json", tmp_path / "te.safetensors")
+    assert code == 0, err
+    assert "sd1" in json.loads(out)[0]["architecture_candidates"]

@@ -125,6 +125,10 @@ def lookup_names(name: str) -> tuple[str, ...]:
         if rest.startswith("encoder.layers."):  # a CLIP adapter written against transformers 5's CLIPTextModel
             return (rest, "text_encoder." + rest, "text_encoder.text_model." + rest)
         return (rest, "text_encoder." + rest)
+    component, dot, rest = name.partition(".")
+    if dot and component.startswith("text_encoder") and rest.startswith("encoder.layers."):
+        # diffusers' save_lora_weights of a transformers 5 CLIPTextModel (no `text_model.` level)
+        return (name, f"{component}.text_model.{rest}")
     found = _XLABS.match(name)
     if found:
         block, kind, side = found.groups()
