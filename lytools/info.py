@@ -78,33 +78,56 @@ def _components_by_name(modules: Mapping[str, Any]) -> dict[str, int]:
     return dict(counts)
 
 
-def _adapter_config_notes(path: Path, metadata: Mapping[str, str]) -> list[str]:
-    """Where a diffusers/peft file keeps its scale: adapter metadata or adapter_config.json (FORMATS.md 3.3)."""
+def _adapter_configs(path: Path, metadata: Mapping[str, str], layout: str) -> tuple[dict[str, Any], list[str]]:
+    """Return ({component: LoraConfig fields} ("" for a peft adapter's adapter_config.json), notes): where a
+    diffusers/peft file keeps its scale (FORMATS.md 3.3). diffusers writes `lora_adapter_metadata` flat,
+    `<component>.<field>`; training scripts `<component>_lora_adapter_metadata`."""
     import json
 
-    configs: list[tuple[str, Any]] = []
-    for key, value in metadata.items():
-        if key.endswith("lora_adapter_metadata"):
-            try:
-                configs.append((key, json.loads(value)))
-            except ValueError:
-                return [f"metadata {key} is not valid JSON"]
-    sibling = path.with_name("adapter_config.json")
-    if sibling.is_file():
+    from lytools.convert.load import adapter_metadata
+    from lytools.io.folders import peft_config_path
+
+    try:
+        configs: dict[str, Any] = dict(adapter_metadata(metadata, path))
+    except LytoolsError as exc:
+        return {}, [str(exc).removeprefix(f"{path}: ")]
+    sibling = peft_config_path(path) if layout == "peft" else None
+    if sibling is not None:
         try:
-            configs.append(("adapter_config.json", json.loads(sibling.read_text())))
+            configs[""] = json.loads(sibling.read_text())
         except (OSError, ValueError):
-            return ["adapter_config.json next to the file is not readable JSON"]
+            return {}, [f"{sibling.name} next to the file is not readable JSON"]
     notes = []
-    for source, config in configs:
-        for component, entry in (config.items() if isinstance(config, dict) and "r" not in config else [("", config)]):
-            if isinstance(entry, dict) and "r" in entry:
-                where = f"{source}{' ' + component if component else ''}"
-                notes.append(f"{where}: r={entry.get('r')}, lora_alpha={entry.get('lora_alpha')}"
-                             + (", rank/alpha patterns" if entry.get("rank_pattern") or entry.get("alpha_pattern") else ""))
+    for component, entry in configs.items():
+        if isinstance(entry, dict) and "r" in entry:
+            if component == "" and sibling is not None:
+                where = sibling.name
+            elif f"{component}_lora_adapter_metadata" in metadata:
+                where = f"{component}_lora_adapter_metadata"
+            else:
+                where = f"lora_adapter_metadata {component}"
+            notes.append(f"{where}: r={entry.get('r')}, lora_alpha={entry.get('lora_alpha')}"
+                         + (", rank/alpha patterns" if entry.get("rank_pattern") or entry.get("alpha_pattern") else ""))
     if not configs:
         notes.append("no alpha tensors and no adapter config: loaders assume the scale is folded in (peft alone defaults lora_alpha to 8)")
-    return notes
+    return configs, notes
+
+
+def _config_scale(configs: Mapping[str, Any], module: str, rank: int) -> float | None:
+    """Return the peft scale of a diffusers/peft module without an alpha tensor from its adapter config, or None."""
+    from lytools.convert.load import config_scale
+
+    if module.startswith("base_model.model."):
+        config, path = configs.get(""), module[len("base_model.model."):]
+    else:
+        component, _, path = module.partition(".")
+        config = configs.get(component)
+    if not isinstance(config, dict):
+        return None
+    try:
+        return config_scale(config, path, rank)
+    except LytoolsError:
+        return None
 
 
 def detection_metadata(handle) -> dict[str, str]:
@@ -210,7 +233,7 @@ def _zero_fillers(handle, shapes: Mapping[str, tuple[int, ...]], net: NetworkArc
 
 
 def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], net: NetworkArch,
-                    verbose: bool) -> dict[str, Any]:
+                    verbose: bool, configs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from lytools.algos import KNOWN_SUFFIXES, describe_shapes
 
     algorithms: Counter[str] = Counter()
@@ -245,13 +268,21 @@ def _network_report(handle, shapes: Mapping[str, tuple[int, ...]], dtypes: Mappi
             continue  # counted apart: in rank, alpha, scale and blocks they would pass for trained rank-1 modules
         if info.rank is not None:
             ranks.append(info.rank)
-        if "alpha" in scalars and info.algo not in ("oft", "boft"):
+        scale = info.scale
+        configured = None
+        if configs and info.rank is not None and "alpha" not in suffixes:
+            configured = _config_scale(configs, module, info.rank)  # diffusers/peft: lora_alpha / r of its config
+        if configured is not None:
+            scale = configured
+            scalars["alpha"] = configured * info.rank
+            alphas.append(scalars["alpha"])
+        elif "alpha" in scalars and info.algo not in ("oft", "boft"):
             alphas.append(scalars["alpha"])
             zero_alpha += scalars["alpha"] == 0 and info.rank is not None
         elif info.rank is not None and "alpha" not in suffixes:
             missing_alpha += 1
-        if info.scale is not None:
-            scales.append(info.scale)
+        if scale is not None:
+            scales.append(scale)
         if info.dora:
             dora[info.dora] += 1
         if info.blocks is not None:  # OFT (n blocks, size b) / BOFT (M stages, n, b): the "dim" is b
@@ -420,9 +451,11 @@ def inspect_file(path: str | Path, *, hashes: bool = False, verbose: bool = Fals
             report["architecture"] = net.arch
             report["architecture_candidates"] = list(net.tied)  # when unknown because the modules fit several
             report["layout"] = net.layout
-            report["network"] = _network_report(handle, shapes, dtypes, net, verbose)
+            configs: dict[str, Any] = {}
             if net.layout in ("diffusers", "peft"):
-                notes.extend(_adapter_config_notes(path, metadata))
+                configs, config_notes = _adapter_configs(path, metadata, net.layout)
+                notes.extend(config_notes)
+            report["network"] = _network_report(handle, shapes, dtypes, net, verbose, configs)
             if net.scale != 1:
                 notes.append(f"shapes fit {net.arch} scaled down {net.scale}x (a synthetic test model)")
             if net.layout in ("kohya", "lycoris"):

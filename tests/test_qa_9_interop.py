@@ -91,3 +91,28 @@ def test_diffusers_network_of_a_transformers_5_clip_counts_its_text_encoder(tmp_
     code, out, err = run_lytools(capsys, "info", "--json", tmp_path / "te.safetensors")
     assert code == 0, err
     assert "sd1" in json.loads(out)[0]["architecture_candidates"]
+
+
+def test_info_reads_the_scale_of_diffusers_adapter_metadata(tmp_path, capsys):
+    """diffusers' save_lora_weights writes lora_adapter_metadata flat (`unet.r`, `unet.lora_alpha`, ...): info
+    read only a nested form, so it showed no note and "alpha = rank, scale 1" for a file whose loaders
+    (diffusers, and lytools convert) apply lora_alpha / r."""
+    path = build_network(tmp_path / "d.safetensors", "sd1", factor=16, rank=4, layout="diffusers", components=["unet"],
+                         dtype=torch.float32)
+    config = {"r": 4, "lora_alpha": 8, "alpha_pattern": {"to_k": 2}, "rank_pattern": {}, "use_rslora": False,
+              "target_modules": ["to_q", "to_k"]}
+    flat = {f"unet.{field}": value for field, value in config.items()}
+    save_file(load_file(path), tmp_path / "m.safetensors", {"lora_adapter_metadata": json.dumps(flat), "format": "pt"})
+    code, out, err = run_lytools(capsys, "info", "--json", tmp_path / "m.safetensors")
+    assert code == 0, err
+    report = json.loads(out)[0]
+    network = report["network"]
+    assert network["modules_without_alpha"] == 0
+    assert (network["scale"]["min"], network["scale"]["max"]) == (0.5, 2.0)
+    assert any("r=4, lora_alpha=8" in note for note in report["notes"])
+    # the same figures as the kohya file convert writes from it (alpha tensors)
+    code, _, err = run_lytools(capsys, "convert", tmp_path / "m.safetensors", "-o", tmp_path / "k.safetensors", "--to", "kohya")
+    assert code == 0, err
+    code, out, err = run_lytools(capsys, "info", "--json", tmp_path / "k.safetensors")
+    assert json.loads(out)[0]["network"]["scale"] == network["scale"]
+    assert json.loads(out)[0]["network"]["alpha"] == network["alpha"]
