@@ -67,6 +67,12 @@ def test_text_encoder_saved_by_transformers_5_takes_kohya_te_modules(tmp_path, c
     code, _, err = run_lytools(capsys, "extract", base, merged, extracted, "--linear-dim", "4", "--no-unet")
     assert code == 0, err
     assert {key.split(".", 1)[0] for key in load_file(extracted)} == modules
+    # resize --base reads the same folder for DoRA modules ("no weight for module lora_te_..." before)
+    dora = build_network(tmp_path / "dora.safetensors", "sd1", factor=16, rank=4, components=["te"], dora=True,
+                         dtype=torch.float32)
+    code, _, err = run_lytools(capsys, "resize", dora, tmp_path / "r.safetensors", "--rank", "4", "--base", base, "--verify")
+    assert code == 0, err
+    assert len({key.split(".", 1)[0] for key in load_file(tmp_path / "r.safetensors")}) == 72
 
 
 def test_diffusers_network_of_a_transformers_5_clip_counts_its_text_encoder(tmp_path, capsys):
