@@ -122,3 +122,30 @@ def test_info_reads_the_scale_of_diffusers_adapter_metadata(tmp_path, capsys):
     code, out, err = run_lytools(capsys, "info", "--json", tmp_path / "k.safetensors")
     assert json.loads(out)[0]["network"]["scale"] == network["scale"]
     assert json.loads(out)[0]["network"]["alpha"] == network["alpha"]
+
+
+def test_diffusers_kohya_export_of_a_transformers_5_clip_merges_and_converts(tmp_path, capsys):
+    """diffusers' convert_state_dict_to_kohya names a transformers 5 CLIPTextModel's modules
+    `lora_te1_encoder_layers_N_…` (no `text_model_`): merge refused all of them as matching no tensor. They are
+    read as the kohya modules they are, and convert --to kohya writes the names A1111 and ComfyUI look up."""
+    net = build_network(tmp_path / "n.safetensors", "sdxl", factor=16, rank=4, alpha=2.0, components=["te1"],
+                        dtype=torch.float32)
+    tensors = {key.replace("lora_te1_text_model_", "lora_te1_", 1): t for key, t in load_file(net).items()}
+    save_file(tensors, tmp_path / "flat.safetensors")
+    code, out, err = run_lytools(capsys, "info", "--json", tmp_path / "flat.safetensors")
+    assert code == 0, err
+    report = json.loads(out)[0]
+    assert report["network"]["components"] == {"te1": 72} and not [n for n in report["notes"] if "not in the" in n]
+    base = build_checkpoint(tmp_path / "b.safetensors", "sdxl", factor=16, components=["unet", "clip_l", "clip_g"],
+                            dtype=torch.float32)
+    code, _, err = run_lytools(capsys, "merge", base, tmp_path / "flat.safetensors", "-o", tmp_path / "m.safetensors")
+    assert code == 0, err
+    before, after = load_file(base), load_file(tmp_path / "m.safetensors")
+    key = "conditioner.embedders.0.transformer.text_model.encoder.layers.3.mlp.fc2.weight"
+    up, down = tensors["lora_te1_encoder_layers_3_mlp_fc2.lora_up.weight"], tensors["lora_te1_encoder_layers_3_mlp_fc2.lora_down.weight"]
+    torch.testing.assert_close(after[key] - before[key], 0.5 * up @ down, rtol=1e-5, atol=1e-6)
+    assert sum(not torch.equal(before[k], after[k]) for k in before) == 72
+    code, _, err = run_lytools(capsys, "convert", tmp_path / "flat.safetensors", "-o", tmp_path / "k.safetensors", "--to", "kohya",
+                               "--arch", "sdxl")  # CLIP-L alone also fits sd3 and flux
+    assert code == 0, err
+    assert {k.split(".", 1)[0] for k in load_file(tmp_path / "k.safetensors")} == {k.split(".", 1)[0] for k in load_file(net)}

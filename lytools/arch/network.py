@@ -63,6 +63,8 @@ _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 _XLABS = re.compile(r"^double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])$")
 # xlabs-style single-block processors (USO): `qkv_lora` is the q;k;v rows of linear1 (ComfyUI `linear1_qkv`)
 _XLABS_SINGLE = re.compile(r"^single_blocks\.(\d+)\.processor\.(qkv|proj)_lora$")
+# diffusers' convert_state_dict_to_kohya of a transformers 5 CLIPTextModel: `lora_te1_encoder_layers_N_…`, no `text_model_`
+_FLAT_CLIP_KOHYA = re.compile(r"^(lora_te[12]?_)(encoder_layers_\d+_.+)$")
 
 
 def _processor_module(module: str) -> str:
@@ -129,6 +131,9 @@ def lookup_names(name: str) -> tuple[str, ...]:
     if dot and component.startswith("text_encoder") and rest.startswith("encoder.layers."):
         # diffusers' save_lora_weights of a transformers 5 CLIPTextModel (no `text_model.` level)
         return (name, f"{component}.text_model.{rest}")
+    found = _FLAT_CLIP_KOHYA.match(name)
+    if found:
+        return (name, f"{found.group(1)}text_model_{found.group(2)}")
     found = _XLABS.match(name)
     if found:
         block, kind, side = found.groups()
