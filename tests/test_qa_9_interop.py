@@ -149,3 +149,28 @@ def test_diffusers_kohya_export_of_a_transformers_5_clip_merges_and_converts(tmp
                                "--arch", "sdxl")  # CLIP-L alone also fits sd3 and flux
     assert code == 0, err
     assert {k.split(".", 1)[0] for k in load_file(tmp_path / "k.safetensors")} == {k.split(".", 1)[0] for k in load_file(net)}
+
+
+def test_text_encoder_state_dict_saved_without_a_component_prefix_converts(tmp_path, capsys):
+    """`get_peft_model_state_dict(text_encoder)` saved as it is: bare `text_model.encoder.layers.N…` (SDXL's
+    CLIPTextModelWithProjection) matched no architecture and had no kohya name even with --arch."""
+    net = build_network(tmp_path / "n.safetensors", "sdxl", factor=16, rank=4, layout="diffusers", components=["te2"],
+                        dtype=torch.float32)
+    tensors = load_file(net)
+    bare = {key.removeprefix("text_encoder_2."): t for key, t in tensors.items()}
+    assert all(key.startswith("text_model.encoder.layers.") for key in bare)
+    save_file(bare, tmp_path / "bare.safetensors")
+    code, out, err = run_lytools(capsys, "info", "--json", tmp_path / "bare.safetensors")
+    assert code == 0, err
+    assert "sdxl" in json.loads(out)[0]["architecture_candidates"]
+    code, _, err = run_lytools(capsys, "convert", tmp_path / "bare.safetensors", "-o", tmp_path / "k.safetensors",
+                               "--to", "kohya", "--arch", "sdxl")
+    assert code == 0, err
+    written = load_file(tmp_path / "k.safetensors")
+    for key, down in bare.items():
+        if key.endswith(".lora_A.weight"):
+            module = "lora_te2_" + key[: -len(".lora_A.weight")].replace(".", "_")
+            up = bare[key.replace("lora_A", "lora_B")]
+            new_down = written[f"{module}.lora_down.weight"]
+            scale = float(written[f"{module}.alpha"]) / new_down.shape[0]
+            torch.testing.assert_close(scale * written[f"{module}.lora_up.weight"] @ new_down, up @ down, rtol=1e-5, atol=1e-6)

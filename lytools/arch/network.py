@@ -64,6 +64,8 @@ _XLABS = re.compile(r"^double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])$")
 # xlabs-style single-block processors (USO): `qkv_lora` is the q;k;v rows of linear1 (ComfyUI `linear1_qkv`)
 _XLABS_SINGLE = re.compile(r"^single_blocks\.(\d+)\.processor\.(qkv|proj)_lora$")
 # diffusers' convert_state_dict_to_kohya of a transformers 5 CLIPTextModel: `lora_te1_encoder_layers_N_…`, no `text_model_`
+# a CLIP text model's own module paths, saved with no component prefix (get_peft_model_state_dict of a text encoder)
+BARE_CLIP = ("text_model.encoder.layers.", "encoder.layers.")
 _FLAT_CLIP_KOHYA = re.compile(r"^(lora_te[12]?_)(encoder_layers_\d+_.+)$")
 
 
@@ -122,8 +124,8 @@ def layout_of_module(name: str) -> str:
 
 def lookup_names(name: str) -> tuple[str, ...]:
     """Return the spellings to try in an alias table for a module name as stored in a file."""
-    if name.startswith("base_model.model."):
-        rest = name[len("base_model.model."):]
+    if name.startswith("base_model.model.") or name.startswith(BARE_CLIP):
+        rest = name.removeprefix("base_model.model.")
         if rest.startswith("encoder.layers."):  # a CLIP adapter written against transformers 5's CLIPTextModel
             return (rest, "text_encoder." + rest, "text_encoder.text_model." + rest)
         return (rest, "text_encoder." + rest)
@@ -285,7 +287,7 @@ def _score(modules: Mapping[str, Mapping[str, Shape]], arch: str) -> tuple[int, 
     hits: list[tuple[tuple[int, int] | None, Shape, str]] = []
     for module, suffixes in modules.items():
         names = lookup_names(module)
-        if module.startswith("base_model.model."):  # a bare peft path may belong to any text encoder
+        if module.startswith("base_model.model.") or module.startswith(BARE_CLIP):  # may belong to any text encoder
             names += tuple(f"{component}.{names[0]}" for component in ("text_encoder_2", "text_encoder_3"))
         targets = [table[n] for n in names if n in table]
         if not targets:

@@ -23,7 +23,7 @@ from typing import Mapping
 
 from lytools.arch import ENCODERS, NetworkArch, alias_table, arch_from_metadata, detect_network, diffusers_table
 from lytools.arch.keymap import NETWORK_ARCHS, UNET_PREFIX, CanonicalTarget, named_modules
-from lytools.arch.network import lookup_names
+from lytools.arch.network import BARE_CLIP, lookup_names
 
 Rows = tuple[int, int]
 _LINEAR1_QKV = re.compile(
@@ -74,8 +74,8 @@ def candidates(arch: str, stored: str) -> list[Canonical]:
     if dot and rest.startswith("base_model.model."):  # a PeftModel's state dict saved under a component
         stored = f"{component}.{rest[len('base_model.model.'):]}"
     names = list(lookup_names(stored))
-    if stored.startswith("base_model.model."):
-        rest = stored[len("base_model.model."):]
+    if stored.startswith("base_model.model.") or stored.startswith(BARE_CLIP):
+        rest = stored.removeprefix("base_model.model.")
         names += [f"{encoder.diffusers}.{rest}" for encoder in ENCODERS[arch] if encoder.component != "unet"]
     # transformers 5 flattened CLIPTextModel (no `text_model.` level): diffusers and peft save such paths
     for name in list(names):
