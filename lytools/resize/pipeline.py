@@ -284,10 +284,16 @@ def _format_number(value: float) -> str:
 
 
 def dylora_unit(metadata: Mapping[str, str]) -> int | None:
-    """Return the DyLoRA `unit` from ss_network_args, or None."""
+    """Return the DyLoRA block size from ss_network_args (kohya's `unit`; LyCORIS algo=dylora calls it
+    `block_size`), or None."""
     try:
         args = json.loads(metadata.get("ss_network_args") or "{}")
-        unit = int(args.get("unit")) if isinstance(args, dict) and args.get("unit") is not None else None
+        if not isinstance(args, dict):
+            return None
+        value = args.get("unit")
+        if value is None and args.get("algo") == "dylora":
+            value = args.get("block_size")
+        unit = int(value) if value is not None else None
     except (ValueError, TypeError):
         return None
     return unit if unit and unit > 0 else None
