@@ -5,10 +5,11 @@ are stacked (rank = sum of ranks), each input's ratio and alpha/rank folded into
 a power of two on `up` times the rest on `down` (so neither over- nor underflows in fp16), and the
 output alpha equals its rank (scale 1). Tucker convs keep a block-diagonal `lora_mid`; a Tucker
 module combined with a plain conv is first flattened (exactly) to a plain conv. A module only one
-input has, of another additive algorithm, is copied with its ratio folded in.
+input has, of another additive algorithm, is copied with its ratio folded in. Full (`diff`) and norm
+(`w_norm`) modules of several inputs are summed exactly, tensor by tensor.
 
 With `rank`: the summed change of every input is re-factored by SVD to that rank (`conv_rank`
-for kxk convs). When every contribution is low rank the dense ΔW is never built: with
+for kxk convs); a change of a norm layer's 1-D weight, which no LoRA holds, is summed as above. When every contribution is low rank the dense ΔW is never built: with
 U = [c_i·up_i], D = [d_i·down_i] stacked, U = Q_u R_u and Dᵀ = Q_d R_d (thin QR), the SVD of the
 small core R_u R_dᵀ gives the SVD of U·D in O((m + n)·R²). The share of the Frobenius norm kept
 is reported per module.
@@ -50,6 +51,8 @@ FOLD_INTO = {
     "full": ("diff", "diff_b"),
     "norm": ("w_norm", "b_norm"),
 }
+# algorithms whose tensors are the change itself: the same module of several inputs sums exactly, tensor by tensor
+SUMMED = {"full": FOLD_INTO["full"], "norm": FOLD_INTO["norm"]}
 
 
 @dataclass
@@ -68,7 +71,7 @@ class ModuleResult:
 
     name: str
     sources: list[int]
-    method: str  # concat | copy | svd
+    method: str  # concat | copy | sum | svd
     rank: int | None
     kept: float | None = None  # share of the Frobenius norm kept by the SVD
     conv: bool = False  # a kxk (k > 1) conv: its rank is sd-scripts' conv_dim, not network_dim
@@ -189,12 +192,20 @@ def _concatenable(info: ModuleInfo) -> bool:
     return info.algo == "lora" and info.dora is None and not info.sparse_bias
 
 
+def _summable(parts: list[Contribution]) -> bool:
+    """True when the parts are all full or all norm modules (no DoRA): their tensors add up exactly."""
+    algos = {p.info.algo for p in parts}
+    return len(algos) == 1 and algos <= set(SUMMED) and all(p.info.dora is None for p in parts)
+
+
 def _method(name: str, parts: list[Contribution], rank: int | None, files: Sequence[str]) -> str:
     """Return how a module name is merged; raise for what cannot be merged without the base."""
     for part in parts:
         if not part.info.mergeable:
             raise NetworkError(f"{files[part.network]}: module {name}: {part.info.algo} cannot be merged")
     if rank is not None:
+        if _summable(parts) and any(len(p.info.delta_shape or ()) < 2 for p in parts):
+            return "sum"  # a norm layer's 1-D weight: no LoRA holds it (an SVD would write 1-D factors)
         for part in parts:
             if not part.info.additive or part.info.needs_weight:
                 kind = f"{part.info.algo} with DoRA" if part.info.dora else part.info.algo
@@ -213,6 +224,8 @@ def _method(name: str, parts: list[Contribution], rank: int | None, files: Seque
             f"{files[part.network]}: module {name}: {part.info.algo} cannot take ratio {part.ratio:g} exactly; "
             "merge it into a checkpoint instead"
         )
+    if _summable(parts):
+        return "sum"
     algos = ", ".join(sorted({p.info.algo + (" + DoRA" if p.info.dora else "") for p in parts}))
     if any(not p.info.additive or p.info.needs_weight for p in parts):  # --rank cannot take them either
         raise NetworkError(f"module {name}: {algos} from {len(parts)} inputs cannot be combined without the base "
@@ -228,6 +241,8 @@ def _planned_rank(parts: list[Contribution], method: str, rank: int | None, conv
         return sum(p.info.rank or 0 for p in parts)
     if method == "copy":
         return parts[0].info.rank
+    if method == "sum":
+        return None
     shape = _delta_shape(parts, kernel)
     limit = min(shape[0], math.prod(shape[1:]))
     is_conv = any(k != 1 for k in shape[2:])
@@ -332,6 +347,21 @@ def _copy(part: Contribution) -> dict[str, torch.Tensor]:
                     if part.info.algo in ("loha", "lokr"):
                         break
     return tensors
+
+
+def _sum(parts: list[Contribution]) -> dict[str, torch.Tensor]:
+    """Return Σ ratio·tensor for each tensor of full or norm contributions (a `diff_b`/`b_norm` only some hold
+    adds up from those), float32."""
+    shape = _delta_shape(parts)  # a conv's diff stored (out, in, 1, 1) by one input and (out, in) by another: the 4-D
+    result: dict[str, torch.Tensor] = {}
+    for part in parts:
+        weight, _ = SUMMED[part.info.algo]
+        for suffix in SUMMED[part.info.algo]:
+            if suffix in part.module:
+                value = part.module[suffix].float() * part.ratio
+                value = value.reshape(shape) if suffix == weight else value
+                result[suffix] = result[suffix] + value if suffix in result else value
+    return result
 
 
 def _low_rank_sum(parts: list[Contribution], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -611,6 +641,8 @@ def merge_networks(
             produced = _concat(parts, torch.float32)
         elif item.method == "copy":
             produced = _copy(parts[0])
+        elif item.method == "sum":
+            produced = _sum(parts)
         else:
             produced, item.kept = _svd(parts, item.rank, where, torch.float32, kernels[item.name])
         if item.rank is not None:
@@ -650,6 +682,11 @@ def _estimate_bytes(by_name: dict[str, list[Contribution]], modules: Sequence[Mo
             tensors = parts[0].module.tensors
             total += sum(t.numel() * (size if _is_fp8(t.dtype) else t.element_size()) for t in tensors.values())
             total += sum(_header_entry(item.name, suffix) for suffix in tensors)
+            continue
+        if item.method == "sum":
+            _delta_shape(parts)  # inputs that disagree on the shape fail the dry run too
+            tensors = {suffix: t for p in parts for suffix, t in p.module.tensors.items()}
+            total += sum(t.numel() * size + _header_entry(item.name, suffix) for suffix, t in tensors.items())
             continue
         shape = _delta_shape(parts)
         total += (item.rank or 0) * (shape[0] + math.prod(shape[1:])) * size + 4

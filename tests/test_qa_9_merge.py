@@ -1,0 +1,73 @@
+"""QA of `lytools merge` (session 9): each test pins a bug found from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lytools.io import write_safetensors
+from tests.shared import read_tensors
+from tests.shared import run_lytools as cli
+
+NORM = "lora_unet_down_blocks_0_resnets_0_norm1"  # an SD1 GroupNorm (LyCORIS train_norm: w_norm, b_norm)
+CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
+PROJ = "lora_unet_down_blocks_0_attentions_0_proj_in"
+
+
+def lycoris_file(path, seed: int, *, bias: bool = True):
+    """A LyCORIS file of an SD1 UNet: a LoCon, a norm module (w_norm/b_norm) and a full module (diff/diff_b)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"{CONV}.lora_down.weight": torch.randn(4, 20, 3, 3, generator=gen),
+        f"{CONV}.lora_up.weight": torch.randn(20, 4, 1, 1, generator=gen),
+        f"{CONV}.alpha": torch.tensor(2.0),
+        f"{NORM}.w_norm": torch.randn(20, generator=gen),
+        f"{NORM}.b_norm": torch.randn(20, generator=gen),
+        f"{PROJ}.diff": torch.randn(20, 20, 1, 1, generator=gen),
+    }
+    if bias:
+        tensors[f"{PROJ}.diff_b"] = torch.randn(20, generator=gen)
+    write_safetensors(path, tensors, {"ss_network_module": "lycoris.kohya"})
+    return path, tensors
+
+
+@pytest.fixture
+def two_lycoris(tmp_path):
+    return lycoris_file(tmp_path / "a.safetensors", 1), lycoris_file(tmp_path / "b.safetensors", 2, bias=False)
+
+
+def test_full_and_norm_modules_of_several_networks_add_up_exactly(two_lycoris, tmp_path, capsys):
+    """Two LyCORIS files with train_norm (or full modules) on the same layers were refused as "cannot be
+    combined exactly; use --rank N", though their tensors are the change itself and sum exactly."""
+    (a, ta), (b, tb) = two_lycoris
+    out = tmp_path / "ab.safetensors"
+    code, stdout, err = cli(capsys, "merge", a, b, "-o", out, "--ratios", "0.7", "-0.4", "--json", "-q")
+    assert code == 0, err
+    methods = {m["module"]: m["method"] for m in json.loads(stdout)["per_module"]}
+    assert methods == {CONV: "concat", NORM: "sum", PROJ: "sum"}
+    merged = read_tensors(out)
+    for suffix in ("w_norm", "b_norm"):
+        key = f"{NORM}.{suffix}"
+        torch.testing.assert_close(merged[key], 0.7 * ta[key] - 0.4 * tb[key])
+    torch.testing.assert_close(merged[f"{PROJ}.diff"], 0.7 * ta[f"{PROJ}.diff"] - 0.4 * tb[f"{PROJ}.diff"])
+    torch.testing.assert_close(merged[f"{PROJ}.diff_b"], 0.7 * ta[f"{PROJ}.diff_b"])  # only a has one
+
+
+@pytest.mark.parametrize("inputs", [1, 2])
+def test_rank_keeps_norm_modules_as_norms(two_lycoris, tmp_path, capsys, inputs):
+    """--rank re-factored a norm layer's 1-D change by SVD into a "LoRA" with a 1-D lora_down (C,) and a
+    (C, 1) lora_up, which no loader reads, and dropped b_norm; the norm change is summed as it is instead."""
+    (a, ta), (b, tb) = two_lycoris
+    out = tmp_path / "ab.safetensors"
+    paths, ratios = [a, b][:inputs], ["0.5", "2"][:inputs]
+    code, _, err = cli(capsys, "merge", *paths, "-o", out, "--ratios", *ratios, "--rank", "2", "--verify", "-q")
+    assert code == 0, err
+    merged = read_tensors(out)
+    assert sorted(key for key in merged if key.startswith(NORM)) == [f"{NORM}.b_norm", f"{NORM}.w_norm"]
+    for suffix in ("w_norm", "b_norm"):
+        key = f"{NORM}.{suffix}"
+        want = sum(float(r) * t[key] for r, t in zip(ratios, [ta, tb]))
+        torch.testing.assert_close(merged[key], want)
+    assert merged[f"{PROJ}.lora_down.weight"].shape == (2, 20, 1, 1)  # full 2-D changes are still re-factored
