@@ -71,3 +71,18 @@ def test_rank_keeps_norm_modules_as_norms(two_lycoris, tmp_path, capsys, inputs)
         want = sum(float(r) * t[key] for r, t in zip(ratios, [ta, tb]))
         torch.testing.assert_close(merged[key], want)
     assert merged[f"{PROJ}.lora_down.weight"].shape == (2, 20, 1, 1)  # full 2-D changes are still re-factored
+
+
+def test_allow_unmatched_does_not_merge_a_network_for_another_architecture(tmp_path, capsys):
+    """A Flux LoRA given to an SD3 checkpoint with --allow-unmatched was "merged": every module skipped, a
+    plain copy of the checkpoint written with exit 0. --allow-unmatched is for the few modules a checkpoint
+    lacks; a network detected as made for another architecture is refused as it is without it."""
+    from lytools.testing import build_checkpoint, build_network
+
+    base = build_checkpoint(tmp_path / "sd3.safetensors", "sd3", factor=32, components=("unet",), keep_blocks=2)
+    flux = build_network(tmp_path / "flux.safetensors", "flux", factor=32, components=("unet",))
+    out = tmp_path / "out.safetensors"
+    code, stdout, err = cli(capsys, "merge", base, flux, "-o", out, "--allow-unmatched")
+    assert code == 1 and stdout == "" and len(err.strip().splitlines()) == 1, err
+    assert "flux.safetensors is a flux network, sd3.safetensors a sd3 checkpoint" in err
+    assert "--allow-unmatched" not in err and not out.exists()

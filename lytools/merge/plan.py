@@ -219,8 +219,9 @@ def plan_checkpoint_merge(
 ) -> CheckpointPlan:
     """Return the plan of merging `networks` into the checkpoint described by `infos`.
 
-    Raises MatchError naming the unmatched modules (unless `allow_unmatched`) and the modules
-    whose weight change does not fit their target tensor.
+    Raises MatchError naming the unmatched modules (unless `allow_unmatched`, which does not cover a network
+    detected as made for another architecture than the checkpoint) and the modules whose weight change does
+    not fit their target tensor.
     """
     shapes = {name: tuple(info.shape) for name, info in infos.items()}
     resolver = Resolver(shapes, metadata)
@@ -270,12 +271,14 @@ def plan_checkpoint_merge(
         raise MatchError(f"{base}: {hint}{len(misfits)} module(s) do not fit the checkpoint: " + "; ".join(misfits[:5])
                          + (" ..." if len(misfits) > 5 else ""))
     unmatched = [(s.path, name) for s in summaries for name in s.unmatched]
-    if unmatched and not allow_unmatched:
+    # a network made for another architecture is refused even with --allow-unmatched, which is for the few modules
+    # a checkpoint may lack (a text encoder left out, a pruned block): merged "with the rest" it changes nothing
+    if unmatched and (hint or not allow_unmatched):
         names = ", ".join(name for _, name in unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
         raise MatchError(
             f"{base if hint else Path(unmatched[0][0]).name}: {hint}{len(unmatched)} module(s) match no tensor of "
             f"{base.name}: {names}"
-            " (--allow-unmatched merges the rest)"
+            + (" (--allow-unmatched merges the rest)" if not hint else "")
         )
     union = _Union()
     for touch in touches:
