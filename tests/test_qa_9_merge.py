@@ -86,3 +86,30 @@ def test_allow_unmatched_does_not_merge_a_network_for_another_architecture(tmp_p
     assert code == 1 and stdout == "" and len(err.strip().splitlines()) == 1, err
     assert "flux.safetensors is a flux network, sd3.safetensors a sd3 checkpoint" in err
     assert "--allow-unmatched" not in err and not out.exists()
+
+
+def glora_change(t: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """ΔW of a linear GLoRA module by ALGORITHMS.md 8 (either layout), scale alpha / rank included."""
+    a1, a2, b1, b2 = (t[f"{name}.{s}.weight"].double() for s in ("a1", "a2", "b1", "b2"))
+    if b2.shape[0] == weight.shape[0]:  # old layout: a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r)
+        return float(t[f"{name}.alpha"]) / a1.shape[0] * (b2 @ b1 + weight @ a2 @ a1)
+    return float(t[f"{name}.alpha"]) / a2.shape[0] * (b1 @ b2 + weight @ a1 @ a2)
+
+
+@pytest.mark.parametrize("old_layout", [False, True])
+def test_glora_takes_a_ratio_exactly(tmp_path, capsys, old_layout):
+    """A GLoRA module merged into a network at a ratio other than 1 was refused ("glora cannot take ratio 0.6
+    exactly"), though its change is linear in a1 and b1 together: both are scaled by the ratio."""
+    name, gen = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", torch.Generator().manual_seed(3)
+    out_f, in_f, rank = 20, 24, 3
+    shapes = ({"a1": (rank, in_f), "a2": (in_f, rank), "b1": (rank, in_f), "b2": (out_f, rank)} if old_layout else
+              {"a1": (in_f, rank), "a2": (rank, in_f), "b1": (out_f, rank), "b2": (rank, in_f)})
+    tensors = {f"{name}.{s}.weight": torch.randn(shape, generator=gen) for s, shape in shapes.items()}
+    tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    write_safetensors(tmp_path / "g.safetensors", tensors)
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli(capsys, "merge", tmp_path / "g.safetensors", "-o", out, "--ratios", "0.6", "-q")
+    assert code == 0, err
+    weight = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(glora_change(read_tensors(out), name, weight), 0.6 * glora_change(tensors, name, weight),
+                               rtol=1e-5, atol=1e-5)

@@ -43,13 +43,15 @@ from lytools.ui import QUIET, Reporter
 UP, DOWN, MID = LORA_UP, LORA_DOWN, LORA_MID
 BIAS = "diff_b"  # a LoRA module's bias difference (lytools.algos.lora)
 
-# additive algorithms whose change is linear in one tensor: ratio folds into that tensor
+# additive algorithms whose change is linear in one tensor (glora: two, together): the ratio folds into it
 FOLD_INTO = {
     "lora": (LORA_UP,),
     "loha": ("hada_w1_a",),
     "lokr": ("lokr_w1", "lokr_w1_a"),
     "full": ("diff", "diff_b"),
     "norm": ("w_norm", "b_norm"),
+    # ΔW = s·(b1·b2 + W·a1·a2) (the old layout too: s·(b2·b1 + W·a2·a1)): linear in a1 and b1 taken together
+    "glora": ("a1.weight", "b1.weight"),
 }
 # algorithms whose tensors are the change itself: the same module of several inputs sums exactly, tensor by tensor
 SUMMED = {"full": FOLD_INTO["full"], "norm": FOLD_INTO["norm"]}
