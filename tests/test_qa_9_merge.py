@@ -113,3 +113,33 @@ def test_glora_takes_a_ratio_exactly(tmp_path, capsys, old_layout):
     weight = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(glora_change(read_tensors(out), name, weight), 0.6 * glora_change(tensors, name, weight),
                                rtol=1e-5, atol=1e-5)
+
+
+def sparse_lora_change(t: dict, name: str) -> torch.Tensor:
+    """ΔW of a LoRA with the LyCORIS extractor's sparse weight correction (ALGORITHMS.md 12.3), float64."""
+    down, up = t[f"{name}.lora_down.weight"].double(), t[f"{name}.lora_up.weight"].double()
+    change = float(t[f"{name}.alpha"]) / down.shape[0] * up @ down
+    rows, cols = t[f"{name}.bias_indices"].long()
+    change[rows, cols] += t[f"{name}.bias_values"].double()
+    return change
+
+
+def test_sparse_correction_takes_the_ratio_of_a_copied_module(tmp_path, capsys):
+    """An extract --sparse-bias network merged alone (or with other networks' disjoint modules) at ratio 0.5
+    had its low-rank part halved but its sparse correction (bias_values) kept at full strength."""
+    name, gen = PROJ, torch.Generator().manual_seed(4)
+    positions = torch.randperm(20 * 24, generator=gen)[:30]
+    tensors = {
+        f"{name}.lora_down.weight": torch.randn(2, 24, generator=gen).half(),
+        f"{name}.lora_up.weight": torch.randn(20, 2, generator=gen).half(),
+        f"{name}.alpha": torch.tensor(1.0).half(),
+        f"{name}.bias_indices": torch.stack([positions // 24, positions % 24]).short(),
+        f"{name}.bias_values": torch.randn(30, generator=gen).half(),
+        f"{name}.bias_size": torch.tensor([20, 24]).short(),
+    }
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli(capsys, "merge", tmp_path / "x.safetensors", "-o", out, "--ratios", "0.5", "-q")
+    assert code == 0, err
+    torch.testing.assert_close(sparse_lora_change(read_tensors(out), name), 0.5 * sparse_lora_change(tensors, name),
+                               rtol=1e-3, atol=1e-3)

@@ -42,6 +42,7 @@ from lytools.ui import QUIET, Reporter
 
 UP, DOWN, MID = LORA_UP, LORA_DOWN, LORA_MID
 BIAS = "diff_b"  # a LoRA module's bias difference (lytools.algos.lora)
+SPARSE_VALUES = "bias_values"  # the values of the LyCORIS extractor's sparse weight correction (lytools.algos.sparse)
 
 # additive algorithms whose change is linear in one tensor (glora: two, together): the ratio folds into it
 FOLD_INTO = {
@@ -340,8 +341,9 @@ def _copy(part: Contribution) -> dict[str, torch.Tensor]:
             c, d = power_split(part.ratio)
             tensors[UP] = tensors[UP].float() * c
             tensors[DOWN] = tensors[DOWN].float() * d
-            if BIAS in tensors:
-                tensors[BIAS] = tensors[BIAS].float() * part.ratio
+            for suffix in (BIAS, SPARSE_VALUES):  # the bias difference, the sparse weight correction: times the ratio
+                if suffix in tensors:
+                    tensors[suffix] = tensors[suffix].float() * part.ratio
         else:
             for suffix in FOLD_INTO[part.info.algo]:
                 if suffix in tensors:
