@@ -143,3 +143,14 @@ def test_sparse_correction_takes_the_ratio_of_a_copied_module(tmp_path, capsys):
     assert code == 0, err
     torch.testing.assert_close(sparse_lora_change(read_tensors(out), name), 0.5 * sparse_lora_change(tensors, name),
                                rtol=1e-3, atol=1e-3)
+
+
+def test_a_dora_module_refused_a_ratio_is_named_as_dora(tmp_path, capsys):
+    """A LoRA with DoRA merged alone at ratio 0.5 was refused as "lora cannot take ratio 0.5 exactly", which
+    a LoRA can: DoRA's magnitude is what cannot take it."""
+    from lytools.testing import build_network
+
+    net = build_network(tmp_path / "d.safetensors", "sd1", factor=16, components=("unet",), dora=True)
+    code, _, err = cli(capsys, "merge", net, "-o", tmp_path / "out.safetensors", "--ratios", "0.5")
+    assert code == 1 and "lora with DoRA cannot take ratio 0.5 exactly" in err, err
+    assert not (tmp_path / "out.safetensors").exists()

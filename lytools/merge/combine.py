@@ -223,8 +223,9 @@ def _method(name: str, parts: list[Contribution], rank: int | None, files: Seque
         part = parts[0]
         if part.ratio == 1.0 or (part.info.additive and part.info.algo in FOLD_INTO and part.info.dora is None):
             return "copy"
+        kind = f"{part.info.algo} with DoRA" if part.info.dora else part.info.algo  # DoRA is what refuses a ratio
         raise NetworkError(
-            f"{files[part.network]}: module {name}: {part.info.algo} cannot take ratio {part.ratio:g} exactly; "
+            f"{files[part.network]}: module {name}: {kind} cannot take ratio {part.ratio:g} exactly; "
             "merge it into a checkpoint instead"
         )
     if _summable(parts):
