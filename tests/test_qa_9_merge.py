@@ -154,3 +154,44 @@ def test_a_dora_module_refused_a_ratio_is_named_as_dora(tmp_path, capsys):
     code, _, err = cli(capsys, "merge", net, "-o", tmp_path / "out.safetensors", "--ratios", "0.5")
     assert code == 1 and "lora with DoRA cannot take ratio 0.5 exactly" in err, err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def loha_change(t: dict, name: str) -> torch.Tensor:
+    """ΔW of a linear LoHa module (ALGORITHMS.md 3): s · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)."""
+    w1a, w1b, w2a, w2b = (t[f"{name}.hada_{s}"].double() for s in ("w1_a", "w1_b", "w2_a", "w2_b"))
+    return float(t[f"{name}.alpha"]) / w1b.shape[0] * (w1a @ w1b) * (w2a @ w2b)
+
+
+def test_lycoris_q_k_v_parts_merge_into_a_fused_checkpoint(tmp_path, capsys):
+    """A Flux LyCORIS LoHa/LoKr in lycoris_<diffusers path> names (SimpleTuner's, ai-toolkit's), whose q/k/v
+    are separate layers, was refused by merge ("only LoRA parts fuse exactly; flatten the network to LoRA first
+    with lytools resize", a lossy detour): each part is applied to its own rows of the fused BFL tensor.
+    --ratio-for rules are searched in the kohya module name, as for every other module."""
+    from lytools.testing import build_checkpoint, build_network
+
+    base = build_checkpoint(tmp_path / "flux.safetensors", "flux", factor=32, components=("unet",), keep_blocks=1,
+                            dtype=torch.float32)
+    net = build_network(tmp_path / "loha.safetensors", "flux", factor=32, layout="lycoris", algo="loha",
+                        modules=["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"],
+                        dtype=torch.float32)
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli(capsys, "merge", base, net, "-o", out, "--ratios", "0.6", "--ratio-for", "single_blocks_0_=0.5",
+                       "--verify", "-q")
+    assert code == 0, err
+    before, after, factors = read_tensors(base), read_tensors(out), read_tensors(net)
+    prefix, h = "model.diffusion_model.", 96
+    parts = {
+        "double_blocks.0.img_attn.qkv.weight": (0.6, ["transformer_blocks_0_attn_to_q", "transformer_blocks_0_attn_to_k",
+                                                      "transformer_blocks_0_attn_to_v"]),
+        "single_blocks.0.linear1.weight": (0.3, ["single_transformer_blocks_0_attn_to_q",
+                                                 "single_transformer_blocks_0_attn_to_k",
+                                                 "single_transformer_blocks_0_attn_to_v",
+                                                 "single_transformer_blocks_0_proj_mlp"]),
+    }
+    for key, (ratio, names) in parts.items():
+        want = torch.cat([loha_change(factors, f"lycoris_{name}") for name in names])
+        assert want.shape[0] == (3 * h if len(names) == 3 else 3 * h + 4 * h)
+        change = after[prefix + key].double() - before[prefix + key].double()
+        torch.testing.assert_close(change, ratio * want, rtol=1e-4, atol=1e-5)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {prefix + key for key in parts}

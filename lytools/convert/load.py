@@ -275,7 +275,7 @@ def _open_network(path: Path, hash_data: bool = True):
 
 
 def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Mapping[str, Any] | None = None,
-                 hash_data: bool = True, reader: Any = None) -> Network:
+                 hash_data: bool = True, reader: Any = None, keep_parts: bool = False) -> Network:
     """Return the network at `path` in canonical kohya/LyCORIS module names, whatever its layout.
 
     arch: force the architecture (sd1, sd2, sdxl, sd3, flux) when detection cannot tell.
@@ -283,11 +283,14 @@ def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Ma
     hash_data: False leaves `data_sha256` None (the input's AutoV3 is not computed: --strip-metadata).
     reader: `path` already open (lytools.io.open_file): read from it instead of opening the file again (a
     pickled file is then unpickled once); the caller closes it.
+    keep_parts: q/k/v parts that do not fuse exactly into their kohya module (LoHa, LoKr, full, OFT parts, DoRA
+    on some parts) are kept as modules of their own under their stored names instead of failing: merge into a
+    checkpoint applies each to its own rows, as the diffusers model they were trained on has them as layers.
     Errors name the file: a module that is ambiguous or spelled twice, a broken diffusers config.
     """
     path = Path(path)
     try:
-        return _load(path, arch, config, hash_data, reader)
+        return _load(path, arch, config, hash_data, reader, keep_parts)
     except (NetworkError, UnsupportedError) as exc:
         message = str(exc)
         if not message.startswith(str(path)):
@@ -296,7 +299,7 @@ def load_network(path: str | os.PathLike, *, arch: str | None = None, config: Ma
 
 
 def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None, hash_data: bool = True,
-          reader: Any = None) -> Network:
+          reader: Any = None, keep_parts: bool = False) -> Network:
     opened, owned = (contextlib.nullcontext(reader), False) if reader is not None else _open_network(path, hash_data)
     with opened as source:
         infos = {info.name: info for info in source.infos()}
@@ -380,7 +383,16 @@ def _load(path: Path, forced_arch: str | None, config: Mapping[str, Any] | None,
             network.modules[module] = NetworkModule(module, tensors)
             network.sources[module] = sorted(detected.modules[stored].values())
         for module, pieces in parts.items():
-            network.modules[module] = NetworkModule(module, _fuse(arch, module, pieces))
+            try:
+                fused = _fuse(arch, module, pieces)
+            except UnsupportedError:
+                if not keep_parts:
+                    raise
+                for stored, _, tensors, _ in pieces:  # each part a module of its own, on its rows
+                    network.modules[stored] = NetworkModule(stored, tensors)
+                    network.sources[stored] = sorted(detected.modules[stored].values())
+                continue
+            network.modules[module] = NetworkModule(module, fused)
             network.sources[module] = sorted(k for stored, *_ in pieces for k in detected.modules[stored].values())
         network.data_sha256 = getattr(source, "data_sha256", None)
     return network

@@ -100,7 +100,9 @@ def run_merge(
     # input's loaded from this opening)
     loaded = NetworkInputs()
     with open_file(paths[0], keep_ema=keep_ema) as first:
-        kinds = [loaded.kind(paths[0], first)] + [loaded.kind(path) for path in paths[1:]]
+        kinds = [loaded.kind(paths[0], first)]
+        loaded.keep_parts = kinds[0] == "checkpoint"  # networks into it: their q/k/v parts may stay apart
+        kinds += [loaded.kind(path) for path in paths[1:]]
         empty = [p for p, k in zip(paths, kinds) if k == "empty"]
         if empty:  # neither a checkpoint nor a network ("only the first input may be a checkpoint" before)
             raise LytoolsError(f"{empty[0]}: holds no tensors")

@@ -33,7 +33,7 @@ from lytools.io.hashes import DataHashThread
 from lytools.io.metadata import add_provenance, carried, modelspec_date, source_entry, stripped
 from lytools.io.pickled import PickledFile
 from lytools.merge.fp8 import dequantize, requantize, surviving_share
-from lytools.merge.inputs import NetworkInput, NetworkInputs, load_network_input
+from lytools.merge.inputs import NetworkInput, NetworkInputs
 from lytools.merge.plan import CheckpointPlan, Group, Touch, plan_checkpoint_merge
 from lytools.merge.ratios import Ratios
 from lytools.ui import QUIET, Reporter
@@ -396,8 +396,10 @@ def merge_into_checkpoint(
     check_mode(dora_mode)
     base = Path(base)
     where = resolve_device(device)
-    load = loaded.load if loaded is not None else load_network_input
-    networks = [load(path, hash_file=not (dry_run or strip_metadata)) for path in network_paths]
+    if loaded is None:  # q/k/v parts that do not fuse into one kohya module are applied each to its own rows
+        loaded = NetworkInputs()
+        loaded.keep_parts = True
+    networks = [loaded.load(path, hash_file=not (dry_run or strip_metadata)) for path in network_paths]
     if given_mode is not None and not any(info.dora for n in networks for info in n.infos.values()):
         reporter.warn(f"--dora-mode {given_mode}: no network holds DoRA modules, so it changes nothing")
     rule_set = Ratios.build(len(networks), ratios, ratio_for)

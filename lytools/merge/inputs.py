@@ -101,13 +101,15 @@ def check_kohya_names(path: Path, network, arch: str | None = None) -> None:
 
 
 def _load_modules(
-    path: Path, reader=None, arch: str | None = None,
+    path: Path, reader=None, arch: str | None = None, keep_parts: bool = False,
 ) -> tuple[dict[str, NetworkModule], dict[str, str], list[str], str, tuple[str, ...], tuple[str, ...]]:
     """Return (modules, metadata, stray keys, arch, tied, unmapped) through lytools.convert's reader (any key style),
-    from `reader` (the file already open) when given; tied diffusers names in kohya names where known (kohya_named)."""
+    from `reader` (the file already open) when given; tied diffusers names in kohya names where known (kohya_named).
+    keep_parts: q/k/v parts that do not fuse into one kohya module stay modules of their own (load_network)."""
     from lytools.convert import load_network  # the one reader of every network key style
 
-    network = load_network(path, hash_data=False, reader=reader)  # merge hashes inputs itself (file_hashes), when it records them
+    # merge hashes inputs itself (file_hashes), when it records them
+    network = load_network(path, hash_data=False, reader=reader, keep_parts=keep_parts)
     network = kohya_named(path, network, arch=arch, reader=reader)
     return (dict(network.modules), dict(network.metadata), list(network.stray), network.arch, tuple(network.tied),
             tuple(network.unmapped))
@@ -125,19 +127,21 @@ def named_for(network: NetworkInput, arch: str | None) -> NetworkInput:
                         network.tied, unmapped)
 
 
-def load_network_input(path: str | os.PathLike, *, hash_file: bool = True) -> NetworkInput:
-    """Return a network input with every module detected; errors name the file."""
+def load_network_input(path: str | os.PathLike, *, hash_file: bool = True, keep_parts: bool = False) -> NetworkInput:
+    """Return a network input with every module detected; errors name the file. keep_parts (merge into a
+    checkpoint): q/k/v parts that do not fuse into one kohya module stay modules of their own, each applied to its
+    rows."""
     path = Path(path)
-    network = _read_network_input(path, hash_file)
+    network = _read_network_input(path, hash_file, keep_parts=keep_parts)
     if network is None:
         raise LytoolsError(f"{path}: no network modules found (is it a checkpoint? checkpoints go first)")
     return network
 
 
-def _read_network_input(path: Path, hash_file: bool, reader=None) -> NetworkInput | None:
+def _read_network_input(path: Path, hash_file: bool, reader=None, keep_parts: bool = False) -> NetworkInput | None:
     """Return the network input at `path` (read from `reader` when given), or None when it holds no network module."""
     try:
-        modules, metadata, stray, arch, tied, unmapped = _load_modules(path, reader)
+        modules, metadata, stray, arch, tied, unmapped = _load_modules(path, reader, keep_parts=keep_parts)
         infos = {name: describe_module(module) for name, module in modules.items()}
         check_finite(modules)
     except NetworkError as exc:  # named once: load_network's own errors already begin with the path
@@ -164,6 +168,7 @@ class NetworkInputs:
 
     def __init__(self) -> None:
         self._pickled: dict[Path, NetworkInput] = {}
+        self.keep_parts = False  # into a checkpoint: q/k/v parts that do not fuse stay modules of their own
 
     def kind(self, path: Path, reader=None) -> str:
         """Return "network", "checkpoint" or "empty" from the file's keys, as file_kind does; from `reader`, the
@@ -176,7 +181,7 @@ class NetworkInputs:
                 return self.kind(path, handle)
         found = kind_of(reader.keys())
         if found == "network" and is_pickled(path):
-            network = _read_network_input(path, hash_file=False, reader=reader)
+            network = _read_network_input(path, hash_file=False, reader=reader, keep_parts=self.keep_parts)
             if network is not None:  # None: load() reads it again and says that it holds no module
                 self._pickled[path] = network
         return found
@@ -186,7 +191,7 @@ class NetworkInputs:
         path = Path(path)
         if path in self._pickled:  # a pickled file has no AutoV3 hash: hash_file changes nothing for it
             return self._pickled[path]
-        network = load_network_input(path, hash_file=hash_file)
+        network = load_network_input(path, hash_file=hash_file, keep_parts=self.keep_parts)
         if is_pickled(path):
             self._pickled[path] = network
         return network

@@ -264,7 +264,8 @@ def plan_checkpoint_merge(
                     created[bias] = (shapes[piece.key][0],)
                 bias_keys.append(bias)
             summary.matched += 1
-            touches.append(Touch(index, name, ratios.of(index, name), resolved.placements, tuple(bias_keys), pad))
+            kohya = resolved.module if resolved.module != name and resolved.in_table else None  # a q/k/v part kept apart
+            touches.append(Touch(index, name, ratios.of(index, name, kohya), resolved.placements, tuple(bias_keys), pad))
         summaries.append(summary)
     hint = _arch_hint(networks, resolver.checkpoint.arch, base)
     if misfits:

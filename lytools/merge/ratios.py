@@ -76,15 +76,18 @@ class Ratios:
             per_input = list(ratios)
         return cls(per_input, [parse_rule(rule) for rule in rules])
 
-    def of(self, index: int, module_name: str) -> float:
-        """Return the ratio for module `module_name` of network input `index` (the rules it takes count as used)."""
-        ratio, matched = self._apply(self.per_input[index], module_name)
+    def of(self, index: int, module_name: str, kohya_name: str | None = None) -> float:
+        """Return the ratio for module `module_name` of network input `index` (the rules it takes count as used);
+        `kohya_name`: the kohya module it is part of, when it is a q/k/v part kept under its stored name, which
+        the rules are also searched in."""
+        ratio, matched = self._apply(self.per_input[index], module_name, kohya_name)
         self.used.update(rule.text for rule in matched)
         return ratio
 
-    def _apply(self, ratio: float, module_name: str) -> tuple[float, list[RatioRule]]:
-        """Return (`ratio` times every rule matching `module_name`, those rules)."""
-        matched = [rule for rule in self.rules if rule.pattern.search(module_name)]
+    def _apply(self, ratio: float, module_name: str, kohya_name: str | None = None) -> tuple[float, list[RatioRule]]:
+        """Return (`ratio` times every rule matching `module_name` or `kohya_name`, those rules)."""
+        names = [module_name] if kohya_name is None else [module_name, kohya_name]
+        matched = [rule for rule in self.rules if any(rule.pattern.search(name) for name in names)]
         for rule in matched:
             ratio *= rule.factor
         return ratio, matched
