@@ -156,6 +156,18 @@ def test_a_dora_module_refused_a_ratio_is_named_as_dora(tmp_path, capsys):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.parametrize("option", ["--ratios", "--ratio-for"])
+def test_a_ratio_beyond_float32_is_a_usage_error(tmp_path, capsys, option):
+    """--ratios 1e308 passed the finite check and ended in an internal error of the float32 matmul."""
+    from lytools.testing import build_network
+
+    net = build_network(tmp_path / "n.safetensors", "sd1", factor=16, components=("unet",))
+    value = "1e308" if option == "--ratios" else "input_blocks=-1e39"
+    code, _, err = cli(capsys, "merge", net, "-o", tmp_path / "out.safetensors", option, value)
+    assert code == 2 and "beyond float32's range" in err and "internal error" not in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def loha_change(t: dict, name: str) -> torch.Tensor:
     """ΔW of a linear LoHa module (ALGORITHMS.md 3): s · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)."""
     w1a, w1b, w2a, w2b = (t[f"{name}.hada_{s}"].double() for s in ("w1_a", "w1_b", "w2_a", "w2_b"))

@@ -22,6 +22,9 @@ class RatioRule:
     factor: float
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def parse_float(text: str, what: str) -> float:
     """Return a finite float from user text, or raise naming the option."""
     try:
@@ -30,6 +33,8 @@ def parse_float(text: str, what: str) -> float:
         raise UsageError(f"{what}: {text!r} is not a number") from None
     if not math.isfinite(value):
         raise UsageError(f"{what}: {text!r} is not a finite number")
+    if abs(value) > FLOAT32_MAX:  # weights are scaled in float32 at least: the ratio would not fit
+        raise UsageError(f"{what}: {text!r} is beyond float32's range (±{FLOAT32_MAX:.4g})")
     return value
 
 
