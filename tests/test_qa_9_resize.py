@@ -24,8 +24,11 @@ def test_truncating_a_lycoris_dylora_checks_its_block_size(tmp_path, capsys):
     code, out, err = run_lytools(capsys, "resize", source, tmp_path / "t.safetensors", "--rank", "3", "--truncate", "--json")
     assert code == 0, err
     assert "not a multiple of the DyLoRA unit 2" in err
-    [module] = json.loads(out)["modules"]
+    report = json.loads(out)
+    [module] = report["modules"]
     assert module["rank_out"] == 3 and "unit 2" in module["note"]
+    assert err.count("not a multiple of the DyLoRA unit 2") == 1  # said once
+    assert [w for w in report["warnings"] if "not a multiple of the DyLoRA unit 2" in w]  # and in --json
     written = read_tensors(tmp_path / "t.safetensors")
     assert torch.equal(written["lycoris_proj.lora_down.weight"], tensors["lycoris_proj.lora_down.weight"][:3])
     # a multiple of the block size: no warning

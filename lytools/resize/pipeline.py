@@ -428,22 +428,25 @@ def resize_file(
                 "keep the leading ranks of the first part only; resize without --truncate")
         for note in network.notes:  # after the checks, so that a refused input stays a one-line error
             reporter.log(note)
+        early: list[str] = []  # warnings about the inputs, said at once
         unit = dylora_unit(network.metadata)
         if options.truncate and unit is None and network.metadata.get("ss_network_module", "").endswith("dylora"):
             reporter.detail("DyLoRA file without a unit in ss_network_args: truncating without a unit check")
         if options.truncate and unit:
             off = sorted({r for r in (rule.rank, rule.conv_rank) if r is not None and r % unit})
             if off:
-                reporter.warn(f"{source.name}: rank {', '.join(map(str, off))} is not a multiple of the DyLoRA unit {unit} "
-                              "(the file was trained in blocks of that size)")
+                early.append(f"{source.name}: rank {', '.join(map(str, off))} is not a multiple of the DyLoRA unit {unit} "
+                             "(the file was trained in blocks of that size)")
+                reporter.warn(early[-1])
         flattened = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values()
                             if info.algo != "norm" and not is_plain_lora(info)})
         if flattened and not options.truncate:
             reporter.log(f"{source.name}: {', '.join(flattened)} modules become LoRA/LoCon modules (the algorithm changes)")
         base = BaseWeights(options.base) if options.base is not None else None  # checked even when not needed
         if base is not None and not flattened:
-            reporter.warn(f"--base {options.base.name}: not used, every module of {source.name} is a LoRA/LoCon "
-                          "(the base weights serve only to flatten other algorithms)")
+            early.append(f"--base {options.base.name}: not used, every module of {source.name} is a LoRA/LoCon "
+                         "(the base weights serve only to flatten other algorithms)")
+            reporter.warn(early[-1])
         baked = sorted({info.algo + ("+dora" if info.dora else "") for info in infos.values() if info.algo != "norm"
                         and not is_plain_lora(info) and (info.needs_weight or not info.additive)})
         try:
@@ -487,6 +490,7 @@ def resize_file(
                 reporter.log(f"{len(summary.stray)} tensors that belong to no module copied unchanged")
             for warning in summary.warnings:
                 reporter.warn(warning)
+            summary.warnings[:0] = early  # said when found (before any error); in the summary and --json too
             hashed = source.suffix.lower() == ".safetensors" and not options.strip_metadata
             autov3 = file_hashes(source).autov3 if hashed else None
             metadata = resized_metadata(network.metadata, options, rule, summary.modules, source, autov3)
