@@ -35,11 +35,9 @@ def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-    from lytools.io.safetensors import READABLE, foreign_format
+    from lytools.io.safetensors import READABLE, describe_foreign
 
-    foreign = foreign_format(prefix)
+    foreign = describe_foreign(path)
     if foreign:
         raise FileFormatError(f"{path}: {foreign}, not a pickled checkpoint: {READABLE}")
     mmap_ok = zipfile.is_zipfile(path)

@@ -127,6 +127,32 @@ def foreign_format(prefix: bytes) -> str | None:
     return None
 
 
+def describe_foreign(path: Path) -> str | None:
+    """Name the format of a file that is neither safetensors nor a torch checkpoint (the magics
+    above, a tar archive, a zip archive that is no torch.save zip), else None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError:
+        return None
+    foreign = foreign_format(head)
+    if foreign:
+        return foreign
+    if head[257:262] == b"ustar" and not head.startswith(b"sys_info\0"):  # torch's legacy tar begins with sys_info
+        return "a tar archive"
+    if head[:4] == b"PK\x03\x04":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+        if not any(name.endswith("data.pkl") for name in names):  # torch.save writes <name>/data.pkl
+            return "a zip archive"
+    return None
+
+
 def read_header(path: str | os.PathLike) -> Header:
     """Return the validated header of a safetensors file; raise FileFormatError naming the problem."""
     path = Path(path)
@@ -137,10 +163,11 @@ def read_header(path: str | os.PathLike) -> Header:
             if len(prefix) < 8:
                 raise _fail(path, f"not a safetensors file: {file_size} bytes is shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_LEN:
-                foreign = foreign_format(prefix)
+            if header_len > MAX_HEADER_LEN or header_len > file_size - 8:
+                foreign = describe_foreign(path)  # a gzip's or tar's first bytes can read as a small length
                 if foreign:
                     raise _fail(path, f"{foreign}, not safetensors: {READABLE}")
+            if header_len > MAX_HEADER_LEN:
                 if prefix.lstrip()[:1] in (b"{", b"["):  # model_index.json, config.json, adapter_config.json...
                     raise _fail(path, f"a JSON file, not weights: {READABLE}; for a diffusers folder or a peft adapter, "
                                       f"name its folder ({path.parent})")
@@ -161,6 +188,10 @@ def read_header(path: str | os.PathLike) -> Header:
         raise FileFormatError(f"{path}: permission denied") from None
     if len(raw) != header_len:
         raise _fail(path, "truncated: the file ended inside the header")
+    if not raw.lstrip()[:1] == b"{":  # no JSON object: maybe an archive whose first bytes read as a fitting length
+        foreign = describe_foreign(path)
+        if foreign:
+            raise _fail(path, f"{foreign}, not safetensors: {READABLE}")
     return parse_header(path, raw, file_size)
 
 
