@@ -11,6 +11,7 @@ attention layers for AUTOMATIC1111 (a few KB each: only their values tell them f
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import statistics
 import struct
@@ -652,4 +653,8 @@ def inspect_files(paths: Iterable[str | Path], *, hashes: bool = False, verbose:
         try:
             yield path, inspect_file(path, hashes=hashes, verbose=verbose), None
         except LytoolsError as exc:
+            if os.environ.get("LYTOOLS_DEBUG") == "1":  # the traceback the README promises
+                import traceback
+
+                traceback.print_exc()
             yield path, None, str(exc)

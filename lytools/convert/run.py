@@ -456,7 +456,11 @@ def _process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
 
 def _failed(source: Path, exc: Exception) -> FileResult:
     """Return the result of a file that failed: a lytools error's one line, naming the file when it does
-    not already; a memory or I/O error with its kind."""
+    not already; a memory or I/O error with its kind. LYTOOLS_DEBUG=1 prints its traceback first."""
+    if os.environ.get("LYTOOLS_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
     if isinstance(exc, LytoolsError):
         message = str(exc)
         return FileResult(source, error=message if str(source) in message else f"{source}: {message}")
