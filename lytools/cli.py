@@ -309,7 +309,9 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
 # -- convert ----------------------------------------------------------------------------------
 @cli.command("convert")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", type=click.Path(path_type=str), metavar="OUT", help="Output for a single INPUT.")
+@click.option("-o", "--output", type=click.Path(path_type=str), metavar="OUT",
+              help="Output for a single INPUT. With --to peft: a folder (OUT/adapter_model.safetensors + "
+                   "adapter_config.json), or OUT.safetensors with OUT.adapter_config.json beside it.")
 @click.option("--output-dir", type=click.Path(path_type=Path), metavar="DIR",  # a file there: exit 1, as for -o
               help="Folder for many inputs, created when missing: DIR/<input name>.safetensors; with --to peft "
                    "DIR/<input name>/adapter_model.safetensors + adapter_config.json.")

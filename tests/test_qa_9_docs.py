@@ -26,3 +26,18 @@ def test_debug_traceback_for_a_failed_file(tmp_path, capsys, monkeypatch, comman
     code, _, err = run_lytools(capsys, *args)
     assert code == 1 and "Traceback (most recent call last)" in err and "FileFormatError" in err, err
     assert "lytools: error: " in err  # the one line still follows
+
+
+def test_convert_help_names_the_peft_outputs_of_o(tmp_path, capsys):
+    """`convert -o OUT --to peft` writes a folder or OUT plus OUT.adapter_config.json; --help said
+    only 'Output for a single INPUT', so the second file came unannounced."""
+    code, out, _ = run_lytools(capsys, "convert", "--help")
+    assert code == 0 and "OUT.adapter_config.json" in " ".join(out.split())
+    net = build_network(tmp_path / "net.safetensors", "sd1", factor=16, components=["unet"])
+    code, out, err = run_lytools(capsys, "convert", net, "-o", tmp_path / "pf.safetensors", "--to", "peft")
+    assert code == 0, err
+    assert out.split() == [str(tmp_path / "pf.safetensors"), str(tmp_path / "pf.adapter_config.json")]
+    code, out, err = run_lytools(capsys, "convert", net, "-o", tmp_path / "folder", "--to", "peft")
+    assert code == 0, err
+    assert out.split() == [str(tmp_path / "folder" / "adapter_model.safetensors"),
+                           str(tmp_path / "folder" / "adapter_config.json")]
