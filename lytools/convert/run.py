@@ -363,6 +363,11 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
             meta = output_metadata(stored, source, None, {}, strip=True, checkpoint=checkpoint)
         else:
             meta = output_metadata(stored, source, None, {})
+        # a peft adapter's scale is in its adapter_config.json (lora_alpha, alpha_pattern): it goes beside the cast
+        config_source = peft_config_path(source) if any(".lora_A." in key for key in keys) else None
+        config_output = peft_paths(output)[1] if config_source is not None else None
+        if config_output is not None and config_output.exists() and not overwrite:
+            raise OutputExistsError(f"{config_output}: already exists (use --overwrite to replace it)")
         infos = {info.name: info for info in reader.infos()}
         # a network's alphas and DoRA magnitudes are not narrowed to fp8 (as with --to): an fp8 alpha
         # of 11 would read 12, every module's scale off by 9%
@@ -397,12 +402,41 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
         with writer:
             for name in writer.order:
                 writer.write(name, produce(name))
+        if config_output is not None:
+            _copy_peft_config(config_source, config_output, output, strip_metadata, durable)
+            result.notes.append(f"{config_source.name} written beside it as {config_output.name} (the adapter's scale)")
     if saturated:
         result.notes.append(f"{saturated} tensors had values beyond the {st_name(dtype)} range "
                             f"and were saturated to ±{torch.finfo(dtype).max:g}")
-    result.outputs = [output]
+    result.outputs = [output] if config_output is None else [output, config_output]
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _copy_peft_config(source: Path, config_path: Path, adapter: Path, strip_metadata: bool, durable: bool) -> None:
+    """Write a cast peft adapter's config (with --strip-metadata, less the base model's name, often a
+    local path); the adapter written just before is removed when this fails."""
+    try:
+        text = source.read_text(encoding="utf-8")
+        if strip_metadata:
+            config = json.loads(text)
+            for key in ("base_model_name_or_path", "revision"):
+                if key in config:
+                    config[key] = None
+            text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        temp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
+        try:
+            with open(temp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                if durable:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(temp, config_path)
+        finally:
+            temp.unlink(missing_ok=True)
+    except (OSError, ValueError) as exc:
+        adapter.unlink(missing_ok=True)
+        raise LytoolsError(f"{source}: cannot write its copy {config_path}: {exc}") from None
 
 
 def process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
