@@ -92,3 +92,19 @@ def test_cast_of_a_peft_adapter_keeps_its_scale(tmp_path, capsys, strip):
                                "--save-dtype", "fp16")
     assert code == 1 and "already exists" in err and str(written) in err
     assert written.read_text() == before and not (tmp_path / "cast.safetensors").exists()
+
+
+def test_cast_of_a_peft_adapter_never_replaces_its_own_config(tmp_path, capsys):
+    """The config written beside a cast may not be the input's own (with --overwrite and
+    --strip-metadata it would have rewritten the input's adapter_config.json)."""
+    net = build_network(tmp_path / "n.safetensors", "sd1", factor=16, components=["unet"])
+    code, _, err = run_lytools(capsys, "convert", net, "-o", tmp_path / "a", "--to", "peft")
+    assert code == 0, err
+    (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "a" / "foo.safetensors")
+    before = (tmp_path / "a" / "adapter_config.json").read_bytes()
+    code, _, err = run_lytools(capsys, "convert", tmp_path / "a" / "foo.safetensors", "-o",
+                               tmp_path / "a" / "adapter_model.safetensors", "--save-dtype", "fp32", "--overwrite",
+                               "--strip-metadata")
+    assert code == 1 and "the input's own" in err
+    assert (tmp_path / "a" / "adapter_config.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "foo.safetensors"]

@@ -366,6 +366,8 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
         # a peft adapter's scale is in its adapter_config.json (lora_alpha, alpha_pattern): it goes beside the cast
         config_source = peft_config_path(source) if any(".lora_A." in key for key in keys) else None
         config_output = peft_paths(output)[1] if config_source is not None else None
+        if config_output is not None and config_output.resolve() == config_source.resolve():
+            raise UsageError(f"{output}: its adapter config would be {config_output}, the input's own; choose another name")
         if config_output is not None and config_output.exists() and not overwrite:
             raise OutputExistsError(f"{config_output}: already exists (use --overwrite to replace it)")
         infos = {info.name: info for info in reader.infos()}
