@@ -327,24 +327,21 @@ def to_peft(net: Network, *, fold: bool = True, save_dtype: torch.dtype | None =
     """Return one component of the network as a peft adapter and its adapter_config.json."""
     pieces = _diffusers_pieces(net)
     present = sorted({p.component for p in pieces})
+    # the --component value of each diffusers component (Flux's T5, text_encoder_2, is te3)
+    options = {e.diffusers: e.component for e in ENCODERS.get(net.arch, ())} or {
+        "unet": "unet", "transformer": "unet", "text_encoder": "te", "text_encoder_2": "te2", "text_encoder_3": "te3"}
+    have = ", ".join(c if options.get(c, c) == c else f"{options[c]} ({c})" for c in present)
     if component is not None:
-        # the diffusers component of each of the architecture's models (Flux's T5, te3, is text_encoder_2)
-        encoders = {e.component: e.diffusers for e in ENCODERS.get(net.arch, ())} or {
-            "unet": "unet" if "unet" in present else "transformer", "te": "text_encoder", "te2": "text_encoder_2",
-            "te3": "text_encoder_3"}  # an architecture lytools does not know: the usual names
-        if "te" in encoders:
-            encoders["te1"] = encoders["te"]
-        elif "te1" in encoders:
-            encoders["te"] = encoders["te1"]
-        chosen = [c for c in present if c == encoders.get(component)]
+        if component in ("te", "te1"):
+            component = next((o for o in options.values() if o in ("te", "te1")), component)
+        chosen = [c for c in present if options.get(c) == component]
         if not chosen:
-            raise MatchError(f"{net.path}: no {component} modules in this {net.arch} network (it has {', '.join(present)})")
+            raise MatchError(f"{net.path}: no {component} modules in this {net.arch} network (it has --component {have})")
         pieces = [p for p in pieces if p.component == chosen[0]]
         skipped = [c for c in present if c != chosen[0]]
     elif len(present) > 1:
         raise LytoolsError(
-            f"{net.path}: a peft adapter holds one model, this network has {', '.join(present)}; "
-            f"pick one with --component (unet, te, te1, te2, te3)"
+            f"{net.path}: a peft adapter holds one model, this network has {have}; pick one with --component"
         )
     else:
         skipped = []
