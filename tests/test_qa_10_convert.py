@@ -46,3 +46,59 @@ def test_peft_component_te_and_te1_are_one_encoder_on_sd1_and_sdxl(tmp_path, cap
                                    "--arch", arch)
         assert code == 1 and ("--component te (text_encoder)" if arch == "sd1" else
                               "--component te1 (text_encoder), te2 (text_encoder_2)") in err
+
+
+def _split_flux_lora(path, parts, rank=4):
+    """A diffusers Flux LoRA training only some of the q/k/v (and proj_mlp) parts of a fused weight, as
+    diffusers' own Flux script does (to_q/k/v and to_out.0: no proj_mlp in single blocks)."""
+    from lytools.io import write_safetensors
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for name in parts:
+        rows = 12288 if name.endswith("proj_mlp") else 3072
+        tensors[f"transformer.{name}.lora_A.weight"] = (0.1 * torch.randn(rank, 3072, generator=g)).half()
+        tensors[f"transformer.{name}.lora_B.weight"] = (0.1 * torch.randn(rows, rank, generator=g)).half()
+    write_safetensors(path, tensors)
+    return path
+
+
+@pytest.mark.parametrize("fold", ["--fold", "--no-fold"])
+def test_parts_a_fused_weight_was_trained_without_stay_out(tmp_path, capsys, fold):
+    """diffusers → diffusers (or via kohya) wrote every part of a fused weight at the summed rank: a
+    single block trained on to_q/k/v came out with a proj_mlp of zeros, each part at rank 12 not 4, and a
+    double block's to_q + to_v got a to_k: 4.5 times the file, nothing of it applied."""
+    from safetensors.torch import load_file
+
+    parts = ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+             "single_transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v"]
+    source = _split_flux_lora(tmp_path / "d.safetensors", parts)
+    out = tmp_path / "o.safetensors"
+    code, _, err = run_lytools(capsys, "convert", source, "-o", out, "--to", "diffusers", fold, "--verify", "--check")
+    assert code == 0, err
+    original, written = load_file(source), load_file(out)
+    assert set(written) == set(original)  # ranks 4, no part added
+    if fold == "--no-fold":  # scale 1: a fold changes nothing either, but the flag is the contract
+        assert all(torch.equal(written[k], original[k]) for k in original)
+    kohya, back = tmp_path / "k.safetensors", tmp_path / "b.safetensors"
+    assert run_lytools(capsys, "convert", source, "-o", kohya, "--to", "kohya")[0] == 0
+    assert run_lytools(capsys, "convert", kohya, "-o", back, "--to", "diffusers", "--no-fold", "--verify")[0] == 0
+    again = load_file(back)
+    assert set(again) == set(original) and all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_part_of_zero_rows_is_kept_where_a_dora_magnitude_changes_it(tmp_path):
+    """A zero-ΔW part still has its rows rescaled by DoRA: it is written, not dropped."""
+    from lytools.convert.fuse import DORA, DOWN, UP, split_fused
+
+    g = torch.Generator().manual_seed(0)
+    up = torch.zeros(12, 4)
+    up[0:4, 0:2] = torch.randn(4, 2, generator=g)
+    up[8:12, 2:4] = torch.randn(4, 2, generator=g)
+    tensors = {DOWN: torch.randn(4, 6, generator=g), UP: up}
+    rows = [(0, 4), (4, 8), (8, 12)]
+    plain = split_fused("m", tensors, rows)
+    assert plain[1] is None and [p[DOWN].shape[0] for p in (plain[0], plain[2])] == [2, 2]
+    assert torch.equal(plain[0][UP] @ plain[0][DOWN], (up @ tensors[DOWN])[0:4])
+    dora = split_fused("m", {**tensors, DORA: torch.ones(12, 1)}, rows)
+    assert dora[1] is not None and torch.equal(dora[1][UP] @ dora[1][DOWN], torch.zeros(4, 6))

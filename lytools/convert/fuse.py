@@ -129,11 +129,13 @@ def fuse_parts(name: str, parts: Sequence[tuple[Rows, Tensors]], total_rows: int
 
 
 # -- one fused module -> split parts ----------------------------------------------------------------
-def split_fused(name: str, tensors: Tensors, parts: Sequence[Rows]) -> list[dict[str, torch.Tensor]]:
+def split_fused(name: str, tensors: Tensors, parts: Sequence[Rows]) -> list[dict[str, torch.Tensor] | None]:
     """Return one LoRA module per row range of a fused module; ΔW of each equals the fused ΔW's rows.
 
     When the fused `up` is block-diagonal over the parts (a module fused from parts earlier), each
-    part keeps only its own columns (its original rank); otherwise each part shares the whole
+    part keeps only its own columns (its original rank), and a part whose rows are all zero (one
+    the fused module was made without: a file training to_q and to_v only) is None, unless a DoRA
+    magnitude or a bias difference still changes its rows; otherwise each part shares the whole
     `down` with its rows of `up`. Only slicing: exact to the bit.
     """
     if not _is_plain_lora(tensors) or MID in tensors:
@@ -149,7 +151,10 @@ def split_fused(name: str, tensors: Tensors, parts: Sequence[Rows]) -> list[dict
     result = []
     for index, (start, stop) in enumerate(parts):
         part: dict[str, torch.Tensor] = {}
-        if columns is not None:
+        if columns is not None and not len(columns[index]) and DORA not in tensors and BIAS not in tensors:
+            result.append(None)  # ΔW of these rows is zero and nothing else touches them
+            continue
+        if columns is not None and len(columns[index]):
             cols = columns[index]
             part[DOWN] = down[cols].clone()
             part[UP] = up[start:stop][:, cols].clone()
@@ -180,11 +185,11 @@ def _block_columns(up: torch.Tensor, parts: Sequence[Rows]) -> list[torch.Tensor
     seen = torch.zeros(up.shape[1], dtype=torch.bool)
     for start, stop in parts:
         mask = flat[start:stop].ne(0).any(dim=0)
-        if not mask.any() or (mask & seen).any():
+        if (mask & seen).any():
             return None
-        seen |= mask
+        seen |= mask  # a part of zero rows uses no column (the fused module was made without it)
         used.append(torch.nonzero(mask).flatten())
-    if bool(seen.all()) is False:
+    if bool(seen.all()) is False or sum(1 for cols in used if len(cols)) < 2:
         return None
     return used
 

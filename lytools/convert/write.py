@@ -201,7 +201,8 @@ def _diffusers_pieces(net: Network) -> list[_Piece]:
         if rows[-1][1] != out:
             raise MatchError(f"{net.path}: module {name} has {out} output rows, its parts cover {rows[-1][1]}")
         for part, tensors in zip(parts, split_fused(name, module.tensors, rows)):
-            pieces.append(_Piece(part.component, part.path, tensors))
+            if tensors is not None:
+                pieces.append(_Piece(part.component, part.path, tensors))
     return pieces
 
 
