@@ -102,3 +102,30 @@ def test_part_of_zero_rows_is_kept_where_a_dora_magnitude_changes_it(tmp_path):
     assert torch.equal(plain[0][UP] @ plain[0][DOWN], (up @ tensors[DOWN])[0:4])
     dora = split_fused("m", {**tensors, DORA: torch.ones(12, 1)}, rows)
     assert dora[1] is not None and torch.equal(dora[1][UP] @ dora[1][DOWN], torch.zeros(4, 6))
+
+
+@pytest.mark.parametrize("target", [["--to", "diffusers"], ["--to", "peft", "--component", "unet"], ["--to", "kohya", "--fold"]])
+def test_fold_into_fp8_factors_that_underflow_is_refused(tmp_path, capsys, target):
+    """An fp8 LoRA of alpha 1, rank 64: folding 1/64 into its fp8 factors pushed them below e4m3's smallest
+    subnormal, and the default conversion wrote a file whose change was 45-66% off without a word (the
+    fp8 note spoke only of non-power-of-two scales)."""
+    from safetensors.torch import load_file
+
+    from lytools.io import write_safetensors
+
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    built = build_network(tmp_path / "b.safetensors", "sd1", factor=8, rank=64, alpha=1.0, modules=[name], dtype=torch.float32)
+    tensors = {k: (0.1 * v).to(torch.float8_e4m3fn) if k.endswith(".weight") else v for k, v in load_file(built).items()}
+    source = tmp_path / "f8.safetensors"
+    write_safetensors(source, tensors)
+    out = tmp_path / "out"
+    code, stdout, err = run_lytools(capsys, "convert", source, "-o", out, *target, "--arch", "sd1")
+    assert code == 1 and stdout == "" and not out.exists()
+    assert "alpha/rank = 0.015625 into float8_e4m3fn factors loses" in err and "--save-dtype bf16" in err
+    # what the message offers works, and keeps the change
+    for extra in (["--save-dtype", "bf16"], ["--no-fold"]):
+        if "--fold" in target and extra == ["--no-fold"]:
+            continue
+        code, _, err = run_lytools(capsys, "convert", source, "-o", tmp_path / "ok", *target, "--arch", "sd1", "--verify",
+                                   "--overwrite", *extra)
+        assert code == 0, err

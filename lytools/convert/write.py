@@ -37,6 +37,7 @@ from lytools.convert.layout import FOLDED_NOTE, fold_split, lora_config, unloade
 from lytools.convert.load import Network
 from lytools.errors import LytoolsError, MatchError, UnsupportedError
 from lytools.io.dtypes import is_float, saturating_cast
+from lytools.resize.verify import ROUNDING
 
 
 
@@ -215,6 +216,8 @@ def _piece_factors(name: str, tensors: Mapping[str, torch.Tensor], fold: bool, d
         down_factor, up_factor = fold_split(scale_of(name, tensors))
         down_out = _scaled(down, down_factor, out_dtype, dtype)
         up_out = _scaled(up, up_factor, out_dtype, dtype)
+        if out_dtype.is_floating_point and out_dtype.itemsize == 1:
+            _check_fp8_fold(name, scale_of(name, tensors), ((down, down_factor, down_out), (up, up_factor, up_out)), out_dtype)
         alpha = float(rank)
     else:
         down_out, up_out = cast(down, dtype), cast(up, dtype)
@@ -270,6 +273,23 @@ def _check_dora(net: Network, pieces: list[_Piece]) -> None:
             f"{net.path}: DoRA on only some modules ({partial}); peft's use_dora applies to every module of a "
             f"model, so the others would load as DoRA; convert --flatten-dora --base CHECKPOINT, or convert --to kohya"
         )
+
+
+def _check_fp8_fold(name: str, scale: float, pairs, dtype: torch.dtype) -> None:
+    """Refuse a fold that fp8 cannot hold: a small alpha / rank (1/64) moves factor values below fp8's
+    smallest subnormal (2^-9 in e4m3), where they round to a few levels or to zero."""
+    for tensor, factor, written in pairs:
+        if factor == 1.0:
+            continue
+        exact = tensor.float() * factor
+        norm = float(exact.norm())
+        error = float((written.float() - exact).norm()) / norm if norm > 0 else 0.0
+        if error > ROUNDING[dtype]:
+            raise UnsupportedError(
+                f"module {name}: folding its scale alpha/rank = {scale:g} into {str(dtype).replace('torch.', '')} "
+                f"factors loses {error:.0%} of them (values fall below fp8's smallest); write them wider "
+                f"(--save-dtype bf16 or fp16) or keep the scale out of the factors with --no-fold"
+            )
 
 
 def _scaled(tensor: torch.Tensor, factor: float, out_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.Tensor:
