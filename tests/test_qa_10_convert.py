@@ -129,3 +129,30 @@ def test_fold_into_fp8_factors_that_underflow_is_refused(tmp_path, capsys, targe
         code, _, err = run_lytools(capsys, "convert", source, "-o", tmp_path / "ok", *target, "--arch", "sd1", "--verify",
                                    "--overwrite", *extra)
         assert code == 0, err
+
+
+@pytest.mark.parametrize(("arch", "width", "expected"), [("sd1", 768, "lora_te_"), ("sd2", 1024, "lora_te_"), ("flux", 768, "lora_te1_")])
+def test_lycoris_text_encoder_names_get_their_kohya_names(tmp_path, capsys, arch, width, expected):
+    """LyCORIS' wrapper on a CLIP text encoder writes `lycoris_text_model_…` (FORMATS.md 3.2: infer the
+    component from the name). convert --to kohya kept those names, which no loader maps for text
+    encoders (ComfyUI's lycoris_ map is the denoiser's), so the file converted with exit 0 and loaded nothing."""
+    from safetensors import safe_open
+
+    from lytools.io import write_safetensors
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name, rows in (("text_model_encoder_layers_0_self_attn_q_proj", width), ("text_model_encoder_layers_0_mlp_fc1", 4 * width)):
+        tensors[f"lycoris_{name}.lora_down.weight"] = torch.randn(2, width, generator=g).half()
+        tensors[f"lycoris_{name}.lora_up.weight"] = torch.randn(rows, 2, generator=g).half()
+        tensors[f"lycoris_{name}.alpha"] = torch.tensor(1.0).half()
+    source = tmp_path / "l.safetensors"
+    write_safetensors(source, tensors)
+    out = tmp_path / "k.safetensors"
+    code, _, err = run_lytools(capsys, "convert", source, "-o", out, "--to", "kohya", "--arch", arch, "--verify", "--check")
+    assert code == 0, err
+    with safe_open(out, "pt") as f:
+        written = {k.split(".")[0] for k in f.keys()}
+    # (SD2's q/k/v/out of a layer are completed with zero modules for A1111's fused attention)
+    assert {expected + n for n in ("text_model_encoder_layers_0_self_attn_q_proj", "text_model_encoder_layers_0_mlp_fc1")} <= written
+    assert all(name.startswith(expected) for name in written)

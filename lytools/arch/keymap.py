@@ -626,6 +626,9 @@ def _build_alias_table(arch: str) -> dict[str, CanonicalTarget]:
                 add("lora_transformer_" + _underscored(path), canonical)
         else:
             add(encoder.kohya_prefix + _underscored(path), canonical)
+            # LyCORIS' own wrapper names a text encoder's modules the same way (FORMATS.md 3.2); two
+            # encoders with one path (SDXL's, SD3's CLIPs) make the name ambiguous, and add() drops it
+            add("lycoris_" + _underscored(path), canonical)
             if arch == "flux" and encoder.component == "te3":
                 add("lora_te2_" + _underscored(path), canonical)  # OneTrainer names T5 te2 for Flux
     if arch == "sdxl":
