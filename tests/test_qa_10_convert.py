@@ -71,7 +71,8 @@ def test_parts_a_fused_weight_was_trained_without_stay_out(tmp_path, capsys, fol
     from safetensors.torch import load_file
 
     parts = ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
-             "single_transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v"]
+             "single_transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
+             "transformer_blocks.1.attn.add_k_proj"]  # (one part alone: no block structure to see, still no zero parts)
     source = _split_flux_lora(tmp_path / "d.safetensors", parts)
     out = tmp_path / "o.safetensors"
     code, _, err = run_lytools(capsys, "convert", source, "-o", out, "--to", "diffusers", fold, "--verify", "--check")

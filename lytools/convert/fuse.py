@@ -189,7 +189,7 @@ def _block_columns(up: torch.Tensor, parts: Sequence[Rows]) -> list[torch.Tensor
             return None
         seen |= mask  # a part of zero rows uses no column (the fused module was made without it)
         used.append(torch.nonzero(mask).flatten())
-    if bool(seen.all()) is False or sum(1 for cols in used if len(cols)) < 2:
+    if bool(seen.all()) is False:
         return None
     return used
 
