@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from lytools import __version__
-from lytools.errors import LytoolsError
+from lytools.errors import LytoolsError, os_error_line
 from lytools.io.metadata import set_invocation
 from lytools.ui import Reporter
 
@@ -509,6 +509,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except BrokenPipeError:
         sys.stderr.close()
+        sys.exit(1)
+    except OSError as exc:  # an I/O error (CLI.md: exit 1) is no internal error: say the file and the reason
+        if debug:
+            traceback.print_exc()
+        click.echo(f"lytools: error: {os_error_line(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if debug:

@@ -41,3 +41,10 @@ class OutputExistsError(LytoolsError):
 
 class DeviceError(LytoolsError):
     """The requested compute device is not available."""
+
+
+def os_error_line(exc: OSError) -> str:
+    """Return an I/O error as the user reads it: the file it names, when it names one, and the reason
+    (strerror, without Python's '[Errno N]')."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{exc.filename}: {reason}" if exc.filename else reason

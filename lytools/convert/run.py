@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from lytools.convert.layout import ALPHA, DORA, TARGETS
-from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError
+from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError, os_error_line
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.writer import output_file_path, spelled_as_folder
 from lytools.io.folders import PEFT_ADAPTER_FILES, DiffusersFolder, FolderWriter, peft_config_path
@@ -500,6 +500,9 @@ def _failed(source: Path, exc: Exception) -> FileResult:
     if isinstance(exc, LytoolsError):
         message = str(exc)
         return FileResult(source, error=message if str(source) in message else f"{source}: {message}")
+    if isinstance(exc, OSError):
+        line = os_error_line(exc)
+        return FileResult(source, error=line if line.startswith(f"{source}: ") else f"{source}: {line}")
     return FileResult(source, error=f"{source}: {type(exc).__name__}: {exc}")
 
 

@@ -8,14 +8,17 @@ writer. The temporary file has no name: nothing is left behind, whatever happens
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from lytools.errors import LytoolsError
 from lytools.io.writer import tensor_bytes
 
 
@@ -23,7 +26,11 @@ class SpillStore:
     """name -> tensor, held in a temporary file; `tensors()` maps them back without loading them."""
 
     def __init__(self, folder: str | os.PathLike):
-        self._handle = tempfile.TemporaryFile(dir=Path(folder))
+        self.folder = Path(folder)
+        try:
+            self._handle = tempfile.TemporaryFile(dir=self.folder)
+        except OSError as exc:  # a read-only folder: say so, not the random name of a file never made
+            raise LytoolsError(f"{self.folder}: cannot write the output's temporary file here ({exc.strerror or exc})") from exc
         self._index: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
         self._position = 0
         self._map: mmap.mmap | None = None
@@ -49,17 +56,27 @@ class SpillStore:
         data = tensor_bytes(tensor)
         # 8-byte alignment keeps every dtype's frombuffer view aligned
         padding = (-self._position) % 8
-        if padding:
-            self._handle.write(b"\0" * padding)
-            self._position += padding
-        self._index[name] = (self._position, tensor.dtype, tuple(tensor.shape))
-        self._handle.write(data)
+        with self._writing():
+            if padding:
+                self._handle.write(b"\0" * padding)
+                self._position += padding
+            self._index[name] = (self._position, tensor.dtype, tuple(tensor.shape))
+            self._handle.write(data)
         self._position += len(data)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Raise a failed write of the temporary file (a full disk) as a one-line error naming its folder."""
+        try:
+            yield
+        except OSError as exc:
+            raise LytoolsError(f"{self.folder}: writing the output's temporary file failed ({exc.strerror or exc})") from exc
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Return every stored tensor as a read-only view of the file (no copy in memory)."""
         if self._map is None:
-            self._handle.flush()
+            with self._writing():
+                self._handle.flush()
             if self._position == 0:
                 return {name: torch.empty(shape, dtype=dtype) for name, (_, dtype, shape) in self._index.items()}
             self._map = mmap.mmap(self._handle.fileno(), self._position, access=mmap.ACCESS_READ)

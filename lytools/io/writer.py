@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -236,13 +237,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     temp = folder / f".{path.name}.tmp-{os.getpid()}"
-    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise LytoolsError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from exc
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(text)
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as exc:
         temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise LytoolsError(f"{path}: writing failed ({exc.strerror or exc})") from exc
         raise
     return path
 
@@ -376,12 +382,16 @@ class SafetensorsWriter:
 
     def __enter__(self) -> "SafetensorsWriter":
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-        self._fd = os.open(self.temp_path, flags, 0o666)
+        try:
+            self._fd = os.open(self.temp_path, flags, 0o666)
+        except OSError as exc:  # a read-only or full folder: name the output, not the temporary file
+            raise LytoolsError(f"{self.path}: cannot write in {self.path.parent} ({exc.strerror or exc})") from exc
         try:
             _preallocate(self._fd, self.total_size)
             _pwrite_all(self._fd, [memoryview(self.header)], 0)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            self._raise_write_error(exc)
             raise
         self._pending_at = len(self.header)
         return self
@@ -575,11 +585,24 @@ class SafetensorsWriter:
         except FileNotFoundError:
             pass
 
+    def _raise_write_error(self, exc: BaseException) -> None:
+        """Raise a failed write of the temporary file (a full disk, a quota) as a one-line error naming the output."""
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS and exc.filename in (None, str(self.temp_path)):
+            raise LytoolsError(f"{self.path}: writing failed ({exc.strerror or exc}); nothing was written") from exc
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except OSError as error:
+                self._raise_write_error(error)
+                raise
         else:
             self.abort()
+            self._raise_write_error(exc)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 _DIRECT_WRITE = 1 << 20  # tensors this big are written at once; smaller ones are queued

@@ -1,0 +1,85 @@
+"""Robustness against the environment (CLI.md conventions): an I/O failure (read-only folder, full disk,
+unwritable --report) is one stderr line naming the file, exit 1, and leaves no output or temporary file."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+
+from lytools.cli import main
+from lytools.errors import LytoolsError
+from lytools.extract.spill import SpillStore
+from lytools.io.writer import plan_entry, SafetensorsWriter, write_text_atomic
+from lytools.testing import build_checkpoint, build_network, build_tuned
+
+MODULES = ["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1"]
+
+
+@pytest.fixture
+def models(tmp_path):
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=16)
+    lora = build_network(tmp_path / "lora.safetensors", "sd1", factor=16, rank=4, modules=MODULES)
+    tuned = build_tuned(base, tmp_path / "tuned.safetensors", lora).path
+    return base, lora, tuned
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("command", ["merge", "merge-checkpoint", "resize"])
+def test_full_disk_is_one_line_naming_the_output(models, tmp_path, monkeypatch, capsys, command):
+    base, lora, _ = models
+
+    def full(fd, buffers, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lytools.io.writer._pwrite_all", full)
+    out = tmp_path / "x.safetensors"
+    args = {"merge": ["merge", str(lora), str(lora), "-o", str(out)],
+            "merge-checkpoint": ["merge", str(base), str(lora), "-o", str(out)],
+            "resize": ["resize", str(lora), str(out), "--rank", "2"]}[command]
+    with pytest.raises(SystemExit) as raised:
+        main([*args, "-q"])
+    assert raised.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lytools: error: {out}: ") and "No space left on device" in err[0]
+    assert "internal error" not in err[0] and "Errno" not in err[0]
+    assert _names(tmp_path) == ["base.safetensors", "lora.safetensors", "tuned.safetensors"]
+
+
+def test_full_disk_in_extract_names_the_folder(models, tmp_path, monkeypatch, capsys):
+    base, _, tuned = models
+
+    class FullFile:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("lytools.extract.spill.tempfile.TemporaryFile", lambda dir: FullFile())
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(SystemExit) as raised:
+        main(["extract", str(base), str(tuned), str(out), "-q"])
+    assert raised.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path) in err[0] and "No space left on device" in err[0]
+    assert "internal error" not in err[0]
+    assert not out.exists()
+
+
+def test_writers_name_the_output_not_their_temporary_file(tmp_path):
+    # a folder that cannot take a file (here: gone since the output was checked) is reported for the output asked for
+    (tmp_path / "gone").mkdir()
+    writer = SafetensorsWriter(tmp_path / "gone" / "x.safetensors", [plan_entry("a", torch.float32, (2,))])
+    (tmp_path / "gone").rmdir()
+    with pytest.raises(LytoolsError, match=r"x\.safetensors: cannot write in .*gone \(No such file or directory\)"):
+        with writer:
+            writer.write("a", torch.zeros(2))
+    with pytest.raises(LytoolsError, match=r"r\.json: cannot write in .*gone \(No such file or directory\)"):
+        write_text_atomic(tmp_path / "gone" / "r.json", "{}")
+    with pytest.raises(LytoolsError, match=r"gone: cannot write the output's temporary file here"):
+        SpillStore(tmp_path / "gone")
