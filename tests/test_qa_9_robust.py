@@ -29,6 +29,26 @@ def _names(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.parametrize("command", ["extract", "resize"])
+def test_report_that_cannot_be_written_removes_the_output(models, tmp_path, monkeypatch, capsys, command):
+    base, lora, tuned = models
+    report = tmp_path / "r.json"
+
+    def denied(path, *args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(f"lytools.{command}.pipeline.write_report", denied)
+    out = tmp_path / "x.safetensors"
+    inputs = [str(base), str(tuned)] if command == "extract" else [str(lora)]
+    options = ["--rank", "2"] if command == "resize" else []
+    with pytest.raises(SystemExit) as raised:
+        main([command, *inputs, str(out), *options, "--report", str(report), "-q"])
+    assert raised.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lytools: error: {report}: Permission denied"]
+    assert _names(tmp_path) == ["base.safetensors", "lora.safetensors", "tuned.safetensors"]
+
+
 @pytest.mark.parametrize("command", ["merge", "merge-checkpoint", "resize"])
 def test_full_disk_is_one_line_naming_the_output(models, tmp_path, monkeypatch, capsys, command):
     base, lora, _ = models

@@ -504,8 +504,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
         base_source.close()
         tuned_source.close()
     summary = summarize(records)
-    if options.report is not None:
-        write_report(options.report, records, summary)
+    if options.report is not None:  # a report that cannot be written fails the run: its output goes too
+        with removed_on_failure(out):
+            write_report(options.report, records, summary)
     return ExtractResult(out, plan, records, summary, time.perf_counter() - started, verified, metadata, uncovered)
 
 

@@ -509,6 +509,7 @@ def resize_file(
             if base is not None:
                 base.close()
         summary.seconds = time.perf_counter() - started
-        if options.report is not None:
-            write_report(options.report, summary.modules)
+        if options.report is not None:  # a report that cannot be written fails the run: its output goes too
+            with removed_on_failure(output):
+                write_report(options.report, summary.modules)
     return summary
