@@ -4,6 +4,8 @@ unwritable --report) is one stderr line naming the file, exit 1, and leaves no o
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from lytools.cli import main
 from lytools.errors import LytoolsError
 from lytools.extract.spill import SpillStore
-from lytools.io.writer import plan_entry, SafetensorsWriter, write_text_atomic
+from lytools.io.writer import plan_entry, SafetensorsWriter, temp_path, write_text_atomic
 from lytools.testing import build_checkpoint, build_network, build_tuned
 
 MODULES = ["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1"]
@@ -103,3 +105,41 @@ def test_writers_name_the_output_not_their_temporary_file(tmp_path):
         write_text_atomic(tmp_path / "gone" / "r.json", "{}")
     with pytest.raises(LytoolsError, match=r"gone: cannot write the output's temporary file here"):
         SpillStore(tmp_path / "gone")
+
+
+def test_output_names_up_to_the_longest_valid_one_are_written(models, tmp_path, capsys):
+    # the temporary name (<name>.tmp-<pid>) of an output named with 250 of the 255 bytes a name may have
+    # overflowed it: 'File name too long' for a name the user may use
+    _, lora, _ = models
+    out = tmp_path / ("l" * 238 + ".safetensors")
+    report = tmp_path / ("r" * 245 + ".json")
+    main_ok(["resize", str(lora), str(out), "--rank", "2", "--report", str(report), "-q"])
+    assert out.is_file() and report.is_file()
+    merged = tmp_path / ("m" * 238 + ".safetensors")
+    main_ok(["merge", str(lora), str(lora), "-o", str(merged), "-q"])
+    assert merged.is_file()
+
+
+def test_an_input_name_too_long_for_a_companion_file_converts(models, tmp_path):
+    # the probe for <stem>.adapter_config.json beside a 252-byte input raised 'File name too long'
+    _, lora, _ = models
+    source = tmp_path / ("n" * 240 + ".safetensors")
+    source.write_bytes(lora.read_bytes())
+    main_ok(["convert", str(source), "--output-dir", str(tmp_path / "out"), "--to", "diffusers", "-q"])
+    assert (tmp_path / "out" / source.name).is_file()
+
+
+def test_temp_path_fits_a_file_name():
+    name = "ü" * 127 + ".safetensors"  # 266 bytes: cut on a character boundary
+    for hidden in (False, True):
+        temp = temp_path(f"/x/{name}", hidden=hidden)
+        assert len(temp.name.encode()) <= 255 and temp.name.endswith(f".tmp-{os.getpid()}")
+        assert temp.name.startswith("." if hidden else "ü") and temp.parent == Path("/x")
+    assert temp_path("/x/a.safetensors").name == f"a.safetensors.tmp-{os.getpid()}"
+
+
+def main_ok(args):
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lytools.convert.layout import ALPHA, DORA, TARGETS
 from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError, os_error_line
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
-from lytools.io.writer import output_file_path, spelled_as_folder
+from lytools.io.writer import output_file_path, spelled_as_folder, temp_path
 from lytools.io.folders import PEFT_ADAPTER_FILES, DiffusersFolder, FolderWriter, peft_config_path
 from lytools.io.dtypes import is_float, saturating_cast, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, source_entry, stripped
@@ -301,7 +301,7 @@ def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, ove
     check_output_path(adapter, overwrite)
     if config_path.exists() and not overwrite:
         raise OutputExistsError(f"{config_path}: already exists (use --overwrite to replace it)")
-    temp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
+    temp = temp_path(config_path, hidden=True)
     try:
         with open(temp, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -80,7 +80,7 @@ def peft_config_path(path: Path) -> Path | None:
     stem = path.name[: -len(".safetensors")] if path.name.lower().endswith(".safetensors") else path.stem
     beside = path.with_name(stem + ".adapter_config.json")
     for candidate in (beside, path.parent / "adapter_config.json"):
-        if candidate.is_file():
+        if os.path.isfile(candidate):  # False, not an error, for a name too long to exist
             return candidate
     return None
 
@@ -248,13 +248,13 @@ class FolderWriter:
     def __init__(self, out: str | os.PathLike, source: DiffusersFolder, entries: Iterable[PlannedTensor],
                  metadata: Mapping[str, str] | None, *, overwrite: bool = False, strip_metadata: bool = False):
         from lytools.io.metadata import stripped
-        from lytools.io.writer import SafetensorsWriter
+        from lytools.io.writer import SafetensorsWriter, temp_path
 
         self.path = Path(out)
         self.source = source
         check_folder_output(self.path, overwrite)
         self.overwrite = overwrite
-        self._temp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self._temp = temp_path(self.path, hidden=True)
         self._main = source.denoiser or next(iter(source.components))
         grouped: dict[str, list[PlannedTensor]] = {c: [] for c in source.components}
         for entry in entries:

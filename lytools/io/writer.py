@@ -231,12 +231,25 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
 REPORT_SUFFIXES = (".json", ".csv")
 
 
+NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
+
+
+def temp_path(path: str | os.PathLike, hidden: bool = False) -> Path:
+    """Return the temporary file an output is written to before its rename: `<name>.tmp-<pid>` (`.<name>...` when
+    hidden) in the same folder, the name cut short when the output's own name, valid, leaves no room for the suffix."""
+    path = Path(path)
+    prefix, suffix = ("." if hidden else ""), f".tmp-{os.getpid()}"
+    room = NAME_MAX - len(prefix.encode()) - len(suffix.encode())
+    name = path.name.encode()[:room].decode(errors="ignore")  # never half a UTF-8 character
+    return path.with_name(f"{prefix}{name}{suffix}")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write a small text output (a --report) as every output is written: a temporary file in the same folder
     (mode 0o666 less the umask), renamed into place when complete; nothing is left behind on an error."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    temp = folder / f".{path.name}.tmp-{os.getpid()}"
+    temp = folder / temp_path(path, hidden=True).name
     try:
         handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     except OSError as exc:  # name the file asked for, not the temporary one
@@ -363,7 +376,7 @@ class SafetensorsWriter:
         self.header = header_with(self._tensor_json, self.metadata)
         self._offsets = layout.offsets  # relative to the data start, len(self.header)
         self.total_size = len(self.header) + layout.data_bytes
-        self.temp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.temp_path = temp_path(self.path)
         self._fd: int | None = None
         self._pending: list[memoryview] = []  # small tensors queued for one vectored write
         self._pending_at = 0  # file offset of the first queued byte
