@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lytools.cli import main
-from lytools.errors import LytoolsError
+from lytools.errors import FileFormatError, LytoolsError
 from lytools.extract.spill import SpillStore
+from lytools.io import open_file
 from lytools.io.writer import plan_entry, SafetensorsWriter, temp_path, write_text_atomic
 from lytools.testing import build_checkpoint, build_network, build_tuned
 
@@ -143,3 +144,16 @@ def main_ok(args):
         main(args)
     except SystemExit as exc:
         assert exc.code in (0, None)
+
+
+def test_a_file_that_shrinks_while_read_is_a_file_error(models, tmp_path):
+    # truncated between its header check and the reading of its tensors (another program rewriting it during a
+    # batch): was 'internal error ValueError: requested buffer length ... must not be greater than ...'
+    _, lora, _ = models
+    with open_file(lora) as reader:
+        last = max(reader.infos(), key=lambda info: info.end)
+        os.truncate(lora, reader.header.data_start + last.begin)
+        with pytest.raises(FileFormatError, match=r"lora\.safetensors: the file changed while being read: tensor .* ends at"):
+            reader.get(last.name)
+        with pytest.raises(FileFormatError, match="the file changed while being read"):
+            reader.raw_bytes(last.name)

@@ -366,11 +366,20 @@ class SafetensorsFile:
             self._mmap = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._mmap
 
+    def _mapped(self, info: TensorInfo) -> mmap.mmap:
+        """Return the map, checked to hold the tensor: the file may have shrunk since its header was read."""
+        mapped = self._map()
+        end = self.header.data_start + info.end
+        if end > len(mapped):
+            raise FileFormatError(f"{self.path}: the file changed while being read: tensor {info.name!r} ends at byte "
+                                  f"{end} but the file now has {len(mapped)} bytes")
+        return mapped
+
     def raw_bytes(self, name: str) -> memoryview:
         """Return the stored bytes of one tensor (a view of the map)."""
         info = self.info(name)
         start = self.header.data_start + info.begin
-        return memoryview(self._map())[start : start + info.nbytes]
+        return memoryview(self._mapped(info))[start : start + info.nbytes]
 
     def get(self, name: str) -> torch.Tensor:
         import torch
@@ -387,7 +396,7 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         item = torch.empty((), dtype=dtype).element_size()
         tensor = torch.frombuffer(
-            self._map(), dtype=dtype, count=info.nbytes // item, offset=self.header.data_start + info.begin
+            self._mapped(info), dtype=dtype, count=info.nbytes // item, offset=self.header.data_start + info.begin
         )
         return tensor.reshape(shape)
 
