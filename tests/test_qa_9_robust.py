@@ -157,3 +157,17 @@ def test_a_file_that_shrinks_while_read_is_a_file_error(models, tmp_path):
             reader.get(last.name)
         with pytest.raises(FileFormatError, match="the file changed while being read"):
             reader.raw_bytes(last.name)
+
+
+@pytest.mark.parametrize("command", ["resize", "merge"])
+def test_output_whose_parent_is_a_file(models, tmp_path, capsys, command):
+    # was 'folder <a file> does not exist': the user looks for a missing folder and finds the file there
+    _, lora, _ = models
+    parent = tmp_path / "notes"
+    parent.write_text("x")
+    out = parent / "x.safetensors"
+    args = ["resize", str(lora), str(out), "--rank", "2"] if command == "resize" else ["merge", str(lora), "-o", str(out)]
+    with pytest.raises(SystemExit) as raised:
+        main([*args, "-q"])
+    assert raised.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"lytools: error: {out}: {parent} is a file, not a folder"]

@@ -325,7 +325,7 @@ def check_folder_output(path: Path, overwrite: bool) -> None:
         raise LytoolsError(f"{path}: refusing to replace a folder that is not a diffusers folder")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise LytoolsError(f"{path}: folder {parent} does not exist")
+        raise LytoolsError(f"{path}: {parent} is a file, not a folder" if parent.exists() else f"{path}: folder {parent} does not exist")
 
 
 def _copy_tree_without_weights(source: DiffusersFolder, temp: Path, strip_metadata: bool = False) -> None:

@@ -224,7 +224,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise LytoolsError(f"{path}: folder {parent} does not exist")
+        raise LytoolsError(f"{path}: {parent} is a file, not a folder" if parent.exists() else f"{path}: folder {parent} does not exist")
     return path
 
 
