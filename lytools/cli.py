@@ -105,8 +105,8 @@ def cli() -> None:
 
 # -- extract ----------------------------------------------------------------------------------
 @cli.command("extract")
-@click.argument("base", metavar="BASE", type=click.Path(path_type=Path))  # a folder: diffusers / sharded
-@click.argument("tuned", metavar="TUNED", type=click.Path(path_type=Path))
+@click.argument("base", metavar="BASE", type=click.Path(path_type=Path, readable=False))  # a folder: diffusers / sharded
+@click.argument("tuned", metavar="TUNED", type=click.Path(path_type=Path, readable=False))
 @click.argument("output", metavar="OUT", type=OUTPUT_FILE)
 @click.option("--mode", type=click.Choice(["fixed", "threshold", "ratio", "quantile", "full"]), default="fixed",
               show_default=True, help="Rank rule (ALGORITHMS.md 15); full stores each changed module whole (diff).")
@@ -159,7 +159,7 @@ def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_thre
 
 # -- resize -----------------------------------------------------------------------------------
 @cli.command("resize")
-@click.argument("source", metavar="IN", type=click.Path(path_type=Path))  # a peft adapter folder too
+@click.argument("source", metavar="IN", type=click.Path(path_type=Path, readable=False))  # a peft adapter folder too
 @click.argument("output", metavar="OUT", type=OUTPUT_FILE)
 @click.option("--rank", type=int, help="New rank (fixed) or rank cap (dynamic methods) of linear and 1x1 modules.")
 @click.option("--conv-rank", type=int, help="The same for kxk conv modules (default: --rank).")
@@ -169,7 +169,7 @@ def extract_command(base, tuned, output, mode, linear_dim, conv_dim, linear_thre
               help="sv_ratio: largest/smallest kept singular value (at least 1); sv_fro, sv_cumulative: share kept (0..1).")
 @click.option("--max-rank", type=int, help="Cap on the ranks the dynamic methods pick.")
 @click.option("--truncate", is_flag=True, help="DyLoRA / nested-rank files: keep the first N ranks, no SVD.")
-@click.option("--base", type=click.Path(path_type=Path), metavar="CHECKPOINT",
+@click.option("--base", type=click.Path(path_type=Path, readable=False), metavar="CHECKPOINT",
               help="Base model: needed to flatten DoRA, IA3, OFT/BOFT and GLoRA modules.")
 @click.option("--report", type=OUTPUT_FILE, metavar="FILE.json|FILE.csv",
               help="Per-module rank, alpha and shares of the spectrum kept.")
@@ -333,7 +333,7 @@ def info_command(files, as_json, with_hashes, verify, verbose, quiet):
                    "strength 1 on --base, by SVD, with the error reported; other modules are written as they are. For "
                    "A1111/Forge and ComfyUI, which do not apply output-axis DoRA exactly, and for diffusers/peft, which "
                    "hold no input-axis DoRA. Exact at strength 1 on that base only. Another rank: lytools resize --base.")
-@click.option("--base", type=click.Path(path_type=Path), metavar="CHECKPOINT",
+@click.option("--base", type=click.Path(path_type=Path, readable=False), metavar="CHECKPOINT",
               help="With --flatten-dora: the base model the DoRA modules were trained on (read one weight at a time, "
                    "shared by every input).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True, help="Files converted in parallel processes.")

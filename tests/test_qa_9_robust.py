@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +174,31 @@ def test_output_whose_parent_is_a_file(models, tmp_path, capsys, command):
         main([*args, "-q"])
     assert raised.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [f"lytools: error: {out}: {parent} is a file, not a folder"]
+
+
+def _unprivileged(command: list[str]) -> list[str]:
+    """Return `command` run without root's permission bypass, so a mode-000 file cannot be read."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: file permissions cannot be tested")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--", *command]
+
+
+@pytest.mark.parametrize("command", ["resize", "extract-base", "extract-tuned"])
+def test_unreadable_input_is_a_runtime_error_as_in_every_command(models, tmp_path, command):
+    # resize and extract refused it as a usage error (exit 2, four lines of Click's usage text) while merge,
+    # info and convert said 'FILE: permission denied' (exit 1), which CLI.md asks for an I/O error
+    base, lora, tuned = models
+    locked = tmp_path / "locked.safetensors"
+    locked.write_bytes((lora if command == "resize" else base).read_bytes())
+    locked.chmod(0)
+    out = tmp_path / "x.safetensors"
+    args = {"resize": ["resize", str(locked), str(out), "--rank", "2"],
+            "extract-base": ["extract", str(locked), str(tuned), str(out)],
+            "extract-tuned": ["extract", str(base), str(locked), str(out)]}[command]
+    done = subprocess.run(_unprivileged([sys.executable, "-m", "lytools", *args, "-q"]), capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [f"lytools: error: {locked}: permission denied"]
+    assert not out.exists()
