@@ -248,8 +248,11 @@ def merge_command(inputs, output, ratios, ratio_for, allow_unmatched, rank, conv
 
     # --dry-run prints its plan on stdout, where -v adds each module's line: -q (stderr) does not contradict it
     reporter = make_reporter(quiet, 0 if dry_run and quiet else verbose)
+    paths = expand_inputs(inputs)
+    if not paths:  # `-` with nothing on stdin (an empty find): a usage error, as for info and convert
+        raise click.UsageError("no input files")
     result = run_merge(
-        expand_inputs(inputs), output, ratios=parse_ratios(ratios), ratio_for=ratio_for,
+        paths, output, ratios=parse_ratios(ratios), ratio_for=ratio_for,
         allow_unmatched=allow_unmatched, rank=rank, conv_rank=conv_rank, save_dtype=parse_save_dtype(save_dtype),
         device=device, dry_run=dry_run, overwrite=overwrite, verify=verify, dora_mode=dora_mode, keep_ema=keep_ema,
         strip_metadata=strip_metadata, reporter=reporter,

@@ -4,6 +4,7 @@ unwritable --report) is one stderr line naming the file, exit 1, and leaves no o
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import subprocess
@@ -202,3 +203,16 @@ def test_unreadable_input_is_a_runtime_error_as_in_every_command(models, tmp_pat
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == [f"lytools: error: {locked}: permission denied"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "info", "convert"])
+def test_empty_stdin_list_is_the_same_usage_error_everywhere(tmp_path, monkeypatch, capsys, command):
+    # merge said 'merge: no inputs' with exit 1, info and convert 'no input files' with exit 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n\r\n  \n"))
+    args = {"merge": ["merge", "-", "-o", str(tmp_path / "m.safetensors")], "info": ["info", "-"],
+            "convert": ["convert", "-", "--output-dir", str(tmp_path / "out"), "--to", "diffusers"]}[command]
+    with pytest.raises(SystemExit) as raised:
+        main(args)
+    assert raised.value.code == 2
+    assert "no input files" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
