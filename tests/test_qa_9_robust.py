@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,26 @@ def test_empty_stdin_list_is_the_same_usage_error_everywhere(tmp_path, monkeypat
     assert raised.value.code == 2
     assert "no input files" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["resize", "merge", "convert", "convert-peft-config", "report"])
+def test_overwrite_never_replaces_a_special_file(models, tmp_path, capsys, command):
+    # `-o /dev/null --overwrite` as root (a container) renamed the output over /dev/null: a regular file took its place
+    _, lora, _ = models
+    special = tmp_path / ("adapter_config.json" if command == "convert-peft-config" else
+                          "r.json" if command == "report" else "x.safetensors")
+    os.mkfifo(special)
+    args = {"resize": ["resize", str(lora), str(special), "--rank", "2"],
+            "merge": ["merge", str(lora), "-o", str(special)],
+            "convert": ["convert", str(lora), "-o", str(special), "--to", "diffusers"],
+            "convert-peft-config": ["convert", str(lora), "-o", str(tmp_path / "adapter_model.safetensors"), "--to", "peft",
+                                    "--component", "unet"],
+            "report": ["resize", str(lora), str(tmp_path / "x.safetensors"), "--rank", "2", "--report", str(special)]}[command]
+    with pytest.raises(SystemExit) as raised:
+        main([*args, "--overwrite", "-q"])
+    assert raised.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{special}: is a device or other special file" in err[0], err
+    assert stat.S_ISFIFO(os.lstat(special).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base.safetensors", "lora.safetensors", "tuned.safetensors",
+                                                                special.name])

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from lytools.convert.layout import ALPHA, DORA, TARGETS
-from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError, os_error_line
+from lytools.errors import LytoolsError, UnsupportedError, UsageError, os_error_line
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.writer import output_file_path, spelled_as_folder, temp_path
 from lytools.io.folders import PEFT_ADAPTER_FILES, DiffusersFolder, FolderWriter, peft_config_path
@@ -299,8 +299,7 @@ def write_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 def _write_peft(adapter: Path, config_path: Path, tensors, metadata, config, overwrite: bool, durable: bool = True) -> None:
     """Write the adapter and its config; the config appears only once the adapter is complete."""
     check_output_path(adapter, overwrite)
-    if config_path.exists() and not overwrite:
-        raise OutputExistsError(f"{config_path}: already exists (use --overwrite to replace it)")
+    check_output_path(config_path, overwrite)
     temp = temp_path(config_path, hidden=True)
     try:
         with open(temp, "w", encoding="utf-8") as handle:

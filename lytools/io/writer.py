@@ -220,6 +220,8 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
         raise LytoolsError(f"{path}: outputs are always .safetensors (refusing a {path.suffix} name)")
     if path.is_dir():
         raise LytoolsError(f"{path}: is an existing folder, but the output is a file (name the file to write)")
+    if path.exists() and not path.is_file():  # the rename into place would replace the device (as root: /dev/null)
+        raise LytoolsError(f"{path}: is a device or other special file, not a file an output can replace")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
