@@ -157,6 +157,8 @@ def test_a_file_that_shrinks_while_read_is_a_file_error(models, tmp_path):
     _, lora, _ = models
     with open_file(lora) as reader:
         last = max(reader.infos(), key=lambda info: info.end)
+        first = min(reader.infos(), key=lambda info: info.begin)
+        reader.get(first.name)  # the file is mapped whole: its map outlives the truncation (pages past the end: SIGBUS)
         os.truncate(lora, reader.header.data_start + last.begin)
         with pytest.raises(FileFormatError, match=r"lora\.safetensors: the file changed while being read: tensor .* ends at"):
             reader.get(last.name)

@@ -367,12 +367,16 @@ class SafetensorsFile:
         return self._mmap
 
     def _mapped(self, info: TensorInfo) -> mmap.mmap:
-        """Return the map, checked to hold the tensor: the file may have shrunk since its header was read."""
+        """Return the map, checked to hold the tensor: the file may have shrunk since its header was read (cut
+        or copied over in place while a batch runs). The map keeps its length, but touching its pages past the
+        file's new end kills the process with SIGBUS, leaving the output's temporary file behind: the file's
+        current size is checked before each tensor (one fstat), which closes all but a short window."""
         mapped = self._map()
         end = self.header.data_start + info.end
-        if end > len(mapped):
+        size = min(len(mapped), os.fstat(self._handle.fileno()).st_size)
+        if end > size:
             raise FileFormatError(f"{self.path}: the file changed while being read: tensor {info.name!r} ends at byte "
-                                  f"{end} but the file now has {len(mapped)} bytes")
+                                  f"{end} but the file now has {size} bytes")
         return mapped
 
     def raw_bytes(self, name: str) -> memoryview:
