@@ -242,3 +242,24 @@ def test_overwrite_never_replaces_a_special_file(models, tmp_path, capsys, comma
     assert stat.S_ISFIFO(os.lstat(special).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base.safetensors", "lora.safetensors", "tuned.safetensors",
                                                                 special.name])
+
+
+def test_a_file_name_that_is_not_utf8(models, tmp_path):
+    # a Latin-1 name (an old archive): Python holds its byte 0xe9 as a surrogate, which the UTF-8 header (the name is
+    # in the metadata) could not encode: 'internal error UnicodeEncodeError'
+    from safetensors import safe_open
+
+    _, lora, _ = models
+    source = tmp_path / os.fsdecode(b"caf\xe9.safetensors")
+    try:
+        source.write_bytes(lora.read_bytes())
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    out = tmp_path / os.fsdecode(b"r\xe9sized.safetensors")
+    main_ok(["resize", str(source), str(out), "--rank", "2", "-q"])
+    main_ok(["merge", str(source), str(source), "-o", str(tmp_path / "m.safetensors"), "-q"])
+    main_ok(["convert", str(source), "--output-dir", str(tmp_path / "out"), "--to", "diffusers", "-q"])
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as merged:
+        assert "caf\ufffd.safetensors" in merged.metadata()["modelspec.merged_from"]
+    assert out.is_file() and (tmp_path / "out" / source.name).is_file()
+    assert temp_path(out).name == os.fsdecode(b"r\xe9sized.safetensors.tmp-" + str(os.getpid()).encode())

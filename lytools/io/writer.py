@@ -169,7 +169,11 @@ def header_with(tensor_json: str, metadata: Mapping[str, str] | None) -> bytes:
         parts.append('"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False))
     if tensor_json:
         parts.append(tensor_json)
-    text = ("{" + ",".join(parts) + "}").encode("utf-8")
+    text = "{" + ",".join(parts) + "}"
+    try:
+        text = text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (its bytes surrogate-escaped) in the metadata: as U+FFFD
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8")
     text += b" " * ((8 - (8 + len(text)) % 8) % 8)
     return struct.pack("<Q", len(text)) + text
 
@@ -242,7 +246,12 @@ def temp_path(path: str | os.PathLike, hidden: bool = False) -> Path:
     path = Path(path)
     prefix, suffix = ("." if hidden else ""), f".tmp-{os.getpid()}"
     room = NAME_MAX - len(prefix.encode()) - len(suffix.encode())
-    name = path.name.encode()[:room].decode(errors="ignore")  # never half a UTF-8 character
+    cut = os.fsencode(path.name)[:room]
+    try:
+        path.name.encode()
+        name = cut.decode(errors="ignore")  # never half a UTF-8 character
+    except UnicodeEncodeError:  # a name that is not UTF-8 (surrogate-escaped bytes): cut as the bytes it is
+        name = os.fsdecode(cut)
     return path.with_name(f"{prefix}{name}{suffix}")
 
 
