@@ -263,3 +263,16 @@ def test_a_file_name_that_is_not_utf8(models, tmp_path):
         assert "caf\ufffd.safetensors" in merged.metadata()["modelspec.merged_from"]
     assert out.is_file() and (tmp_path / "out" / source.name).is_file()
     assert temp_path(out).name == os.fsdecode(b"r\xe9sized.safetensors.tmp-" + str(os.getpid()).encode())
+
+
+def test_a_symlink_loop_among_convert_inputs(models, tmp_path, capsys):
+    # Path.resolve raised RuntimeError('Symlink loop') while planning the batch: 'internal error', nothing converted
+    _, lora, _ = models
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    with pytest.raises(SystemExit) as raised:
+        main(["convert", str(loop), str(lora), "--output-dir", str(tmp_path / "out"), "--to", "diffusers", "-q"])
+    assert raised.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lytools: error: {loop}: ") and "internal error" not in err[0], err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora.safetensors"]

@@ -118,6 +118,12 @@ def output_for(source: Path, output_dir: Path, target: str | None) -> Path:
     return output_dir / f"{stem}.safetensors"
 
 
+def real_path(path: Path) -> Path:
+    """Return the file `path` names, links followed; a symlink loop is returned as given (Path.resolve raised
+    RuntimeError on it: an internal error instead of the loop's own 'no such file' when the file is read)."""
+    return Path(os.path.realpath(path))
+
+
 def plan_outputs(sources: Sequence[Path], output: str | os.PathLike | None, output_dir: Path | None,
                  target: str | None) -> list[tuple[Path, Path]]:
     """Return (input, output) pairs; refuse clashes between outputs and outputs that are inputs.
@@ -125,7 +131,7 @@ def plan_outputs(sources: Sequence[Path], output: str | os.PathLike | None, outp
     overlapping folders) is converted once."""
     unique: dict[Path, Path] = {}
     for source in sources:
-        unique.setdefault(source.resolve(), source)
+        unique.setdefault(real_path(source), source)
     sources = list(unique.values())
     if output is not None and output_dir is not None:
         raise UsageError("give either -o/--output or --output-dir, not both")
@@ -140,14 +146,14 @@ def plan_outputs(sources: Sequence[Path], output: str | os.PathLike | None, outp
             raise LytoolsError(f"{output_dir}: not a folder (--output-dir names the folder the outputs go to)")
         pairs = [(source, output_for(source, output_dir, target)) for source in sources]
     seen: dict[Path, Path] = {}
-    inputs = {source.resolve() for source in sources}
+    inputs = {real_path(source) for source in sources}
     configs = (peft_config_path(source) for source in sources)  # read for a peft input's scales: part of it
-    inputs |= {config.resolve() for config in configs if config is not None}
+    inputs |= {real_path(config) for config in configs if config is not None}
     for source, out in pairs:
-        key = out.resolve()
+        key = real_path(out)
         if key in seen:
             raise LytoolsError(f"{seen[key]} and {source} would both be written to {out}; rename one or use separate runs")
-        written = {key, *(path.resolve() for path in peft_paths(out))} if target == "peft" else {key}  # -o DIR holding it
+        written = {key, *(real_path(path) for path in peft_paths(out))} if target == "peft" else {key}  # -o DIR holding it
         if written & inputs:
             raise LytoolsError(f"{out}: the output would replace its own input; choose another folder")
         seen[key] = source
