@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from lytools.convert.layout import ALPHA, DORA, TARGETS
-from lytools.errors import LytoolsError, UnsupportedError, UsageError, os_error_line
+from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError, os_error_line
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.writer import output_file_path, spelled_as_folder, temp_path
 from lytools.io.folders import PEFT_ADAPTER_FILES, DiffusersFolder, FolderWriter, peft_config_path
