@@ -64,3 +64,17 @@ def lycoris_modules(unet, tensors: dict) -> dict:
         warnings.simplefilter("ignore")
         network, _ = lycoris.create_lycoris_from_weights(1.0, None, unet, weights_sd=weights)
     return {"lora_unet_" + module.lora_name[len("lycoris_"):]: module for module in network.loras}
+
+
+SMALL_MODULES = ["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1"]
+
+
+def small_models(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(base, lora, tuned): a tiny SD1 checkpoint, a rank-4 LoRA of two modules (one UNet, one text encoder)
+    and the base with that LoRA merged in, for tests of what commands do around their outputs."""
+    from lytools.testing import build_checkpoint, build_network, build_tuned
+
+    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=16)
+    lora = build_network(tmp_path / "lora.safetensors", "sd1", factor=16, rank=4, modules=SMALL_MODULES)
+    tuned = build_tuned(base, tmp_path / "tuned.safetensors", lora).path
+    return base, lora, tuned

@@ -20,17 +20,14 @@ from lytools.errors import FileFormatError, LytoolsError
 from lytools.extract.spill import SpillStore
 from lytools.io import open_file
 from lytools.io.writer import plan_entry, SafetensorsWriter, temp_path, write_text_atomic
-from lytools.testing import build_checkpoint, build_network, build_tuned
+from tests.shared import SMALL_MODULES, small_models
 
-MODULES = ["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1"]
+MODULES = SMALL_MODULES
 
 
 @pytest.fixture
 def models(tmp_path):
-    base = build_checkpoint(tmp_path / "base.safetensors", "sd1", factor=16)
-    lora = build_network(tmp_path / "lora.safetensors", "sd1", factor=16, rank=4, modules=MODULES)
-    tuned = build_tuned(base, tmp_path / "tuned.safetensors", lora).path
-    return base, lora, tuned
+    return small_models(tmp_path)
 
 
 def _names(folder):
