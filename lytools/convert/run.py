@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from lytools.convert.layout import ALPHA, DORA, TARGETS
-from lytools.errors import LytoolsError, OutputExistsError, UnsupportedError, UsageError, os_error_line
+from lytools.errors import LytoolsError, UnsupportedError, UsageError, os_error_line
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
-from lytools.io.writer import output_file_path, spelled_as_folder, temp_path
+from lytools.io.writer import output_file_path, spelled_as_folder, temp_path, write_text_atomic
 from lytools.io.folders import PEFT_ADAPTER_FILES, DiffusersFolder, FolderWriter, peft_config_path
 from lytools.io.dtypes import is_float, saturating_cast, st_name
 from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, source_entry, stripped
@@ -373,8 +373,8 @@ def cast_file(source: Path, output: Path, dtype: torch.dtype, *, overwrite: bool
         config_output = peft_paths(output)[1] if config_source is not None else None
         if config_output is not None and config_output.resolve() == config_source.resolve():
             raise UsageError(f"{output}: its adapter config would be {config_output}, the input's own; choose another name")
-        if config_output is not None and config_output.exists() and not overwrite:
-            raise OutputExistsError(f"{config_output}: already exists (use --overwrite to replace it)")
+        if config_output is not None:
+            check_output_path(config_output, overwrite)
         infos = {info.name: info for info in reader.infos()}
         # a network's alphas and DoRA magnitudes are not narrowed to fp8 (as with --to): an fp8 alpha
         # of 11 would read 12, every module's scale off by 9%
@@ -431,17 +431,8 @@ def _copy_peft_config(source: Path, config_path: Path, adapter: Path, strip_meta
                 if key in config:
                     config[key] = None
             text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        temp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
-        try:
-            with open(temp, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                if durable:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            os.replace(temp, config_path)
-        finally:
-            temp.unlink(missing_ok=True)
-    except (OSError, ValueError) as exc:
+        write_text_atomic(config_path, text, durable)
+    except (OSError, ValueError, LytoolsError) as exc:
         adapter.unlink(missing_ok=True)
         raise LytoolsError(f"{source}: cannot write its copy {config_path}: {exc}") from None
 

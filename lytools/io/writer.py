@@ -255,12 +255,13 @@ def temp_path(path: str | os.PathLike, hidden: bool = False) -> Path:
     return path.with_name(f"{prefix}{name}{suffix}")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a small text output (a --report) as every output is written: a temporary file in the same folder
-    (mode 0o666 less the umask), renamed into place when complete; nothing is left behind on an error."""
+def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False) -> Path:
+    """Write a small text output (a --report, a peft adapter_config.json) as every output is written: a temporary
+    file in the same folder (mode 0o666 less the umask), renamed into place when complete (`durable`: on disk
+    first); nothing is left behind on an error."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    temp = folder / temp_path(path, hidden=True).name
+    temp = temp_path(path, hidden=True)
     try:
         handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     except OSError as exc:  # name the file asked for, not the temporary one
@@ -268,6 +269,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(text)
+            if durable:
+                stream.flush()
+                os.fsync(stream.fileno())
         os.replace(temp, path)
     except BaseException as exc:
         temp.unlink(missing_ok=True)
