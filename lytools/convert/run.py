@@ -29,7 +29,7 @@ from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_f
 from lytools.io.writer import output_file_path, spelled_as_folder, temp_path, write_text_atomic
 from lytools.io.folders import PEFT_ADAPTER_FILES, DiffusersFolder, FolderWriter, peft_config_path
 from lytools.io.dtypes import is_float, saturating_cast, st_name
-from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, source_entry, stripped
+from lytools.io.metadata import IMPLEMENTATIONS, MODELSPEC_ARCHITECTURES, add_provenance, carried, carried_into_tensors, source_entry, stripped
 
 if TYPE_CHECKING:
     import torch
@@ -209,13 +209,10 @@ def output_metadata(stored: dict[str, str], source: Path, target: str | None, ex
     target layout (and to folded scales), with `extra` and lytools' provenance (the input's AutoV3) added.
     strip (--strip-metadata): only what lytools.io.metadata.stripped keeps of that (`checkpoint`: the
     output is a checkpoint), and the input is not hashed."""
-    meta = carried(stored)
+    # a layout's LoraConfig is rebuilt from the tensors' scales (diffusers) or carried in alpha tensors
+    meta = carried(stored) if target is None else carried_into_tensors(stored)
     if folded:
         _alpha_is_rank(meta)
-    if target is not None:
-        for key in list(meta):
-            if key in _ADAPTER_KEYS or key.endswith("_lora_adapter_metadata"):
-                del meta[key]  # rebuilt from the tensors' scales (diffusers) or carried in alpha tensors
     if "modelspec.implementation" in meta and target in ("diffusers", "peft"):
         meta["modelspec.implementation"] = "diffusers"  # the names are diffusers module paths now
     elif "modelspec.implementation" in meta and target == "kohya" and arch in IMPLEMENTATIONS:

@@ -87,6 +87,13 @@ def carried(metadata: Mapping[str, str] | None) -> dict[str, str]:
     }
 
 
+def carried_into_tensors(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """carried(), less diffusers' LoraConfig metadata: for an output whose scales are in its tensors (kohya factors
+    and alpha tensors, a rebuilt diffusers file), where that config (the ranks it had) is stale, and diffusers
+    refuses a file holding both alphas and that key."""
+    return {key: value for key, value in carried(metadata).items() if not is_adapter_metadata(key)}
+
+
 def add_provenance(
     metadata: Mapping[str, str],
     command: str | None = None,

@@ -33,7 +33,7 @@ from lytools.errors import NetworkError, UsageError
 from lytools.arch.a1111 import complete_for_a1111
 from lytools.io import write_safetensors
 from lytools.io.dtypes import FP8_NAMES, saturating_cast, st_name
-from lytools.io.metadata import add_provenance, carried, is_adapter_metadata, network_modelspec, source_entry
+from lytools.io.metadata import add_provenance, carried_into_tensors, network_modelspec, source_entry
 from lytools.merge.inputs import (NetworkInput, NetworkInputs, candidates, check_kohya_names, family, load_network_input,
                                   named_for, same_family)
 from lytools.merge.plan import STRIPPED_LINE, stripped_entry
@@ -436,9 +436,7 @@ def merged_network_metadata(
     now, its missing keys (all of them for an input without one) filled for the networks' architecture
     (`arch`, from check_same_architecture: what their candidates leave; else the first one detected).
     """
-    # written with kohya factors and alpha tensors: a diffusers input's lora_adapter_metadata (its LoraConfig, the
-    # ranks it had) is stale, and diffusers refuses a file holding both alphas and that key
-    meta = {key: value for key, value in carried(networks[0].metadata).items() if not is_adapter_metadata(key)}
+    meta = carried_into_tensors(networks[0].metadata)  # written with kohya factors and alpha tensors
     arch = arch or next((n.arch for n in networks if n.arch != "unknown"), None)
     spec = network_modelspec(arch, title or networks[0].path.stem)
     meta["modelspec.date"] = spec.pop("modelspec.date")

@@ -23,7 +23,7 @@ from lytools.convert.load import check_spelled_once
 from lytools.io import check_output_path, file_hashes, open_file, removed_on_failure, same_file, write_safetensors
 from lytools.io.writer import check_report_path
 from lytools.io.dtypes import saturating_cast
-from lytools.io.metadata import add_provenance, carried, is_adapter_metadata, modelspec_date, source_entry
+from lytools.io.metadata import add_provenance, carried_into_tensors, modelspec_date, source_entry
 from lytools.merge.combine import conv_network_args
 from lytools.resize.flatten import BaseWeights, as_plain_lora
 from lytools.resize.modules import (
@@ -340,9 +340,7 @@ def resized_metadata(
     asked rank is copied, so asking for more than a file holds does not raise them), and the alphas
     those modules carry.
     """
-    # written with kohya factors and alpha tensors: a diffusers input's lora_adapter_metadata (its LoraConfig, the
-    # ranks it had) is stale, and diffusers refuses a file holding both alphas and that key
-    meta = {key: value for key, value in carried(metadata).items() if not is_adapter_metadata(key)}
+    meta = carried_into_tensors(metadata)  # written with kohya factors and alpha tensors
     rank_reports = [r for r in reports if r.rank_in is not None and r.action != KEPT]
     linear = [r for r in rank_reports if not _is_conv(r)] or rank_reports
     old_dim = max((r.rank_in for r in linear), default=None)
