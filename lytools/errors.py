@@ -43,8 +43,12 @@ class DeviceError(LytoolsError):
     """The requested compute device is not available."""
 
 
+def os_reason(exc: OSError) -> str:
+    """Return why an I/O call failed as the user reads it: strerror, without Python's '[Errno N]'."""
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 def os_error_line(exc: OSError) -> str:
-    """Return an I/O error as the user reads it: the file it names, when it names one, and the reason
-    (strerror, without Python's '[Errno N]')."""
-    reason = exc.strerror or str(exc) or type(exc).__name__
+    """Return an I/O error as the user reads it: the file it names, when it names one, and the reason."""
+    reason = os_reason(exc)
     return f"{exc.filename}: {reason}" if exc.filename else reason

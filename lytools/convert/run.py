@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from lytools.convert.layout import ALPHA, DORA, TARGETS
-from lytools.errors import LytoolsError, UnsupportedError, UsageError, os_error_line
+from lytools.errors import LytoolsError, UnsupportedError, UsageError, os_error_line, os_reason
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.writer import output_file_path, spelled_as_folder, temp_path, write_text_atomic
 from lytools.io.folders import PEFT_ADAPTER_FILES, DiffusersFolder, FolderWriter, peft_config_path
@@ -167,7 +167,7 @@ def make_output_dir(output_dir: Path) -> list[Path]:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LytoolsError(f"{output_dir}: cannot create the output folder ({exc.strerror or exc})") from None
+        raise LytoolsError(f"{output_dir}: cannot create the output folder ({os_reason(exc)})") from None
     return missing
 
 

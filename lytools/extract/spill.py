@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from lytools.errors import LytoolsError
+from lytools.errors import LytoolsError, os_reason
 from lytools.io.writer import tensor_bytes
 
 
@@ -30,7 +30,7 @@ class SpillStore:
         try:
             self._handle = tempfile.TemporaryFile(dir=self.folder)
         except OSError as exc:  # a read-only folder: say so, not the random name of a file never made
-            raise LytoolsError(f"{self.folder}: cannot write the output's temporary file here ({exc.strerror or exc})") from exc
+            raise LytoolsError(f"{self.folder}: cannot write the output's temporary file here ({os_reason(exc)})") from exc
         self._index: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
         self._position = 0
         self._map: mmap.mmap | None = None
@@ -70,7 +70,7 @@ class SpillStore:
         try:
             yield
         except OSError as exc:
-            raise LytoolsError(f"{self.folder}: writing the output's temporary file failed ({exc.strerror or exc})") from exc
+            raise LytoolsError(f"{self.folder}: writing the output's temporary file failed ({os_reason(exc)})") from exc
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Return every stored tensor as a read-only view of the file (no copy in memory)."""

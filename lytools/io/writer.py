@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 
-from lytools.errors import LytoolsError, OutputExistsError, UsageError
+from lytools.errors import LytoolsError, OutputExistsError, UsageError, os_reason
 from lytools.io.dtypes import byte_size, order_key, st_name
 
 
@@ -265,7 +265,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False)
     try:
         handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     except OSError as exc:  # name the file asked for, not the temporary one
-        raise LytoolsError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from exc
+        raise LytoolsError(f"{path}: cannot write in {folder} ({os_reason(exc)})") from exc
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(text)
@@ -276,7 +276,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False)
     except BaseException as exc:
         temp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise LytoolsError(f"{path}: writing failed ({exc.strerror or exc})") from exc
+            raise LytoolsError(f"{path}: writing failed ({os_reason(exc)})") from exc
         raise
     return path
 
@@ -413,7 +413,7 @@ class SafetensorsWriter:
         try:
             self._fd = os.open(self.temp_path, flags, 0o666)
         except OSError as exc:  # a read-only or full folder: name the output, not the temporary file
-            raise LytoolsError(f"{self.path}: cannot write in {self.path.parent} ({exc.strerror or exc})") from exc
+            raise LytoolsError(f"{self.path}: cannot write in {self.path.parent} ({os_reason(exc)})") from exc
         try:
             _preallocate(self._fd, self.total_size)
             _pwrite_all(self._fd, [memoryview(self.header)], 0)
@@ -616,7 +616,7 @@ class SafetensorsWriter:
     def _raise_write_error(self, exc: BaseException) -> None:
         """Raise a failed write of the temporary file (a full disk, a quota) as a one-line error naming the output."""
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS and exc.filename in (None, str(self.temp_path)):
-            raise LytoolsError(f"{self.path}: writing failed ({exc.strerror or exc}); nothing was written") from exc
+            raise LytoolsError(f"{self.path}: writing failed ({os_reason(exc)}); nothing was written") from exc
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
