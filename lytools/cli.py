@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from lytools import __version__
-from lytools.errors import LytoolsError, os_error_line
+from lytools.errors import LytoolsError, debugging, os_error_line
 from lytools.io.metadata import set_invocation
 from lytools.ui import Reporter
 
@@ -484,7 +484,7 @@ def _raise_interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI, turning every lytools error into one stderr line and an exit code."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    debug = os.environ.get("LYTOOLS_DEBUG") == "1"
+    debug = debugging()
     try:
         set_invocation(sys.argv[1:] if argv is None else argv)
         code = cli.main(args=argv, prog_name="lytools", standalone_mode=False)

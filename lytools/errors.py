@@ -52,3 +52,18 @@ def os_error_line(exc: OSError) -> str:
     """Return an I/O error as the user reads it: the file it names, when it names one, and the reason."""
     reason = os_reason(exc)
     return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
+def debugging() -> bool:
+    """True when LYTOOLS_DEBUG=1 asks for the traceback of every error."""
+    import os
+
+    return os.environ.get("LYTOOLS_DEBUG") == "1"
+
+
+def print_debug_traceback(exc: BaseException) -> None:
+    """Print `exc`'s traceback on stderr when debugging(): for errors reported as one line (a batch's failed file)."""
+    if debugging():
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__)

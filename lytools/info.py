@@ -11,7 +11,6 @@ attention layers for AUTOMATIC1111 (a few KB each: only their values tell them f
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import statistics
 import struct
@@ -21,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from lytools.arch import detect_checkpoint, detect_network
 from lytools.arch.network import NetworkArch, module_shapes
-from lytools.errors import LytoolsError
+from lytools.errors import LytoolsError, print_debug_traceback
 from lytools.io import PickledFile, SafetensorsFile, ShardedFile, open_file
 from lytools.io.folders import DiffusersFolder, lone_shard
 from lytools.io.hashes import LEGACY_LENGTH, LEGACY_OFFSET, file_hashes
@@ -653,8 +652,5 @@ def inspect_files(paths: Iterable[str | Path], *, hashes: bool = False, verbose:
         try:
             yield path, inspect_file(path, hashes=hashes, verbose=verbose), None
         except LytoolsError as exc:
-            if os.environ.get("LYTOOLS_DEBUG") == "1":  # the traceback the README promises
-                import traceback
-
-                traceback.print_exc()
+            print_debug_traceback(exc)  # the traceback the README promises
             yield path, None, str(exc)

@@ -63,9 +63,9 @@ _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 _XLABS = re.compile(r"^double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])$")
 # xlabs-style single-block processors (USO): `qkv_lora` is the q;k;v rows of linear1 (ComfyUI `linear1_qkv`)
 _XLABS_SINGLE = re.compile(r"^single_blocks\.(\d+)\.processor\.(qkv|proj)_lora$")
-# diffusers' convert_state_dict_to_kohya of a transformers 5 CLIPTextModel: `lora_te1_encoder_layers_N_…`, no `text_model_`
 # a CLIP text model's own module paths, saved with no component prefix (get_peft_model_state_dict of a text encoder)
 BARE_CLIP = ("text_model.encoder.layers.", "encoder.layers.")
+# diffusers' convert_state_dict_to_kohya of a transformers 5 CLIPTextModel: `lora_te1_encoder_layers_N_…`, no `text_model_`
 _FLAT_CLIP_KOHYA = re.compile(r"^(lora_te[12]?_)(encoder_layers_\d+_.+)$")
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from lytools.convert.layout import ALPHA, DORA, TARGETS
-from lytools.errors import LytoolsError, UnsupportedError, UsageError, os_error_line, os_reason
+from lytools.errors import (LytoolsError, UnsupportedError, UsageError, debugging, os_error_line, os_reason,
+                            print_debug_traceback)
 from lytools.io import SafetensorsWriter, check_output_path, file_hashes, open_file, plan_entry
 from lytools.io.writer import output_file_path, spelled_as_folder, temp_path, write_text_atomic
 from lytools.io.folders import PEFT_ADAPTER_FILES, DiffusersFolder, FolderWriter, peft_config_path
@@ -486,10 +487,7 @@ def _process(source: Path, output: Path, options: ConvertOptions) -> FileResult:
 def _failed(source: Path, exc: Exception) -> FileResult:
     """Return the result of a file that failed: a lytools error's one line, naming the file when it does
     not already; a memory or I/O error with its kind. LYTOOLS_DEBUG=1 prints its traceback first."""
-    if os.environ.get("LYTOOLS_DEBUG") == "1":
-        import traceback
-
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    print_debug_traceback(exc)
     if isinstance(exc, LytoolsError):
         message = str(exc)
         return FileResult(source, error=message if str(source) in message else f"{source}: {message}")
@@ -585,7 +583,7 @@ def run_batch(pairs: Sequence[tuple[Path, Path]], options: ConvertOptions, *, jo
             try:
                 results[index] = process(source, output, options)
             except Exception as exc:  # noqa: BLE001 - an unexpected failure fails its file, as in a --jobs worker
-                if os.environ.get("LYTOOLS_DEBUG") == "1" or len(pairs) == 1:
+                if debugging() or len(pairs) == 1:
                     raise  # the traceback asked for; a single file: the CLI's one line says it
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 results[index] = FileResult(source, error=f"{source}: internal error {type(exc).__name__}: {first}")

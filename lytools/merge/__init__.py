@@ -85,7 +85,8 @@ def run_merge(
         from lytools.convert.load import peft_config_path  # a peft input's adapter_config.json is part of it
 
         replaced = next((path for path in paths
-                         if same_file(path, output) or same_file(peft_config_path(path) or path, output)), None)
+                         if any(same_file(part, output) for part in (path, peft_config_path(path)) if part is not None)),
+                        None)
         if replaced is not None:  # even with --overwrite: the merge reads it while writing
             raise LytoolsError(f"{output}: the output would replace the input {replaced}; choose another name")
         if (paths[0] / "model_index.json").is_file():  # into a diffusers folder: the output is a folder
